@@ -1,0 +1,299 @@
+"""KernelPort vs bare ONNX Runtime on the `mlp` model, side by side, as ratios.
+
+    scripts/setup_perf_analyzer.sh                  # once: perf_analyzer in .venv-pa
+    .venv/bin/python bench/bench_server.py          # full run (~2-3 min)
+    .venv/bin/python bench/bench_server.py --bare-only
+
+1. builds the mlp repository (bench/make_models.py) in a temp dir;
+2. bare ONNX Runtime in this process, pinned to --server-cpus (intra=inter=1, sequential,
+   CPU EP): single-row calls/s and p50/p99 per call, rows/s at batch 32 and 128;
+3. starts `<python> -m kernelport serve` under `taskset -c <server-cpus>` on free ports and
+   polls GET /v2/health/ready (then the model's /ready) until 200;
+4. runs perf_analyzer (closed loop, concurrency mode, fixed finite input) under
+   `taskset -c <load-cpus>` for each protocol x concurrency;
+5. stops the server (SIGINT, SIGTERM, SIGKILL); prints markdown tables and writes
+   bench/out/<timestamp>.json (+ <timestamp>.server.log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from make_models import build_repository  # bench/ is sys.path[0] when run as a script
+
+ROOT = Path(__file__).resolve().parent.parent
+PERF_ANALYZER = ROOT / "scripts" / "perf_analyzer"
+OUT_DIR = ROOT / "bench" / "out"
+MODEL, WIDTH = "mlp", 512
+
+
+def pinned(cmd: list[str], cpus: str) -> list[str]:
+    """Prefix `taskset -c cpus` unless cpus == "all"."""
+    return cmd if cpus == "all" else ["taskset", "-c", cpus, *cmd]
+
+
+def parse_cpus(spec: str) -> set[int]:
+    """taskset-style list: "1", "0,2-3"."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+# ---------------------------------------------------------------------------- bare runtime
+def time_calls(sess: ort.InferenceSession, batch: int, seconds: float) -> dict[str, float]:
+    """Back-to-back sess.run on one thread for `seconds`: rows/s and per-call latency."""
+    feeds = {"INPUT0": np.random.default_rng(0).standard_normal((batch, WIDTH), np.float32)}
+    for _ in range(20):
+        sess.run(None, feeds)
+    lats: list[float] = []
+    start = time.perf_counter()
+    while (t := time.perf_counter()) < start + seconds:
+        sess.run(None, feeds)
+        lats.append(time.perf_counter() - t)
+    elapsed = time.perf_counter() - start
+    lats.sort()
+    n = len(lats)
+    return {
+        "batch": batch,
+        "calls_per_s": n / elapsed,
+        "rows_per_s": n * batch / elapsed,
+        "p50_ms": lats[n // 2] * 1e3,
+        "p99_ms": lats[min(n - 1, int(n * 0.99))] * 1e3,
+    }
+
+
+def bench_bare(model: Path, args: argparse.Namespace) -> list[dict[str, float]]:
+    """Per batch size, the median-throughput run of --bare-repeats; pinned like the server."""
+    old = os.sched_getaffinity(0)
+    if args.server_cpus != "all":
+        os.sched_setaffinity(0, parse_cpus(args.server_cpus))  # ORT's threads inherit it
+    try:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        results = []
+        for b in args.bare_batches:
+            runs = [time_calls(sess, b, args.bare_seconds) for _ in range(args.bare_repeats)]
+            runs.sort(key=lambda r: r["rows_per_s"])
+            results.append(runs[len(runs) // 2])
+        return results
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+# ---------------------------------------------------------------------------- server
+def free_ports(n: int) -> list[int]:
+    """n distinct ports the kernel considers free right now (all bound at once)."""
+    socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(n)]
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 60) -> float:
+    """Poll server readiness, then model readiness, until 200; return seconds waited."""
+    t0 = time.monotonic()
+    base = f"http://127.0.0.1:{port}/v2"
+    pending = [f"{base}/health/ready", f"{base}/models/{MODEL}/ready"]
+    while pending:
+        if proc.poll() is not None:
+            sys.exit(f"server exited (rc={proc.returncode}) before ready; log:\n{tail(log)}")
+        if time.monotonic() - t0 > timeout:
+            sys.exit(f"no 200 from {pending[0]} after {timeout:.0f}s; log:\n{tail(log)}")
+        try:
+            with urllib.request.urlopen(pending[0], timeout=1) as r:
+                if r.status == 200:
+                    pending.pop(0)
+                    continue
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 10) -> str:
+    """SIGINT, then SIGTERM, then SIGKILL, `grace` seconds apart; say how it ended."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            break
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=grace)
+            return f"{sig.name} -> rc={proc.returncode}"
+        except subprocess.TimeoutExpired:
+            continue
+    return f"rc={proc.returncode}"
+
+
+# ---------------------------------------------------------------------------- perf_analyzer
+def write_pa_input(path: Path) -> None:
+    """One fixed finite request: PA's default "random" bytes can be NaN/inf (invalid JSON)."""
+    x = np.round(np.random.default_rng(0).standard_normal(WIDTH), 4).astype(np.float32)
+    path.write_text(json.dumps({"data": [{"INPUT0": {"content": x.tolist(), "shape": [WIDTH]}}]}))
+
+
+def run_perf_analyzer(
+    protocol: str, port: int, conc: int, args: argparse.Namespace, work: Path
+) -> dict[str, Any]:
+    csv_path = work / f"pa_{protocol}_c{conc}.csv"
+    cmd = pinned([
+        str(PERF_ANALYZER), "-m", MODEL, "-i", protocol, "-u", f"127.0.0.1:{port}",
+        "--concurrency-range", f"{conc}:{conc}", "-p", str(args.measurement_ms),
+        "-s", str(args.stability), "-r", str(args.max_trials), "--shape", f"INPUT0:{WIDTH}",
+        "--input-data", str(work / "pa_input.json"), "-f", str(csv_path),
+    ], args.load_cpus)  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    row: dict[str, Any] = {"protocol": protocol, "concurrency": conc, "command": shlex.join(cmd)}
+    if proc.returncode != 0 or not csv_path.exists():
+        # rc 2: "Failed to obtain stable measurement" (no CSV): raise -p, -s or -r; 99: error
+        row["error"] = f"rc={proc.returncode}"
+        row["output"] = (proc.stdout + proc.stderr).strip()[-1500:]
+        print(f"  FAILED {row['error']}:\n{proc.stderr.strip()[-500:]}", flush=True)
+        return row
+    with csv_path.open() as f:
+        pa = next(csv.DictReader(f))  # values in microseconds, except Inferences/Second
+    row.update(
+        infer_per_s=float(pa["Inferences/Second"]),
+        p50_ms=float(pa["p50 latency"]) / 1e3,
+        p99_ms=float(pa["p99 latency"]) / 1e3,
+        csv=pa,
+    )
+    return row
+
+
+def bench_server(repo: Path, work: Path, log: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Start the server, run every perf_analyzer point, stop it."""
+    write_pa_input(work / "pa_input.json")
+    http_port, grpc_port, metrics_port = free_ports(3)
+    cmd = pinned([
+        args.python, "-m", "kernelport", "serve", "--model-repository", str(repo),
+        "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+        "--metrics-port", str(metrics_port), *shlex.split(args.extra_server_args),
+    ], args.server_cpus)  # fmt: skip
+    print("starting:", shlex.join(cmd), flush=True)
+    server: dict[str, Any] = {"command": shlex.join(cmd), "log": str(log), "runs": []}
+    with log.open("wb") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            server["ready_s"] = round(wait_ready(proc, http_port, log), 3)
+            print(f"ready after {server['ready_s']} s", flush=True)
+            for protocol in args.protocols:
+                port = grpc_port if protocol == "grpc" else http_port
+                for conc in args.concurrency:
+                    print(f"perf_analyzer {protocol} c={conc} ...", flush=True)
+                    server["runs"].append(run_perf_analyzer(protocol, port, conc, args, work))
+        finally:
+            server["stopped"] = stop(proc)
+    return server
+
+
+# ---------------------------------------------------------------------------- report
+def md_row(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def report(bare: list[dict[str, float]], runs: list[dict[str, Any]]) -> str:
+    """Markdown tables; adds the ratio fields to `runs` in place."""
+    single = next(b["calls_per_s"] for b in bare if b["batch"] == 1)
+    best = max(bare, key=lambda b: b["rows_per_s"])
+    out = [md_row("bare batch", "rows/s", "calls/s", "p50 ms", "p99 ms"), md_row(*["---:"] * 5)]
+    out += [
+        md_row(b["batch"], f"{b['rows_per_s']:.0f}", f"{b['calls_per_s']:.0f}",
+               f"{b['p50_ms']:.3f}", f"{b['p99_ms']:.3f}")
+        for b in bare
+    ]  # fmt: skip
+    if runs:
+        out += ["", md_row("protocol", "concurrency", "infer/s", "p50 ms", "p99 ms",
+                           "vs bare b=1", f"vs bare b={best['batch']}"),
+                md_row("---", *["---:"] * 6)]  # fmt: skip
+    for r in runs:
+        if "error" in r:
+            out.append(md_row(r["protocol"], r["concurrency"], f"FAILED {r['error']}", *[""] * 4))
+            continue
+        r["ratio_vs_bare_single"] = r["infer_per_s"] / single
+        r["ratio_vs_bare_best_batch"] = r["infer_per_s"] / best["rows_per_s"]
+        out.append(
+            md_row(r["protocol"], r["concurrency"], f"{r['infer_per_s']:.0f}",
+                   f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
+                   f"{r['ratio_vs_bare_single']:.2f}", f"{r['ratio_vs_bare_best_batch']:.3f}")
+        )  # fmt: skip
+    return "\n".join(out)
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = ap.add_argument
+    add("--python", default=sys.executable, help="interpreter that runs `-m kernelport serve`")
+    add("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    add("--protocols", nargs="+", choices=["grpc", "http"], default=["grpc", "http"])
+    add("--server-cpus", default="1", help='taskset -c list for the server ("all": no pinning)')
+    add("--load-cpus", default="0", help='taskset -c list for perf_analyzer ("all": no pinning)')
+    add("--measurement-ms", type=int, default=3000, help="perf_analyzer -p (window length)")
+    add("--stability", type=float, default=10, help="perf_analyzer -s (percent)")
+    add("--max-trials", type=int, default=5, help="perf_analyzer -r")
+    add("--extra-server-args", default="", help="appended to `kernelport serve` (shlex-split)")
+    add("--bare-only", action="store_true", help="only measure bare ONNX Runtime")
+    add("--bare-batches", type=int, nargs="+", default=[1, 32, 128])
+    add("--bare-seconds", type=float, default=2.0, help="length of one bare measurement")
+    add("--bare-repeats", type=int, default=3, help="bare measurements per batch (median kept)")
+    args = ap.parse_args()
+    if 1 not in args.bare_batches:
+        args.bare_batches.insert(0, 1)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    if not args.bare_only and not PERF_ANALYZER.exists():
+        sys.exit(f"{PERF_ANALYZER} missing; run scripts/setup_perf_analyzer.sh")
+    server: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="kp-bench-") as tmp:
+        repo = build_repository(Path(tmp) / "repo")
+        print(f"bare onnxruntime {ort.__version__} on cpus {args.server_cpus} ...", flush=True)
+        bare = bench_bare(repo / MODEL / "1" / "model.onnx", args)
+        if not args.bare_only:
+            server = bench_server(repo, Path(tmp), OUT_DIR / f"{stamp}.server.log", args)
+    table = report(bare, server.get("runs", []))
+    print(table)
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((ln.split(":")[1].strip() for ln in cpuinfo.splitlines() if "model name" in ln), "")
+    host = {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version()}
+    result = {"timestamp": stamp, "host": host, "onnxruntime": ort.__version__}
+    result |= {"args": vars(args), "bare": bare, "server": server, "table_markdown": table}
+    out = OUT_DIR / f"{stamp}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Build the benchmark models as a KernelPort model repository.
+
+    python bench/make_models.py REPO_DIR
+
+writes
+
+    REPO_DIR/mlp/1/model.onnx   INPUT0 FP32 [-1,512] -> 3 x Gemm 512x512 (ReLU between)
+                                -> OUTPUT0 FP32 [-1,512]
+    REPO_DIR/mlp/model.yaml     onnxruntime, max_batch_size 128, 1 intra/inter-op thread
+
+The weights are random but fixed (numpy default_rng(seed), N(0, 1/width); zero biases), so
+every run serves the same function -- the same one as ../shared/tools/peers/make_models.py.
+Inputs/outputs are not listed in model.yaml: the server derives them from the ONNX graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+IR_VERSION = 8  # the lowest IR that carries opset 17; loadable by older onnxruntime builds
+
+MLP_MODEL_YAML = """\
+backend: onnxruntime
+max_batch_size: 128
+parameters:
+  intra_op_threads: 1
+  inter_op_threads: 1
+"""
+
+
+def mlp_model(width: int = 512, layers: int = 3, seed: int = 0) -> onnx.ModelProto:
+    """`layers` dense layers `width` wide; ReLU after every layer but the last."""
+    rng = np.random.default_rng(seed)
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    cur = "INPUT0"
+    for i in range(layers):
+        last = i == layers - 1
+        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        b = np.zeros(width, np.float32)  # zero bias: same weights as the peers' mlp.onnx
+        inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(b, f"B{i}")]
+        gemm_out = "OUTPUT0" if last else f"gemm{i}"
+        nodes.append(helper.make_node("Gemm", [cur, f"W{i}", f"B{i}"], [gemm_out], name=f"gemm{i}"))
+        cur = gemm_out
+        if not last:
+            nodes.append(helper.make_node("Relu", [gemm_out], [f"relu{i}"], name=f"relu{i}"))
+            cur = f"relu{i}"
+    x = helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", width])
+    y = helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", width])
+    graph = helper.make_graph(nodes, "mlp", [x], [y], initializer=inits)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="kernelport-bench"
+    )
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def build_mlp(path: str | Path, width: int = 512, layers: int = 3, seed: int = 0) -> Path:
+    """Write the MLP to the ONNX file `path` (parents created); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(mlp_model(width, layers, seed), str(path))
+    return path
+
+
+def build_repository(repo: str | Path) -> Path:
+    """Write the `mlp` model (version 1 + model.yaml) into the repository dir `repo`."""
+    model_dir = Path(repo) / "mlp"
+    build_mlp(model_dir / "1" / "model.onnx")
+    (model_dir / "model.yaml").write_text(MLP_MODEL_YAML)
+    return Path(repo)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("repo", type=Path, help="model repository directory to write into")
+    args = ap.parse_args()
+    repo = build_repository(args.repo)
+    for f in sorted(p for p in repo.rglob("*") if p.is_file()):
+        print(f"wrote {f} ({f.stat().st_size} bytes)")
+
+
+if __name__ == "__main__":
+    main()

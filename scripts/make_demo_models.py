@@ -1,0 +1,110 @@
+"""Writes the bundled demo repository (src/kernelport/demo_repository) with the onnx helper API.
+
+Run: python scripts/make_demo_models.py   (needs the `onnx` package; output is deterministic)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = [helper.make_opsetid("", 17)]
+ROOT = Path(__file__).resolve().parents[1] / "src" / "kernelport" / "demo_repository"
+
+
+def save(model: onnx.ModelProto, name: str, yaml_text: str) -> None:
+    onnx.checker.check_model(model)
+    version = ROOT / name / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(version / "model.onnx"))
+    (ROOT / name / "model.yaml").write_text(yaml_text)
+
+
+def simple() -> None:
+    """Triton's classic `simple`: INT32 [-1,16] x2 -> sum and difference."""
+    a = helper.make_tensor_value_info("INPUT0", TensorProto.INT32, ["batch", 16])
+    b = helper.make_tensor_value_info("INPUT1", TensorProto.INT32, ["batch", 16])
+    s = helper.make_tensor_value_info("OUTPUT0", TensorProto.INT32, ["batch", 16])
+    d = helper.make_tensor_value_info("OUTPUT1", TensorProto.INT32, ["batch", 16])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        ],
+        "simple",
+        [a, b],
+        [s, d],
+    )
+    save(
+        helper.make_model(graph, opset_imports=OPSET, producer_name="kernelport-demo"),
+        "simple",
+        "# Triton's classic example: OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1\n"
+        "backend: onnxruntime\nmax_batch_size: 8\n",
+    )
+
+
+def simple_string() -> None:
+    """BYTES [-1,16] x2 holding decimal integers -> their sum and difference as strings."""
+    io = [
+        helper.make_tensor_value_info(n, TensorProto.STRING, ["batch", 16])
+        for n in ("INPUT0", "INPUT1", "OUTPUT0", "OUTPUT1")
+    ]
+    nodes = [
+        helper.make_node("Cast", ["INPUT0"], ["a"], to=TensorProto.INT32),
+        helper.make_node("Cast", ["INPUT1"], ["b"], to=TensorProto.INT32),
+        helper.make_node("Add", ["a", "b"], ["sum"]),
+        helper.make_node("Sub", ["a", "b"], ["diff"]),
+        helper.make_node("Cast", ["sum"], ["OUTPUT0"], to=TensorProto.STRING),
+        helper.make_node("Cast", ["diff"], ["OUTPUT1"], to=TensorProto.STRING),
+    ]
+    graph = helper.make_graph(nodes, "simple_string", io[:2], io[2:])
+    save(
+        helper.make_model(graph, opset_imports=OPSET, producer_name="kernelport-demo"),
+        "simple_string",
+        "# BYTES tensors holding decimal integers; outputs are their sum and difference\n"
+        "backend: onnxruntime\nmax_batch_size: 8\n",
+    )
+
+
+def mlp(width: int = 64, layers: int = 3, seed: int = 0) -> None:
+    """FP32 MLP: INPUT0 [-1,width] -> `layers` x (Gemm + Relu, none after the last)."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+    current = "INPUT0"
+    for i in range(layers):
+        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        bias = (rng.standard_normal(width) * 0.01).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(bias, f"b{i}")]
+        out = "OUTPUT0" if i == layers - 1 else f"h{i}"
+        gemm_out = out if i == layers - 1 else f"g{i}"
+        nodes.append(helper.make_node("Gemm", [current, f"w{i}", f"b{i}"], [gemm_out]))
+        if i < layers - 1:
+            nodes.append(helper.make_node("Relu", [gemm_out], [out]))
+        current = out
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", width])],
+        inits,
+    )
+    save(
+        helper.make_model(graph, opset_imports=OPSET, producer_name="kernelport-demo"),
+        "mlp",
+        f"# FP32 MLP {width}->{width} x{layers}; inputs/outputs are derived from the ONNX file\n"
+        "backend: onnxruntime\nmax_batch_size: 64\n"
+        "parameters:\n  intra_op_threads: 1\n  inter_op_threads: 1\n",
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1:
+        ROOT = Path(sys.argv[1])
+    simple()
+    simple_string()
+    mlp()
+    print(f"wrote demo models to {ROOT}")

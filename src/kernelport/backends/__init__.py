@@ -1,0 +1,1 @@
+"""Framework backends. Each is imported lazily by name (see ``registry``)."""

@@ -1,0 +1,51 @@
+"""The backend interface: small on purpose (load, execute, unload, autocomplete)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from kernelport.core.model_config import ModelConfig
+
+Arrays = dict[str, np.ndarray[Any, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadContext:
+    """What a backend gets to load one instance of one model version."""
+
+    config: ModelConfig
+    version_path: Path  # <repo>/<model>/<version>
+    device: str  # "cpu" or "cuda:N"
+    instance_index: int
+
+
+class ModelInstance(Protocol):
+    """One loaded copy of a model. ``execute`` runs on a worker thread, never the event loop."""
+
+    def execute(self, inputs: Arrays) -> Arrays:
+        """Run the model. With batching on, every input carries the batch as its first dim."""
+        ...
+
+    def unload(self) -> None:
+        """Release the instance's resources (device memory, sessions)."""
+        ...
+
+
+class Backend(Protocol):
+    """A framework runtime. Stateless: per-model state lives in the instances it returns."""
+
+    name: str
+    #: Triton's platform string for models of this backend ("" when it has none)
+    platform: str
+
+    def autocomplete(self, raw: dict[str, Any], version_path: Path) -> dict[str, Any]:
+        """Fill what ``model.yaml`` left out (inputs, outputs, max_batch_size) from the model."""
+        ...
+
+    def load(self, context: LoadContext) -> ModelInstance:
+        """Load one instance. Raise ``ServerError`` (or any exception) on failure."""
+        ...

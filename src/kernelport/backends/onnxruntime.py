@@ -1,0 +1,167 @@
+"""ONNX Runtime backend: ``<version>/model.onnx`` run by an ``InferenceSession`` per instance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from kernelport.backends.base import Arrays, LoadContext
+from kernelport.errors import ErrorCode, ServerError, invalid
+
+# ONNX element type names (as ORT reports them) -> V2 datatype
+_ORT_TYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(bfloat16)": "BF16",
+    "tensor(string)": "BYTES",
+}
+
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def _model_file(version_path: Path, raw_filename: str) -> Path:
+    path = version_path / (raw_filename or "model.onnx")
+    if not path.exists():
+        raise ServerError(ErrorCode.NOT_FOUND, f"model file not found: {path}")
+    return path
+
+
+def session_options(parameters: dict[str, Any]) -> ort.SessionOptions:
+    """Session options from a model's backend parameters."""
+    options = ort.SessionOptions()
+    if "intra_op_threads" in parameters:
+        options.intra_op_num_threads = int(parameters["intra_op_threads"])
+    if "inter_op_threads" in parameters:
+        options.inter_op_num_threads = int(parameters["inter_op_threads"])
+    level = str(parameters.get("graph_optimization_level", "all")).lower()
+    if level not in _OPT_LEVELS:
+        raise invalid(
+            f"parameter graph_optimization_level '{level}': expected one of {', '.join(_OPT_LEVELS)}"
+        )
+    options.graph_optimization_level = _OPT_LEVELS[level]
+    mode = str(parameters.get("execution_mode", "sequential")).lower()
+    if mode not in ("sequential", "parallel"):
+        raise invalid(f"parameter execution_mode '{mode}': expected sequential or parallel")
+    options.execution_mode = (
+        ort.ExecutionMode.ORT_PARALLEL if mode == "parallel" else ort.ExecutionMode.ORT_SEQUENTIAL
+    )
+    return options
+
+
+def providers(device: str, parameters: dict[str, Any]) -> list[Any]:
+    """Execution providers for ``device``; a clear error when this onnxruntime lacks them."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    index = int(device.split(":")[1])
+    available = ort.get_available_providers()
+    wanted = ["CUDAExecutionProvider"]
+    if str(parameters.get("execution_accelerator", "")).lower() == "tensorrt":
+        wanted.insert(0, "TensorrtExecutionProvider")
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise ServerError(
+            ErrorCode.UNAVAILABLE,
+            f"device '{device}' needs {', '.join(missing)}, but the installed onnxruntime "
+            f"only has {', '.join(available)} (install onnxruntime-gpu)",
+        )
+    return [(p, {"device_id": index}) for p in wanted]
+
+
+def _dims(shape: list[Any]) -> list[int]:
+    return [d if isinstance(d, int) and d > 0 else -1 for d in shape]
+
+
+class OnnxRuntimeBackend:
+    """Loads ONNX models into ONNX Runtime sessions."""
+
+    name = "onnxruntime"
+    platform = "onnxruntime_onnx"
+
+    def autocomplete(self, raw: dict[str, Any], version_path: Path) -> dict[str, Any]:
+        if raw.get("inputs") and raw.get("outputs"):
+            return raw
+        path = _model_file(version_path, raw.get("default_model_filename", ""))
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        ins = [(a.name, a.type, _dims(a.shape)) for a in session.get_inputs()]
+        outs = [(a.name, a.type, _dims(a.shape)) for a in session.get_outputs()]
+        out = dict(raw)
+        if "max_batch_size" not in raw:
+            # A model whose every tensor has a variable first dim can batch along it.
+            batchable = all(dims and dims[0] == -1 for _, _, dims in ins + outs)
+            out["max_batch_size"] = int(raw.get("default_max_batch_size", 4)) if batchable else 0
+        out.pop("default_max_batch_size", None)
+        skip = 1 if out["max_batch_size"] > 0 else 0
+
+        def specs(items: list[tuple[str, str, list[int]]]) -> list[dict[str, Any]]:
+            return [
+                {"name": name, "datatype": _ORT_TYPES.get(kind, kind), "dims": dims[skip:]}
+                for name, kind, dims in items
+            ]
+
+        out.setdefault("inputs", specs(ins))
+        out.setdefault("outputs", specs(outs))
+        return out
+
+    def load(self, context: LoadContext) -> OnnxRuntimeInstance:
+        config = context.config
+        path = _model_file(context.version_path, config.default_model_filename)
+        session = ort.InferenceSession(
+            str(path),
+            sess_options=session_options(config.parameters),
+            providers=providers(context.device, config.parameters),
+        )
+        return OnnxRuntimeInstance(session, [t.name for t in config.outputs])
+
+
+class OnnxRuntimeInstance:
+    """One ``InferenceSession``; ``run`` releases the GIL while it computes."""
+
+    def __init__(self, session: ort.InferenceSession, output_names: list[str]) -> None:
+        self._session = session
+        self._output_names = output_names
+        self._string_inputs = {a.name for a in session.get_inputs() if a.type == "tensor(string)"}
+
+    def execute(self, inputs: Arrays) -> Arrays:
+        feed = inputs
+        if self._string_inputs:
+            # ORT wants str elements for string tensors; the wire gives bytes.
+            feed = dict(inputs)
+            for name in self._string_inputs & feed.keys():
+                feed[name] = np.vectorize(_to_str, otypes=[np.object_])(feed[name])
+        results = self._session.run(self._output_names, feed)
+        out: Arrays = {}
+        for name, value in zip(self._output_names, results, strict=True):
+            array = np.asarray(value)
+            if array.dtype == np.object_:
+                array = np.vectorize(_to_bytes, otypes=[np.object_])(array)
+            out[name] = array
+        return out
+
+    def unload(self) -> None:
+        del self._session
+
+
+def _to_str(item: Any) -> str:
+    return item.decode("utf-8", "surrogateescape") if isinstance(item, bytes) else str(item)
+
+
+def _to_bytes(item: Any) -> bytes:
+    return item.encode("utf-8", "surrogateescape") if isinstance(item, str) else bytes(item)

@@ -1,0 +1,71 @@
+"""Command line: a thin skin over ``Config``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from kernelport import __version__
+from kernelport.config import ENV_PREFIX, Config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kernelport",
+        description="KernelPort: a KServe V2 inference server that Triton's clients can use.",
+    )
+    parser.add_argument("--version", action="version", version=f"kernelport {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model repository over HTTP and gRPC",
+        description=(
+            "Serve every model in the model repository over KServe V2 HTTP and gRPC. "
+            f"Each option can also be set with an environment variable {ENV_PREFIX}<NAME> "
+            f"(e.g. {ENV_PREFIX}HTTP_PORT=9000) or in a YAML --config file; flags win."
+        ),
+    )
+    serve.add_argument(
+        "--model-repository", action="append", type=Path, metavar="PATH",
+        help="model repository directory (repeatable; default: the bundled demo models)",
+    )
+    serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    serve.add_argument("--http-port", type=int, help="KServe V2 HTTP port (default 8000)")
+    serve.add_argument("--grpc-port", type=int, help="KServe V2 gRPC port (default 8001)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default 8002)")
+    serve.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="default info"
+    )
+    serve.add_argument("--log-format", choices=["plain", "json"], help="default plain")
+    serve.add_argument(
+        "--default-max-batch-size", type=int,
+        help="max_batch_size given to models whose config is derived from the model (default 4)",
+    )
+    serve.add_argument("--config", type=Path, metavar="FILE", help="YAML file of settings")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    try:
+        config = Config.load(args.config, overrides)
+    except (OSError, ValueError) as exc:
+        print(f"kernelport: {exc}", file=sys.stderr)
+        return 2
+    from kernelport.server import Server  # heavy imports only once we know we serve
+
+    async def run() -> int:
+        return await Server(config).run()
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(run())
+    return uvloop.run(run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Server configuration: defaults < YAML config file < KERNELPORT_* environment < CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+ENV_PREFIX = "KERNELPORT_"
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+def demo_repository() -> Path:
+    """The model repository bundled with the package."""
+    return Path(str(resources.files("kernelport") / "demo_repository"))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every server setting. Each CLI flag maps to exactly one field."""
+
+    model_repository: tuple[Path, ...] = field(default_factory=lambda: (demo_repository(),))
+    host: str = "0.0.0.0"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    log_level: LogLevel = "info"
+    log_format: Literal["plain", "json"] = "plain"
+    default_max_batch_size: int = 4
+    grpc_max_message_bytes: int = 2**31 - 1
+
+    @classmethod
+    def load(cls, file: Path | None = None, overrides: dict[str, Any] | None = None,
+             environ: dict[str, str] | None = None) -> Config:
+        """Merge the config file, the environment and explicit overrides (highest first wins)."""
+        values: dict[str, Any] = {}
+        if file is not None:
+            loaded = yaml.safe_load(file.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{file}: expected a mapping of setting names to values")
+            values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        env = os.environ if environ is None else environ
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = raw
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> Config:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown setting(s): {', '.join(unknown)}")
+        typed: dict[str, Any] = {}
+        for name, value in values.items():
+            if name == "model_repository":
+                items = value.split(os.pathsep) if isinstance(value, str) else value
+                typed[name] = tuple(Path(p) for p in items)
+            elif known[name].type == "int":
+                try:
+                    typed[name] = int(value)
+                except (TypeError, ValueError):
+                    raise ValueError(f"setting {name}: expected an integer, got {value!r}") from None
+            else:
+                typed[name] = str(value).lower() if name in ("log_level", "log_format") else value
+        if typed.get("log_level", "info") not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"setting log_level: expected debug|info|warning|error, got {typed['log_level']!r}")
+        if typed.get("log_format", "plain") not in ("plain", "json"):
+            raise ValueError(f"setting log_format: expected plain|json, got {typed['log_format']!r}")
+        return cls(**typed)

@@ -1,0 +1,156 @@
+"""DataPlane: the protocol's verbs. REST and gRPC handlers call these and only translate."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from kernelport.core.manager import ModelManager, ModelVersion
+from kernelport.core.model_config import ModelConfig
+from kernelport.core.validation import requested_outputs, validate_inputs
+from kernelport.errors import ErrorCode, ServerError, invalid
+from kernelport.types import (
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    RepositoryEntry,
+    ServerMetadata,
+    Tensor,
+    TensorMetadata,
+    datatype,
+)
+
+SERVER_NAME = "kernelport"
+
+EXTENSIONS = (
+    "binary_tensor_data",
+    "model_configuration",
+    "model_repository",
+    "statistics",
+    "parameters",
+)
+
+
+class DataPlane:
+    """Everything a client can ask, independent of the wire."""
+
+    def __init__(self, manager: ModelManager, version: str) -> None:
+        self._manager = manager
+        self._version = version
+        self.accepting = True
+
+    # --- health and metadata ----------------------------------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self.accepting and self._manager.ready()
+
+    def server_metadata(self) -> ServerMetadata:
+        return ServerMetadata(SERVER_NAME, self._version, EXTENSIONS)
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        """False when the model exists but is not ready; NOT_FOUND when it is unknown."""
+        try:
+            self._manager.get(name, version)
+        except ServerError as exc:
+            if exc.message.startswith(f"model '{name}' is not found"):
+                raise
+            return False
+        return True
+
+    def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
+        model = self._manager.get(name, version)
+        config = model.config
+        if version:
+            versions: tuple[str, ...] = (str(model.version),)
+        else:
+            versions = tuple(str(v) for v in self._versions(name))
+
+        def meta(specs: Any) -> tuple[TensorMetadata, ...]:
+            return tuple(TensorMetadata(t.name, t.datatype, config.api_shape(t)) for t in specs)
+
+        return ModelMetadata(
+            config.name, versions, config.platform or config.backend,
+            meta(config.inputs), meta(config.outputs),
+        )
+
+    def model_config(self, name: str, version: str = "") -> ModelConfig:
+        return self._manager.get(name, version).config
+
+    def model_statistics(self, name: str = "", version: str = "") -> list[ModelVersion]:
+        """Loaded versions to report: all models, all versions of ``name``, or one version."""
+        if not name:
+            return [mv for e in self._manager.entries() for mv in e.versions.values()]
+        model = self._manager.get(name, version)
+        if version:
+            return [model]
+        entry = next(e for e in self._manager.entries() if e.name == name)
+        return [entry.versions[v] for v in sorted(entry.versions)]
+
+    def _versions(self, name: str) -> list[int]:
+        entry = next((e for e in self._manager.entries() if e.name == name), None)
+        return sorted(entry.versions) if entry else []
+
+    # --- repository ----------------------------------------------------------------------
+
+    def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
+        entries = self._manager.index()
+        return [e for e in entries if e.state == "READY"] if ready_only else entries
+
+    async def load_model(self, name: str, config_override: dict[str, Any] | None = None) -> None:
+        entry = await self._manager.load(name, config_override)
+        if not entry.versions:
+            raise invalid(f"failed to load model '{name}': {entry.reason}")
+
+    async def unload_model(self, name: str) -> None:
+        await self._manager.unload(name)
+
+    # --- inference -----------------------------------------------------------------------
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        """Validate, run (batched when the model batches) and return the requested outputs."""
+        started = time.perf_counter_ns()
+        model = self._manager.get(request.model_name, request.model_version)
+        config = model.config
+        try:
+            inputs, rows = validate_inputs(config, request)
+            names = requested_outputs(config, request)
+            arrays, timings = await model.scheduler.submit(inputs, rows, request.parameters)
+            outputs = [self._output(config, name, arrays) for name in names]
+        except BaseException:
+            model.stats.record_failure(time.perf_counter_ns() - started)
+            raise
+        model.stats.record_success(
+            rows,
+            time.perf_counter_ns() - started,
+            timings.queue_ns,
+            timings.input_ns,
+            timings.infer_ns,
+            timings.output_ns,
+        )
+        return InferResponse(
+            config.name,
+            str(model.version),
+            request.id,
+            outputs,
+            queue_ns=timings.queue_ns,
+            compute_ns=timings.infer_ns,
+        )
+
+    @staticmethod
+    def _output(config: ModelConfig, name: str, arrays: dict[str, np.ndarray[Any, Any]]) -> Tensor:
+        if name not in arrays:
+            raise ServerError(
+                ErrorCode.INTERNAL, f"model '{config.name}' did not produce output '{name}'"
+            )
+        spec = config.output(name)
+        assert spec is not None  # requested_outputs checked the name
+        array = arrays[name]
+        dt = datatype(spec.datatype)
+        if dt.name != "BYTES" and array.dtype != dt.numpy:
+            array = array.astype(dt.numpy)
+        return Tensor(name, dt.name, tuple(int(d) for d in array.shape), array)

@@ -1,0 +1,242 @@
+"""ModelConfig: one typed, validated description of a served model.
+
+Read from ``model.yaml`` (KernelPort's own format) or, later, from Triton's ``config.pbtxt``;
+rendered back in Triton's model-config JSON shape for the ``model_configuration`` extension.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kernelport.errors import ServerError, invalid
+from kernelport.types import DATATYPES, datatype
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorConfig(_Strict):
+    """An input or output. ``dims`` excludes the batch dimension when the model batches."""
+
+    name: str = Field(min_length=1)
+    datatype: str
+    dims: tuple[int, ...]
+    optional: bool = False
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, value: str) -> str:
+        try:
+            return datatype(value.upper()).name
+        except ServerError:
+            raise ValueError(
+                f"unknown datatype '{value}', expected one of {', '.join(DATATYPES)}"
+            ) from None
+
+    @field_validator("dims")
+    @classmethod
+    def _dims_valid(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(d < -1 or d == 0 for d in value):
+            raise ValueError(f"dims {list(value)}: each must be a positive size or -1 (variable)")
+        return value
+
+
+class DynamicBatching(_Strict):
+    """Same meaning as Triton's ``dynamic_batching`` block (delays in microseconds)."""
+
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_us: int = Field(default=0, ge=0)
+    preserve_ordering: bool = False
+    max_queue_size: int = Field(default=0, ge=0)
+    default_timeout_us: int = Field(default=0, ge=0)
+    priority_levels: int = Field(default=0, ge=0)
+    default_priority_level: int = Field(default=0, ge=0)
+
+
+class InstanceGroup(_Strict):
+    """``count`` instances on ``device`` (``cpu`` or ``cuda:N``)."""
+
+    count: int = Field(default=1, ge=1)
+    device: str = "cpu"
+
+    @field_validator("device")
+    @classmethod
+    def _device_valid(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"device '{value}': expected 'cpu' or 'cuda:N'")
+        return "cuda:0" if value == "cuda" else value
+
+
+class VersionPolicy(_Strict):
+    """Which version directories to serve: the latest N, all, or a specific list."""
+
+    latest: int | None = Field(default=None, ge=1)
+    all: bool = False
+    specific: tuple[int, ...] | None = None
+
+    def select(self, available: list[int]) -> list[int]:
+        ordered = sorted(available)
+        if self.all:
+            return ordered
+        if self.specific is not None:
+            return [v for v in ordered if v in self.specific]
+        return ordered[-(self.latest or 1) :]
+
+
+class ModelConfig(_Strict):
+    """Everything the server needs to know about a model, whatever file it came from."""
+
+    name: str = Field(min_length=1)
+    backend: str = Field(min_length=1)
+    platform: str = ""
+    max_batch_size: int = Field(default=0, ge=0)
+    inputs: tuple[TensorConfig, ...] = ()
+    outputs: tuple[TensorConfig, ...] = ()
+    instance_group: tuple[InstanceGroup, ...] = (InstanceGroup(),)
+    dynamic_batching: DynamicBatching | None = None
+    version_policy: VersionPolicy = VersionPolicy()
+    default_model_filename: str = ""
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, data: Any) -> Any:
+        # model.yaml may say `device: cuda:0` and `instance_count: 2` instead of a group list.
+        if isinstance(data, dict) and ("device" in data or "instance_count" in data):
+            data = dict(data)
+            if "instance_group" in data:
+                raise ValueError("give either instance_group or device/instance_count, not both")
+            group = {"device": data.pop("device", "cpu"), "count": data.pop("instance_count", 1)}
+            data["instance_group"] = [group]
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        for kind, tensors in (("input", self.inputs), ("output", self.outputs)):
+            names = [t.name for t in tensors]
+            if len(set(names)) != len(names):
+                raise ValueError(f"duplicate {kind} names in {names}")
+        batching = self.dynamic_batching
+        if batching is not None:
+            if self.max_batch_size == 0:
+                raise ValueError("dynamic_batching needs max_batch_size > 0")
+            too_big = [b for b in batching.preferred_batch_sizes if b > self.max_batch_size]
+            if too_big:
+                raise ValueError(
+                    f"preferred_batch_sizes {too_big} exceed max_batch_size {self.max_batch_size}"
+                )
+        return self
+
+    @property
+    def batching(self) -> bool:
+        return self.max_batch_size > 0
+
+    def input(self, name: str) -> TensorConfig | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output(self, name: str) -> TensorConfig | None:
+        return next((t for t in self.outputs if t.name == name), None)
+
+    def api_shape(self, tensor: TensorConfig) -> tuple[int, ...]:
+        """The shape clients see: a leading -1 batch dimension when the model batches."""
+        return (-1, *tensor.dims) if self.batching else tensor.dims
+
+
+def parse_model_config(raw: dict[str, Any], source: str) -> ModelConfig:
+    """Validate ``raw`` into a ModelConfig; errors name ``source``, the field and the problem."""
+    try:
+        return ModelConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = "unknown field"
+            problems.append(f"{where}: {message}")
+        raise invalid(f"{source}: " + "; ".join(problems)) from None
+
+
+def triton_config(config: ModelConfig) -> dict[str, Any]:
+    """Render as Triton's model-config JSON (snake_case fields, defaults present, int64 as ints)."""
+
+    def tensor(t: TensorConfig, is_input: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": t.name,
+            "data_type": datatype(t.datatype).config_name,
+            "dims": list(t.dims),
+            "is_shape_tensor": False,
+            "is_non_linear_format_io": False,
+        }
+        if is_input:
+            out |= {"format": "FORMAT_NONE", "allow_ragged_batch": False, "optional": t.optional}
+        else:
+            out["label_filename"] = ""
+        return out
+
+    policy = config.version_policy
+    if policy.all:
+        version_policy: dict[str, Any] = {"all": {}}
+    elif policy.specific is not None:
+        version_policy = {"specific": {"versions": list(policy.specific)}}
+    else:
+        version_policy = {"latest": {"num_versions": policy.latest or 1}}
+    groups = []
+    for i, group in enumerate(config.instance_group):
+        gpu = group.device.startswith("cuda")
+        groups.append(
+            {
+                "name": f"{config.name}_{i}",
+                "kind": "KIND_GPU" if gpu else "KIND_CPU",
+                "count": group.count,
+                "gpus": [int(group.device.split(":")[1])] if gpu else [],
+                "secondary_devices": [],
+                "profile": [],
+                "passive": False,
+                "host_policy": "",
+            }
+        )
+    out: dict[str, Any] = {
+        "name": config.name,
+        "platform": config.platform,
+        "backend": config.backend,
+        "runtime": "",
+        "version_policy": version_policy,
+        "max_batch_size": config.max_batch_size,
+        "input": [tensor(t, True) for t in config.inputs],
+        "output": [tensor(t, False) for t in config.outputs],
+        "batch_input": [],
+        "batch_output": [],
+        "instance_group": groups,
+        "default_model_filename": config.default_model_filename,
+        "cc_model_filenames": {},
+        "metric_tags": {},
+        "parameters": {k: {"string_value": str(v)} for k, v in config.parameters.items()},
+        "model_warmup": [],
+        "model_transaction_policy": {"decoupled": False},
+    }
+    batching = config.dynamic_batching
+    if batching is not None:
+        out["dynamic_batching"] = {
+            "preferred_batch_size": list(batching.preferred_batch_sizes),
+            "max_queue_delay_microseconds": batching.max_queue_delay_us,
+            "preserve_ordering": batching.preserve_ordering,
+            "priority_levels": batching.priority_levels,
+            "default_priority_level": batching.default_priority_level,
+            "default_queue_policy": {
+                "timeout_action": "REJECT",
+                "default_timeout_microseconds": batching.default_timeout_us,
+                "allow_timeout_override": True,
+                "max_queue_size": batching.max_queue_size,
+            },
+            "priority_queue_policy": {},
+        }
+    return out
+
+

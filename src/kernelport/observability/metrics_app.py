@@ -1,0 +1,35 @@
+"""The metrics port: Prometheus text at /metrics plus /healthz and /readyz for probes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+
+class MetricsApp:
+    """ASGI app over a registry the server owns."""
+
+    def __init__(self, registry: CollectorRegistry, live: Callable[[], bool], ready: Callable[[], bool]) -> None:
+        self._registry = registry
+        self._live = live
+        self._ready = ready
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        path = scope["path"].rstrip("/") or "/"
+        status, body, ctype = 404, b"Not Found\n", b"text/plain"
+        if scope["method"] != "GET":
+            status, body = 405, b"Method Not Allowed\n"
+        elif path == "/metrics":
+            status, body, ctype = 200, generate_latest(self._registry), CONTENT_TYPE_LATEST.encode()
+        elif path == "/healthz":
+            status, body = (200, b"ok\n") if self._live() else (503, b"not live\n")
+        elif path == "/readyz":
+            status, body = (200, b"ok\n") if self._ready() else (503, b"not ready\n")
+        headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,112 @@
+"""ModelInferRequest/Response <-> InferRequest/InferResponse (raw contents and typed contents)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kernelport.errors import invalid
+from kernelport.protocols.grpc import pb
+from kernelport.types import (
+    InferRequest,
+    InferResponse,
+    Parameters,
+    RequestedOutput,
+    Tensor,
+    datatype,
+    tensor_bytes,
+    tensor_from_buffer,
+)
+
+# V2 datatype -> InferTensorContents field holding it (FP16/BF16 travel raw only)
+_TYPED_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def parameters(params: Any) -> Parameters:
+    """An InferParameter map as plain Python values."""
+    out: Parameters = {}
+    for key, value in params.items():
+        kind = value.WhichOneof("parameter_choice")
+        if kind is not None:
+            out[key] = getattr(value, kind)
+    return out
+
+
+def _typed(name: str, dtype_name: str, shape: tuple[int, ...], contents: Any) -> Tensor:
+    field = _TYPED_FIELD.get(dtype_name)
+    if field is None:
+        raise invalid(f"input '{name}': {dtype_name} data must be sent in raw_input_contents")
+    values = getattr(contents, field)
+    count = int(np.prod(shape)) if shape else 1
+    if len(values) != count:
+        raise invalid(
+            f"input '{name}': shape {list(shape)} needs {count} elements, "
+            f"{field} holds {len(values)}"
+        )
+    dt = datatype(dtype_name)
+    if dt.name == "BYTES":
+        array = np.empty(count, dtype=np.object_)
+        array[:] = list(values)
+    else:
+        try:
+            array = np.array(values, dtype=dt.numpy)
+        except OverflowError as exc:
+            raise invalid(f"input '{name}': value out of range for {dt.name}: {exc}") from None
+    return Tensor(name, dt.name, shape, array.reshape(shape))
+
+
+def decode_request(msg: Any) -> InferRequest:
+    raw = msg.raw_input_contents
+    inputs: list[Tensor] = []
+    next_raw = 0
+    for tensor in msg.inputs:
+        name = tensor.name
+        shape = tuple(tensor.shape)
+        if any(d < 0 for d in shape):
+            raise invalid(f"input '{name}': shape {list(shape)} has a negative dimension")
+        tparams = parameters(tensor.parameters)
+        if "shared_memory_region" in tparams:
+            raise invalid(f"input '{name}': shared memory inputs are not supported yet")
+        if tensor.HasField("contents"):
+            if raw:
+                raise invalid(
+                    f"input '{name}': contents must not be set when raw_input_contents is used"
+                )
+            inputs.append(_typed(name, tensor.datatype, shape, tensor.contents))
+            continue
+        if next_raw >= len(raw):
+            raise invalid(f"unable to find data for input tensor '{name}'")
+        inputs.append(tensor_from_buffer(name, tensor.datatype, shape, raw[next_raw]))
+        next_raw += 1
+    if next_raw != len(raw):
+        raise invalid(
+            f"raw_input_contents has {len(raw)} entries but only {next_raw} inputs use it"
+        )
+    outputs = [RequestedOutput(o.name, parameters(o.parameters)) for o in msg.outputs]
+    return InferRequest(
+        msg.model_name, msg.model_version, msg.id, inputs, outputs, parameters(msg.parameters)
+    )
+
+
+def encode_response(response: InferResponse) -> Any:
+    out = pb.inference.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id
+    )
+    for tensor in response.outputs:
+        out.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        out.raw_output_contents.append(bytes(tensor_bytes(tensor)))
+    return out

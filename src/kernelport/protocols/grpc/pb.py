@@ -1,0 +1,165 @@
+"""Protobuf message classes and gRPC handler wiring for kernelport's gRPC APIs.
+
+The classes come from ``protos/descriptors.binpb`` (regenerate it with
+``scripts/gen_protos.sh``) loaded into a *private* descriptor pool.
+``tritonclient.grpc`` registers the very same ``inference.*`` symbols in
+protobuf's default pool, and a second registration there fails with
+"duplicate symbol"; a private pool lets both live in one process while staying
+wire-compatible, since the wire format depends only on field numbers.
+
+Usage::
+
+    from kernelport.protocols.grpc import pb
+
+    req = pb.inference.ModelInferRequest(model_name="demo")
+    handler = pb.method_handlers(pb.INFERENCE_SERVICE, {"ServerLive": server_live})
+    server.add_generic_rpc_handlers((handler,))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from importlib import resources
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+
+__all__ = [
+    "INFERENCE_SERVICE",
+    "KERNELPORT_SERVICE",
+    "POOL",
+    "Handler",
+    "ProtoNamespace",
+    "inference",
+    "kernelport_v1",
+    "method_handlers",
+    "rpc_method_handlers",
+]
+
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
+"""Full name of the KServe V2 / Triton-compatible service."""
+
+KERNELPORT_SERVICE = "kernelport.v1.InferenceService"
+"""Full name of kernelport's own minimal service."""
+
+Handler = Callable[..., Any]
+"""A grpc.aio behaviour: ``async (request_or_iterator, context) -> response_or_async_iterator``."""
+
+
+class ProtoNamespace:
+    """Read-only attribute access to the top-level messages and enums of proto files.
+
+    Messages are protobuf message classes; enums are ``EnumTypeWrapper``
+    objects (``DataType.Value("TYPE_FP32")``, ``DataType.TYPE_FP32``), exactly
+    what generated ``*_pb2`` modules expose under the same names.
+    """
+
+    __slots__ = ("_members", "_package")
+
+    def __init__(self, package: str, members: Mapping[str, Any]) -> None:
+        object.__setattr__(self, "_package", package)
+        object.__setattr__(self, "_members", dict(members))
+
+    def __getattr__(self, name: str) -> Any:
+        # Typed as Any: the classes are created at runtime, so no static type
+        # is more precise than Message, which would reject keyword construction.
+        try:
+            return self._members[name]
+        except KeyError:
+            raise AttributeError(
+                f"proto package {self._package!r} has no message or enum {name!r}"
+            ) from None
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __dir__(self) -> list[str]:
+        return sorted(self._members)
+
+    def __repr__(self) -> str:
+        return f"<ProtoNamespace {self._package} ({len(self._members)} names)>"
+
+
+def _load_pool() -> descriptor_pool.DescriptorPool:
+    data = resources.files(__package__).joinpath("protos/descriptors.binpb").read_bytes()
+    pool = descriptor_pool.DescriptorPool()
+    # --include_imports emits dependencies before dependants, so adding in
+    # order always finds imported files already present.
+    for file_proto in descriptor_pb2.FileDescriptorSet.FromString(data).file:
+        pool.Add(file_proto)
+    return pool
+
+
+def _namespace(
+    pool: descriptor_pool.DescriptorPool, package: str, files: Iterable[str]
+) -> ProtoNamespace:
+    members: dict[str, Any] = {}
+    for file_name in files:
+        file_desc = pool.FindFileByName(file_name)
+        for name, msg_desc in file_desc.message_types_by_name.items():
+            members[name] = message_factory.GetMessageClass(msg_desc)
+        for name, enum_desc in file_desc.enum_types_by_name.items():
+            members[name] = EnumTypeWrapper(enum_desc)
+    return ProtoNamespace(package, members)
+
+
+POOL: descriptor_pool.DescriptorPool = _load_pool()
+"""The private pool holding every kernelport descriptor (e.g. for gRPC reflection)."""
+
+inference: ProtoNamespace = _namespace(
+    POOL, "inference", ("grpc_service.proto", "model_config.proto")
+)
+"""Messages and enums of package ``inference`` (grpc_service.proto and model_config.proto)."""
+
+kernelport_v1: ProtoNamespace = _namespace(POOL, "kernelport.v1", ("kernelport_v1.proto",))
+"""Messages and enums of package ``kernelport.v1``."""
+
+# Indexed by (client_streaming, server_streaming) as declared in the descriptor.
+_HANDLER_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def rpc_method_handlers(
+    service_full_name: str, impl: Mapping[str, Handler]
+) -> dict[str, grpc.RpcMethodHandler]:
+    """Build ``{rpc_name: RpcMethodHandler}`` for the implemented RPCs of a service.
+
+    Request/response types and the streaming kind of each RPC come from the
+    descriptor. RPCs missing from ``impl`` are left out, so gRPC answers them
+    with UNIMPLEMENTED. Raises ``KeyError`` for an unknown service and
+    ``ValueError`` for names in ``impl`` that the service does not declare.
+    """
+    service = POOL.FindServiceByName(service_full_name)
+    unknown = set(impl) - set(service.methods_by_name)
+    if unknown:
+        # A misspelt RPC name would otherwise silently serve UNIMPLEMENTED.
+        raise ValueError(f"{service_full_name} has no RPC(s) {sorted(unknown)}")
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for name, behaviour in impl.items():
+        method = service.methods_by_name[name]
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        response_cls = message_factory.GetMessageClass(method.output_type)
+        factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
+        handlers[name] = factory(
+            behaviour,
+            request_deserializer=request_cls.FromString,
+            response_serializer=response_cls.SerializeToString,
+        )
+    return handlers
+
+
+def method_handlers(service_full_name: str, impl: Mapping[str, Handler]) -> grpc.GenericRpcHandler:
+    """Return a ``grpc.GenericRpcHandler`` serving ``impl`` under ``service_full_name``.
+
+    Pass it to ``server.add_generic_rpc_handlers((handler,))``. See
+    ``rpc_method_handlers`` for how RPCs are typed and validated.
+    """
+    return grpc.method_handlers_generic_handler(
+        service_full_name, rpc_method_handlers(service_full_name, impl)
+    )

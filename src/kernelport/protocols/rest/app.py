@@ -1,0 +1,243 @@
+"""A bare ASGI application for the V2 REST API (no framework: routing is a few regexes)."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import re
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from typing import Any
+
+import orjson
+
+from kernelport.core.dataplane import DataPlane
+from kernelport.core.model_config import triton_config
+from kernelport.errors import ErrorCode, ServerError, invalid
+from kernelport.protocols.rest import codec
+from kernelport.protocols.rest.errors import HTTP_STATUS
+from kernelport.protocols.rest.stats import statistics_json
+
+log = logging.getLogger("kernelport.http")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+_JSON = [(b"content-type", b"application/json")]
+_MODEL = re.compile(
+    r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[0-9]+))?"
+    r"(?:/(?P<verb>infer|ready|config|stats))?$"
+)
+_REPO = re.compile(
+    r"^/v2/repository(?:/(?P<repo>[^/]+))?/(?:index|models/(?P<model>[^/]+)/(?P<verb>load|unload))$"
+)
+_SHM = re.compile(r"^/v2/(?P<kind>system|cuda)sharedmemory(?:/region/(?P<region>[^/]+))?/(?P<verb>status|register|unregister)$")
+
+
+class Response:
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, body: bytes = b"", headers: Headers | None = None) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers if headers is not None else []
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    return Response(status, orjson.dumps(obj), list(_JSON))
+
+
+def error_response(status: int, message: str) -> Response:
+    return json_response({"error": message}, status)
+
+
+def _decompress(body: bytes, encoding: str) -> bytes:
+    try:
+        if encoding == "gzip":
+            return gzip.decompress(body)
+        if encoding == "deflate":
+            return zlib.decompress(body)
+    except (OSError, zlib.error, EOFError) as exc:
+        raise invalid(f"request body is not valid {encoding} data: {exc}") from None
+    raise ServerError(ErrorCode.UNSUPPORTED, f"unsupported Content-Encoding '{encoding}'")
+
+
+def _accepted_encoding(header: str) -> str | None:
+    """The response encoding the client prefers among gzip and deflate (honouring q=0)."""
+    best, best_q = None, 0.0
+    for part in header.split(","):
+        token, _, params = part.strip().partition(";")
+        token = token.strip().lower()
+        q = 1.0
+        if params.strip().startswith("q="):
+            try:
+                q = float(params.strip()[2:])
+            except ValueError:
+                q = 0.0
+        if token in ("gzip", "deflate") and q > best_q:
+            best, best_q = token, q
+    return best
+
+
+class RestApp:
+    """ASGI callable: ``await app(scope, receive, send)``."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self._dp = dataplane
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # lifespan is off; websockets are not served
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            body = await _read_body(receive)
+            encoding = headers.get("content-encoding", "identity").strip().lower()
+            if body and encoding not in ("", "identity"):
+                body = _decompress(body, encoding)
+            response = await self._route(scope["method"], scope["path"], headers, body)
+        except ServerError as exc:
+            response = error_response(HTTP_STATUS[exc.code], exc.message)
+            if exc.code is ErrorCode.UNSUPPORTED and "Content-Encoding" in exc.message:
+                response.headers.append((b"accept-encoding", b"gzip, deflate"))
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            response = error_response(500, "internal server error")
+        response.headers.append((b"content-length", str(len(response.body)).encode()))
+        await send({"type": "http.response.start", "status": response.status, "headers": response.headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+    async def _route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Response:
+        dp = self._dp
+        if path.endswith("/") and len(path) > 1:
+            path = path.rstrip("/")
+        if path == "/v2/health/live":
+            return _only(method, "GET") or Response(200 if dp.live() else 400)
+        if path == "/v2/health/ready":
+            return _only(method, "GET") or Response(200 if dp.ready() else 400)
+        if path == "/v2":
+            return _only(method, "GET") or json_response(asdict(dp.server_metadata()))
+        if path == "/v2/models/stats":
+            return _only(method, "GET") or json_response(statistics_json(dp.model_statistics()))
+        match = _MODEL.match(path)
+        if match:
+            return await self._model(method, match["model"], match["version"] or "", match["verb"], headers, body)
+        match = _REPO.match(path)
+        if match:
+            return _only(method, "POST") or await self._repository(match["model"], match["verb"], body)
+        match = _SHM.match(path)
+        if match:
+            return _shared_memory(match["verb"], match["region"])
+        return error_response(404, "Not Found")
+
+    async def _model(
+        self, method: str, model: str, version: str, verb: str | None, headers: dict[str, str], body: bytes
+    ) -> Response:
+        dp = self._dp
+        if verb == "infer":
+            return _only(method, "POST") or await self._infer(model, version, headers, body)
+        bad_method = _only(method, "GET")
+        if bad_method:
+            return bad_method
+        if verb is None:
+            meta = dp.model_metadata(model, version)
+            return json_response(asdict(meta))
+        if verb == "ready":
+            if dp.model_ready(model, version):
+                return Response(200)
+            return error_response(400, f"model '{model}' version '{version or 'default'}' is not ready")
+        if verb == "config":
+            return json_response(triton_config(dp.model_config(model, version)))
+        return json_response(statistics_json(dp.model_statistics(model, version)))
+
+    async def _infer(self, model: str, version: str, headers: dict[str, str], body: bytes) -> Response:
+        raw_length = headers.get(codec.HEADER_LENGTH)
+        header_length = None
+        if raw_length is not None:
+            if not raw_length.strip().isdigit():
+                raise invalid(f"Inference-Header-Content-Length '{raw_length}' is not a number")
+            header_length = int(raw_length)
+        request = codec.decode_request(body, header_length, model, version)
+        if not request.id:
+            request.id = headers.get("x-request-id", "")
+        response = await self._dp.infer(request)
+        payload, json_length = codec.encode_response(request, response)
+        out_headers: Headers
+        if json_length is None:
+            out_headers = list(_JSON)
+        else:
+            out_headers = [
+                (b"content-type", b"application/octet-stream"),
+                (b"inference-header-content-length", str(json_length).encode()),
+            ]
+        accept = headers.get("accept-encoding")
+        if accept:
+            encoding = _accepted_encoding(accept)
+            if encoding == "gzip":
+                payload = gzip.compress(payload, compresslevel=1)
+            elif encoding == "deflate":
+                payload = zlib.compress(payload, 1)
+            if encoding:
+                out_headers.append((b"content-encoding", encoding.encode()))
+        return Response(200, payload, out_headers)
+
+    async def _repository(self, model: str | None, verb: str | None, body: bytes) -> Response:
+        dp = self._dp
+        params: dict[str, Any] = {}
+        obj: Any = {}
+        if body.strip():
+            obj = codec._parse_json(body, "request body")
+            if not isinstance(obj, dict):
+                raise invalid("request body must be a JSON object")
+        if model is None:
+            ready = obj.get("ready", False)
+            if not isinstance(ready, bool):
+                raise invalid("'ready' must be a boolean")
+            return json_response(
+                [
+                    {k: v for k, v in asdict(e).items() if v or k in ("name",)}
+                    for e in dp.repository_index(ready)
+                ]
+            )
+        params = obj.get("parameters") or {}
+        if verb == "load":
+            override = None
+            if "config" in params:
+                parsed = codec._parse_json(str(params["config"]).encode(), "parameter 'config'")
+                if not isinstance(parsed, dict):
+                    raise invalid("parameter 'config' must hold a JSON object")
+                override = parsed
+            await dp.load_model(model, override)
+        else:
+            await dp.unload_model(model)
+        return Response(200)
+
+
+def _only(method: str, allowed: str) -> Response | None:
+    return None if method == allowed else error_response(405, "Method Not Allowed")
+
+
+def _shared_memory(verb: str, region: str | None) -> Response:
+    # No region is ever registered: status lists none and unregister-all succeeds (perf_analyzer
+    # calls it for both kinds before it starts), while register reports the gap clearly.
+    if verb == "status":
+        if region:
+            return error_response(404, f"shared memory region '{region}' is not registered")
+        return json_response([])
+    if verb == "unregister":
+        return Response(200)
+    return error_response(501, "shared memory is not supported yet")
+
+
+async def _read_body(receive: Receive) -> bytes:
+    message = await receive()
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        return body
+    parts = [body]
+    while message.get("more_body", False):
+        message = await receive()
+        parts.append(message.get("body", b""))
+    return b"".join(parts)

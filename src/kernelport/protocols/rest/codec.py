@@ -1,0 +1,209 @@
+"""JSON + binary-extension encoding of V2 inference requests and responses."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import orjson
+
+from kernelport.errors import invalid
+from kernelport.types import (
+    InferRequest,
+    InferResponse,
+    Parameters,
+    RequestedOutput,
+    Tensor,
+    datatype,
+    tensor_bytes,
+    tensor_from_buffer,
+)
+
+HEADER_LENGTH = "inference-header-content-length"
+
+_JSON_REJECTED = ("FP16", "BF16")
+
+
+def _parse_json(raw: bytes | memoryview, what: str) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise invalid(f"{what} is not valid JSON: {exc}") from None
+
+
+def _shape(value: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
+    ):
+        raise invalid(f"input '{name}': 'shape' must be a list of non-negative integers")
+    return tuple(value)
+
+
+def _parameters(value: Any, where: str) -> Parameters:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise invalid(f"{where}: 'parameters' must be an object")
+    return value
+
+
+def _json_tensor(name: str, dtype_name: str, shape: tuple[int, ...], data: Any) -> Tensor:
+    if dtype_name in _JSON_REJECTED:
+        raise invalid(f"input '{name}': {dtype_name} data must use the binary data format")
+    dt = datatype(dtype_name)
+    count = math.prod(shape)
+    try:
+        if dt.name == "BYTES":
+            flat = np.empty(count, dtype=np.object_)
+            items = list(_flatten(data))
+            if len(items) != count:
+                raise invalid(
+                    f"input '{name}': shape {list(shape)} needs {count} elements, got {len(items)}"
+                )
+            flat[:] = [i.encode() if isinstance(i, str) else _not_string(name, i) for i in items]
+            array = flat
+        else:
+            array = np.array(data, dtype=dt.numpy).reshape(-1)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise invalid(f"input '{name}': 'data' does not hold {dt.name} values: {exc}") from None
+    if array.size != count:
+        raise invalid(f"input '{name}': shape {list(shape)} needs {count} elements, got {array.size}")
+    return Tensor(name, dt.name, shape, array.reshape(shape))
+
+
+def _not_string(name: str, item: Any) -> bytes:
+    raise invalid(f"input '{name}': BYTES elements in JSON must be strings, got {item!r}")
+
+
+def _flatten(data: Any) -> Any:
+    if isinstance(data, list):
+        for item in data:
+            yield from _flatten(item)
+    else:
+        yield data
+
+
+def decode_request(
+    body: bytes, header_length: int | None, model_name: str, model_version: str
+) -> InferRequest:
+    """Decode a V2 infer body; binary tensors are views into ``body``."""
+    if header_length is None:
+        header, binary = memoryview(body), memoryview(b"")
+    else:
+        if not 0 <= header_length <= len(body):
+            raise invalid(
+                f"Inference-Header-Content-Length {header_length} is outside the body "
+                f"of {len(body)} bytes"
+            )
+        view = memoryview(body)
+        header, binary = view[:header_length], view[header_length:]
+    obj = _parse_json(header, "request body")
+    if not isinstance(obj, dict):
+        raise invalid("request body must be a JSON object")
+    raw_inputs = obj.get("inputs")
+    if not isinstance(raw_inputs, list):
+        raise invalid("request needs an 'inputs' list")
+    offset = 0
+    inputs: list[Tensor] = []
+    for raw in raw_inputs:
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise invalid("each input needs a 'name' string")
+        name = raw["name"]
+        if not isinstance(raw.get("datatype"), str):
+            raise invalid(f"input '{name}': 'datatype' must be a string")
+        shape = _shape(raw.get("shape"), name)
+        params = _parameters(raw.get("parameters"), f"input '{name}'")
+        size = params.get("binary_data_size")
+        sources = [k for k in ("data",) if k in raw] + [
+            k for k in ("binary_data_size", "shared_memory_region") if k in params
+        ]
+        if len(sources) != 1:
+            raise invalid(
+                f"input '{name}' must set exactly one of data, binary_data_size, "
+                f"shared_memory_region (got {', '.join(sources) or 'none'})"
+            )
+        if "shared_memory_region" in params:
+            raise invalid(f"input '{name}': shared memory inputs are not supported yet")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise invalid(f"input '{name}': binary_data_size must be a non-negative integer")
+            if offset + size > len(binary):
+                raise invalid(
+                    f"input '{name}': expecting {size} bytes of binary data, "
+                    f"only {len(binary) - offset} remain"
+                )
+            chunk = binary[offset : offset + size]
+            offset += size
+            inputs.append(tensor_from_buffer(name, raw["datatype"], shape, chunk))
+        else:
+            inputs.append(_json_tensor(name, raw["datatype"], shape, raw["data"]))
+    if offset != len(binary):
+        raise invalid(f"unexpected {len(binary) - offset} bytes of binary data after the inputs")
+    outputs = []
+    for raw in obj.get("outputs") or []:
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise invalid("each requested output needs a 'name' string")
+        outputs.append(
+            RequestedOutput(raw["name"], _parameters(raw.get("parameters"), f"output '{raw['name']}'"))
+        )
+    request_id = obj.get("id", "")
+    return InferRequest(
+        model_name,
+        model_version,
+        request_id if isinstance(request_id, str) else str(request_id),
+        inputs,
+        outputs,
+        _parameters(obj.get("parameters"), "request"),
+    )
+
+
+def encode_response(request: InferRequest, response: InferResponse) -> tuple[bytes, int | None]:
+    """Return (body, JSON header length or None when every output is JSON)."""
+    binary_default = bool(request.parameters.get("binary_data_output", False))
+    wanted = {o.name: o.parameters for o in request.outputs}
+    chunks: list[bytes | memoryview] = []
+    outputs: list[dict[str, Any]] = []
+    for tensor in response.outputs:
+        params = wanted.get(tensor.name)
+        binary = bool(params.get("binary_data", False)) if params is not None else binary_default
+        entry: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": tensor.shape,
+        }
+        if binary:
+            raw = tensor_bytes(tensor)
+            chunks.append(raw)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+        else:
+            entry["data"] = _json_data(tensor)
+        outputs.append(entry)
+    obj: dict[str, Any] = {
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+    }
+    if response.id:
+        obj["id"] = response.id
+    if response.parameters:
+        obj["parameters"] = response.parameters
+    obj["outputs"] = outputs
+    header = orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
+
+
+def _json_data(tensor: Tensor) -> Any:
+    if tensor.datatype in _JSON_REJECTED:
+        raise invalid(
+            f"output '{tensor.name}' is {tensor.datatype}; request it with binary_data: true"
+        )
+    flat = tensor.data.reshape(-1)
+    if tensor.datatype == "BYTES":
+        return [
+            (i.decode("utf-8", "replace") if isinstance(i, bytes) else str(i)) for i in flat
+        ]
+    if not flat.flags.c_contiguous:
+        flat = np.ascontiguousarray(flat)
+    return flat

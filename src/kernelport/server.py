@@ -1,0 +1,121 @@
+"""Server(config): the composition root. Builds everything, serves, shuts down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from kernelport import __version__
+from kernelport.backends.registry import BackendRegistry
+from kernelport.config import Config
+from kernelport.core.dataplane import DataPlane
+from kernelport.core.manager import ManagerSettings, ModelManager
+from kernelport.observability import logging as log_setup
+from kernelport.observability.metrics_app import MetricsApp
+from kernelport.protocols.grpc.server import GrpcFrontEnd
+from kernelport.protocols.rest.app import RestApp
+
+log = logging.getLogger("kernelport.server")
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the Server decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Server:
+    """Lifecycle tests can drive: ``startup()``, ``serve()`` (until stopped), ``shutdown()``."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.manager = ModelManager(
+            ManagerSettings(config.model_repository, config.default_max_batch_size),
+            BackendRegistry(),
+        )
+        self.dataplane = DataPlane(self.manager, __version__)
+        self._grpc = GrpcFrontEnd(self.dataplane, config)
+        self._http: list[_EmbeddedUvicorn] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stop = asyncio.Event()
+
+    def _uvicorn(self, app: Any, port: int) -> _EmbeddedUvicorn:
+        config = uvicorn.Config(
+            app,
+            host=self.config.host,
+            port=port,
+            loop="none",
+            http="httptools",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            timeout_keep_alive=75,
+            backlog=2048,
+        )
+        return _EmbeddedUvicorn(config)
+
+    async def startup(self) -> None:
+        await self.manager.load_all()
+        await self._grpc.start(self.config.host, self.config.grpc_port)
+        metrics = MetricsApp(self.registry, self.dataplane.live, self.dataplane.ready)
+        for app, port in ((RestApp(self.dataplane), self.config.http_port), (metrics, self.config.metrics_port)):
+            server = self._uvicorn(app, port)
+            self._http.append(server)
+            self._tasks.append(asyncio.create_task(server.serve()))
+        while not all(s.started for s in self._http):
+            failed = [t for t in self._tasks if t.done()]
+            if failed:
+                # uvicorn exits (SystemExit) when it cannot bind; surface that as a startup error.
+                raise RuntimeError(f"HTTP server failed to start on {self.config.host}: port in use?")
+            await asyncio.sleep(0.01)
+        host = self.config.host
+        log.info(
+            "listening: HTTP %s:%d, gRPC %s:%d, metrics %s:%d",
+            host, self.config.http_port, host, self.config.grpc_port, host, self.config.metrics_port,
+        )
+        for entry in self.manager.entries():
+            if entry.versions:
+                log.info("model ready: %s (versions %s)", entry.name, ", ".join(map(str, sorted(entry.versions))))
+            else:
+                log.error("model NOT ready: %s (%s)", entry.name, entry.reason)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        await self._stop.wait()
+
+    async def shutdown(self) -> None:
+        self.dataplane.accepting = False
+        await self._grpc.stop(grace=5.0)
+        for server in self._http:
+            server.should_exit = True
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.manager.close()
+        log.info("stopped")
+
+    async def run(self) -> int:
+        """Start, serve until SIGINT/SIGTERM, shut down. Returns the process exit code."""
+        log_setup.configure(self.config.log_level, self.config.log_format)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.startup()
+        except Exception as exc:
+            log.error("startup failed: %s", exc)
+            await self.shutdown()
+            return 1
+        await self.serve()
+        await self.shutdown()
+        return 0
