@@ -52,7 +52,8 @@ def validate_inputs(config: ModelConfig, request: InferRequest) -> tuple[Arrays,
                 f"model '{model}' input '{tensor.name}': shape {list(shape)} has rank "
                 f"{len(shape)}, expected {len(dims)} ({list(dims)})"
             )
-        for axis, (got, want) in enumerate(zip(shape, dims, strict=True)):
+        first = 1 if config.batching else 0
+        for axis, (got, want) in enumerate(zip(shape, dims, strict=True), start=first):
             if want != -1 and got != want:
                 raise invalid(
                     f"model '{model}' input '{tensor.name}': shape {list(tensor.shape)} does not "

@@ -1,0 +1,43 @@
+"""Builders for small test repositories (ONNX graphs with the onnx helper API, identity models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def write_model(repo: Path, name: str, config: dict[str, Any] | None = None,
+                files: dict[str, bytes] | None = None, version: int = 1) -> Path:
+    model = repo / name
+    (model / str(version)).mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        (model / "model.yaml").write_text(yaml.safe_dump(config))
+    for filename, data in (files or {}).items():
+        (model / str(version) / filename).write_bytes(data)
+    return model
+
+
+def identity_config(datatype: str, dims: list[int], max_batch_size: int = 0,
+                    **extra: Any) -> dict[str, Any]:
+    return {
+        "backend": "identity",
+        "max_batch_size": max_batch_size,
+        "inputs": [{"name": "INPUT0", "datatype": datatype, "dims": dims}],
+        "outputs": [{"name": "OUTPUT0", "datatype": datatype, "dims": dims}],
+        **extra,
+    }
+
+
+def onnx_identity(elem_type: int, dims: list[Any]) -> bytes:
+    from onnx import helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
+        "identity",
+        [helper.make_tensor_value_info("INPUT0", elem_type, dims)],
+        [helper.make_tensor_value_info("OUTPUT0", elem_type, dims)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return bytes(model.SerializeToString())
