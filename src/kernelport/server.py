@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +32,19 @@ class _EmbeddedUvicorn(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 class Server:
@@ -68,16 +82,17 @@ class Server:
         await self.manager.load_all()
         await self._grpc.start(self.config.host, self.config.grpc_port)
         metrics = MetricsApp(self.registry, self.dataplane.live, self.dataplane.ready)
-        for app, port in ((RestApp(self.dataplane), self.config.http_port), (metrics, self.config.metrics_port)):
+        apps = ((RestApp(self.dataplane), self.config.http_port), (metrics, self.config.metrics_port))
+        # Bind here, so a busy port is a clear startup error rather than uvicorn's sys.exit.
+        sockets = [_bind(self.config.host, port) for _, port in apps]
+        for (app, port), sock in zip(apps, sockets, strict=True):
             server = self._uvicorn(app, port)
             self._http.append(server)
-            self._tasks.append(asyncio.create_task(server.serve()))
+            self._tasks.append(asyncio.create_task(server.serve(sockets=[sock])))
         while not all(s.started for s in self._http):
-            failed = [t for t in self._tasks if t.done()]
-            if failed:
-                # uvicorn exits (SystemExit) when it cannot bind; surface that as a startup error.
-                raise RuntimeError(f"HTTP server failed to start on {self.config.host}: port in use?")
-            await asyncio.sleep(0.01)
+            if any(t.done() for t in self._tasks):
+                raise RuntimeError("HTTP server stopped during startup")
+            await asyncio.sleep(0.005)
         host = self.config.host
         log.info(
             "listening: HTTP %s:%d, gRPC %s:%d, metrics %s:%d",

@@ -1,0 +1,46 @@
+# Two commands on a fresh machine with Python >= 3.11 and make:
+#   make serve   - install into .venv and serve the bundled demo models (HTTP 8000, gRPC 8001)
+#   make test    - install the test dependencies (and perf_analyzer) and run the whole suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
+SERVE_ARGS ?=
+
+.PHONY: serve test install install-test perf-analyzer lint bench demo-models clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) -e '.[onnx]'
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) -e '.[onnx,test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+serve: install
+	$(BIN)/kernelport serve $(SERVE_ARGS)
+
+perf-analyzer:
+	PYTHON=$(PYTHON) scripts/setup_perf_analyzer.sh
+
+test: install-test perf-analyzer
+	KERNELPORT_REQUIRE_PERF_ANALYZER=1 $(BIN)/python -m pytest -q
+
+lint: install-test
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
+
+bench: install-test perf-analyzer
+	$(BIN)/python bench/bench_server.py
+
+demo-models: install-test
+	$(BIN)/python scripts/make_demo_models.py
+
+clean:
+	rm -rf $(VENV) .venv-pa build dist src/*.egg-info .pytest_cache

@@ -1,0 +1,50 @@
+"""Triton's perf_analyzer drives the server over HTTP and gRPC without errors.
+
+perf_analyzer lives in its own virtualenv (scripts/setup_perf_analyzer.sh); `make test` sets it
+up and sets KERNELPORT_REQUIRE_PERF_ANALYZER=1 so a missing binary fails instead of skipping.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import RunningServer
+
+ROOT = Path(__file__).resolve().parents[2]
+WRAPPER = ROOT / "scripts" / "perf_analyzer"
+VENV = Path(os.environ.get("PA_VENV", ROOT / ".venv-pa"))
+
+
+@pytest.fixture(scope="module")
+def perf_analyzer() -> Path:
+    if not (VENV / "bin" / "perf_analyzer").exists():
+        if os.environ.get("KERNELPORT_REQUIRE_PERF_ANALYZER") == "1":
+            pytest.fail("perf_analyzer is not installed: run scripts/setup_perf_analyzer.sh")
+        pytest.skip("perf_analyzer not installed (scripts/setup_perf_analyzer.sh)")
+    return WRAPPER
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_perf_analyzer_runs_clean(
+    perf_analyzer: Path, demo_server: RunningServer, protocol: str, tmp_path: Path
+) -> None:
+    url = demo_server.http_url if protocol == "http" else demo_server.grpc_url
+    report = tmp_path / "pa.csv"
+    result = subprocess.run(
+        [str(perf_analyzer), "-m", "mlp", "-i", protocol, "-u", url,
+         "--concurrency-range", "4:4", "-p", "800", "-r", "3", "-s", "50",
+         "-f", str(report)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "error" not in result.stdout.lower().replace("std error", ""), result.stdout
+    # The statistics extension is complete enough for server-side times to be reported.
+    assert "Server:" in result.stdout and "+ queue " in result.stdout, result.stdout
+    with report.open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows and float(rows[0]["Inferences/Second"]) > 0
