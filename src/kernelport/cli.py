@@ -43,6 +43,15 @@ def _parser() -> argparse.ArgumentParser:
         "--default-max-batch-size", type=int,
         help="max_batch_size given to models whose config is derived from the model (default 4)",
     )
+    serve.add_argument(
+        "--scheduler", choices=["fifo", "fair", "edf"],
+        help="how models sharing a device take turns: fifo (default), fair (weighted device "
+        "time, per-model 'weight'), edf (earliest deadline first, sheds hopeless requests)",
+    )
+    serve.add_argument(
+        "--device-slots", type=int,
+        help="batches that may run at once on one device (0 = unlimited; fair/edf default 1)",
+    )
     serve.add_argument("--config", type=Path, metavar="FILE", help="YAML file of settings")
     return parser
 

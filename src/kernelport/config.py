@@ -32,6 +32,8 @@ class Config:
     log_level: LogLevel = "info"
     log_format: Literal["plain", "json"] = "plain"
     default_max_batch_size: int = 4
+    scheduler: Literal["fifo", "fair", "edf"] = "fifo"
+    device_slots: int = 0
     grpc_max_message_bytes: int = 2**31 - 1
 
     @classmethod
@@ -69,9 +71,12 @@ class Config:
                 except (TypeError, ValueError):
                     raise ValueError(f"setting {name}: expected an integer, got {value!r}") from None
             else:
-                typed[name] = str(value).lower() if name in ("log_level", "log_format") else value
+                lowered = name in ("log_level", "log_format", "scheduler")
+                typed[name] = str(value).lower() if lowered else value
         if typed.get("log_level", "info") not in ("debug", "info", "warning", "error"):
             raise ValueError(f"setting log_level: expected debug|info|warning|error, got {typed['log_level']!r}")
+        if typed.get("scheduler", "fifo") not in ("fifo", "fair", "edf"):
+            raise ValueError(f"setting scheduler: expected fifo|fair|edf, got {typed['scheduler']!r}")
         if typed.get("log_format", "plain") not in ("plain", "json"):
             raise ValueError(f"setting log_format: expected plain|json, got {typed['log_format']!r}")
         return cls(**typed)

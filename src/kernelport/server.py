@@ -54,7 +54,12 @@ class Server:
         self.config = config
         self.registry = CollectorRegistry(auto_describe=True)
         self.manager = ModelManager(
-            ManagerSettings(config.model_repository, config.default_max_batch_size),
+            ManagerSettings(
+                config.model_repository,
+                config.default_max_batch_size,
+                config.scheduler,
+                config.device_slots,
+            ),
             BackendRegistry(),
         )
         self.dataplane = DataPlane(self.manager, __version__)

@@ -54,8 +54,6 @@ CASES = [
      "dimension 1: got 15, expected 16"),
     ("element count", "simple", [_simple_input(data=[1, 2]), _simple_input("INPUT1")], 400,
      "needs 16 elements, got 2"),
-    ("batch too large", "simple", [_simple_input(shape=[9, 16]), _simple_input("INPUT1", [9, 16])],
-     400, "exceeds max_batch_size 8"),
     ("batch mismatch", "simple", [_simple_input(shape=[2, 16]), _simple_input("INPUT1")], 400,
      "batch size 1 differs"),
     ("bad datatype", "simple", [_simple_input(datatype="FLOAT"), _simple_input("INPUT1")], 400,

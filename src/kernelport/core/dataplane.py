@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import numpy as np
 
+from kernelport.backends.base import Arrays
+from kernelport.core.execution import Timings
 from kernelport.core.manager import ModelManager, ModelVersion
 from kernelport.core.model_config import ModelConfig
 from kernelport.core.validation import requested_outputs, validate_inputs
@@ -119,7 +122,10 @@ class DataPlane:
         try:
             inputs, rows = validate_inputs(config, request)
             names = requested_outputs(config, request)
-            arrays, timings = await model.scheduler.submit(inputs, rows, request.parameters)
+            if config.batching and rows > config.max_batch_size:
+                arrays, timings = await self._split(model, inputs, rows, request.parameters)
+            else:
+                arrays, timings = await model.queue.submit(inputs, rows, request.parameters)
             outputs = [self._output(config, name, arrays) for name in names]
         except BaseException:
             model.stats.record_failure(time.perf_counter_ns() - started)
@@ -139,6 +145,26 @@ class DataPlane:
             outputs,
             queue_ns=timings.queue_ns,
             compute_ns=timings.infer_ns,
+        )
+
+    @staticmethod
+    async def _split(
+        model: ModelVersion, inputs: Arrays, rows: int, parameters: dict[str, Any]
+    ) -> tuple[Arrays, Timings]:
+        """Run a request larger than max_batch_size as pieces, and join the pieces back."""
+        step = model.config.max_batch_size
+        pieces = [
+            {name: array[start : start + step] for name, array in inputs.items()}
+            for start in range(0, rows, step)
+        ]
+        results = await asyncio.gather(
+            *(model.queue.submit(p, min(step, rows - i * step), parameters) for i, p in enumerate(pieces))
+        )
+        joined = {name: np.concatenate([r[0][name] for r in results]) for name in results[0][0]}
+        t = [r[1] for r in results]
+        return joined, Timings(
+            max(x.queue_ns for x in t), sum(x.input_ns for x in t), sum(x.infer_ns for x in t),
+            sum(x.output_ns for x in t), rows,
         )
 
     @staticmethod

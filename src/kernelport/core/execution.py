@@ -7,10 +7,10 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+import numpy as np
 
 from kernelport.backends.base import Arrays, ModelInstance
-from kernelport.core.stats import ModelStats
+from kernelport.core.model_config import ModelConfig
 from kernelport.errors import ErrorCode, ServerError
 
 
@@ -25,6 +25,16 @@ class Timings:
     batch_size: int
 
 
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """Each caller's outputs (views into the batch's) and where the batch's time went."""
+
+    outputs: list[Arrays]
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+
+
 class Worker:
     """One model instance and the single thread that runs it."""
 
@@ -33,13 +43,22 @@ class Worker:
         self.name = name
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
-    async def execute(self, inputs: Arrays, model_name: str) -> tuple[Arrays, int]:
-        """Run on the instance's thread; returns outputs and execution nanoseconds."""
+    async def run_batch(
+        self, parts: list[Arrays], counts: list[int], config: ModelConfig
+    ) -> BatchResult:
+        """Concatenate, execute and split on the instance's thread (never the event loop)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._timed, inputs, model_name)
+        return await loop.run_in_executor(self._thread, self._run, parts, counts, config)
 
-    def _timed(self, inputs: Arrays, model_name: str) -> tuple[Arrays, int]:
-        start = time.perf_counter_ns()
+    def _run(self, parts: list[Arrays], counts: list[int], config: ModelConfig) -> BatchResult:
+        t0 = time.perf_counter_ns()
+        if len(parts) == 1:
+            inputs = parts[0]
+        elif config.batching:
+            inputs = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        else:
+            raise AssertionError("only batching models run several requests at once")
+        t1 = time.perf_counter_ns()
         try:
             outputs = self.instance.execute(inputs)
         except ServerError:
@@ -47,9 +66,14 @@ class Worker:
         except Exception as exc:
             # User and framework errors reach the client with the model's name, never a crash.
             raise ServerError(
-                ErrorCode.INTERNAL, f"model '{model_name}' failed: {type(exc).__name__}: {exc}"
+                ErrorCode.INTERNAL, f"model '{config.name}' failed: {type(exc).__name__}: {exc}"
             ) from exc
-        return outputs, time.perf_counter_ns() - start
+        t2 = time.perf_counter_ns()
+        if config.batching:
+            split = split_rows(outputs, counts, config.name)
+        else:
+            split = [outputs]
+        return BatchResult(split, t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
@@ -57,36 +81,21 @@ class Worker:
 
 
 class WorkerPool:
-    """Idle workers handed out first come, first served."""
+    """A model version's workers; the model queue hands out idle ones."""
 
     def __init__(self, workers: list[Worker]) -> None:
         self.workers = workers
         self._idle: deque[Worker] = deque(workers)
-        self._waiters: deque[asyncio.Future[Worker]] = deque()
 
     @property
     def idle_count(self) -> int:
         return len(self._idle)
 
-    async def acquire(self) -> Worker:
-        if self._idle:
-            return self._idle.popleft()
-        waiter: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            # Handed a worker just as we were cancelled: pass it on rather than lose it.
-            if waiter.done() and not waiter.cancelled():
-                self.release(waiter.result())
-            raise
+    def take_idle(self) -> Worker:
+        """An idle worker; callers check ``idle_count`` first."""
+        return self._idle.popleft()
 
     def release(self, worker: Worker) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(worker)
-                return
         self._idle.append(worker)
 
     def close(self) -> None:
@@ -94,27 +103,20 @@ class WorkerPool:
             worker.close()
 
 
-class DirectScheduler:
-    """No batching: each request runs alone on the next idle instance."""
-
-    def __init__(self, pool: WorkerPool, model_name: str, stats: ModelStats) -> None:
-        self._pool = pool
-        self._model_name = model_name
-        self._stats = stats
-
-    async def submit(self, inputs: Arrays, rows: int, options: Any = None) -> tuple[Arrays, Timings]:
-        queued = time.perf_counter_ns()
-        worker = await self._pool.acquire()
-        started = time.perf_counter_ns()
-        try:
-            outputs, infer_ns = await worker.execute(inputs, self._model_name)
-        finally:
-            self._pool.release(worker)
-        # The thread hop before and after execution counts as input and output handling.
-        overhead = max(time.perf_counter_ns() - started - infer_ns, 0)
-        timings = Timings(started - queued, overhead // 2, infer_ns, overhead - overhead // 2, rows)
-        self._stats.record_execution(rows, timings.input_ns, infer_ns, timings.output_ns)
-        return outputs, timings
-
-    async def close(self) -> None:
-        """Nothing is queued here beyond callers already awaiting an instance."""
+def split_rows(outputs: Arrays, counts: list[int], model: str) -> list[Arrays]:
+    """Views of each caller's rows; a wrong first dimension fails the whole batch clearly."""
+    total = sum(counts)
+    for name, array in outputs.items():
+        if array.ndim == 0 or array.shape[0] != total:
+            got = "a scalar" if array.ndim == 0 else f"{array.shape[0]} rows"
+            raise ServerError(
+                ErrorCode.INTERNAL,
+                f"model '{model}' returned output '{name}' with {got} for a batch of {total}",
+            )
+    if len(counts) == 1:
+        return [outputs]
+    bounds = np.cumsum([0, *counts])
+    return [
+        {name: array[bounds[i] : bounds[i + 1]] for name, array in outputs.items()}
+        for i in range(len(counts))
+    ]

@@ -6,15 +6,16 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from kernelport.backends.base import Arrays, Backend, LoadContext
-from kernelport.core.execution import DirectScheduler, Timings, Worker, WorkerPool
+from kernelport.backends.base import Backend, LoadContext
+from kernelport.core.batcher import ModelQueue
+from kernelport.core.execution import Worker, WorkerPool
 from kernelport.core.model_config import ModelConfig, parse_model_config
 from kernelport.core.repository import ModelSource, read_config, scan
+from kernelport.core.scheduler import DeviceScheduler, Discipline
 from kernelport.core.stats import ModelStats
 from kernelport.errors import ErrorCode, ServerError, invalid, not_found, unavailable
 from kernelport.types import RepositoryEntry
@@ -35,14 +36,6 @@ class BackendResolver(Protocol):
     def infer(self, model_path: Path) -> str | None: ...
 
 
-class Scheduler(Protocol):
-    async def submit(self, inputs: Arrays, rows: int, options: Any = None) -> tuple[Arrays, Timings]:
-        ...
-
-    async def close(self) -> None:
-        ...
-
-
 @dataclass(slots=True)
 class ModelVersion:
     """One loaded version: its config, the workers that run it and its statistics."""
@@ -50,12 +43,13 @@ class ModelVersion:
     config: ModelConfig
     version: int
     pool: WorkerPool
-    scheduler: Scheduler
+    queue: ModelQueue
     stats: ModelStats = field(default_factory=ModelStats)
     load_seconds: float = 0.0
 
     async def close(self) -> None:
-        await self.scheduler.close()
+        """Finish what is queued and running, then release the instances."""
+        await self.queue.close()
         await asyncio.to_thread(self.pool.close)
 
 
@@ -74,13 +68,8 @@ class ModelEntry:
 class ManagerSettings:
     repositories: tuple[Path, ...]
     default_max_batch_size: int = 4
-
-
-SchedulerFactory = Callable[[ModelConfig, WorkerPool, ModelStats], Scheduler]
-
-
-def direct_scheduler(config: ModelConfig, pool: WorkerPool, stats: ModelStats) -> Scheduler:
-    return DirectScheduler(pool, config.name, stats)
+    scheduler: Discipline = "fifo"
+    device_slots: int = 0  # batches running at once per device; 0 = unlimited
 
 
 class ModelManager:
@@ -90,11 +79,10 @@ class ModelManager:
         self,
         settings: ManagerSettings,
         backends: BackendResolver,
-        scheduler_factory: SchedulerFactory = direct_scheduler,
     ) -> None:
         self._settings = settings
         self._backends = backends
-        self._scheduler_factory = scheduler_factory
+        self._devices: dict[str, DeviceScheduler] = {}
         self._models: dict[str, ModelEntry] = {}
         self._sources: dict[str, ModelSource] = {}
 
@@ -262,5 +250,14 @@ class ModelManager:
             raise ServerError(ErrorCode.INVALID_ARGUMENT, f"model '{config.name}' has no instances")
         pool = WorkerPool(workers)
         stats = ModelStats()
-        scheduler = self._scheduler_factory(config, pool, stats)
-        return ModelVersion(config, version, pool, scheduler, stats)
+        queue = ModelQueue(config, pool, stats, self.device(config.instance_group[0].device), config.weight)
+        return ModelVersion(config, version, pool, queue, stats)
+
+    def device(self, name: str) -> DeviceScheduler:
+        """The scheduler arbitrating device ``name`` among the models placed on it."""
+        if name not in self._devices:
+            slots = self._settings.device_slots
+            if slots == 0 and self._settings.scheduler != "fifo":
+                slots = 1  # sharing by discipline needs contention to arbitrate
+            self._devices[name] = DeviceScheduler(name, self._settings.scheduler, slots)
+        return self._devices[name]

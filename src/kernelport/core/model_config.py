@@ -102,6 +102,7 @@ class ModelConfig(_Strict):
     dynamic_batching: DynamicBatching | None = None
     version_policy: VersionPolicy = VersionPolicy()
     default_model_filename: str = ""
+    weight: float = Field(default=1.0, gt=0)  # share of device time under the fair scheduler
     parameters: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")

@@ -67,10 +67,6 @@ def validate_inputs(config: ModelConfig, request: InferRequest) -> tuple[Arrays,
     rows = batch if batch is not None else 1
     if config.batching and rows < 1:
         raise invalid(f"model '{model}': batch size must be at least 1, got {rows}")
-    if config.batching and rows > config.max_batch_size:
-        raise invalid(
-            f"model '{model}': batch size {rows} exceeds max_batch_size {config.max_batch_size}"
-        )
     return arrays, rows
 
 

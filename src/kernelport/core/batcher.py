@@ -1,0 +1,358 @@
+"""ModelQueue: the per-model dynamic batcher, queue policy and backpressure.
+
+Requests wait in FIFO groups keyed by priority level and non-batch shape, so only requests
+whose non-batch dimensions match share a batch. A batch is cut when it is full, when a
+preferred size is reachable, or when the oldest request has waited ``max_queue_delay`` —
+all driven by futures and one timer, never by polling. Cutting also needs an idle instance
+and a slot from the device scheduler; while those are busy, requests accumulate, which is
+what turns concurrency into batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from kernelport.backends.base import Arrays
+from kernelport.core.execution import Timings, Worker, WorkerPool
+from kernelport.core.model_config import ModelConfig
+from kernelport.core.scheduler import CostModel, DeviceScheduler
+from kernelport.core.stats import ModelStats
+from kernelport.errors import ErrorCode, ServerError
+
+GroupKey = tuple[int, tuple[tuple[str, tuple[int, ...]], ...]]  # (priority level, shapes)
+
+
+@dataclass(eq=False, slots=True)
+class Pending:
+    """One queued request and the future its caller awaits."""
+
+    inputs: Arrays
+    rows: int
+    key: GroupKey
+    seq: int
+    enqueued_ns: int
+    deadline_ns: float  # monotonic ns by which it must start executing; inf = none
+    future: asyncio.Future[tuple[Arrays, Timings]]
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(slots=True)
+class _Batch:
+    requests: list[Pending]
+    rows: int
+    started_ns: int = field(default_factory=time.perf_counter_ns)
+
+
+def _shape_key(inputs: Arrays, batching: bool) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    skip = 1 if batching else 0
+    return tuple(sorted((name, tuple(a.shape[skip:])) for name, a in inputs.items()))
+
+
+class ModelQueue:
+    """Queues, batches and runs one model version's requests on its workers."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        pool: WorkerPool,
+        stats: ModelStats,
+        device: DeviceScheduler,
+        weight: float = 1.0,
+    ) -> None:
+        self.config = config
+        self.weight = weight
+        self.cost = CostModel()
+        self._pool = pool
+        self._stats = stats
+        self._device = device
+        policy = config.dynamic_batching
+        self._batching = policy is not None
+        self._max_rows = config.max_batch_size if policy is not None else 0
+        self._delay_ns = (policy.max_queue_delay_us * 1000) if policy is not None else 0
+        self._preferred = sorted(policy.preferred_batch_sizes) if policy is not None else []
+        self._max_queue = policy.max_queue_size if policy is not None else 0
+        self._default_timeout_ns = (policy.default_timeout_us * 1000) if policy is not None else 0
+        self._levels = policy.priority_levels if policy is not None else 0
+        self._default_level = (policy.default_priority_level or self._levels) if policy else 0
+        self._ordered = bool(policy and policy.preserve_ordering)
+        self._groups: dict[GroupKey, deque[Pending]] = {}
+        self._queued = 0
+        self._seq = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiting_for_slot = False
+        self._closed = False
+        self._running: set[asyncio.Task[None]] = set()
+        # preserve_ordering: results are released strictly in arrival order
+        self._release_order: deque[Pending] = deque()
+        self._finished: dict[Pending, tuple[tuple[Arrays, Timings] | None, Exception | None]] = {}
+
+    # --- public ------------------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    async def submit(
+        self, inputs: Arrays, rows: int, parameters: dict[str, Any] | None = None
+    ) -> tuple[Arrays, Timings]:
+        """Queue a request (``rows`` <= max_batch_size) and wait for its own output rows."""
+        if self._closed:
+            raise ServerError(ErrorCode.UNAVAILABLE, f"model '{self.config.name}' is unloading")
+        if self._max_queue and self._queued >= self._max_queue:
+            raise ServerError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"model '{self.config.name}' queue is full "
+                f"({self._queued} requests, max_queue_size {self._max_queue})",
+            )
+        params = parameters or {}
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter_ns()
+        timeout_ns = _int_param(params, "timeout") * 1000 or self._default_timeout_ns
+        level = 0
+        if self._levels:
+            asked = _int_param(params, "priority")
+            level = asked if 1 <= asked <= self._levels else self._default_level
+        pending = Pending(
+            inputs,
+            rows,
+            (level, _shape_key(inputs, self._batching)),
+            next(self._seq),
+            now,
+            now + timeout_ns if timeout_ns else math.inf,
+            loop.create_future(),
+        )
+        if timeout_ns:
+            pending.timer = loop.call_at(
+                loop.time() + timeout_ns / 1e9, self._expire, pending
+            )
+        self._groups.setdefault(pending.key, deque()).append(pending)
+        self._queued += 1
+        if self._ordered:
+            self._release_order.append(pending)
+        self._dispatch()
+        return await pending.future
+
+    async def close(self) -> None:
+        """Stop taking requests; let queued and running ones finish."""
+        self._closed = True
+        while self._queued or self._running:
+            if self._running:
+                await asyncio.gather(*list(self._running), return_exceptions=True)
+            else:
+                await asyncio.sleep(0.001)  # queued work is waiting for a slot or timer
+        if self._timer is not None:
+            self._timer.cancel()
+        self._device.forget(self)
+
+    # --- SlotClient --------------------------------------------------------------------
+
+    def granted(self) -> None:
+        self._waiting_for_slot = False
+        if not self._start_batch():
+            self._device.release(self, 0)
+        self._dispatch()
+
+    def earliest_deadline(self) -> float:
+        return min(
+            (q[0].deadline_ns for q in self._groups.values() if q), default=math.inf
+        )
+
+    # --- batching ----------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Start as many batches as instances, slots and the batching policy allow."""
+        while self._queued and not self._waiting_for_slot and self._pool.idle_count:
+            wait_ns = self._wait_ns()
+            if wait_ns > 0:
+                self._arm_timer(wait_ns)
+                return
+            if not self._device.acquire(self):
+                self._waiting_for_slot = True
+                return
+            if not self._start_batch():
+                self._device.release(self, 0)
+
+    def _head(self) -> deque[Pending] | None:
+        best: deque[Pending] | None = None
+        for group in self._groups.values():
+            while group and group[0].future.done():  # cancelled by a departed client
+                self._drop(group.popleft())
+            if group and (best is None or (group[0].key[0], group[0].seq) < (best[0].key[0], best[0].seq)):
+                best = group
+        return best
+
+    def _wait_ns(self) -> int:
+        """0 to cut a batch now, else how long to wait for it to grow."""
+        head = self._head()
+        if head is None or not self._batching or self._delay_ns == 0:
+            return 0
+        rows = sum(p.rows for p in head)
+        if rows >= self._max_rows or any(p == rows for p in self._preferred):
+            return 0
+        waited = time.perf_counter_ns() - head[0].enqueued_ns
+        if waited >= self._delay_ns:
+            return 0
+        if self._preferred and rows >= self._preferred[0] and self._pool.idle_count:
+            return 0  # a preferred size can be formed now
+        return self._delay_ns - waited
+
+    def _arm_timer(self, wait_ns: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(wait_ns / 1e9, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _take(self) -> _Batch | None:
+        head = self._head()
+        if head is None:
+            return None
+        key = head[0].key
+        limit = self._max_rows if self._batching else head[0].rows
+        available = sum(p.rows for p in head)
+        if self._preferred and available < limit:
+            fits = [p for p in self._preferred if p <= available]
+            limit = fits[-1] if fits else limit
+        limit = max(limit, head[0].rows)  # the oldest request always fits: progress guaranteed
+        taken: list[Pending] = []
+        rows = 0
+        now = time.perf_counter_ns()
+        estimate = self.cost.estimate(min(available, limit)) if self._device.discipline == "edf" else 0
+        while head and rows + head[0].rows <= limit:
+            pending = head.popleft()
+            if pending.future.done():
+                self._drop(pending)
+                continue
+            if pending.deadline_ns < now + estimate:
+                # edf: it cannot finish in time; shed it rather than waste the device.
+                self._fail(pending, ErrorCode.DEADLINE_EXCEEDED, "cannot meet its deadline")
+                continue
+            self._dequeue(pending)
+            taken.append(pending)
+            rows += pending.rows
+            if not self._batching:
+                break
+        if not head:
+            del self._groups[key]
+        return _Batch(taken, rows) if taken else None
+
+    def _start_batch(self) -> bool:
+        if not self._pool.idle_count:
+            return False
+        batch = self._take()
+        if batch is None:
+            return False
+        worker = self._pool.take_idle()
+        task = asyncio.create_task(self._run(batch, worker))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return True
+
+    async def _run(self, batch: _Batch, worker: Worker) -> None:
+        started = time.perf_counter_ns()
+        busy = 0
+        try:
+            parts = [p.inputs for p in batch.requests]
+            counts = [p.rows for p in batch.requests]
+            result = await worker.run_batch(parts, counts, self.config)
+            busy = result.infer_ns
+            self.cost.observe(batch.rows, result.infer_ns)
+            self._stats.record_execution(batch.rows, result.input_ns, result.infer_ns, result.output_ns)
+            for pending, outputs in zip(batch.requests, result.outputs, strict=True):
+                timings = Timings(
+                    started - pending.enqueued_ns,
+                    result.input_ns,
+                    result.infer_ns,
+                    result.output_ns,
+                    batch.rows,
+                )
+                self._resolve(pending, (outputs, timings), None)
+        except Exception as exc:
+            error = exc if isinstance(exc, ServerError) else ServerError(
+                ErrorCode.INTERNAL, f"model '{self.config.name}' failed: {exc}"
+            )
+            for pending in batch.requests:
+                self._resolve(pending, None, error)
+        finally:
+            self._pool.release(worker)
+            again = bool(self._queued) and not self._waiting_for_slot and self._wait_ns() == 0
+            self._waiting_for_slot = again
+            self._device.release(self, busy or (time.perf_counter_ns() - started), requeue=again)
+            self._dispatch()
+
+    # --- request bookkeeping -----------------------------------------------------------
+
+    def _dequeue(self, pending: Pending) -> None:
+        self._queued -= 1
+        if pending.timer is not None:
+            pending.timer.cancel()
+
+    def _drop(self, pending: Pending) -> None:
+        self._dequeue(pending)
+        self._resolve(pending, None, None)
+
+    def _expire(self, pending: Pending) -> None:
+        group = self._groups.get(pending.key)
+        if group is None or pending not in group:
+            return  # already running
+        group.remove(pending)
+        if not group:
+            del self._groups[pending.key]
+        pending.timer = None
+        self._fail(pending, ErrorCode.DEADLINE_EXCEEDED, "timed out in the queue")
+
+    def _fail(self, pending: Pending, code: ErrorCode, why: str) -> None:
+        self._dequeue(pending)
+        self._stats.record_rejection(code.value)
+        self._resolve(
+            pending, None, ServerError(code, f"model '{self.config.name}': request {why}")
+        )
+
+    def _resolve(
+        self, pending: Pending, value: tuple[Arrays, Timings] | None, error: Exception | None
+    ) -> None:
+        if not self._ordered:
+            _settle(pending, value, error)
+            return
+        pending.inputs = {}  # free request memory while it waits for its turn
+        self._finished[pending] = (value, error)
+        while self._release_order and self._release_order[0] in self._finished:
+            head = self._release_order.popleft()
+            _settle(head, *self._finished.pop(head))
+
+
+def _settle(
+    pending: Pending, value: tuple[Arrays, Timings] | None, error: Exception | None
+) -> None:
+    if pending.future.done():
+        return
+    if error is not None:
+        pending.future.set_exception(error)
+    elif value is not None:
+        pending.future.set_result(value)
+    else:
+        pending.future.cancel()
+
+
+def _int_param(params: dict[str, Any], name: str) -> int:
+    value = params.get(name, 0)
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ServerError(ErrorCode.INVALID_ARGUMENT, f"parameter '{name}' must be an integer")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ServerError(
+            ErrorCode.INVALID_ARGUMENT, f"parameter '{name}' must be an integer, got {value!r}"
+        ) from None
+    if number < 0:
+        raise ServerError(ErrorCode.INVALID_ARGUMENT, f"parameter '{name}' must be >= 0")
+    return number

@@ -1,0 +1,325 @@
+"""Dynamic batching, queue policy and scheduling, driven by the real tritonclient."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc.aio as grpc_aio
+import tritonclient.http as httpclient
+from conftest import RunningServer, running_server
+from helpers import identity_config, write_model
+from tritonclient.utils import InferenceServerException
+
+from kernelport.config import demo_repository
+
+
+def _stats(server: RunningServer, model: str) -> dict[str, Any]:
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        return dict(client.get_inference_statistics(model)["model_stats"][0])
+    finally:
+        client.close()
+
+
+def _input(name: str, array: np.ndarray, dtype: str = "FP32") -> grpc_aio.InferInput:
+    inp = grpc_aio.InferInput(name, list(array.shape), dtype)
+    inp.set_data_from_numpy(array)
+    return inp
+
+
+@pytest.fixture(scope="module")
+def batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    repo = tmp_path_factory.mktemp("batching")
+    write_model(repo, "batched", identity_config(
+        "FP32", [4], max_batch_size=16, parameters={"delay_ms": 2},
+        dynamic_batching={"max_queue_delay_us": 2000},
+    ))
+    write_model(repo, "ragged", identity_config(
+        "FP32", [-1], max_batch_size=8, parameters={"delay_ms": 1},
+        dynamic_batching={"max_queue_delay_us": 3000},
+    ))
+    write_model(repo, "ordered", identity_config(
+        "FP32", [1], max_batch_size=4, instance_count=2,
+        parameters={"delay_ms_from": "INPUT0"},
+        dynamic_batching={"preserve_ordering": True},
+    ))
+    write_model(repo, "unordered", identity_config(
+        "FP32", [1], max_batch_size=4, instance_count=2,
+        parameters={"delay_ms_from": "INPUT0"}, dynamic_batching={},
+    ))
+    write_model(repo, "tiny_queue", identity_config(
+        "FP32", [1], max_batch_size=1, parameters={"delay_ms": 300},
+        dynamic_batching={"max_queue_size": 2},
+    ))
+    write_model(repo, "slow", identity_config(
+        "FP32", [1], max_batch_size=1, parameters={"delay_ms_from": "INPUT0"},
+        dynamic_batching={"priority_levels": 2, "default_priority_level": 2},
+    ))
+    shutil.copytree(demo_repository() / "simple", repo / "ort_simple")
+    (repo / "ort_simple" / "model.yaml").write_text(
+        "backend: onnxruntime\nmax_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 1000\n"
+    )
+    with running_server(repo, repo, wait_for="ready") as server:
+        yield server
+
+
+async def _gather(server: RunningServer, calls: list[tuple[str, list[Any], dict[str, Any]]]) -> list[Any]:
+    client = grpc_aio.InferenceServerClient(server.grpc_url)
+    try:
+        return await asyncio.gather(
+            *(client.infer(model, inputs, **kw) for model, inputs, kw in calls),
+            return_exceptions=True,
+        )
+    finally:
+        await client.close()
+
+
+async def _mixed_protocols(server: RunningServer, model: str, arrays: list[np.ndarray]) -> list[Any]:
+    """Half the requests over gRPC, half over HTTP, all in flight at once.
+
+    (Over 1,000 calls in flight on one grpc.aio client process make grpcio itself fail a few
+    with CANCELLED, even against a bare grpc.aio server, so the load is spread over both.)
+    """
+    import tritonclient.http.aio as http_aio
+
+    grpc_client = grpc_aio.InferenceServerClient(server.grpc_url)
+    http_client = http_aio.InferenceServerClient(server.http_url, conn_limit=len(arrays))
+
+    def call(i: int, array: np.ndarray) -> Any:
+        if i % 2:
+            return grpc_client.infer(model, [_input("INPUT0", array)])
+        inp = http_aio.InferInput("INPUT0", list(array.shape), "FP32")
+        inp.set_data_from_numpy(array)
+        return http_client.infer(model, [inp])
+
+    try:
+        return await asyncio.gather(
+            *(call(i, a) for i, a in enumerate(arrays)), return_exceptions=True
+        )
+    finally:
+        await grpc_client.close()
+        await http_client.close()
+
+
+def test_concurrent_requests_are_batched_without_cross_talk(batching_server: RunningServer) -> None:
+    before = _stats(batching_server, "batched")
+    n = 1200
+    rng = np.random.default_rng(0)
+    # Each request carries 1-3 rows of distinct values; every caller must get exactly its own.
+    arrays = [rng.standard_normal((int(rng.integers(1, 4)), 4)).astype(np.float32) for _ in range(n)]
+    results = asyncio.run(_mixed_protocols(batching_server, "batched", arrays))
+    for array, result in zip(arrays, results, strict=True):
+        assert not isinstance(result, Exception), repr(result)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), array)
+    after = _stats(batching_server, "batched")
+    executions = int(after["execution_count"]) - int(before.get("execution_count", 0))
+    inferences = int(after["inference_count"]) - int(before.get("inference_count", 0))
+    assert inferences == sum(len(a) for a in arrays)
+    assert executions < n / 3, f"{executions} executions for {n} requests"
+    sizes = {int(b["batch_size"]) for b in after["batch_stats"]}
+    assert max(sizes) > 8 and max(sizes) <= 16, sizes
+
+
+def test_onnxruntime_model_batches_with_real_clients(batching_server: RunningServer) -> None:
+    n = 400
+    arrays = [np.full((1, 16), i, np.int32) for i in range(n)]
+    calls = [("ort_simple", [_input("INPUT0", a, "INT32"), _input("INPUT1", a, "INT32")], {})
+             for a in arrays]
+    results = asyncio.run(_gather(batching_server, calls))
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.full((1, 16), 2 * i))
+    stats = _stats(batching_server, "ort_simple")
+    assert int(stats["execution_count"]) < n
+
+
+def test_mixed_shapes_never_share_a_batch(batching_server: RunningServer) -> None:
+    lengths = [3, 5, 7] * 60
+    arrays = [np.full((1, k), k * 10 + i % 7, np.float32) for i, k in enumerate(lengths)]
+    results = asyncio.run(_gather(
+        batching_server, [("ragged", [_input("INPUT0", a)], {}) for a in arrays]
+    ))
+    for array, result in zip(arrays, results, strict=True):
+        assert not isinstance(result, Exception), repr(result)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), array)
+    stats = _stats(batching_server, "ragged")
+    assert int(stats["execution_count"]) < len(arrays)  # batching happened within each shape
+
+
+def test_oversize_request_is_split_and_rejoined(batching_server: RunningServer) -> None:
+    before = _stats(batching_server, "batched")
+    big = np.arange(37 * 4, dtype=np.float32).reshape(37, 4)
+    (result,) = asyncio.run(_gather(batching_server, [("batched", [_input("INPUT0", big)], {})]))
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), big)
+    after = _stats(batching_server, "batched")
+    assert int(after["execution_count"]) - int(before["execution_count"]) >= 3  # 16 + 16 + 5
+
+
+def _delays(values: list[float]) -> list[np.ndarray]:
+    return [np.array([[v]], np.float32) for v in values]
+
+
+async def _completion_order(server: RunningServer, model: str, delays: list[float]) -> list[int]:
+    client = grpc_aio.InferenceServerClient(server.grpc_url)
+    order: list[int] = []
+
+    async def one(i: int, array: np.ndarray) -> None:
+        await client.infer(model, [_input("INPUT0", array)])
+        order.append(i)
+
+    try:
+        tasks = []
+        for i, array in enumerate(_delays(delays)):
+            tasks.append(asyncio.create_task(one(i, array)))
+            await asyncio.sleep(0.02)  # a distinct arrival order
+        await asyncio.gather(*tasks)
+    finally:
+        await client.close()
+    return order
+
+
+def test_preserve_ordering(batching_server: RunningServer) -> None:
+    # Request 0 takes 300 ms on one instance; request 1 takes 0 ms on the other.
+    assert asyncio.run(_completion_order(batching_server, "unordered", [300, 0])) == [1, 0]
+    assert asyncio.run(_completion_order(batching_server, "ordered", [300, 0])) == [0, 1]
+
+
+def test_full_queue_rejects_while_other_models_serve(batching_server: RunningServer) -> None:
+    async def scenario() -> tuple[list[Any], float]:
+        client = grpc_aio.InferenceServerClient(batching_server.grpc_url)
+        try:
+            flood = [asyncio.create_task(client.infer("tiny_queue", [_input("INPUT0", a)]))
+                     for a in _delays([0] * 8)]
+            await asyncio.sleep(0.1)
+            started = time.perf_counter()
+            other = await client.infer("batched", [_input("INPUT0", np.ones((1, 4), np.float32))])
+            elapsed = time.perf_counter() - started
+            assert other.as_numpy("OUTPUT0").shape == (1, 4)
+            return await asyncio.gather(*flood, return_exceptions=True), elapsed
+        finally:
+            await client.close()
+
+    results, other_latency = asyncio.run(scenario())
+    rejected = [r for r in results if isinstance(r, InferenceServerException)]
+    assert len(rejected) >= 4
+    assert all("RESOURCE_EXHAUSTED" in str(r.status()) for r in rejected)
+    assert all("queue is full" in r.message() for r in rejected)
+    assert other_latency < 0.25  # the other model never waited behind the full queue
+    # Over HTTP the same overflow is a 503.
+    http = httpclient.InferenceServerClient(batching_server.http_url, concurrency=8)
+    inp = httpclient.InferInput("INPUT0", [1, 1], "FP32")
+    inp.set_data_from_numpy(np.zeros((1, 1), np.float32))
+    futures = [http.async_infer("tiny_queue", [inp]) for _ in range(6)]
+    statuses = []
+    for f in futures:
+        try:
+            f.get_result()
+            statuses.append("200")
+        except InferenceServerException as exc:
+            statuses.append(str(exc.status()))
+    http.close()
+    assert "503" in statuses and "200" in statuses
+
+
+def test_timeout_drops_work_before_it_runs(batching_server: RunningServer) -> None:
+    before = _stats(batching_server, "slow")
+
+    async def scenario() -> list[Any]:
+        client = grpc_aio.InferenceServerClient(batching_server.grpc_url)
+        try:
+            blocker = asyncio.create_task(client.infer("slow", [_input("INPUT0", _delays([400])[0])]))
+            await asyncio.sleep(0.1)
+            # timeout is in microseconds, as Triton's `timeout` parameter
+            late = asyncio.create_task(client.infer(
+                "slow", [_input("INPUT0", _delays([1])[0])], timeout=50_000))
+            return await asyncio.gather(blocker, late, return_exceptions=True)
+        finally:
+            await client.close()
+
+    blocker, late = asyncio.run(scenario())
+    assert not isinstance(blocker, Exception)
+    assert isinstance(late, InferenceServerException)
+    assert "DEADLINE_EXCEEDED" in str(late.status()) and "timed out" in late.message()
+    after = _stats(batching_server, "slow")
+    assert int(after["execution_count"]) - int(before["execution_count"]) == 1  # never executed
+
+
+def test_priority_jumps_the_queue(batching_server: RunningServer) -> None:
+    async def scenario() -> list[str]:
+        client = grpc_aio.InferenceServerClient(batching_server.grpc_url)
+        order: list[str] = []
+
+        async def one(tag: str, delay: float, priority: int) -> None:
+            await client.infer("slow", [_input("INPUT0", _delays([delay])[0])], priority=priority)
+            order.append(tag)
+
+        try:
+            tasks = [asyncio.create_task(one("blocker", 200, 0))]
+            await asyncio.sleep(0.05)
+            tasks += [asyncio.create_task(one(f"low{i}", 10, 2)) for i in range(3)]
+            await asyncio.sleep(0.05)
+            tasks.append(asyncio.create_task(one("high", 10, 1)))
+            await asyncio.gather(*tasks)
+        finally:
+            await client.close()
+        return order
+
+    order = asyncio.run(scenario())
+    assert order[:2] == ["blocker", "high"], order
+
+
+def test_cancelled_request_is_dropped_before_execution(batching_server: RunningServer) -> None:
+    before = _stats(batching_server, "slow")
+
+    async def scenario() -> Any:
+        client = grpc_aio.InferenceServerClient(batching_server.grpc_url)
+        try:
+            blocker = asyncio.create_task(client.infer("slow", [_input("INPUT0", _delays([300])[0])]))
+            await asyncio.sleep(0.05)
+            gone = client.infer("slow", [_input("INPUT0", _delays([1])[0])], client_timeout=0.1)
+            with pytest.raises(InferenceServerException, match="Deadline"):
+                await gone
+            return await blocker
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
+    after = _stats(batching_server, "slow")
+    assert int(after["execution_count"]) - int(before["execution_count"]) == 1
+
+
+def test_fair_scheduler_shares_device_time_by_weight(tmp_path: Path) -> None:
+    repo = tmp_path / "fair"
+    for name, weight in (("heavy", 3), ("light", 1)):
+        write_model(repo, name, identity_config(
+            "FP32", [1], max_batch_size=4, weight=weight, parameters={"delay_ms": 4},
+            dynamic_batching={},
+        ))
+
+    async def saturate(server: RunningServer, seconds: float) -> None:
+        client = grpc_aio.InferenceServerClient(server.grpc_url)
+        stop = time.monotonic() + seconds
+
+        async def loop(model: str) -> None:
+            while time.monotonic() < stop:
+                await client.infer(model, [_input("INPUT0", np.ones((1, 1), np.float32))])
+
+        try:
+            await asyncio.gather(*(loop(m) for m in ["heavy", "light"] * 12))
+        finally:
+            await client.close()
+
+    with running_server(tmp_path, repo, "--scheduler", "fair", wait_for="ready") as server:
+        asyncio.run(saturate(server, 3.0))
+        busy = {
+            m: sum(int(b["compute_infer"]["ns"]) for b in _stats(server, m)["batch_stats"])
+            for m in ("heavy", "light")
+        }
+    ratio = busy["heavy"] / busy["light"]
+    assert 2.7 <= ratio <= 3.3, busy
