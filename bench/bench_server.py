@@ -41,7 +41,8 @@ from make_models import build_repository  # bench/ is sys.path[0] when run as a 
 ROOT = Path(__file__).resolve().parent.parent
 PERF_ANALYZER = ROOT / "scripts" / "perf_analyzer"
 OUT_DIR = ROOT / "bench" / "out"
-MODEL, WIDTH = "mlp", 512
+MODEL = "mlp"
+PRESETS = {"mlp": (512, 3), "wide": (2048, 3)}  # (width, layers): tiny vs compute-bound
 
 
 def pinned(cmd: list[str], cpus: str) -> list[str]:
@@ -59,9 +60,11 @@ def parse_cpus(spec: str) -> set[int]:
 
 
 # ---------------------------------------------------------------------------- bare runtime
-def time_calls(sess: ort.InferenceSession, batch: int, seconds: float) -> dict[str, float]:
+def time_calls(
+    sess: ort.InferenceSession, batch: int, seconds: float, width: int
+) -> dict[str, float]:
     """Back-to-back sess.run on one thread for `seconds`: rows/s and per-call latency."""
-    feeds = {"INPUT0": np.random.default_rng(0).standard_normal((batch, WIDTH), np.float32)}
+    feeds = {"INPUT0": np.random.default_rng(0).standard_normal((batch, width), np.float32)}
     for _ in range(20):
         sess.run(None, feeds)
     lats: list[float] = []
@@ -94,7 +97,7 @@ def bench_bare(model: Path, args: argparse.Namespace) -> list[dict[str, float]]:
         sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
         results = []
         for b in args.bare_batches:
-            runs = [time_calls(sess, b, args.bare_seconds) for _ in range(args.bare_repeats)]
+            runs = [time_calls(sess, b, args.bare_seconds, args.width) for _ in range(args.bare_repeats)]
             runs.sort(key=lambda r: r["rows_per_s"])
             results.append(runs[len(runs) // 2])
         return results
@@ -147,10 +150,10 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 10) -> str:
 
 
 # ---------------------------------------------------------------------------- perf_analyzer
-def write_pa_input(path: Path) -> None:
+def write_pa_input(path: Path, width: int) -> None:
     """One fixed finite request: PA's default "random" bytes can be NaN/inf (invalid JSON)."""
-    x = np.round(np.random.default_rng(0).standard_normal(WIDTH), 4).astype(np.float32)
-    path.write_text(json.dumps({"data": [{"INPUT0": {"content": x.tolist(), "shape": [WIDTH]}}]}))
+    x = np.round(np.random.default_rng(0).standard_normal(width), 4).astype(np.float32)
+    path.write_text(json.dumps({"data": [{"INPUT0": {"content": x.tolist(), "shape": [width]}}]}))
 
 
 def run_perf_analyzer(
@@ -160,10 +163,13 @@ def run_perf_analyzer(
     cmd = pinned([
         str(PERF_ANALYZER), "-m", MODEL, "-i", protocol, "-u", f"127.0.0.1:{port}",
         "--concurrency-range", f"{conc}:{conc}", "-p", str(args.measurement_ms),
-        "-s", str(args.stability), "-r", str(args.max_trials), "--shape", f"INPUT0:{WIDTH}",
+        "-s", str(args.stability), "-r", str(args.max_trials), "--shape", f"INPUT0:{args.width}",
         "--input-data", str(work / "pa_input.json"), "-f", str(csv_path),
     ], args.load_cpus)  # fmt: skip
-    row: dict[str, Any] = {"protocol": protocol, "concurrency": conc, "command": shlex.join(cmd)}
+    row: dict[str, Any] = {
+        "protocol": protocol, "concurrency": conc, "batching": args.current_batching,
+        "command": shlex.join(cmd),
+    }
     for attempt in (1, 2):  # retry once on rc 2: "Failed to obtain stable measurement"
         row["attempts"] = attempt
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -187,7 +193,7 @@ def run_perf_analyzer(
 
 def bench_server(repo: Path, work: Path, log: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Start the server, run every perf_analyzer point, stop it."""
-    write_pa_input(work / "pa_input.json")
+    write_pa_input(work / "pa_input.json", args.width)
     http_port, grpc_port, metrics_port = free_ports(3)
     cmd = pinned([
         args.python, "-m", "kernelport", "serve", "--model-repository", str(repo),
@@ -227,17 +233,18 @@ def report(bare: list[dict[str, float]], runs: list[dict[str, Any]]) -> str:
         for b in bare
     ]  # fmt: skip
     if runs:
-        out += ["", md_row("protocol", "concurrency", "infer/s", "p50 ms", "p99 ms",
+        out += ["", md_row("batching", "protocol", "concurrency", "infer/s", "p50 ms", "p99 ms",
                            "vs bare b=1", f"vs bare b={best['batch']}"),
-                md_row("---", *["---:"] * 6)]  # fmt: skip
+                md_row("---", "---", *["---:"] * 6)]  # fmt: skip
     for r in runs:
         if "error" in r:
-            out.append(md_row(r["protocol"], r["concurrency"], f"FAILED {r['error']}", *[""] * 4))
+            out.append(md_row(r["batching"], r["protocol"], r["concurrency"],
+                              f"FAILED {r['error']}", *[""] * 4))  # fmt: skip
             continue
         r["ratio_vs_bare_single"] = r["infer_per_s"] / single
         r["ratio_vs_bare_best_batch"] = r["infer_per_s"] / best["rows_per_s"]
         out.append(
-            md_row(r["protocol"], r["concurrency"], f"{r['infer_per_s']:.0f}",
+            md_row(r["batching"], r["protocol"], r["concurrency"], f"{r['infer_per_s']:.0f}",
                    f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
                    f"{r['ratio_vs_bare_single']:.2f}", f"{r['ratio_vs_bare_best_batch']:.3f}")
         )  # fmt: skip
@@ -251,6 +258,11 @@ def parse_args() -> argparse.Namespace:
     add = ap.add_argument
     add("--python", default=sys.executable, help="interpreter that runs `-m kernelport serve`")
     add("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    add("--model", choices=sorted(PRESETS), default="mlp",
+        help="mlp: FP32 MLP 512x3 (tiny: server overhead dominates); wide: 2048x3 (compute-bound)")
+    add("--batching", nargs="+", choices=["off", "on"], default=["off", "on"],
+        help="serve without and/or with dynamic batching (one server run each)")
+    add("--delay-us", type=int, default=0, help="max_queue_delay_us when batching is on")
     add("--protocols", nargs="+", choices=["grpc", "http"], default=["grpc", "http"])
     add("--server-cpus", default="1", help='taskset -c list for the server ("all": no pinning)')
     add("--load-cpus", default="0", help='taskset -c list for perf_analyzer ("all": no pinning)')
@@ -263,6 +275,8 @@ def parse_args() -> argparse.Namespace:
     add("--bare-seconds", type=float, default=2.0, help="length of one bare measurement")
     add("--bare-repeats", type=int, default=3, help="bare measurements per batch (median kept)")
     args = ap.parse_args()
+    args.width, args.layers = PRESETS[args.model]
+    args.current_batching = ""
     if 1 not in args.bare_batches:
         args.bare_batches.insert(0, 1)
     return args
@@ -274,14 +288,19 @@ def main() -> None:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     if not args.bare_only and not PERF_ANALYZER.exists():
         sys.exit(f"{PERF_ANALYZER} missing; run scripts/setup_perf_analyzer.sh")
-    server: dict[str, Any] = {}
+    servers: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kp-bench-") as tmp:
-        repo = build_repository(Path(tmp) / "repo")
+        repo = build_repository(Path(tmp) / "repo", args.width, args.layers)
         print(f"bare onnxruntime {ort.__version__} on cpus {args.server_cpus} ...", flush=True)
         bare = bench_bare(repo / MODEL / "1" / "model.onnx", args)
-        if not args.bare_only:
-            server = bench_server(repo, Path(tmp), OUT_DIR / f"{stamp}.server.log", args)
-    table = report(bare, server.get("runs", []))
+        for mode in [] if args.bare_only else args.batching:
+            args.current_batching = mode
+            delay = args.delay_us if mode == "on" else None
+            repo = build_repository(Path(tmp) / f"repo-{mode}", args.width, args.layers, delay)
+            log = OUT_DIR / f"{stamp}.{mode}.server.log"
+            servers.append(bench_server(repo, Path(tmp), log, args))
+    server = {"runs": [r for s in servers for r in s["runs"]], "servers": servers}
+    table = report(bare, server["runs"])
     print(table)
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     cpu = next((ln.split(":")[1].strip() for ln in cpuinfo.splitlines() if "model name" in ln), "")

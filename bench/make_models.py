@@ -70,11 +70,24 @@ def build_mlp(path: str | Path, width: int = 512, layers: int = 3, seed: int = 0
     return path
 
 
-def build_repository(repo: str | Path) -> Path:
-    """Write the `mlp` model (version 1 + model.yaml) into the repository dir `repo`."""
-    model_dir = Path(repo) / "mlp"
-    build_mlp(model_dir / "1" / "model.onnx")
-    (model_dir / "model.yaml").write_text(MLP_MODEL_YAML)
+def build_repository(
+    repo: str | Path,
+    width: int = 512,
+    layers: int = 3,
+    batching_delay_us: int | None = None,
+    name: str = "mlp",
+) -> Path:
+    """Write the model (version 1 + model.yaml) into the repository dir `repo`.
+
+    ``batching_delay_us``: None = no dynamic batching; else dynamic batching with that
+    max_queue_delay.
+    """
+    model_dir = Path(repo) / name
+    build_mlp(model_dir / "1" / "model.onnx", width, layers)
+    text = MLP_MODEL_YAML
+    if batching_delay_us is not None:
+        text += f"dynamic_batching:\n  max_queue_delay_us: {batching_delay_us}\n"
+    (model_dir / "model.yaml").write_text(text)
     return Path(repo)
 
 
