@@ -323,3 +323,32 @@ def test_fair_scheduler_shares_device_time_by_weight(tmp_path: Path) -> None:
         }
     ratio = busy["heavy"] / busy["light"]
     assert 2.7 <= ratio <= 3.3, busy
+
+
+def test_edf_sheds_requests_that_cannot_meet_their_deadline(tmp_path: Path) -> None:
+    repo = tmp_path / "edf"
+    write_model(repo, "slow100", identity_config(
+        "FP32", [1], max_batch_size=1, parameters={"delay_ms": 100}, dynamic_batching={},
+    ))
+    with running_server(tmp_path, repo, "--scheduler", "edf", wait_for="ready") as server:
+        async def scenario() -> tuple[Any, Any]:
+            client = grpc_aio.InferenceServerClient(server.grpc_url)
+            try:
+                one = np.ones((1, 1), np.float32)
+                await client.infer("slow100", [_input("INPUT0", one)])  # learns the ~100 ms cost
+                hopeless = await asyncio.gather(
+                    client.infer("slow100", [_input("INPUT0", one)], timeout=30_000),
+                    return_exceptions=True,
+                )
+                feasible = await client.infer("slow100", [_input("INPUT0", one)], timeout=2_000_000)
+                return hopeless[0], feasible
+            finally:
+                await client.close()
+
+        hopeless, feasible = asyncio.run(scenario())
+        stats = _stats(server, "slow100")
+    assert isinstance(hopeless, InferenceServerException)
+    assert "DEADLINE_EXCEEDED" in str(hopeless.status())
+    assert "cannot meet its deadline" in hopeless.message()
+    assert feasible.as_numpy("OUTPUT0").shape == (1, 1)
+    assert int(stats["execution_count"]) == 2  # the hopeless request never ran

@@ -43,12 +43,12 @@ class Worker:
         self.name = name
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
-    async def run_batch(
+    def submit_batch(
         self, parts: list[Arrays], counts: list[int], config: ModelConfig
-    ) -> BatchResult:
+    ) -> asyncio.Future[BatchResult]:
         """Concatenate, execute and split on the instance's thread (never the event loop)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._run, parts, counts, config)
+        return loop.run_in_executor(self._thread, self._run, parts, counts, config)
 
     def _run(self, parts: list[Arrays], counts: list[int], config: ModelConfig) -> BatchResult:
         t0 = time.perf_counter_ns()
