@@ -97,7 +97,9 @@ def bench_bare(model: Path, args: argparse.Namespace) -> list[dict[str, float]]:
         sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
         results = []
         for b in args.bare_batches:
-            runs = [time_calls(sess, b, args.bare_seconds, args.width) for _ in range(args.bare_repeats)]
+            runs = [
+                time_calls(sess, b, args.bare_seconds, args.width) for _ in range(args.bare_repeats)
+            ]
             runs.sort(key=lambda r: r["rows_per_s"])
             results.append(runs[len(runs) // 2])
         return results
@@ -167,7 +169,9 @@ def run_perf_analyzer(
         "--input-data", str(work / "pa_input.json"), "-f", str(csv_path),
     ], args.load_cpus)  # fmt: skip
     row: dict[str, Any] = {
-        "protocol": protocol, "concurrency": conc, "batching": args.current_batching,
+        "protocol": protocol,
+        "concurrency": conc,
+        "batching": args.current_batching,
         "command": shlex.join(cmd),
     }
     for attempt in (1, 2):  # retry once on rc 2: "Failed to obtain stable measurement"
@@ -258,10 +262,19 @@ def parse_args() -> argparse.Namespace:
     add = ap.add_argument
     add("--python", default=sys.executable, help="interpreter that runs `-m kernelport serve`")
     add("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    add("--model", choices=sorted(PRESETS), default="mlp",
-        help="mlp: FP32 MLP 512x3 (tiny: server overhead dominates); wide: 2048x3 (compute-bound)")
-    add("--batching", nargs="+", choices=["off", "on"], default=["off", "on"],
-        help="serve without and/or with dynamic batching (one server run each)")
+    add(
+        "--model",
+        choices=sorted(PRESETS),
+        default="mlp",
+        help="mlp: FP32 MLP 512x3 (tiny: server overhead dominates); wide: 2048x3 (compute-bound)",
+    )
+    add(
+        "--batching",
+        nargs="+",
+        choices=["off", "on"],
+        default=["off", "on"],
+        help="serve without and/or with dynamic batching (one server run each)",
+    )
     add("--delay-us", type=int, default=0, help="max_queue_delay_us when batching is on")
     add("--protocols", nargs="+", choices=["grpc", "http"], default=["grpc", "http"])
     add("--server-cpus", default="1", help='taskset -c list for the server ("all": no pinning)')

@@ -1,6 +1,10 @@
-"""Writes the bundled demo repository (src/kernelport/demo_repository) with the onnx helper API.
+"""Writes the bundled demo repository (src/kernelport/demo_repository).
 
-Run: python scripts/make_demo_models.py   (needs the `onnx` package; output is deterministic)
+ONNX models are built with the onnx helper API, the PyTorch model with torch.export and the
+Python model is written out as source.
+
+Run: python scripts/make_demo_models.py   (needs the `onnx` and `torch` packages; weights are
+seeded, so the models compute the same thing on every run)
 """
 
 from __future__ import annotations
@@ -101,10 +105,80 @@ def mlp(width: int = 64, layers: int = 3, seed: int = 0) -> None:
     )
 
 
+def torch_mlp(width: int = 16, hidden: int = 32, classes: int = 4, seed: int = 0) -> None:
+    """FP32 MLP as a torch.export program: features [-1,width] -> {"logits": [-1,classes]}.
+
+    Its model.yaml names no inputs or outputs: the server reads them from the program.
+    """
+    import torch
+
+    class Mlp(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hidden = torch.nn.Linear(width, hidden)
+            self.out = torch.nn.Linear(hidden, classes)
+
+        def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.out(torch.relu(self.hidden(features)))}
+
+    torch.manual_seed(seed)
+    model = Mlp().eval()
+    batch = torch.export.Dim("batch", max=1024)
+    program = torch.export.export(
+        model, (torch.zeros(2, width),), dynamic_shapes={"features": {0: batch}}
+    )
+    version = ROOT / "torch_mlp" / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, version / "model.pt2")
+    (ROOT / "torch_mlp" / "model.yaml").write_text(
+        f"# FP32 MLP {width}->{hidden}->{classes} exported with torch.export; inputs and outputs\n"
+        "# (features -> logits) are read from the program's signature\n"
+        "backend: torch\nmax_batch_size: 16\n"
+    )
+
+
+PYTHON_MODEL = '''"""Demo Python model: softmax over logits, and the most likely class."""
+
+import numpy as np
+
+
+class Model:
+    def load(self, config):
+        self.temperature = float(config.parameters.get("temperature", 1.0))
+
+    def execute(self, inputs):
+        # Called with the whole batch: LOGITS is [rows, classes].
+        logits = inputs["LOGITS"].astype(np.float64) / self.temperature
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = shifted / shifted.sum(axis=1, keepdims=True)
+        return {
+            "PROBABILITIES": probs.astype(np.float32),
+            "CLASS": probs.argmax(axis=1).astype(np.int64)[:, None],
+        }
+'''
+
+
+def python_softmax(classes: int = 4) -> None:
+    """A Python-backend model (model.py): FP32 LOGITS [-1,classes] -> PROBABILITIES, CLASS."""
+    version = ROOT / "python_softmax" / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    (version / "model.py").write_text(PYTHON_MODEL)
+    (ROOT / "python_softmax" / "model.yaml").write_text(
+        "# Python backend: 1/model.py holds the model class; feed it torch_mlp's logits\n"
+        "backend: python\nmax_batch_size: 16\n"
+        f"inputs:\n  - {{name: LOGITS, datatype: FP32, dims: [{classes}]}}\n"
+        f"outputs:\n  - {{name: PROBABILITIES, datatype: FP32, dims: [{classes}]}}\n"
+        "  - {name: CLASS, datatype: INT64, dims: [1]}\n"
+        "parameters:\n  temperature: 1.0\n"
+    )
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1:
         ROOT = Path(sys.argv[1])
     simple()
     simple_string()
     mlp()
+    torch_mlp()
+    python_softmax()
     print(f"wrote demo models to {ROOT}")

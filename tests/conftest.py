@@ -75,9 +75,19 @@ def start_server(
     """Start the real CLI and poll its health endpoint (never a sleep-and-hope)."""
     ports = [free_port() for _ in range(3)]
     cmd = [
-        sys.executable, "-m", "kernelport", "serve", "--host", "127.0.0.1",
-        "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
-        "--metrics-port", str(ports[2]), *args,
+        sys.executable,
+        "-m",
+        "kernelport",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--http-port",
+        str(ports[0]),
+        "--grpc-port",
+        str(ports[1]),
+        "--metrics-port",
+        str(ports[2]),
+        *args,
     ]
     if repository is not None:
         cmd += ["--model-repository", str(repository)]
@@ -100,8 +110,9 @@ def start_server(
 
 
 @contextlib.contextmanager
-def running_server(tmp_path: Path, repository: Path | None = None, *args: str,
-                   **kwargs: object) -> Iterator[RunningServer]:
+def running_server(
+    tmp_path: Path, repository: Path | None = None, *args: str, **kwargs: object
+) -> Iterator[RunningServer]:
     server = start_server(tmp_path, repository, *args, **kwargs)  # type: ignore[arg-type]
     try:
         yield server

@@ -8,8 +8,13 @@ from typing import Any
 import yaml
 
 
-def write_model(repo: Path, name: str, config: dict[str, Any] | None = None,
-                files: dict[str, bytes] | None = None, version: int = 1) -> Path:
+def write_model(
+    repo: Path,
+    name: str,
+    config: dict[str, Any] | None = None,
+    files: dict[str, bytes] | None = None,
+    version: int = 1,
+) -> Path:
     model = repo / name
     (model / str(version)).mkdir(parents=True, exist_ok=True)
     if config is not None:
@@ -19,8 +24,9 @@ def write_model(repo: Path, name: str, config: dict[str, Any] | None = None,
     return model
 
 
-def identity_config(datatype: str, dims: list[int], max_batch_size: int = 0,
-                    **extra: Any) -> dict[str, Any]:
+def identity_config(
+    datatype: str, dims: list[int], max_batch_size: int = 0, **extra: Any
+) -> dict[str, Any]:
     return {
         "backend": "identity",
         "max_batch_size": max_batch_size,

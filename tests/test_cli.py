@@ -15,13 +15,26 @@ from kernelport.config import Config, demo_repository
 
 
 def test_help_texts() -> None:
-    out = subprocess.run([sys.executable, "-m", "kernelport", "--help"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "kernelport", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "serve" in out
-    out = subprocess.run([sys.executable, "-m", "kernelport", "serve", "--help"],
-                         capture_output=True, text=True, check=True).stdout
-    for flag in ("--model-repository", "--host", "--http-port", "--grpc-port", "--metrics-port",
-                 "--log-level", "--config", "KERNELPORT_"):
+    out = subprocess.run(
+        [sys.executable, "-m", "kernelport", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for flag in (
+        "--model-repository",
+        "--host",
+        "--http-port",
+        "--grpc-port",
+        "--metrics-port",
+        "--log-level",
+        "--config",
+        "KERNELPORT_",
+    ):
         assert flag in out
 
 
@@ -42,8 +55,11 @@ def test_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="http_port: expected an integer"):
         Config.load(None, environ={"KERNELPORT_HTTP_PORT": "eighty"})
     result = subprocess.run(
-        [sys.executable, "-m", "kernelport", "serve"], capture_output=True, text=True,
-        env={"KERNELPORT_LOG_LEVEL": "loud", "PATH": ""}, timeout=60,
+        [sys.executable, "-m", "kernelport", "serve"],
+        capture_output=True,
+        text=True,
+        env={"KERNELPORT_LOG_LEVEL": "loud", "PATH": ""},
+        timeout=60,
     )
     assert result.returncode == 2 and "log_level" in result.stderr
 
@@ -71,10 +87,23 @@ def test_port_in_use_fails_cleanly(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "kernelport", "serve", "--host", "127.0.0.1",
-             "--http-port", str(port), "--grpc-port", str(free_port()),
-             "--metrics-port", str(free_port())],
-            capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "kernelport",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--http-port",
+                str(port),
+                "--grpc-port",
+                str(free_port()),
+                "--metrics-port",
+                str(free_port()),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     assert result.returncode == 1
     assert "startup failed" in result.stderr

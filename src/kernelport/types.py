@@ -200,8 +200,7 @@ def tensor_from_buffer(
         flat = deserialize_bytes_tensor(buffer, name)
         if flat.size != count:
             raise invalid(
-                f"input '{name}': shape {list(shape)} needs {count} BYTES elements, "
-                f"got {flat.size}"
+                f"input '{name}': shape {list(shape)} needs {count} BYTES elements, got {flat.size}"
             )
         return Tensor(name, dt.name, shape, flat.reshape(shape))
     expected = count * dt.itemsize
@@ -223,4 +222,4 @@ def tensor_bytes(tensor: Tensor) -> bytes | memoryview:
     if data.dtype.byteorder == ">":
         data = data.astype(data.dtype.newbyteorder("<"))
     # A uint8 view avoids numpy dtypes (bool, bfloat16) that the buffer protocol cannot name.
-    return memoryview(data.reshape(-1).view(np.uint8))
+    return memoryview(data.reshape(-1).view(np.uint8))  # type: ignore[arg-type]

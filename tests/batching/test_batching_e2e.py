@@ -37,31 +37,74 @@ def _input(name: str, array: np.ndarray, dtype: str = "FP32") -> grpc_aio.InferI
 @pytest.fixture(scope="module")
 def batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     repo = tmp_path_factory.mktemp("batching")
-    write_model(repo, "batched", identity_config(
-        "FP32", [4], max_batch_size=16, parameters={"delay_ms": 2},
-        dynamic_batching={"max_queue_delay_us": 2000},
-    ))
-    write_model(repo, "ragged", identity_config(
-        "FP32", [-1], max_batch_size=8, parameters={"delay_ms": 1},
-        dynamic_batching={"max_queue_delay_us": 3000},
-    ))
-    write_model(repo, "ordered", identity_config(
-        "FP32", [1], max_batch_size=4, instance_count=2,
-        parameters={"delay_ms_from": "INPUT0"},
-        dynamic_batching={"preserve_ordering": True},
-    ))
-    write_model(repo, "unordered", identity_config(
-        "FP32", [1], max_batch_size=4, instance_count=2,
-        parameters={"delay_ms_from": "INPUT0"}, dynamic_batching={},
-    ))
-    write_model(repo, "tiny_queue", identity_config(
-        "FP32", [1], max_batch_size=1, parameters={"delay_ms": 300},
-        dynamic_batching={"max_queue_size": 2},
-    ))
-    write_model(repo, "slow", identity_config(
-        "FP32", [1], max_batch_size=1, parameters={"delay_ms_from": "INPUT0"},
-        dynamic_batching={"priority_levels": 2, "default_priority_level": 2},
-    ))
+    write_model(
+        repo,
+        "batched",
+        identity_config(
+            "FP32",
+            [4],
+            max_batch_size=16,
+            parameters={"delay_ms": 2},
+            dynamic_batching={"max_queue_delay_us": 2000},
+        ),
+    )
+    write_model(
+        repo,
+        "ragged",
+        identity_config(
+            "FP32",
+            [-1],
+            max_batch_size=8,
+            parameters={"delay_ms": 1},
+            dynamic_batching={"max_queue_delay_us": 3000},
+        ),
+    )
+    write_model(
+        repo,
+        "ordered",
+        identity_config(
+            "FP32",
+            [1],
+            max_batch_size=4,
+            instance_count=2,
+            parameters={"delay_ms_from": "INPUT0"},
+            dynamic_batching={"preserve_ordering": True},
+        ),
+    )
+    write_model(
+        repo,
+        "unordered",
+        identity_config(
+            "FP32",
+            [1],
+            max_batch_size=4,
+            instance_count=2,
+            parameters={"delay_ms_from": "INPUT0"},
+            dynamic_batching={},
+        ),
+    )
+    write_model(
+        repo,
+        "tiny_queue",
+        identity_config(
+            "FP32",
+            [1],
+            max_batch_size=1,
+            parameters={"delay_ms": 300},
+            dynamic_batching={"max_queue_size": 2},
+        ),
+    )
+    write_model(
+        repo,
+        "slow",
+        identity_config(
+            "FP32",
+            [1],
+            max_batch_size=1,
+            parameters={"delay_ms_from": "INPUT0"},
+            dynamic_batching={"priority_levels": 2, "default_priority_level": 2},
+        ),
+    )
     shutil.copytree(demo_repository() / "simple", repo / "ort_simple")
     (repo / "ort_simple" / "model.yaml").write_text(
         "backend: onnxruntime\nmax_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 1000\n"
@@ -70,7 +113,9 @@ def batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
         yield server
 
 
-async def _gather(server: RunningServer, calls: list[tuple[str, list[Any], dict[str, Any]]]) -> list[Any]:
+async def _gather(
+    server: RunningServer, calls: list[tuple[str, list[Any], dict[str, Any]]]
+) -> list[Any]:
     client = grpc_aio.InferenceServerClient(server.grpc_url)
     try:
         return await asyncio.gather(
@@ -81,7 +126,9 @@ async def _gather(server: RunningServer, calls: list[tuple[str, list[Any], dict[
         await client.close()
 
 
-async def _mixed_protocols(server: RunningServer, model: str, arrays: list[np.ndarray]) -> list[Any]:
+async def _mixed_protocols(
+    server: RunningServer, model: str, arrays: list[np.ndarray]
+) -> list[Any]:
     """Half the requests over gRPC, half over HTTP, all in flight at once.
 
     (Over 1,000 calls in flight on one grpc.aio client process make grpcio itself fail a few
@@ -113,7 +160,9 @@ def test_concurrent_requests_are_batched_without_cross_talk(batching_server: Run
     n = 1200
     rng = np.random.default_rng(0)
     # Each request carries 1-3 rows of distinct values; every caller must get exactly its own.
-    arrays = [rng.standard_normal((int(rng.integers(1, 4)), 4)).astype(np.float32) for _ in range(n)]
+    arrays = [
+        rng.standard_normal((int(rng.integers(1, 4)), 4)).astype(np.float32) for _ in range(n)
+    ]
     results = asyncio.run(_mixed_protocols(batching_server, "batched", arrays))
     for array, result in zip(arrays, results, strict=True):
         assert not isinstance(result, Exception), repr(result)
@@ -130,8 +179,10 @@ def test_concurrent_requests_are_batched_without_cross_talk(batching_server: Run
 def test_onnxruntime_model_batches_with_real_clients(batching_server: RunningServer) -> None:
     n = 400
     arrays = [np.full((1, 16), i, np.int32) for i in range(n)]
-    calls = [("ort_simple", [_input("INPUT0", a, "INT32"), _input("INPUT1", a, "INT32")], {})
-             for a in arrays]
+    calls = [
+        ("ort_simple", [_input("INPUT0", a, "INT32"), _input("INPUT1", a, "INT32")], {})
+        for a in arrays
+    ]
     results = asyncio.run(_gather(batching_server, calls))
     for i, result in enumerate(results):
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.full((1, 16), 2 * i))
@@ -142,9 +193,9 @@ def test_onnxruntime_model_batches_with_real_clients(batching_server: RunningSer
 def test_mixed_shapes_never_share_a_batch(batching_server: RunningServer) -> None:
     lengths = [3, 5, 7] * 60
     arrays = [np.full((1, k), k * 10 + i % 7, np.float32) for i, k in enumerate(lengths)]
-    results = asyncio.run(_gather(
-        batching_server, [("ragged", [_input("INPUT0", a)], {}) for a in arrays]
-    ))
+    results = asyncio.run(
+        _gather(batching_server, [("ragged", [_input("INPUT0", a)], {}) for a in arrays])
+    )
     for array, result in zip(arrays, results, strict=True):
         assert not isinstance(result, Exception), repr(result)
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), array)
@@ -194,8 +245,10 @@ def test_full_queue_rejects_while_other_models_serve(batching_server: RunningSer
     async def scenario() -> tuple[list[Any], float]:
         client = grpc_aio.InferenceServerClient(batching_server.grpc_url)
         try:
-            flood = [asyncio.create_task(client.infer("tiny_queue", [_input("INPUT0", a)]))
-                     for a in _delays([0] * 8)]
+            flood = [
+                asyncio.create_task(client.infer("tiny_queue", [_input("INPUT0", a)]))
+                for a in _delays([0] * 8)
+            ]
             await asyncio.sleep(0.1)
             started = time.perf_counter()
             other = await client.infer("batched", [_input("INPUT0", np.ones((1, 4), np.float32))])
@@ -233,11 +286,14 @@ def test_timeout_drops_work_before_it_runs(batching_server: RunningServer) -> No
     async def scenario() -> list[Any]:
         client = grpc_aio.InferenceServerClient(batching_server.grpc_url)
         try:
-            blocker = asyncio.create_task(client.infer("slow", [_input("INPUT0", _delays([400])[0])]))
+            blocker = asyncio.create_task(
+                client.infer("slow", [_input("INPUT0", _delays([400])[0])])
+            )
             await asyncio.sleep(0.1)
             # timeout is in microseconds, as Triton's `timeout` parameter
-            late = asyncio.create_task(client.infer(
-                "slow", [_input("INPUT0", _delays([1])[0])], timeout=50_000))
+            late = asyncio.create_task(
+                client.infer("slow", [_input("INPUT0", _delays([1])[0])], timeout=50_000)
+            )
             return await asyncio.gather(blocker, late, return_exceptions=True)
         finally:
             await client.close()
@@ -280,7 +336,9 @@ def test_cancelled_request_is_dropped_before_execution(batching_server: RunningS
     async def scenario() -> Any:
         client = grpc_aio.InferenceServerClient(batching_server.grpc_url)
         try:
-            blocker = asyncio.create_task(client.infer("slow", [_input("INPUT0", _delays([300])[0])]))
+            blocker = asyncio.create_task(
+                client.infer("slow", [_input("INPUT0", _delays([300])[0])])
+            )
             await asyncio.sleep(0.05)
             gone = client.infer("slow", [_input("INPUT0", _delays([1])[0])], client_timeout=0.1)
             with pytest.raises(InferenceServerException, match="Deadline"):
@@ -297,10 +355,18 @@ def test_cancelled_request_is_dropped_before_execution(batching_server: RunningS
 def test_fair_scheduler_shares_device_time_by_weight(tmp_path: Path) -> None:
     repo = tmp_path / "fair"
     for name, weight in (("heavy", 3), ("light", 1)):
-        write_model(repo, name, identity_config(
-            "FP32", [1], max_batch_size=4, weight=weight, parameters={"delay_ms": 4},
-            dynamic_batching={},
-        ))
+        write_model(
+            repo,
+            name,
+            identity_config(
+                "FP32",
+                [1],
+                max_batch_size=4,
+                weight=weight,
+                parameters={"delay_ms": 4},
+                dynamic_batching={},
+            ),
+        )
 
     async def saturate(server: RunningServer, seconds: float) -> None:
         client = grpc_aio.InferenceServerClient(server.grpc_url)
@@ -327,10 +393,19 @@ def test_fair_scheduler_shares_device_time_by_weight(tmp_path: Path) -> None:
 
 def test_edf_sheds_requests_that_cannot_meet_their_deadline(tmp_path: Path) -> None:
     repo = tmp_path / "edf"
-    write_model(repo, "slow100", identity_config(
-        "FP32", [1], max_batch_size=1, parameters={"delay_ms": 100}, dynamic_batching={},
-    ))
+    write_model(
+        repo,
+        "slow100",
+        identity_config(
+            "FP32",
+            [1],
+            max_batch_size=1,
+            parameters={"delay_ms": 100},
+            dynamic_batching={},
+        ),
+    )
     with running_server(tmp_path, repo, "--scheduler", "edf", wait_for="ready") as server:
+
         async def scenario() -> tuple[Any, Any]:
             client = grpc_aio.InferenceServerClient(server.grpc_url)
             try:

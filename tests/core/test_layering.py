@@ -11,9 +11,22 @@ import kernelport
 
 PACKAGE = Path(kernelport.__file__).parent
 FORBIDDEN_IN_CORE = {
-    "grpc", "uvicorn", "httptools", "starlette", "aiohttp", "prometheus_client", "onnxruntime",
-    "torch", "tensorflow", "jax", "google", "kernelport.protocols", "kernelport.server",
-    "kernelport.observability", "kernelport.backends.onnxruntime", "kernelport.backends.registry",
+    "grpc",
+    "uvicorn",
+    "httptools",
+    "starlette",
+    "aiohttp",
+    "prometheus_client",
+    "onnxruntime",
+    "torch",
+    "tensorflow",
+    "jax",
+    "google",
+    "kernelport.protocols",
+    "kernelport.server",
+    "kernelport.observability",
+    "kernelport.backends.onnxruntime",
+    "kernelport.backends.registry",
 }
 
 
@@ -38,7 +51,10 @@ def test_backends_do_not_see_wire_or_batching() -> None:
     for path in (PACKAGE / "backends").rglob("*.py"):
         for name in _imports(path):
             assert not name.startswith(("kernelport.protocols", "grpc", "uvicorn")), (path, name)
-            assert name not in ("kernelport.core.execution", "kernelport.core.manager"), (path, name)
+            assert name not in ("kernelport.core.execution", "kernelport.core.manager"), (
+                path,
+                name,
+            )
 
 
 def test_import_has_no_side_effects() -> None:

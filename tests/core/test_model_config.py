@@ -2,13 +2,20 @@ from __future__ import annotations
 
 import pytest
 
-from kernelport.core.model_config import ModelConfig, VersionPolicy, parse_model_config, triton_config
+from kernelport.core.model_config import (
+    ModelConfig,
+    VersionPolicy,
+    parse_model_config,
+    triton_config,
+)
 from kernelport.errors import ErrorCode, ServerError
 
 
 def _raw(**extra: object) -> dict[str, object]:
     return {
-        "name": "m", "backend": "identity", "max_batch_size": 8,
+        "name": "m",
+        "backend": "identity",
+        "max_batch_size": 8,
         "inputs": [{"name": "X", "datatype": "fp32", "dims": [4]}],
         "outputs": [{"name": "Y", "datatype": "TYPE_FP32", "dims": [4]}],
         **extra,
@@ -27,12 +34,18 @@ def test_parse_normalises_datatypes_and_shorthands() -> None:
     ("extra", "message"),
     [
         ({"max_batch_size": -1}, "max_batch_size: Input should be greater than or equal to 0"),
-        ({"inputs": [{"name": "X", "datatype": "FLOAT", "dims": [4]}]}, "inputs.0.datatype: unknown datatype 'FLOAT'"),
+        (
+            {"inputs": [{"name": "X", "datatype": "FLOAT", "dims": [4]}]},
+            "inputs.0.datatype: unknown datatype 'FLOAT'",
+        ),
         ({"inputs": [{"name": "X", "datatype": "FP32", "dims": [0]}]}, "inputs.0.dims"),
         ({"device": "gpu"}, "device 'gpu': expected 'cpu' or 'cuda:N'"),
         ({"dynamic_batching": {"preferred_batch_sizes": [16]}}, "exceed max_batch_size 8"),
         ({"colour": "red"}, "colour: unknown field"),
-        ({"outputs": [{"name": "Y", "datatype": "FP32", "dims": [4]}] * 2}, "duplicate output names"),
+        (
+            {"outputs": [{"name": "Y", "datatype": "FP32", "dims": [4]}] * 2},
+            "duplicate output names",
+        ),
     ],
 )
 def test_errors_name_file_and_field(extra: dict[str, object], message: str) -> None:
@@ -52,8 +65,10 @@ def test_version_policy() -> None:
 
 def test_triton_config_shape() -> None:
     config = ModelConfig.model_validate(
-        _raw(dynamic_batching={"max_queue_delay_us": 100, "preferred_batch_sizes": [4]},
-             instance_group=[{"count": 2, "device": "cuda:1"}])
+        _raw(
+            dynamic_batching={"max_queue_delay_us": 100, "preferred_batch_sizes": [4]},
+            instance_group=[{"count": 2, "device": "cuda:1"}],
+        )
     )
     out = triton_config(config)
     assert out["input"][0]["data_type"] == "TYPE_FP32"

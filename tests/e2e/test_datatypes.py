@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import ml_dtypes
@@ -33,8 +32,19 @@ SAMPLES: dict[str, np.ndarray] = {
 JSON_OK = [t for t in SAMPLES if t not in ("FP16", "BF16")]
 # ONNX element types for the same datatypes (BF16 through ORT's numpy API is not possible)
 ONNX_TYPES = {
-    "BOOL": 9, "UINT8": 2, "UINT16": 4, "UINT32": 12, "UINT64": 13, "INT8": 3, "INT16": 5,
-    "INT32": 6, "INT64": 7, "FP16": 10, "FP32": 1, "FP64": 11, "BYTES": 8,
+    "BOOL": 9,
+    "UINT8": 2,
+    "UINT16": 4,
+    "UINT32": 12,
+    "UINT64": 13,
+    "INT8": 3,
+    "INT16": 5,
+    "INT32": 6,
+    "INT64": 7,
+    "FP16": 10,
+    "FP32": 1,
+    "FP64": 11,
+    "BYTES": 8,
 }
 
 
@@ -45,7 +55,9 @@ def types_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSe
         write_model(repo, f"id_{name.lower()}", identity_config(name, [3], max_batch_size=4))
     for name, elem in ONNX_TYPES.items():
         write_model(
-            repo, f"ort_{name.lower()}", {"backend": "onnxruntime", "max_batch_size": 4},
+            repo,
+            f"ort_{name.lower()}",
+            {"backend": "onnxruntime", "max_batch_size": 4},
             files={"model.onnx": onnx_identity(elem, ["batch", 3])},
         )
     with running_server(repo, repo, wait_for="ready") as server:
@@ -98,7 +110,7 @@ def test_identity_json(types_server: RunningServer, dtype: str) -> None:
 def test_bytes_json_utf8(types_server: RunningServer) -> None:
     # JSON carries strings, so BYTES elements must be UTF-8 text there.
     client = httpclient.InferenceServerClient(types_server.http_url)
-    data = np.array([["a".encode(), "ünï".encode(), b""]], np.object_)
+    data = np.array([[b"a", "ünï".encode(), b""]], np.object_)
     inp = httpclient.InferInput("INPUT0", [1, 3], "BYTES")
     inp.set_data_from_numpy(data, binary_data=False)
     out = httpclient.InferRequestedOutput("OUTPUT0", binary_data=False)

@@ -106,7 +106,10 @@ def test_simple_add_sub(client: Any, protocol: str, binary: bool) -> None:
     result = client.infer(
         "simple",
         [make_input(protocol, "INPUT0", a, binary), make_input(protocol, "INPUT1", b, binary)],
-        outputs=[make_output(protocol, "OUTPUT0", binary), make_output(protocol, "OUTPUT1", binary)],
+        outputs=[
+            make_output(protocol, "OUTPUT0", binary),
+            make_output(protocol, "OUTPUT1", binary),
+        ],
         request_id="req-7",
     )
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
@@ -142,7 +145,10 @@ def test_simple_string(client: Any, protocol: str, binary: bool) -> None:
     result = client.infer(
         "simple_string",
         [make_input(protocol, "INPUT0", a, binary), make_input(protocol, "INPUT1", b, binary)],
-        outputs=[make_output(protocol, "OUTPUT0", binary), make_output(protocol, "OUTPUT1", binary)],
+        outputs=[
+            make_output(protocol, "OUTPUT0", binary),
+            make_output(protocol, "OUTPUT1", binary),
+        ],
     )
     sums = [int(x) for x in result.as_numpy("OUTPUT0").reshape(-1)]
     diffs = [int(x) for x in result.as_numpy("OUTPUT1").reshape(-1)]
@@ -175,7 +181,13 @@ def test_repository_index(client: Any, protocol: str) -> None:
     index = as_json(client, "get_model_repository_index")
     models = index if protocol == "http" else index["models"]
     states = {m["name"]: m.get("state") for m in models}
-    assert states == {"mlp": "READY", "simple": "READY", "simple_string": "READY"}
+    assert states == {
+        "mlp": "READY",
+        "python_softmax": "READY",
+        "simple": "READY",
+        "simple_string": "READY",
+        "torch_mlp": "READY",
+    }
 
 
 def test_http_compression(demo_server: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import urllib.error
@@ -19,8 +20,9 @@ from helpers import identity_config, write_model
 from tritonclient.utils import InferenceServerException
 
 
-def _post(server: RunningServer, path: str, body: bytes, headers: dict[str, str] | None = None
-          ) -> tuple[int, dict[str, Any]]:
+def _post(
+    server: RunningServer, path: str, body: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(f"http://{server.http_url}{path}", body, headers or {})
     try:
         with urllib.request.urlopen(request) as resp:
@@ -30,61 +32,126 @@ def _post(server: RunningServer, path: str, body: bytes, headers: dict[str, str]
 
 
 def _infer_json(server: RunningServer, model: str, inputs: list[dict[str, Any]]) -> tuple[int, str]:
-    status, body = _post(server, f"/v2/models/{model}/infer", json.dumps({"inputs": inputs}).encode())
+    status, body = _post(
+        server, f"/v2/models/{model}/infer", json.dumps({"inputs": inputs}).encode()
+    )
     return status, body.get("error", "")
 
 
-def _simple_input(name: str = "INPUT0", shape: list[int] | None = None, datatype: str = "INT32",
-                  data: Any = None) -> dict[str, Any]:
+def _simple_input(
+    name: str = "INPUT0", shape: list[int] | None = None, datatype: str = "INT32", data: Any = None
+) -> dict[str, Any]:
     shape = shape or [1, 16]
-    return {"name": name, "shape": shape, "datatype": datatype,
-            "data": data if data is not None else [1] * int(np.prod(shape))}
+    return {
+        "name": name,
+        "shape": shape,
+        "datatype": datatype,
+        "data": data if data is not None else [1] * int(np.prod(shape)),
+    }
 
 
 CASES = [
     ("unknown model", "nope", [_simple_input()], 404, "model 'nope' is not found"),
-    ("wrong input name", "simple", [_simple_input("INPUT9"), _simple_input("INPUT1")], 400,
-     "has no input 'INPUT9'"),
+    (
+        "wrong input name",
+        "simple",
+        [_simple_input("INPUT9"), _simple_input("INPUT1")],
+        400,
+        "has no input 'INPUT9'",
+    ),
     ("missing input", "simple", [_simple_input()], 400, "missing input(s) INPUT1"),
-    ("wrong datatype", "simple", [_simple_input(datatype="FP32"), _simple_input("INPUT1")], 400,
-     "datatype FP32, expected INT32"),
-    ("wrong rank", "simple", [_simple_input(shape=[16]), _simple_input("INPUT1")], 400,
-     "has rank 1, expected 2"),
-    ("wrong dim", "simple", [_simple_input(shape=[1, 15]), _simple_input("INPUT1", [1, 15])], 400,
-     "dimension 1: got 15, expected 16"),
-    ("element count", "simple", [_simple_input(data=[1, 2]), _simple_input("INPUT1")], 400,
-     "needs 16 elements, got 2"),
-    ("batch mismatch", "simple", [_simple_input(shape=[2, 16]), _simple_input("INPUT1")], 400,
-     "batch size 1 differs"),
-    ("bad datatype", "simple", [_simple_input(datatype="FLOAT"), _simple_input("INPUT1")], 400,
-     "unknown datatype 'FLOAT'"),
+    (
+        "wrong datatype",
+        "simple",
+        [_simple_input(datatype="FP32"), _simple_input("INPUT1")],
+        400,
+        "datatype FP32, expected INT32",
+    ),
+    (
+        "wrong rank",
+        "simple",
+        [_simple_input(shape=[16]), _simple_input("INPUT1")],
+        400,
+        "has rank 1, expected 2",
+    ),
+    (
+        "wrong dim",
+        "simple",
+        [_simple_input(shape=[1, 15]), _simple_input("INPUT1", [1, 15])],
+        400,
+        "dimension 1: got 15, expected 16",
+    ),
+    (
+        "element count",
+        "simple",
+        [_simple_input(data=[1, 2]), _simple_input("INPUT1")],
+        400,
+        "needs 16 elements, got 2",
+    ),
+    (
+        "batch mismatch",
+        "simple",
+        [_simple_input(shape=[2, 16]), _simple_input("INPUT1")],
+        400,
+        "batch size 1 differs",
+    ),
+    (
+        "bad datatype",
+        "simple",
+        [_simple_input(datatype="FLOAT"), _simple_input("INPUT1")],
+        400,
+        "unknown datatype 'FLOAT'",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("case", "model", "inputs", "status", "message"), CASES,
-                         ids=[c[0] for c in CASES])
-def test_http_errors(demo_server: RunningServer, case: str, model: str, inputs: Any,
-                     status: int, message: str) -> None:
+@pytest.mark.parametrize(
+    ("case", "model", "inputs", "status", "message"), CASES, ids=[c[0] for c in CASES]
+)
+def test_http_errors(
+    demo_server: RunningServer, case: str, model: str, inputs: Any, status: int, message: str
+) -> None:
     got_status, error = _infer_json(demo_server, model, inputs)
     assert (got_status, message in error) == (status, True), error
 
 
 GRPC_CASES = [
-    ("unknown model", "nope", {"INPUT0": np.ones((1, 16), np.int32)}, grpc.StatusCode.NOT_FOUND,
-     "model 'nope' is not found"),
+    (
+        "unknown model",
+        "nope",
+        {"INPUT0": np.ones((1, 16), np.int32)},
+        grpc.StatusCode.NOT_FOUND,
+        "model 'nope' is not found",
+    ),
     ("wrong byte size", "simple", None, grpc.StatusCode.INVALID_ARGUMENT, "needs 64 bytes, got 60"),
-    ("missing input", "simple", {"INPUT0": np.ones((1, 16), np.int32)},
-     grpc.StatusCode.INVALID_ARGUMENT, "missing input(s) INPUT1"),
-    ("wrong datatype", "simple",
-     {"INPUT0": np.ones((1, 16), np.float32), "INPUT1": np.ones((1, 16), np.int32)},
-     grpc.StatusCode.INVALID_ARGUMENT, "datatype FP32, expected INT32"),
+    (
+        "missing input",
+        "simple",
+        {"INPUT0": np.ones((1, 16), np.int32)},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "missing input(s) INPUT1",
+    ),
+    (
+        "wrong datatype",
+        "simple",
+        {"INPUT0": np.ones((1, 16), np.float32), "INPUT1": np.ones((1, 16), np.int32)},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "datatype FP32, expected INT32",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("case", "model", "arrays", "code", "message"), GRPC_CASES,
-                         ids=[c[0] for c in GRPC_CASES])
-def test_grpc_errors(demo_server: RunningServer, case: str, model: str, arrays: Any,
-                     code: grpc.StatusCode, message: str) -> None:
+@pytest.mark.parametrize(
+    ("case", "model", "arrays", "code", "message"), GRPC_CASES, ids=[c[0] for c in GRPC_CASES]
+)
+def test_grpc_errors(
+    demo_server: RunningServer,
+    case: str,
+    model: str,
+    arrays: Any,
+    code: grpc.StatusCode,
+    message: str,
+) -> None:
     from kernelport.protocols.grpc import pb
 
     request = pb.inference.ModelInferRequest(model_name=model)
@@ -110,8 +177,10 @@ def test_grpc_errors(demo_server: RunningServer, case: str, model: str, arrays: 
 
 
 def test_client_errors_raise_inference_exceptions(demo_server: RunningServer) -> None:
-    for client in (httpclient.InferenceServerClient(demo_server.http_url),
-                   grpcclient.InferenceServerClient(demo_server.grpc_url)):
+    for client in (
+        httpclient.InferenceServerClient(demo_server.http_url),
+        grpcclient.InferenceServerClient(demo_server.grpc_url),
+    ):
         with pytest.raises(InferenceServerException, match="not found"):
             client.get_model_metadata("missing")
         client.close()
@@ -123,18 +192,29 @@ def test_client_errors_raise_inference_exceptions(demo_server: RunningServer) ->
         (b"{not json", {}, "not valid JSON"),
         (b"[]", {}, "must be a JSON object"),
         (b'{"inputs": 3}', {}, "'inputs' list"),
-        (b'{"inputs":[{"name":"INPUT0","shape":[1,16],"datatype":"INT32",'
-         b'"parameters":{"binary_data_size":64}}]}', {"Inference-Header-Content-Length": "101"},
-         "expecting 64 bytes"),
+        (
+            b'{"inputs":[{"name":"INPUT0","shape":[1,16],"datatype":"INT32",'
+            b'"parameters":{"binary_data_size":64}}]}',
+            {"Inference-Header-Content-Length": "101"},
+            "expecting 64 bytes",
+        ),
         (b"{}", {"Inference-Header-Content-Length": "99"}, "outside the body"),
         (b"{}", {"Inference-Header-Content-Length": "x"}, "not a number"),
         (b"\x00\x01garbage", {"Content-Encoding": "gzip"}, "not valid gzip"),
     ],
-    ids=["bad json", "not object", "inputs type", "short binary", "header length",
-         "header nan", "bad gzip"],
+    ids=[
+        "bad json",
+        "not object",
+        "inputs type",
+        "short binary",
+        "header length",
+        "header nan",
+        "bad gzip",
+    ],
 )
-def test_malformed_http_bodies(demo_server: RunningServer, body: bytes,
-                               headers: dict[str, str], message: str) -> None:
+def test_malformed_http_bodies(
+    demo_server: RunningServer, body: bytes, headers: dict[str, str], message: str
+) -> None:
     status, error = _post(demo_server, "/v2/models/simple/infer", body, headers)
     assert status == 400
     assert message in error.get("error", "")
@@ -151,8 +231,9 @@ def test_unsupported_encoding_and_routes(demo_server: RunningServer) -> None:
 
 def test_gzip_request_body(demo_server: RunningServer) -> None:
     payload = json.dumps({"inputs": [_simple_input(), _simple_input("INPUT1")]}).encode()
-    status, body = _post(demo_server, "/v2/models/simple/infer", gzip.compress(payload),
-                         {"Content-Encoding": "gzip"})
+    status, body = _post(
+        demo_server, "/v2/models/simple/infer", gzip.compress(payload), {"Content-Encoding": "gzip"}
+    )
     assert status == 200
     assert body["outputs"][0]["data"] == [2] * 16
 
@@ -165,10 +246,8 @@ def test_server_survives_garbage(demo_server: RunningServer) -> None:
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.sendall(b"\x16\x03\x01garbage\r\n\r\n" * 50)
             sock.settimeout(2)
-            try:
+            with contextlib.suppress(OSError):
                 sock.recv(100)
-            except OSError:
-                pass
     status, _ = _infer_json(demo_server, "simple", [_simple_input(), _simple_input("INPUT1")])
     assert status == 200
 
@@ -187,7 +266,11 @@ def test_failed_model_does_not_stop_others(tmp_path: Path) -> None:
         assert index["broken"]["state"] == "UNAVAILABLE"
         assert "broken" in index and index["broken"]["reason"]
         reason = index["badyaml"]["reason"]
-        assert "model.yaml" in reason and "max_batch_size" in reason and "colour: unknown field" in reason
+        assert (
+            "model.yaml" in reason
+            and "max_batch_size" in reason
+            and "colour: unknown field" in reason
+        )
         with pytest.raises(InferenceServerException, match="not ready"):
             client.get_model_metadata("broken")
         log = server.log()

@@ -27,8 +27,10 @@ def test_256_mib_round_trip(big_server: RunningServer, protocol: str) -> None:
     data = np.random.default_rng(0).integers(0, 255, SIZE, dtype=np.uint8)
     mod = grpcclient if protocol == "grpc" else httpclient
     url = big_server.grpc_url if protocol == "grpc" else big_server.http_url
-    client = mod.InferenceServerClient(url, network_timeout=300.0) if protocol == "http" else (
-        mod.InferenceServerClient(url)
+    client = (
+        mod.InferenceServerClient(url, network_timeout=300.0)
+        if protocol == "http"
+        else (mod.InferenceServerClient(url))
     )
     inp = mod.InferInput("INPUT0", [SIZE], "UINT8")
     inp.set_data_from_numpy(data)

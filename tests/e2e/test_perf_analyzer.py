@@ -36,10 +36,28 @@ def test_perf_analyzer_runs_clean(
     url = demo_server.http_url if protocol == "http" else demo_server.grpc_url
     report = tmp_path / "pa.csv"
     result = subprocess.run(
-        [str(perf_analyzer), "-m", "mlp", "-i", protocol, "-u", url,
-         "--concurrency-range", "4:4", "-p", "800", "-r", "3", "-s", "50",
-         "-f", str(report)],
-        capture_output=True, text=True, timeout=120,
+        [
+            str(perf_analyzer),
+            "-m",
+            "mlp",
+            "-i",
+            protocol,
+            "-u",
+            url,
+            "--concurrency-range",
+            "4:4",
+            "-p",
+            "800",
+            "-r",
+            "3",
+            "-s",
+            "50",
+            "-f",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "error" not in result.stdout.lower().replace("std error", ""), result.stdout

@@ -22,9 +22,7 @@ class IdentityBackend:
     def autocomplete(self, raw: dict[str, Any], version_path: Path) -> dict[str, Any]:
         if "outputs" not in raw and "inputs" in raw:
             return raw | {
-                "outputs": [
-                    dict(spec, name=f"OUTPUT{i}") for i, spec in enumerate(raw["inputs"])
-                ]
+                "outputs": [dict(spec, name=f"OUTPUT{i}") for i, spec in enumerate(raw["inputs"])]
             }
         return raw
 
@@ -41,7 +39,9 @@ class IdentityBackend:
 
 
 class IdentityInstance:
-    def __init__(self, pairs: list[tuple[str, str]], delay_s: float, delay_from: str | None) -> None:
+    def __init__(
+        self, pairs: list[tuple[str, str]], delay_s: float, delay_from: str | None
+    ) -> None:
         self._pairs = pairs
         self._delay_s = delay_s
         self._delay_from = delay_from

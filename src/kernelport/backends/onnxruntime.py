@@ -54,7 +54,8 @@ def session_options(parameters: dict[str, Any]) -> ort.SessionOptions:
     level = str(parameters.get("graph_optimization_level", "all")).lower()
     if level not in _OPT_LEVELS:
         raise invalid(
-            f"parameter graph_optimization_level '{level}': expected one of {', '.join(_OPT_LEVELS)}"
+            f"parameter graph_optimization_level '{level}': "
+            f"expected one of {', '.join(_OPT_LEVELS)}"
         )
     options.graph_optimization_level = _OPT_LEVELS[level]
     mode = str(parameters.get("execution_mode", "sequential")).lower()

@@ -129,9 +129,7 @@ class ModelQueue:
             loop.create_future(),
         )
         if timeout_ns:
-            pending.timer = loop.call_at(
-                loop.time() + timeout_ns / 1e9, self._expire, pending
-            )
+            pending.timer = loop.call_at(loop.time() + timeout_ns / 1e9, self._expire, pending)
         self._groups.setdefault(pending.key, deque()).append(pending)
         self._queued += 1
         if self._ordered:
@@ -160,9 +158,7 @@ class ModelQueue:
         self._dispatch()
 
     def earliest_deadline(self) -> float:
-        return min(
-            (q[0].deadline_ns for q in self._groups.values() if q), default=math.inf
-        )
+        return min((q[0].deadline_ns for q in self._groups.values() if q), default=math.inf)
 
     # --- batching ----------------------------------------------------------------------
 
@@ -184,7 +180,9 @@ class ModelQueue:
         for group in self._groups.values():
             while group and group[0].future.done():  # cancelled by a departed client
                 self._drop(group.popleft())
-            if group and (best is None or (group[0].key[0], group[0].seq) < (best[0].key[0], best[0].seq)):
+            if group and (
+                best is None or (group[0].key[0], group[0].seq) < (best[0].key[0], best[0].seq)
+            ):
                 best = group
         return best
 
@@ -227,7 +225,9 @@ class ModelQueue:
         taken: list[Pending] = []
         rows = 0
         now = time.perf_counter_ns()
-        estimate = self.cost.estimate(min(available, limit)) if self._device.discipline == "edf" else 0
+        estimate = (
+            self.cost.estimate(min(available, limit)) if self._device.discipline == "edf" else 0
+        )
         while head and rows + head[0].rows <= limit:
             pending = head.popleft()
             if pending.future.done():
@@ -281,8 +281,10 @@ class ModelQueue:
                 )
                 self._resolve(pending, (outputs, timings), None)
         except Exception as exc:
-            error = exc if isinstance(exc, ServerError) else ServerError(
-                ErrorCode.INTERNAL, f"model '{self.config.name}' failed: {exc}"
+            error = (
+                exc
+                if isinstance(exc, ServerError)
+                else ServerError(ErrorCode.INTERNAL, f"model '{self.config.name}' failed: {exc}")
             )
             for pending in batch.requests:
                 self._resolve(pending, None, error)

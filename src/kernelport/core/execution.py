@@ -7,6 +7,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
 import numpy as np
 
 from kernelport.backends.base import Arrays, ModelInstance
@@ -69,10 +70,7 @@ class Worker:
                 ErrorCode.INTERNAL, f"model '{config.name}' failed: {type(exc).__name__}: {exc}"
             ) from exc
         t2 = time.perf_counter_ns()
-        if config.batching:
-            split = split_rows(outputs, counts, config.name)
-        else:
-            split = [outputs]
+        split = split_rows(outputs, counts, config.name) if config.batching else [outputs]
         return BatchResult(split, t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
 
     def close(self) -> None:

@@ -239,5 +239,3 @@ def triton_config(config: ModelConfig) -> dict[str, Any]:
             "priority_queue_policy": {},
         }
     return out
-
-

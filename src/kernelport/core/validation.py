@@ -20,9 +20,7 @@ def validate_inputs(config: ModelConfig, request: InferRequest) -> tuple[Arrays,
         spec = config.input(tensor.name)
         if spec is None:
             expected = ", ".join(t.name for t in config.inputs)
-            raise invalid(
-                f"model '{model}' has no input '{tensor.name}' (inputs: {expected})"
-            )
+            raise invalid(f"model '{model}' has no input '{tensor.name}' (inputs: {expected})")
         if tensor.name in arrays:
             raise invalid(f"model '{model}': input '{tensor.name}' given twice")
         if tensor.datatype != spec.datatype:
