@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -122,10 +123,15 @@ class DataPlane:
         try:
             inputs, rows = validate_inputs(config, request)
             names = requested_outputs(config, request)
+            if model.preprocess is not None:
+                # Per-request hooks run on threads of their own, alongside batch execution.
+                inputs = await _hook(config.name, "preprocess", model.preprocess, inputs)
             if config.batching and rows > config.max_batch_size:
                 arrays, timings = await self._split(model, inputs, rows, request.parameters)
             else:
                 arrays, timings = await model.queue.submit(inputs, rows, request.parameters)
+            if model.postprocess is not None:
+                arrays = await _hook(config.name, "postprocess", model.postprocess, arrays)
             outputs = [self._output(config, name, arrays) for name in names]
         except BaseException:
             model.stats.record_failure(time.perf_counter_ns() - started)
@@ -180,3 +186,15 @@ class DataPlane:
         if dt.name != "BYTES" and array.dtype != dt.numpy:
             array = array.astype(dt.numpy)
         return Tensor(name, dt.name, tuple(int(d) for d in array.shape), array)
+
+
+async def _hook(model: str, which: str, hook: Callable[[Arrays], Arrays], arrays: Arrays) -> Arrays:
+    try:
+        return await asyncio.to_thread(hook, arrays)
+    except ServerError:
+        raise
+    except Exception as exc:
+        # User code errors reach the client with the model's name; the server keeps serving.
+        raise ServerError(
+            ErrorCode.INTERNAL, f"model '{model}' {which} failed: {type(exc).__name__}: {exc}"
+        ) from exc

@@ -6,11 +6,12 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from kernelport.backends.base import Backend, LoadContext
+from kernelport.backends.base import Arrays, Backend, LoadContext
 from kernelport.core.batcher import ModelQueue
 from kernelport.core.execution import Worker, WorkerPool
 from kernelport.core.model_config import ModelConfig, parse_model_config
@@ -46,6 +47,9 @@ class ModelVersion:
     queue: ModelQueue
     stats: ModelStats = field(default_factory=ModelStats)
     load_seconds: float = 0.0
+    #: per-request hooks a backend may offer (Python models); they run outside the batch
+    preprocess: Callable[[Arrays], Arrays] | None = None
+    postprocess: Callable[[Arrays], Arrays] | None = None
 
     async def close(self) -> None:
         """Finish what is queued and running, then release the instances."""
@@ -251,7 +255,9 @@ class ModelManager:
         pool = WorkerPool(workers)
         stats = ModelStats()
         queue = ModelQueue(config, pool, stats, self.device(config.instance_group[0].device), config.weight)
-        return ModelVersion(config, version, pool, queue, stats)
+        first = workers[0].instance
+        hooks = (getattr(first, "preprocess", None), getattr(first, "postprocess", None))
+        return ModelVersion(config, version, pool, queue, stats, 0.0, *hooks)
 
     def device(self, name: str) -> DeviceScheduler:
         """The scheduler arbitrating device ``name`` among the models placed on it."""
