@@ -6,6 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 SERVE_ARGS ?=
+# Installed on its own line, exactly pinned: this version has a local CPU wheel on our machines.
+TORCH_PIN ?= torch==2.13.0
 
 .PHONY: serve test install install-test perf-analyzer lint bench demo-models clean
 
@@ -13,10 +15,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) -e '.[onnx]'
+	$(PIP) $(TORCH_PIN)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) -e '.[onnx,test]'
+	$(PIP) $(TORCH_PIN)
 	touch $@
 
 install: $(VENV)/.installed

@@ -12,12 +12,24 @@ from kernelport.errors import ErrorCode, ServerError
 BACKENDS: dict[str, tuple[str, str]] = {
     "onnxruntime": ("kernelport.backends.onnxruntime:OnnxRuntimeBackend", "onnx"),
     "identity": ("kernelport.backends.identity:IdentityBackend", ""),
+    "torch": ("kernelport.backends.torch:TorchBackend", "torch"),
+    "python": ("kernelport.backends.python:PythonBackend", ""),
 }
 
-ALIASES = {"onnx": "onnxruntime", "onnxruntime_onnx": "onnxruntime"}
+ALIASES = {
+    "onnx": "onnxruntime",
+    "onnxruntime_onnx": "onnxruntime",
+    "pytorch": "torch",
+    "pytorch_libtorch": "torch",
+}
 
 # default file in a version directory -> backend that loads it (when model.yaml names none)
-BY_FILENAME = {"model.onnx": "onnxruntime"}
+BY_FILENAME = {
+    "model.onnx": "onnxruntime",
+    "model.pt": "torch",
+    "model.pt2": "torch",
+    "model.py": "python",
+}
 
 
 def canonical(name: str) -> str:

@@ -1,0 +1,352 @@
+"""PyTorch backend (``kernelport[torch]``): TorchScript, exported programs, AOTInductor packages.
+
+The version directory holds ``model.pt2`` or ``model.pt`` (or the file ``default_model_filename``
+names). Its format is recognised from the archive's contents (see ``torch_archive``) unless
+the ``format`` parameter says it: ``torchscript`` (``torch.jit.save``), ``exported``
+(``torch.export.save``) or ``aoti`` (``torch._inductor.aoti_compile_and_package``).
+
+Inputs are passed to the model positionally, in the config's order; outputs are matched to
+the config's outputs in order (or by key when the model returns a dict). Backend parameters:
+
+``format``         torchscript | exported | aoti (default: recognised from the file)
+``dtype``          fp32 | fp16 | bf16: cast the model, and floating inputs before the call
+``compile``        true: ``torch.compile`` the model at load (exported programs only)
+``compile_mode``   torch.compile's mode (default | reduce-overhead | max-autotune | ...)
+``channels_last``  true: model and 4-D inputs in channels_last memory format
+``cuda_graphs``    true: one CUDA graph per batch-size bucket (CUDA devices only)
+``warmup``         false: skip running zero inputs through every bucket at load
+``allow_pickle``   true: load .pt2 files whose pickled members are not weights-only
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kernelport.backends.base import Arrays, LoadContext
+from kernelport.backends.gpu import (
+    TORCH_DTYPES,
+    V2_DATATYPES,
+    DeviceRunner,
+    IOSpec,
+    Model,
+    RunnerOptions,
+    batch_buckets,
+    resolve_device,
+)
+from kernelport.backends.torch_archive import FORMATS, Format, check_pickles, detect_format
+from kernelport.core.model_config import ModelConfig, TensorConfig
+from kernelport.errors import ErrorCode, ServerError, invalid
+
+log = logging.getLogger("kernelport.backends.torch")
+
+DEFAULT_FILENAMES = ("model.pt2", "model.pt")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+_KNOWN = {
+    "format", "dtype", "compile", "compile_mode", "channels_last", "cuda_graphs", "warmup",
+    "allow_pickle",
+}  # fmt: skip
+_LABELS = {
+    "torchscript": "TorchScript archive",
+    "exported": "exported program",
+    "aoti": "AOTInductor package",
+}
+
+
+def _flag(parameters: dict[str, Any], name: str, default: bool) -> bool:
+    # model.yaml gives booleans; Triton-style configs give strings.
+    value = parameters.get(name, default)
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise invalid(f"parameter {name} '{value}': expected true or false")
+
+
+@dataclass(frozen=True, slots=True)
+class TorchParameters:
+    """The backend parameters of a torch model, validated."""
+
+    format: Format | None = None
+    dtype: torch.dtype | None = None
+    compile: bool = False
+    compile_mode: str = "default"
+    channels_last: bool = False
+    cuda_graphs: bool = False
+    warmup: bool = True
+    allow_pickle: bool = False
+
+    @classmethod
+    def parse(cls, parameters: dict[str, Any]) -> TorchParameters:
+        unknown = sorted(set(parameters) - _KNOWN)
+        if unknown:
+            # Not an error: a parameter may be meant for another layer (e.g. the scheduler).
+            log.warning("torch backend ignores parameter(s) %s", ", ".join(unknown))
+        fmt = str(parameters.get("format", "")).lower() or None
+        if fmt is not None and fmt not in FORMATS:
+            raise invalid(f"parameter format '{fmt}': expected one of {', '.join(FORMATS)}")
+        dtype_name = str(parameters.get("dtype", "")).lower()
+        if dtype_name and dtype_name not in _DTYPES:
+            raise invalid(f"parameter dtype '{dtype_name}': expected fp32, fp16 or bf16")
+        mode = str(parameters.get("compile_mode", "default")).lower()
+        if mode not in COMPILE_MODES:
+            known = ", ".join(COMPILE_MODES)
+            raise invalid(f"parameter compile_mode '{mode}': expected one of {known}")
+        return cls(
+            format=fmt,
+            dtype=_DTYPES[dtype_name] if dtype_name else None,
+            compile=_flag(parameters, "compile", False),
+            compile_mode=mode,
+            channels_last=_flag(parameters, "channels_last", False),
+            cuda_graphs=_flag(parameters, "cuda_graphs", False),
+            warmup=_flag(parameters, "warmup", True),
+            allow_pickle=_flag(parameters, "allow_pickle", False),
+        )
+
+    def check(self, fmt: Format, device: torch.device) -> None:
+        """Refuse combinations that cannot work, naming the parameter."""
+        fixed = [n for n, on in (("dtype", self.dtype is not None), ("compile", self.compile),
+                                 ("channels_last", self.channels_last)) if on]  # fmt: skip
+        if fmt == "aoti" and fixed:
+            raise invalid(
+                f"parameter(s) {', '.join(fixed)}: an AOTInductor package is already compiled "
+                "for one dtype and layout; set them when exporting and compiling instead"
+            )
+        if fmt == "torchscript" and self.compile:
+            raise invalid(
+                "parameter compile: torch.compile cannot trace TorchScript; serve an exported "
+                "program (torch.export.save) to compile it"
+            )
+        if self.cuda_graphs and device.type != "cuda":
+            raise invalid(f"parameter cuda_graphs needs a CUDA device, not '{device}'")
+        if self.cuda_graphs and self.compile and self.compile_mode == "reduce-overhead":
+            raise invalid(
+                "compile_mode reduce-overhead already captures CUDA graphs; "
+                "drop cuda_graphs or pick another compile_mode"
+            )
+
+
+def model_file(version_path: Path, filename: str = "") -> Path:
+    """The model file of a version directory: ``filename`` or the first default that exists."""
+    candidates = [filename] if filename else list(DEFAULT_FILENAMES)
+    for name in candidates:
+        if (version_path / name).is_file():
+            return version_path / name
+    raise ServerError(
+        ErrorCode.NOT_FOUND, f"model file not found: {version_path}/{' or '.join(candidates)}"
+    )
+
+
+def load_exported(path: Path, allow_pickle: bool) -> torch.export.ExportedProgram:
+    """``torch.export.load`` after refusing archives that would unpickle arbitrary objects."""
+    if not allow_pickle:
+        check_pickles(path)
+    return torch.export.load(str(path))
+
+
+def _dims(shape: Any) -> list[int]:
+    # Symbolic sizes (torch.export.Dim) are variable dims.
+    return [d if isinstance(d, int) else -1 for d in shape]
+
+
+def _v2(dtype: torch.dtype, what: str) -> str:
+    if dtype not in V2_DATATYPES:
+        raise invalid(f"{what}: dtype {dtype} has no KServe V2 datatype")
+    return V2_DATATYPES[dtype]
+
+
+def program_signature(
+    program: torch.export.ExportedProgram,
+) -> tuple[list[tuple[str, str, list[int]]], list[tuple[str, str, list[int]]]]:
+    """(name, V2 datatype, dims) of an exported program's user inputs and outputs."""
+    from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
+
+    nodes = {n.name: n for n in program.graph.nodes}
+    inputs = []
+    for spec in program.graph_signature.input_specs:
+        if spec.kind != InputKind.USER_INPUT:
+            continue
+        if not isinstance(spec.arg, TensorArgument):
+            raise invalid(f"exported program input {spec.arg} is not a tensor")
+        val = nodes[spec.arg.name].meta["val"]
+        inputs.append((spec.arg.name, _v2(val.dtype, f"input '{spec.arg.name}'"), _dims(val.shape)))
+    output_node = next(n for n in program.graph.nodes if n.op == "output")
+    values = list(output_node.args[0])
+    user = [
+        values[i]
+        for i, spec in enumerate(program.graph_signature.output_specs)
+        if spec.kind == OutputKind.USER_OUTPUT
+    ]
+    names = [f"OUTPUT{i}" for i in range(len(user))]
+    signature = program.module_call_graph[0].signature
+    tree = signature.out_spec if signature is not None else None
+    # A model returning a flat dict of tensors names its outputs by the dict's keys.
+    if tree is not None and tree.type is dict and len(tree.context) == len(user):
+        names = [str(key) for key in tree.context]
+    outputs = []
+    for name, node in zip(names, user, strict=True):
+        val = getattr(node, "meta", {}).get("val")
+        if not isinstance(val, torch.Tensor):
+            raise invalid(f"exported program output {name} is not a tensor")
+        outputs.append((name, _v2(val.dtype, f"output '{name}'"), _dims(val.shape)))
+    return inputs, outputs
+
+
+def _io(tensor: TensorConfig) -> IOSpec:
+    if tensor.datatype not in TORCH_DTYPES:
+        raise invalid(f"tensor '{tensor.name}': torch has no {tensor.datatype} tensors")
+    return IOSpec(tensor.name, TORCH_DTYPES[tensor.datatype], tensor.dims)
+
+
+def _load_model(path: Path, fmt: Format, device: torch.device, params: TorchParameters) -> Model:
+    module: torch.nn.Module
+    if fmt == "torchscript":
+        # TorchScript's own unpickler only rebuilds tensors and TorchScript classes; there is
+        # no weights_only switch because there is no Python pickle to restrict.
+        module = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
+        module.eval()
+    elif fmt == "exported":
+        program = load_exported(path, params.allow_pickle)
+        if device.type != "cpu":
+            from torch.export.passes import move_to_device_pass
+
+            # Rewrites device constants baked into the graph, not just the weights.
+            program = move_to_device_pass(program, device)
+        module = program.module()  # eval/train mode was fixed at export time
+    else:
+        if not params.allow_pickle:
+            check_pickles(path)
+        from torch._inductor import aoti_load_package
+
+        package = aoti_load_package(
+            str(path),
+            # One caller per instance at a time; skipping AOTI's locks is what lets a
+            # captured CUDA graph contain its kernels.
+            run_single_threaded=params.cuda_graphs,
+            device_index=device.index if device.type == "cuda" and device.index is not None else -1,
+        )
+        compiled_for = package.get_metadata().get("AOTI_DEVICE_KEY", "")
+        if compiled_for and compiled_for != device.type:
+            raise invalid(
+                f"{path.name} was compiled for {compiled_for}, but this instance runs on {device}"
+            )
+        return package
+    if params.dtype is not None:
+        module = module.to(params.dtype)
+    if params.channels_last:
+        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return module
+
+
+class TorchBackend:
+    """Loads TorchScript, exported programs and AOTInductor packages."""
+
+    name = "torch"
+    platform = "pytorch_libtorch"
+
+    def autocomplete(self, raw: dict[str, Any], version_path: Path) -> dict[str, Any]:
+        if raw.get("inputs") and raw.get("outputs"):
+            return raw
+        params = TorchParameters.parse(raw.get("parameters") or {})
+        path = model_file(version_path, raw.get("default_model_filename", ""))
+        fmt = detect_format(path, params.format)
+        if fmt != "exported":
+            raise invalid(
+                f"{path}: a {_LABELS[fmt]} does not record input and output shapes and "
+                "datatypes; list inputs and outputs (name, datatype, dims) in model.yaml"
+            )
+        ins, outs = program_signature(load_exported(path, params.allow_pickle))
+        out = dict(raw)
+        if "max_batch_size" not in raw:
+            # Every tensor with a dynamic first dim (torch.export.Dim): it batches along it.
+            batchable = all(dims and dims[0] == -1 for _, _, dims in ins + outs)
+            out["max_batch_size"] = int(raw.get("default_max_batch_size", 4)) if batchable else 0
+        out.pop("default_max_batch_size", None)
+        batching = int(out["max_batch_size"]) > 0
+        if batching:
+            fixed = [n for n, _, dims in ins + outs if not dims or dims[0] != -1]
+            if fixed:
+                raise invalid(
+                    f"{path}: max_batch_size > 0, but {', '.join(fixed)} have no dynamic first "
+                    "dim; export with dynamic_shapes={...: {0: torch.export.Dim('batch')}}"
+                )
+
+        def specs(items: list[tuple[str, str, list[int]]]) -> list[dict[str, Any]]:
+            skip = 1 if batching else 0
+            return [{"name": n, "datatype": t, "dims": dims[skip:]} for n, t, dims in items]
+
+        out["inputs"] = raw.get("inputs") or specs(ins)
+        out["outputs"] = raw.get("outputs") or specs(outs)
+        return out
+
+    def load(self, context: LoadContext) -> TorchInstance:
+        config = context.config
+        params = TorchParameters.parse(config.parameters)
+        device = resolve_device(context.device)
+        if not config.inputs or not config.outputs:
+            raise invalid(f"torch model '{config.name}' needs inputs and outputs in its config")
+        inputs = [_io(t) for t in config.inputs]
+        outputs = [_io(t) for t in config.outputs]
+        path = model_file(context.version_path, config.default_model_filename)
+        fmt = detect_format(path, params.format)
+        params.check(fmt, device)
+        started = time.perf_counter()
+        model = _load_model(path, fmt, device, params)
+        if params.compile:
+            model = torch.compile(model, mode=params.compile_mode)
+        options = RunnerOptions(
+            device=device,
+            batching=config.batching,
+            compute_dtype=params.dtype,
+            channels_last=params.channels_last,
+            buckets=_buckets(config),
+            cuda_graphs=params.cuda_graphs,
+        )
+        runner = DeviceRunner(model, inputs, outputs, options)
+        try:
+            warmed = runner.warmup() if params.warmup else []
+        except BaseException:
+            runner.close()
+            raise
+        log.info(
+            "model '%s' (%s, %s) on %s: loaded in %.2fs; warmed up at batch sizes %s%s",
+            config.name, _LABELS[fmt], path.name, device, time.perf_counter() - started,
+            warmed or "none", f"; CUDA graphs for {runner.graph_buckets}" if params.cuda_graphs
+            else "",
+        )  # fmt: skip
+        return TorchInstance(runner)
+
+
+def _buckets(config: ModelConfig) -> tuple[int, ...]:
+    preferred = config.dynamic_batching.preferred_batch_sizes if config.dynamic_batching else ()
+    return batch_buckets(config.max_batch_size, preferred)
+
+
+class TorchInstance:
+    """One loaded model on one device; ``execute`` runs a whole batch."""
+
+    def __init__(self, runner: DeviceRunner) -> None:
+        self._runner = runner
+
+    def execute(self, inputs: Arrays) -> Arrays:
+        return self._runner.run(inputs)
+
+    def unload(self) -> None:
+        self._runner.close()
