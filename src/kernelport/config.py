@@ -35,6 +35,16 @@ class Config:
     scheduler: Literal["fifo", "fair", "edf"] = "fifo"
     device_slots: int = 0
     grpc_max_message_bytes: int = 2**31 - 1
+    readiness: Literal["all", "any"] = "all"  # ready when every model is, or at least one
+    drain_timeout: float = 30.0  # seconds SIGTERM waits for requests in flight
+    trace_level: Literal["off", "timestamps"] = "off"  # OpenTelemetry spans (kernelport[tracing])
+    trace_rate: int = 1000  # trace one request in N
+    trace_count: int = -1  # traces to take, then stop (-1: no limit)
+    trace_exporter: Literal["console", "otlp"] = "console"
+    model_control_mode: Literal["none", "explicit", "poll"] = "none"
+    load_model: tuple[str, ...] = ()  # explicit mode: models loaded at start ("*" = all)
+    repository_poll_secs: float = 15.0  # poll mode: full rescan interval (watching is instant)
+    repository_poll_debounce_secs: float = 1.0  # poll mode: quiet time before a change applies
 
     @classmethod
     def load(cls, file: Path | None = None, overrides: dict[str, Any] | None = None,
@@ -65,13 +75,21 @@ class Config:
             if name == "model_repository":
                 items = value.split(os.pathsep) if isinstance(value, str) else value
                 typed[name] = tuple(Path(p) for p in items)
+            elif name == "load_model":
+                items = value.split(",") if isinstance(value, str) else value
+                typed[name] = tuple(str(v).strip() for v in items if str(v).strip())
+            elif known[name].type == "float":
+                try:
+                    typed[name] = float(value)
+                except (TypeError, ValueError):
+                    raise ValueError(f"setting {name}: expected a number, got {value!r}") from None
             elif known[name].type == "int":
                 try:
                     typed[name] = int(value)
                 except (TypeError, ValueError):
                     raise ValueError(f"setting {name}: expected an integer, got {value!r}") from None
             else:
-                lowered = name in ("log_level", "log_format", "scheduler")
+                lowered = name in ("log_level", "log_format", "scheduler", "model_control_mode")
                 typed[name] = str(value).lower() if lowered else value
         if typed.get("log_level", "info") not in ("debug", "info", "warning", "error"):
             raise ValueError(f"setting log_level: expected debug|info|warning|error, got {typed['log_level']!r}")
@@ -79,4 +97,35 @@ class Config:
             raise ValueError(f"setting scheduler: expected fifo|fair|edf, got {typed['scheduler']!r}")
         if typed.get("log_format", "plain") not in ("plain", "json"):
             raise ValueError(f"setting log_format: expected plain|json, got {typed['log_format']!r}")
+        _check_model_control(typed)
+        _check_observability(typed)
         return cls(**typed)
+
+
+def _check_model_control(typed: dict[str, Any]) -> None:
+    mode = typed.get("model_control_mode", "none")
+    if mode not in ("none", "explicit", "poll"):
+        raise ValueError(f"setting model_control_mode: expected none|explicit|poll, got {mode!r}")
+    if typed.get("load_model") and mode != "explicit":
+        raise ValueError("setting load_model: only valid with model_control_mode explicit")
+    if typed.get("repository_poll_secs", 1.0) <= 0:
+        raise ValueError("setting repository_poll_secs: expected a number above 0")
+    if typed.get("repository_poll_debounce_secs", 0.0) < 0:
+        raise ValueError("setting repository_poll_debounce_secs: expected 0 or more")
+
+
+def _check_observability(typed: dict[str, Any]) -> None:
+    choices = {"readiness": ("all", "any"), "trace_level": ("off", "timestamps"),
+               "trace_exporter": ("console", "otlp")}  # fmt: skip
+    for name, allowed in choices.items():
+        if name in typed:
+            typed[name] = str(typed[name]).lower()
+            if typed[name] not in allowed:
+                expected = "|".join(allowed)
+                raise ValueError(f"setting {name}: expected {expected}, got {typed[name]!r}")
+    if typed.get("drain_timeout", 0.0) < 0:
+        raise ValueError("setting drain_timeout: expected 0 or more seconds")
+    if typed.get("trace_rate", 1) < 1:
+        raise ValueError("setting trace_rate: expected 1 or more")
+    if typed.get("trace_count", -1) < -1:
+        raise ValueError("setting trace_count: expected -1 (no limit) or more")

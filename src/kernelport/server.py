@@ -18,8 +18,14 @@ from kernelport.backends.registry import BackendRegistry
 from kernelport.config import Config
 from kernelport.core.dataplane import DataPlane
 from kernelport.core.manager import ManagerSettings, ModelManager
+from kernelport.lifecycle.poller import RepositoryPoller
 from kernelport.observability import logging as log_setup
+from kernelport.observability.gpu import GpuCollector
+from kernelport.observability.metrics import KernelPortCollector
 from kernelport.observability.metrics_app import MetricsApp
+from kernelport.observability.telemetry import Telemetry
+from kernelport.observability.tracing import Tracing
+from kernelport.pbtxt import TritonConfigReader
 from kernelport.protocols.grpc.server import GrpcFrontEnd
 from kernelport.protocols.rest.app import RestApp
 
@@ -50,7 +56,8 @@ def _bind(host: str, port: int) -> socket.socket:
 class Server:
     """Lifecycle tests can drive: ``startup()``, ``serve()`` (until stopped), ``shutdown()``."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, tracer_provider: Any = None) -> None:
+        """``tracer_provider``: an OpenTelemetry TracerProvider to use instead of building one."""
         self.config = config
         self.registry = CollectorRegistry(auto_describe=True)
         self.manager = ModelManager(
@@ -59,11 +66,30 @@ class Server:
                 config.default_max_batch_size,
                 config.scheduler,
                 config.device_slots,
+                config.model_control_mode,
+                config.load_model,
             ),
             BackendRegistry(),
+            TritonConfigReader(),
         )
+        self._poller: RepositoryPoller | None = None
+        if config.model_control_mode == "poll":
+            self._poller = RepositoryPoller(
+                self.manager, config.repository_poll_secs, config.repository_poll_debounce_secs
+            )
         self.dataplane = DataPlane(self.manager, __version__)
-        self._grpc = GrpcFrontEnd(self.dataplane, config)
+        self.dataplane.readiness = config.readiness
+        tracing = Tracing(config.trace_level, config.trace_rate, config.trace_count,
+                          config.trace_exporter, tracer_provider)  # fmt: skip
+        logs = log_setup.LogSettings(config.log_level, config.log_format)
+        self.telemetry = Telemetry(tracing, logs)
+        self.dataplane.extra_extensions = self.telemetry.extensions()
+        self._gpu = GpuCollector()
+        self.registry.register(KernelPortCollector(self.manager, lambda: self.dataplane.in_flight))
+        self.registry.register(self._gpu)
+        self._grpc = GrpcFrontEnd(self.dataplane, config, self.telemetry)
+        self._force = asyncio.Event()
+        self.drained = True  # False once a shutdown gave up on requests still in flight
         self._http: list[_EmbeddedUvicorn] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
@@ -84,10 +110,17 @@ class Server:
         return _EmbeddedUvicorn(config)
 
     async def startup(self) -> None:
-        await self.manager.load_all()
+        if self.config.trace_level != "off":
+            self.telemetry.tracing.start()  # a missing extra is a startup error, not a later one
+        self._gpu.start()
+        if self._poller is not None:
+            await self._poller.start()  # loads the repository, then watches it
+        else:
+            await self.manager.load_initial()
         await self._grpc.start(self.config.host, self.config.grpc_port)
         metrics = MetricsApp(self.registry, self.dataplane.live, self.dataplane.ready)
-        apps = ((RestApp(self.dataplane), self.config.http_port), (metrics, self.config.metrics_port))
+        rest = RestApp(self.dataplane, self.telemetry)
+        apps = ((rest, self.config.http_port), (metrics, self.config.metrics_port))
         # Bind here, so a busy port is a clear startup error rather than uvicorn's sys.exit.
         sockets = [_bind(self.config.host, port) for _, port in apps]
         for (app, port), sock in zip(apps, sockets, strict=True):
@@ -110,23 +143,53 @@ class Server:
                 log.error("model NOT ready: %s (%s)", entry.name, entry.reason)
 
     def request_stop(self) -> None:
+        """First call: drain and stop. A second one (another Ctrl-C) cuts the drain short."""
+        if self._stop.is_set():
+            log.warning("second stop request: not waiting for requests in flight")
+            self._force.set()
         self._stop.set()
 
     async def serve(self) -> None:
         await self._stop.wait()
 
     async def shutdown(self) -> None:
-        self.dataplane.accepting = False
-        await self._grpc.stop(grace=5.0)
+        """Drain, stop listening, unload the models.
+
+        Draining: new inference requests are refused (HTTP 503, gRPC UNAVAILABLE; readiness
+        turns false) while the listeners stay open, and those in flight or queued may finish
+        within ``drain_timeout`` seconds. Then the front ends close and the models unload.
+        """
+        if self._poller is not None:
+            await self._poller.stop()  # no reload starts while we drain
+        if self.dataplane.in_flight:
+            log.info("draining %d requests in flight (at most %g s)",
+                     self.dataplane.in_flight, self.config.drain_timeout)  # fmt: skip
+        drain = asyncio.ensure_future(self.dataplane.drain(self.config.drain_timeout))
+        force = asyncio.ensure_future(self._force.wait())
+        await asyncio.wait((drain, force), return_when=asyncio.FIRST_COMPLETED)
+        force.cancel()
+        self.drained = drain.done() and drain.result()
+        if not self.drained:
+            drain.cancel()
+            log.warning("drain gave up with %d requests in flight", self.dataplane.in_flight)
+        await self._grpc.stop(grace=5.0 if self.drained else 0)
         for server in self._http:
             server.should_exit = True
+            server.force_exit = not self.drained
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.manager.close()
+        if self.drained:
+            await self.manager.close()
+        else:  # a model stuck in execution must not hold the exit forever
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.manager.close(), 5.0)
+        self._gpu.close()
+        self.telemetry.close()
         log.info("stopped")
 
     async def run(self) -> int:
         """Start, serve until SIGINT/SIGTERM, shut down. Returns the process exit code."""
-        log_setup.configure(self.config.log_level, self.config.log_format)
+        handler = log_setup.configure(self.config.log_level, self.config.log_format)
+        self.telemetry.logs.attach(handler)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
@@ -138,4 +201,4 @@ class Server:
             return 1
         await self.serve()
         await self.shutdown()
-        return 0
+        return 0 if self.drained else 1

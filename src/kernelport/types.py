@@ -116,6 +116,9 @@ class InferResponse:
     parameters: Parameters = field(default_factory=dict)
     queue_ns: int = 0  # time spent waiting in the scheduler
     compute_ns: int = 0  # time the backend spent executing the batch this request was in
+    compute_input_ns: int = 0  # preparing the batch's inputs (concatenation, copies)
+    compute_output_ns: int = 0  # splitting the batch's outputs back per request
+    batch_size: int = 0  # rows in the batch this request ran in (0: not reported)
 
 
 @dataclass(frozen=True, slots=True)

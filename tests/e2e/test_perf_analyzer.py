@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -66,3 +67,10 @@ def test_perf_analyzer_runs_clean(
     with report.open() as f:
         rows = list(csv.DictReader(f))
     assert rows and float(rows[0]["Inferences/Second"]) > 0
+    # Server-side times come from the statistics extension: queue and compute are measured.
+    queue = re.search(r"\+ queue (\d+) usec", result.stdout)
+    infer = re.search(r"compute infer (\d+) usec", result.stdout)
+    assert queue and infer and int(infer[1]) > 0, result.stdout
+    assert int(rows[0]["Server Compute Infer"]) > 0
+    # 4 clients on one instance: requests wait for each other, so queue time is real too.
+    assert int(queue[1]) > 0 and int(rows[0]["Server Queue"]) > 0, result.stdout

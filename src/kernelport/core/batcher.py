@@ -87,6 +87,7 @@ class ModelQueue:
         self._seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._waiting_for_slot = False
+        self._dispatch_soon = False
         self._closed = False
         self._running: set[asyncio.Future[BatchResult]] = set()
         # preserve_ordering: results are released strictly in arrival order
@@ -134,8 +135,15 @@ class ModelQueue:
         self._queued += 1
         if self._ordered:
             self._release_order.append(pending)
-        self._dispatch()
+        if not self._dispatch_soon:
+            # Let requests that are already arriving in this loop turn join the batch.
+            self._dispatch_soon = True
+            loop.call_soon(self._deferred_dispatch)
         return await pending.future
+
+    def _deferred_dispatch(self) -> None:
+        self._dispatch_soon = False
+        self._dispatch()
 
     async def close(self) -> None:
         """Stop taking requests; let queued and running ones finish."""

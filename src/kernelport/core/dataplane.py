@@ -13,8 +13,9 @@ from kernelport.backends.base import Arrays
 from kernelport.core.execution import Timings
 from kernelport.core.manager import ModelManager, ModelVersion
 from kernelport.core.model_config import ModelConfig
+from kernelport.core.stats import failure_code
 from kernelport.core.validation import requested_outputs, validate_inputs
-from kernelport.errors import ErrorCode, ServerError, invalid
+from kernelport.errors import ErrorCode, ServerError
 from kernelport.types import (
     InferRequest,
     InferResponse,
@@ -44,6 +45,10 @@ class DataPlane:
         self._manager = manager
         self._version = version
         self.accepting = True
+        self.readiness = "all"  # "any": ready once at least one model is (Config.readiness)
+        self.extra_extensions: tuple[str, ...] = ()  # wired in by the server (trace, logging)
+        self.in_flight = 0  # requests inside infer(); drain() waits for none
+        self._drained: asyncio.Event | None = None
 
     # --- health and metadata ----------------------------------------------------------------
 
@@ -51,10 +56,25 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        return self.accepting and self._manager.ready()
+        if not self.accepting:
+            return False
+        if self.readiness == "any":
+            return any(e.state.value == "READY" for e in self._manager.entries())
+        return self._manager.ready()
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new inference requests; wait up to ``timeout`` s for those in flight."""
+        self.accepting = False
+        if self.in_flight:
+            self._drained = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._drained.wait(), timeout)
+            except TimeoutError:
+                return False
+        return True
 
     def server_metadata(self) -> ServerMetadata:
-        return ServerMetadata(SERVER_NAME, self._version, EXTENSIONS)
+        return ServerMetadata(SERVER_NAME, self._version, EXTENSIONS + self.extra_extensions)
 
     def model_ready(self, name: str, version: str = "") -> bool:
         """False when the model exists but is not ready; NOT_FOUND when it is unknown."""
@@ -105,21 +125,29 @@ class DataPlane:
         entries = self._manager.index()
         return [e for e in entries if e.state == "READY"] if ready_only else entries
 
-    async def load_model(self, name: str, config_override: dict[str, Any] | None = None) -> None:
-        entry = await self._manager.load(name, config_override)
-        if not entry.versions:
-            raise invalid(f"failed to load model '{name}': {entry.reason}")
+    async def load_model(
+        self, name: str, config: str | None = None, files: dict[str, bytes] | None = None
+    ) -> None:
+        """Load or reload ``name`` (explicit control mode only); ``config`` is a JSON config
+        override and ``files`` (``file:<version>/<path>`` -> bytes) a model directory."""
+        self._manager.require_explicit("load", name)
+        await self._manager.load(name, config, files)
 
-    async def unload_model(self, name: str) -> None:
-        await self._manager.unload(name)
+    async def unload_model(self, name: str, unload_dependents: bool = False) -> None:
+        self._manager.require_explicit("unload", name)
+        await self._manager.unload(name, unload_dependents)
 
     # --- inference -----------------------------------------------------------------------
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Validate, run (batched when the model batches) and return the requested outputs."""
+        if not self.accepting:
+            raise ServerError(ErrorCode.UNAVAILABLE, "server is shutting down: request refused")
         started = time.perf_counter_ns()
         model = self._manager.get(request.model_name, request.model_version)
         config = model.config
+        model.acquire()  # a reload or unload retires this version only after we finish
+        self.in_flight += 1
         try:
             inputs, rows = validate_inputs(config, request)
             names = requested_outputs(config, request)
@@ -133,9 +161,14 @@ class DataPlane:
             if model.postprocess is not None:
                 arrays = await _hook(config.name, "postprocess", model.postprocess, arrays)
             outputs = [self._output(config, name, arrays) for name in names]
-        except BaseException:
-            model.stats.record_failure(time.perf_counter_ns() - started)
+        except BaseException as exc:
+            model.stats.record_failure(time.perf_counter_ns() - started, failure_code(exc))
             raise
+        finally:
+            model.release()
+            self.in_flight -= 1
+            if self._drained is not None and not self.in_flight:
+                self._drained.set()
         model.stats.record_success(
             rows,
             time.perf_counter_ns() - started,
@@ -151,6 +184,9 @@ class DataPlane:
             outputs,
             queue_ns=timings.queue_ns,
             compute_ns=timings.infer_ns,
+            compute_input_ns=timings.input_ns,
+            compute_output_ns=timings.output_ns,
+            batch_size=timings.batch_size,
         )
 
     @staticmethod

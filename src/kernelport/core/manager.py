@@ -1,27 +1,47 @@
-"""ModelManager: loads model versions from the repository and tracks their readiness."""
+"""ModelManager: loads model versions from the repository, swaps them atomically on reload,
+and tracks their readiness.
+
+Reload semantics: the new versions are loaded while the old ones keep serving; then one
+assignment swaps them in (new requests resolve to the new versions from that instant); the
+old versions are retired only after every request that resolved to them has finished. A
+request never sees a version disappear under it, so a reload fails no request.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Literal, Protocol
 
-from kernelport.backends.base import Arrays, Backend, LoadContext
+from kernelport.backends.base import Arrays, Backend, LoadContext, ModelInstance
 from kernelport.core.batcher import ModelQueue
 from kernelport.core.execution import Worker, WorkerPool
 from kernelport.core.model_config import ModelConfig, parse_model_config
-from kernelport.core.repository import ModelSource, read_config, scan
+from kernelport.core.repository import (
+    ConfigDocument,
+    ConfigReader,
+    ModelSource,
+    parse_override,
+    read_config,
+    remove_staged,
+    scan,
+    stage_files,
+)
+from kernelport.core.reshape import ReshapedInstance, framework_config, has_reshape
 from kernelport.core.scheduler import DeviceScheduler, Discipline
 from kernelport.core.stats import ModelStats
 from kernelport.errors import ErrorCode, ServerError, invalid, not_found, unavailable
 from kernelport.types import RepositoryEntry
 
 log = logging.getLogger("kernelport.models")
+
+ControlMode = Literal["none", "explicit", "poll"]
 
 
 class ModelState(enum.Enum):
@@ -50,9 +70,23 @@ class ModelVersion:
     #: per-request hooks a backend may offer (Python models); they run outside the batch
     preprocess: Callable[[Arrays], Arrays] | None = None
     postprocess: Callable[[Arrays], Arrays] | None = None
+    active: int = 0  # requests between acquire() and release()
+    _idle: asyncio.Event | None = None
+
+    def acquire(self) -> None:
+        """A request is using this version: close() waits for it."""
+        self.active += 1
+
+    def release(self) -> None:
+        self.active -= 1
+        if self.active == 0 and self._idle is not None:
+            self._idle.set()
 
     async def close(self) -> None:
-        """Finish what is queued and running, then release the instances."""
+        """Wait for the requests using this version, then release its instances."""
+        while self.active:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
         await self.queue.close()
         await asyncio.to_thread(self.pool.close)
 
@@ -66,6 +100,8 @@ class ModelEntry:
     reason: str = ""
     versions: dict[int, ModelVersion] = field(default_factory=dict)
     config: ModelConfig | None = None
+    unloaded: tuple[int, ...] | None = None  # set once unloaded on request: its last versions
+    staged: ModelSource | None = None  # temporary directory of a load request's files
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,21 +110,35 @@ class ManagerSettings:
     default_max_batch_size: int = 4
     scheduler: Discipline = "fifo"
     device_slots: int = 0  # batches running at once per device; 0 = unlimited
+    control_mode: ControlMode = "none"
+    startup_models: tuple[str, ...] = ()  # explicit mode: loaded at start ("*" = all)
 
 
 class ModelManager:
-    """Owns every loaded model. Mutated only from the event loop."""
+    """Owns every loaded model. Mutated only from the event loop; one load or unload of a
+    given model at a time (different models load concurrently)."""
 
     def __init__(
         self,
         settings: ManagerSettings,
         backends: BackendResolver,
+        config_reader: ConfigReader | None = None,
     ) -> None:
         self._settings = settings
         self._backends = backends
+        self._reader = config_reader
         self._devices: dict[str, DeviceScheduler] = {}
         self._models: dict[str, ModelEntry] = {}
         self._sources: dict[str, ModelSource] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def control_mode(self) -> ControlMode:
+        return self._settings.control_mode
+
+    @property
+    def repositories(self) -> tuple[Path, ...]:
+        return self._settings.repositories
 
     # --- queries -------------------------------------------------------------------------
 
@@ -96,6 +146,8 @@ class ModelManager:
         """The version to serve ``name`` with; NOT_FOUND / UNAVAILABLE naming what exists."""
         entry = self._models.get(name)
         if entry is None:
+            if name in self._sources:  # in the repository (as of the last scan), not loaded
+                raise unavailable(f"model '{name}' is not loaded (it is in the model repository)")
             raise not_found(f"model '{name}' is not found (known models: {self._known()})")
         if not entry.versions:
             why = f": {entry.reason}" if entry.reason else ""
@@ -111,24 +163,32 @@ class ModelManager:
         return [self._models[n] for n in sorted(self._models)]
 
     def ready(self) -> bool:
-        return all(e.state is ModelState.READY for e in self._models.values())
+        """Every model asked for is ready (models unloaded on request do not count)."""
+        return all(
+            e.state is ModelState.READY or e.unloaded is not None for e in self._models.values()
+        )
 
     def index(self) -> list[RepositoryEntry]:
-        """Every model on disk or loaded, with its state (name-only when never loaded)."""
+        """Every model on disk or known, with its state (name-only when never loaded)."""
         self._sources = self._scan_quietly()
         out: list[RepositoryEntry] = []
         for name in sorted(set(self._sources) | set(self._models)):
             entry = self._models.get(name)
             if entry is None:
                 out.append(RepositoryEntry(name, "", "", ""))
-            elif entry.versions:
-                out.extend(
-                    RepositoryEntry(name, str(v), entry.state.value, entry.reason)
-                    for v in sorted(entry.versions)
-                )
+                continue
+            versions = sorted(entry.versions) or list(entry.unloaded or ())
+            state = entry.state.value
+            if versions:
+                out.extend(RepositoryEntry(name, str(v), state, entry.reason) for v in versions)
             else:
-                out.append(RepositoryEntry(name, "", entry.state.value, entry.reason))
+                out.append(RepositoryEntry(name, "", state, entry.reason))
         return out
+
+    def scan(self) -> dict[str, ModelSource]:
+        """The models in the repositories now (raises when a repository is unreadable)."""
+        self._sources = scan(list(self._settings.repositories))
+        return self._sources
 
     def _known(self) -> str:
         return ", ".join(sorted(self._models)) or "none"
@@ -140,77 +200,170 @@ class ModelManager:
             log.error("repository scan failed: %s", exc.message)
             return self._sources
 
+    def require_explicit(self, verb: str, name: str) -> None:
+        """The repository API may load and unload only in explicit mode (as in Triton)."""
+        mode = self._settings.control_mode
+        if mode != "explicit":
+            raise unavailable(
+                f"cannot {verb} model '{name}': explicit model load / unload is not allowed "
+                f"in model control mode '{mode}' (start the server with "
+                "--model-control-mode explicit)"
+            )
+
     # --- lifecycle -----------------------------------------------------------------------
 
-    async def load_all(self) -> None:
-        """Load every model in the repositories; a failure is recorded, never fatal."""
-        self._sources = scan(list(self._settings.repositories))
-        for name in sorted(self._sources):
-            await self.load(name)
+    async def load_initial(self) -> None:
+        """Startup: every model (modes none and poll) or the ``startup_models`` (explicit).
 
-    async def load(self, name: str, override: dict[str, Any] | None = None) -> ModelEntry:
-        """Load (or reload) ``name``. On failure the entry is UNAVAILABLE with the reason."""
-        self._sources = self._scan_quietly()
-        source = self._sources.get(name)
-        if source is None:
-            raise not_found(f"model '{name}' is not in the model repository")
+        A model that fails is recorded UNAVAILABLE with the reason, never fatal.
+        """
+        sources = self.scan()
+        names = sorted(sources)
+        if self._settings.control_mode == "explicit":
+            wanted = self._settings.startup_models
+            names = names if "*" in wanted else list(dict.fromkeys(wanted))
+        for name in names:
+            if name not in sources:
+                reason = "not in the model repository"
+                log.error("model '%s' failed to load: %s", name, reason)
+                self._models[name] = ModelEntry(name, ModelState.UNAVAILABLE, reason)
+                continue
+            with contextlib.suppress(ServerError):  # recorded and logged by load()
+                await self.load(name)
+
+    async def load(
+        self, name: str, config: str | None = None, files: Mapping[str, bytes] | None = None
+    ) -> ModelEntry:
+        """Load ``name``, or reload it (atomically, see the module doc) when it is loaded.
+
+        ``config`` is a config override (Triton's JSON model config, or a model.yaml mapping
+        as JSON); ``files`` (``file:<version>/<path>`` -> bytes, which need ``config``) form
+        the model directory instead of the repository's. On failure the error is raised, a
+        model that was serving keeps serving its old versions, and a model that was not is
+        recorded UNAVAILABLE with the reason.
+        """
+        async with self._lock(name):
+            return await self._load(name, config, files or {})
+
+    async def _load(self, name: str, config: str | None, files: Mapping[str, bytes]) -> ModelEntry:
+        override = parse_override(config, self._reader) if config is not None else None
+        staged: ModelSource | None = None
+        if files:
+            if override is None:
+                raise invalid(f"model '{name}': file parameters need the 'config' parameter too")
+            staged = source = stage_files(name, files)
+        else:
+            self._sources = self._scan_quietly()
+            found = self._sources.get(name)
+            if found is None:
+                raise not_found(f"model '{name}' is not in the model repository")
+            source = found
         old = self._models.get(name)
-        entry = ModelEntry(name, ModelState.LOADING)
-        if old is None:
-            self._models[name] = entry
+        if old is None or not old.versions:
+            self._models[name] = ModelEntry(name, ModelState.LOADING)
         started = time.perf_counter()
         try:
             versions = await self._load_versions(source, override)
         except Exception as exc:
+            if staged is not None:
+                remove_staged(staged)
             reason = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
             log.error("model '%s' failed to load: %s", name, reason)
-            if old is None or not old.versions:
+            if old is not None and old.versions:
+                log.warning("model '%s' keeps serving versions %s", name, sorted(old.versions))
+                old.reason = f"reload failed: {reason}"
+            else:
                 self._models[name] = ModelEntry(name, ModelState.UNAVAILABLE, reason)
-            return self._models[name]
-        entry.versions = versions
-        entry.config = next(iter(versions.values())).config
-        entry.state = ModelState.READY
-        self._models[name] = entry  # atomic swap: new requests see the new versions from here
+            code = exc.code if isinstance(exc, ServerError) else ErrorCode.INVALID_ARGUMENT
+            if code is ErrorCode.INTERNAL:
+                code = ErrorCode.INVALID_ARGUMENT
+            raise ServerError(code, f"failed to load model '{name}': {reason}") from exc
         elapsed = time.perf_counter() - started
         for mv in versions.values():
             mv.load_seconds = elapsed
-        log.info("model '%s' ready (versions %s, %.2fs)", name, sorted(versions), elapsed)
-        if old is not None and old.versions:
+        entry = ModelEntry(
+            name,
+            ModelState.READY,
+            versions=versions,
+            config=versions[max(versions)].config,
+            staged=staged,
+        )
+        self._models[name] = entry  # the atomic swap: new requests resolve to these versions
+        verb = "reloaded" if old is not None and old.versions else "ready"
+        log.info("model '%s' %s (versions %s, %.2fs)", name, verb, sorted(versions), elapsed)
+        if old is not None:
             await self._retire(old)
         return entry
 
-    async def unload(self, name: str) -> None:
-        entry = self._models.get(name)
-        if entry is None:
-            raise not_found(f"model '{name}' is not loaded (known models: {self._known()})")
-        self._models[name] = ModelEntry(name, ModelState.UNAVAILABLE, "unloaded")
-        await self._retire(entry)
+    async def unload(
+        self, name: str, unload_dependents: bool = False, forget: bool = False
+    ) -> None:
+        """Unload ``name``: new requests get UNAVAILABLE at once, in-flight ones finish.
+
+        ``unload_dependents`` is accepted for Triton compatibility; it matters for ensembles,
+        which KernelPort does not have yet, so there is nothing else to unload. ``forget``
+        drops the model from the index (poll mode, when its directory is gone).
+        """
+        del unload_dependents
+        async with self._lock(name):
+            entry = self._models.get(name)
+            if entry is None:
+                raise not_found(f"model '{name}' is not loaded (known models: {self._known()})")
+            versions = tuple(sorted(entry.versions)) or entry.unloaded or ()
+            self._models[name] = ModelEntry(name, ModelState.UNLOADING, unloaded=versions)
+            await self._retire(entry)
+            if forget:
+                del self._models[name]
+            else:
+                self._models[name] = ModelEntry(
+                    name, ModelState.UNAVAILABLE, "unloaded", unloaded=versions
+                )
+            if entry.versions:
+                log.info("model '%s' unloaded (versions %s)", name, list(versions))
+
+    def known(self, name: str) -> bool:
+        return name in self._models
 
     async def close(self) -> None:
         for name in list(self._models):
             entry = self._models.pop(name)
             await self._retire(entry)
 
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
     async def _retire(self, entry: ModelEntry) -> None:
         for mv in entry.versions.values():
             await mv.close()
+        if entry.staged is not None:
+            remove_staged(entry.staged)
 
     async def _load_versions(
-        self, source: ModelSource, override: dict[str, Any] | None
+        self, source: ModelSource, override: ConfigDocument | None
     ) -> dict[int, ModelVersion]:
-        raw = dict(override) if override is not None else read_config(source)
-        where = str(source.config_file or source.path)
+        document = override if override is not None else read_config(source, self._reader)
+        for warning in document.warnings:
+            log.warning("model '%s': %s", source.name, warning)
+        raw = dict(document.raw)
+        where = document.source
         raw.setdefault("name", source.name)
         if raw["name"] != source.name:
             raise invalid(f"{where}: name '{raw['name']}' must match the directory '{source.name}'")
         if not source.versions:
-            raise not_found(f"model '{source.name}' has no numeric version directory in {source.path}")
+            raise not_found(
+                f"model '{source.name}' has no numeric version directory in {source.path}"
+            )
         if "backend" not in raw:
             guessed = self._backends.infer(source.path)
             if guessed is None:
-                raise invalid(f"{where}: no 'backend' given and no known model file to infer it from")
+                raise invalid(
+                    f"{where}: no 'backend' given and no known model file to infer it from"
+                )
             raw["backend"] = guessed
-        backend = self._backends.get(str(raw["backend"]))
+        try:
+            backend = self._backends.get(str(raw["backend"]))
+        except ServerError as exc:
+            raise ServerError(exc.code, f"{where}: backend: {exc.message}") from None
         raw["backend"] = backend.name
         raw.setdefault("platform", backend.platform)
         policy = parse_model_config(
@@ -219,7 +372,9 @@ class ModelManager:
         ).version_policy
         chosen = policy.select(list(source.versions))
         if not chosen:
-            raise not_found(f"model '{source.name}': version_policy selects none of {source.versions}")
+            raise not_found(
+                f"model '{source.name}': version_policy selects none of {source.versions}"
+            )
         raw.setdefault("default_max_batch_size", self._settings.default_max_batch_size)
         loaded: dict[int, ModelVersion] = {}
         try:
@@ -238,13 +393,17 @@ class ModelManager:
     async def _load_version(
         self, backend: Backend, config: ModelConfig, version: int, path: Path
     ) -> ModelVersion:
+        reshaped = has_reshape(config)
+        seen_by_backend = framework_config(config) if reshaped else config
         workers: list[Worker] = []
         try:
             for group in config.instance_group:
                 for _ in range(group.count):
                     index = len(workers)
-                    context = LoadContext(config, path, group.device, index)
-                    instance = await asyncio.to_thread(backend.load, context)
+                    context = LoadContext(seen_by_backend, path, group.device, index)
+                    instance: ModelInstance = await asyncio.to_thread(backend.load, context)
+                    if reshaped:
+                        instance = ReshapedInstance(instance, config)
                     workers.append(Worker(instance, f"{config.name}_{version}_{index}"))
         except BaseException:
             for worker in workers:
@@ -254,7 +413,9 @@ class ModelManager:
             raise ServerError(ErrorCode.INVALID_ARGUMENT, f"model '{config.name}' has no instances")
         pool = WorkerPool(workers)
         stats = ModelStats()
-        queue = ModelQueue(config, pool, stats, self.device(config.instance_group[0].device), config.weight)
+        queue = ModelQueue(
+            config, pool, stats, self.device(config.instance_group[0].device), config.weight
+        )
         first = workers[0].instance
         hooks = (getattr(first, "preprocess", None), getattr(first, "postprocess", None))
         return ModelVersion(config, version, pool, queue, stats, 0.0, *hooks)

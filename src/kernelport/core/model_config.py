@@ -6,6 +6,7 @@ rendered back in Triton's model-config JSON shape for the ``model_configuration`
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -28,6 +29,8 @@ class TensorConfig(_Strict):
     datatype: str
     dims: tuple[int, ...]
     optional: bool = False
+    #: the shape the framework sees instead of ``dims`` (Triton's ``reshape``), batch excluded
+    reshape: tuple[int, ...] | None = None
 
     @field_validator("datatype")
     @classmethod
@@ -45,6 +48,25 @@ class TensorConfig(_Strict):
         if any(d < -1 or d == 0 for d in value):
             raise ValueError(f"dims {list(value)}: each must be a positive size or -1 (variable)")
         return value
+
+    @model_validator(mode="after")
+    def _reshape_fits(self) -> TensorConfig:
+        shape = self.reshape
+        if shape is None:
+            return self
+        if any(d < -1 or d == 0 for d in shape):
+            raise ValueError(f"reshape {list(shape)}: each must be a positive size or -1")
+        if shape != self.dims and (shape.count(-1) > 1 or self.dims.count(-1) > 1):
+            raise ValueError(
+                f"reshape {list(shape)} of dims {list(self.dims)}: "
+                "at most one variable (-1) dimension is supported on each side"
+            )
+        if -1 not in shape and -1 not in self.dims and math.prod(shape) != math.prod(self.dims):
+            raise ValueError(
+                f"reshape {list(shape)} has {math.prod(shape)} elements, "
+                f"dims {list(self.dims)} have {math.prod(self.dims)}"
+            )
+        return self
 
 
 class DynamicBatching(_Strict):
@@ -175,6 +197,8 @@ def triton_config(config: ModelConfig) -> dict[str, Any]:
             "is_shape_tensor": False,
             "is_non_linear_format_io": False,
         }
+        if t.reshape is not None:
+            out["reshape"] = {"shape": list(t.reshape)}
         if is_input:
             out |= {"format": "FORMAT_NONE", "allow_ragged_batch": False, "optional": t.optional}
         else:

@@ -1,26 +1,61 @@
-"""Scans model repositories: ``<repo>/<model>/[model.yaml] <version>/<files>``."""
+"""Model repositories on disk: ``<repo>/<model>/[model.yaml | config.pbtxt] <version>/<files>``.
+
+Core reads ``model.yaml`` itself. Triton's ``config.pbtxt`` (protobuf text format) and
+Triton's JSON model config are read by a :class:`ConfigReader` passed in from outside core,
+so core never imports protobuf.
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
 
 import yaml
 
 from kernelport.errors import invalid, not_found
 
 CONFIG_FILES = ("model.yaml", "model.yml", "config.pbtxt")
+OVERRIDE_SOURCE = "load request parameter 'config'"
+
+#: what a file's state is taken to be: (path relative to the model directory, size, mtime ns)
+Fingerprint = tuple[tuple[str, int, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
 class ModelSource:
-    """A model directory found in a repository."""
+    """A model directory found in a repository (or staged from a load request's files)."""
 
     name: str
     path: Path
     config_file: Path | None
     versions: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigDocument:
+    """A model's config as a ``model.yaml``-shaped mapping, where it came from, and the
+    warnings reading it gave (features the server does not support and will ignore)."""
+
+    raw: dict[str, Any]
+    source: str
+    warnings: tuple[str, ...] = ()
+
+
+class ConfigReader(Protocol):
+    """Reads the config formats core cannot parse on its own."""
+
+    def read_pbtxt(self, path: Path) -> ConfigDocument:
+        """Translate a Triton ``config.pbtxt``; errors name the file and the field."""
+        ...
+
+    def read_triton_json(self, obj: dict[str, Any], source: str) -> ConfigDocument | None:
+        """Translate a Triton model config given as JSON, or None if ``obj`` is not one."""
+        ...
 
 
 def _versions(path: Path) -> tuple[int, ...]:
@@ -33,6 +68,15 @@ def _versions(path: Path) -> tuple[int, ...]:
     return tuple(sorted(found))
 
 
+def source_at(path: Path) -> ModelSource | None:
+    """The model in directory ``path``, or None when it holds no config and no version."""
+    config_file = next((path / f for f in CONFIG_FILES if (path / f).is_file()), None)
+    versions = _versions(path)
+    if config_file is None and not versions:
+        return None
+    return ModelSource(path.name, path, config_file, versions)
+
+
 def scan(roots: list[Path]) -> dict[str, ModelSource]:
     """All model directories under ``roots``; a name in two repositories is an error."""
     models: dict[str, ModelSource] = {}
@@ -42,32 +86,116 @@ def scan(roots: list[Path]) -> dict[str, ModelSource]:
         for path in sorted(root.iterdir()):
             if not path.is_dir() or path.name.startswith("."):
                 continue
-            config_file = next((path / f for f in CONFIG_FILES if (path / f).is_file()), None)
-            versions = _versions(path)
-            if config_file is None and not versions:
+            source = source_at(path)
+            if source is None:
                 continue
             if path.name in models:
                 raise invalid(
                     f"model '{path.name}' is in two repositories: "
                     f"{models[path.name].path} and {path}"
                 )
-            models[path.name] = ModelSource(path.name, path, config_file, versions)
+            models[path.name] = source
     return models
 
 
-def read_config(source: ModelSource) -> dict[str, Any]:
-    """The raw config mapping of a model (empty when it has no config file)."""
-    if source.config_file is None:
-        return {}
-    text = source.config_file.read_text()
-    if source.config_file.suffix == ".pbtxt":
-        raise invalid(f"{source.config_file}: Triton config.pbtxt is not supported yet")
+def read_config(source: ModelSource, reader: ConfigReader | None) -> ConfigDocument:
+    """The config of a model (an empty mapping when it has no config file)."""
+    file = source.config_file
+    if file is None:
+        return ConfigDocument({}, str(source.path))
+    if file.suffix == ".pbtxt":
+        if reader is None:
+            raise invalid(f"{file}: this server was built without a config.pbtxt reader")
+        return reader.read_pbtxt(file)
+    warnings: tuple[str, ...] = ()
+    if (source.path / "config.pbtxt").is_file():
+        warnings = (f"{file}: both {file.name} and config.pbtxt exist; using {file.name}",)
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.safe_load(file.read_text())
     except yaml.YAMLError as exc:
-        raise invalid(f"{source.config_file}: not valid YAML: {exc}") from None
+        raise invalid(f"{file}: not valid YAML: {exc}") from None
     if raw is None:
-        return {}
+        raw = {}
     if not isinstance(raw, dict):
-        raise invalid(f"{source.config_file}: expected a mapping at the top level")
-    return raw
+        raise invalid(f"{file}: expected a mapping at the top level")
+    return ConfigDocument(raw, str(file), warnings)
+
+
+def parse_override(text: str, reader: ConfigReader | None) -> ConfigDocument:
+    """A load request's ``config`` parameter: Triton's JSON model config (as Triton takes it)
+    or, failing that, the same mapping ``model.yaml`` holds, as JSON."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise invalid(f"{OVERRIDE_SOURCE}: not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise invalid(f"{OVERRIDE_SOURCE}: expected a JSON object holding a model config")
+    if reader is not None:
+        document = reader.read_triton_json(obj, OVERRIDE_SOURCE)
+        if document is not None:
+            return document
+    return ConfigDocument(obj, OVERRIDE_SOURCE)
+
+
+def stage_files(name: str, files: Mapping[str, bytes]) -> ModelSource:
+    """Write a load request's ``file:<version>/<path>`` contents into a fresh temporary model
+    directory, as Triton does; the caller removes it with :func:`remove_staged`."""
+    root = Path(tempfile.mkdtemp(prefix="kernelport-load-"))
+    model = root / name
+    try:
+        model.mkdir()
+        for key, content in files.items():
+            relative = PurePosixPath(key.removeprefix("file:"))
+            if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+                raise invalid(
+                    f"load parameter '{key}': expected 'file:<version>/<path>' "
+                    "relative to the model directory"
+                )
+            target = model.joinpath(*relative.parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+        source = source_at(model)
+        if source is None or not source.versions:
+            raise invalid(
+                f"model '{name}': the load request's files hold no numeric version directory "
+                "(expected keys like 'file:1/model.onnx')"
+            )
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    # The files never carry the config: the request's 'config' parameter is the config.
+    return ModelSource(name, model, None, source.versions)
+
+
+def remove_staged(source: ModelSource) -> None:
+    shutil.rmtree(source.path.parent, ignore_errors=True)
+
+
+def _skipped(name: str) -> bool:
+    # Editor swap files, caches and bytecode are not part of a model.
+    return name.startswith(".") or name == "__pycache__" or name.endswith((".pyc", "~"))
+
+
+def fingerprint(path: Path) -> Fingerprint:
+    """What a model directory holds now; any added, removed or rewritten file changes it."""
+    found: list[tuple[str, int, int]] = []
+
+    def walk(directory: Path) -> None:
+        try:
+            children = list(directory.iterdir())
+        except OSError:
+            return  # removed while we looked: the next scan sees the result
+        for child in children:
+            if _skipped(child.name):
+                continue
+            try:
+                if child.is_dir():
+                    walk(child)
+                    continue
+                stat = child.stat()
+            except OSError:
+                continue
+            found.append((child.relative_to(path).as_posix(), stat.st_size, stat.st_mtime_ns))
+
+    walk(path)
+    return tuple(sorted(found))

@@ -1,9 +1,26 @@
-"""Per-model-version counters for the statistics extension (Triton's semantics)."""
+"""Per-model-version counters for the statistics extension (Triton's semantics).
+
+Everything here is plain integers updated on the event loop thread: the request path pays a
+few additions and two bisects, and exporters (statistics JSON, Prometheus) read the totals
+when asked. Core imports no metrics library; ``observability.metrics`` turns these into
+Prometheus families at scrape time.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from bisect import bisect_left
 from dataclasses import dataclass, field
+
+from kernelport.errors import ServerError
+
+# Upper bounds (le) of the latency histograms, in nanoseconds: 100 us .. 10 s.
+LATENCY_BOUNDS_NS: tuple[int, ...] = tuple(
+    int(s * 1e9)
+    for s in (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+              0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -14,6 +31,19 @@ class Duration:
     def add(self, ns: int, count: int = 1) -> None:
         self.count += count
         self.ns += ns
+
+
+@dataclass(slots=True)
+class Histogram:
+    """Bucket counts (not cumulative; the last bucket is +Inf) and the sum of observations."""
+
+    bounds: tuple[int, ...] = LATENCY_BOUNDS_NS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_NS) + 1))
+    total: int = 0
+
+    def observe(self, value: int) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # value <= bound: Prometheus' le
+        self.total += value
 
 
 @dataclass(slots=True)
@@ -38,11 +68,16 @@ class ModelStats:
     compute_output: Duration = field(default_factory=Duration)
     batches: dict[int, BatchStats] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count (queue full, ...)
+    failures: dict[str, int] = field(default_factory=dict)  # failure_code() -> count
+    request_latency: Histogram = field(default_factory=Histogram)  # successful requests
+    queue_latency: Histogram = field(default_factory=Histogram)
 
     def record_rejection(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
-    def record_execution(self, batch_size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+    def record_execution(
+        self, batch_size: int, input_ns: int, infer_ns: int, output_ns: int
+    ) -> None:
         self.execution_count += 1
         entry = self.batches.get(batch_size)
         if entry is None:
@@ -61,6 +96,27 @@ class ModelStats:
         self.compute_input.add(input_ns)
         self.compute_infer.add(infer_ns)
         self.compute_output.add(output_ns)
+        # Histogram.observe, inlined: this runs once per request.
+        latency, queued = self.request_latency, self.queue_latency
+        latency.counts[bisect_left(latency.bounds, total_ns)] += 1
+        latency.total += total_ns
+        queued.counts[bisect_left(queued.bounds, queue_ns)] += 1
+        queued.total += queue_ns
 
-    def record_failure(self, total_ns: int) -> None:
+    def record_failure(self, total_ns: int, code: str = "UNKNOWN") -> None:
+        """One failed request; ``code`` is ``failure_code(exc)`` (an ErrorCode value)."""
         self.fail.add(total_ns)
+        self.failures[code] = self.failures.get(code, 0) + 1
+
+
+def failure_code(exc: BaseException) -> str:
+    """The ErrorCode value a failed request is counted under.
+
+    A client that went away surfaces as ``asyncio.CancelledError``: CANCELLED. Anything that
+    is not a ServerError is a bug on our side: UNKNOWN.
+    """
+    if isinstance(exc, ServerError):
+        return exc.code.value
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED"
+    return "UNKNOWN"

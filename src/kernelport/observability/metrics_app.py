@@ -6,13 +6,16 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from kernelport.observability.metrics import CONTENT_TYPE, render
 
 
 class MetricsApp:
     """ASGI app over a registry the server owns."""
 
-    def __init__(self, registry: CollectorRegistry, live: Callable[[], bool], ready: Callable[[], bool]) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, live: Callable[[], bool], ready: Callable[[], bool]
+    ) -> None:
         self._registry = registry
         self._live = live
         self._ready = ready
@@ -25,7 +28,7 @@ class MetricsApp:
         if scope["method"] != "GET":
             status, body = 405, b"Method Not Allowed\n"
         elif path == "/metrics":
-            status, body, ctype = 200, generate_latest(self._registry), CONTENT_TYPE_LATEST.encode()
+            status, body, ctype = 200, render(self._registry), CONTENT_TYPE.encode()
         elif path == "/healthz":
             status, body = (200, b"ok\n") if self._live() else (503, b"not live\n")
         elif path == "/readyz":

@@ -10,14 +10,14 @@ from dataclasses import asdict
 from typing import Any
 
 import grpc
-import orjson
 from google.protobuf import json_format
 
 from kernelport.config import Config
 from kernelport.core.dataplane import DataPlane
 from kernelport.core.manager import ModelVersion
 from kernelport.core.model_config import triton_config
-from kernelport.errors import ErrorCode, ServerError, invalid
+from kernelport.errors import ErrorCode, ServerError
+from kernelport.observability.telemetry import Telemetry
 from kernelport.protocols.grpc import codec, kernelport_v1, pb
 from kernelport.protocols.grpc.errors import GRPC_STATUS
 
@@ -76,8 +76,9 @@ def _statistics(mv: ModelVersion) -> Any:
 class InferenceServicer:
     """Each RPC is a few lines of translation around one DataPlane call."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, telemetry: Telemetry | None = None) -> None:
         self._dp = dataplane
+        self._telemetry = telemetry if telemetry is not None else Telemetry()
 
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return msgs.ServerLiveResponse(live=self._dp.live())
@@ -116,8 +117,31 @@ class InferenceServicer:
         return msgs.ModelStatisticsResponse(model_stats=[_statistics(mv) for mv in models])
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        response = await self._dp.infer(codec.decode_request(request))
-        return codec.encode_response(response)
+        telemetry = self._telemetry
+        tracing = telemetry.tracing
+        trace = tracing.begin(request.model_name, "grpc") if tracing.enabled else None
+        try:
+            decoded = codec.decode_request(request)
+            if trace is not None:
+                trace.carrier = _metadata(context)  # a client's W3C traceparent
+                trace.decoded()
+            response = await self._dp.infer(decoded)
+            if trace is not None:
+                trace.inferred(response)
+            out = codec.encode_response(response)
+        except ServerError as exc:
+            request_id = _request_id(telemetry, request, context)
+            telemetry.failed("grpc", request_id, request.model_name, exc)
+            context.set_trailing_metadata((("x-request-id", request_id),))
+            if trace is not None:
+                trace.finish(request_id, request.model_name, request.model_version, exc)
+            raise
+        if trace is not None or telemetry.debug():
+            request_id = _request_id(telemetry, request, context)
+            if trace is not None:
+                trace.finish(request_id, response.model_name, response.model_version)
+            telemetry.succeeded("grpc", request_id, response)
+        return out
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[Any], context: Any
@@ -134,6 +158,8 @@ class InferenceServicer:
                 response.parameters["triton_final_response"].bool_param = True
                 await done.put(msgs.ModelStreamInferResponse(infer_response=response))
             except ServerError as exc:
+                request_id = _request_id(self._telemetry, message, context)
+                self._telemetry.failed("grpc stream", request_id, message.model_name, exc)
                 failed = msgs.ModelInferResponse(
                     id=message.id, model_name=message.model_name, model_version=message.model_version
                 )
@@ -166,16 +192,52 @@ class InferenceServicer:
         return out
 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
-        override = None
-        if "config" in request.parameters:
-            parsed = _json_object(request.parameters["config"].string_param)
-            override = parsed
-        await self._dp.load_model(request.model_name, override)
+        params = request.parameters
+        config = params["config"].string_param if "config" in params else None
+        files = {k: v.bytes_param for k, v in params.items() if k.startswith("file:")}
+        await self._dp.load_model(request.model_name, config, files)
         return msgs.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
-        await self._dp.unload_model(request.model_name)
+        params = request.parameters
+        dependents = "unload_dependents" in params and params["unload_dependents"].bool_param
+        await self._dp.unload_model(request.model_name, dependents)
         return msgs.RepositoryModelUnloadResponse()
+
+    async def TraceSetting(self, request: Any, context: Any) -> Any:
+        tracing = self._telemetry.tracing
+        model = request.model_name
+        if model:
+            self._dp.model_config(model)  # NOT_FOUND for an unknown model
+        if request.settings:
+            values = {k: (list(v.value) or None) for k, v in request.settings.items()}
+            settings = tracing.update(values, model)
+        else:
+            settings = tracing.settings(model)
+        out = msgs.TraceSettingResponse()
+        for key, value in settings.items():
+            out.settings[key].value.extend(value if isinstance(value, list) else [value])
+        return out
+
+    async def LogSettings(self, request: Any, context: Any) -> Any:
+        logs = self._telemetry.logs
+        if request.settings:
+            values = {}
+            for key, value in request.settings.items():
+                which = value.WhichOneof("parameter_choice")
+                values[key] = getattr(value, which) if which else None
+            settings = logs.update(values)
+        else:
+            settings = logs.get()
+        out = msgs.LogSettingsResponse()
+        for key, value in settings.items():
+            if isinstance(value, bool):
+                out.settings[key].bool_param = value
+            elif isinstance(value, int):
+                out.settings[key].uint32_param = value
+            else:
+                out.settings[key].string_param = value
+        return out
 
     async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
         if request.name:
@@ -194,22 +256,28 @@ class InferenceServicer:
         return msgs.CudaSharedMemoryUnregisterResponse()
 
 
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        parsed = orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        raise invalid(f"parameter 'config' is not valid JSON: {exc}") from None
-    if not isinstance(parsed, dict):
-        raise invalid("parameter 'config' must hold a JSON object")
-    return parsed
-
-
 class KernelPortServicer:
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, telemetry: Telemetry | None = None) -> None:
         self._dp = dataplane
+        self._telemetry = telemetry if telemetry is not None else Telemetry()
 
     async def Infer(self, request: Any, context: Any) -> Any:
-        return kernelport_v1.encode(await self._dp.infer(kernelport_v1.decode(request)))
+        try:
+            return kernelport_v1.encode(await self._dp.infer(kernelport_v1.decode(request)))
+        except ServerError as exc:
+            request_id = self._telemetry.request_id(_metadata(context).get("x-request-id", ""))
+            self._telemetry.failed("kernelport.v1", request_id, request.model, exc)
+            context.set_trailing_metadata((("x-request-id", request_id),))
+            raise
+
+
+def _metadata(context: Any) -> dict[str, str]:
+    return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+
+
+def _request_id(telemetry: Telemetry, message: Any, context: Any) -> str:
+    """The request's ``id``, else its ``x-request-id`` metadata, else a new id."""
+    return telemetry.request_id(message.id, _metadata(context).get("x-request-id", ""))
 
 
 def _handlers(servicer: object, service: str) -> grpc.GenericRpcHandler:
@@ -225,8 +293,11 @@ def _handlers(servicer: object, service: str) -> grpc.GenericRpcHandler:
 class GrpcFrontEnd:
     """Owns the grpc.aio server; created in ``start`` so it binds to the running loop."""
 
-    def __init__(self, dataplane: DataPlane, config: Config) -> None:
+    def __init__(
+        self, dataplane: DataPlane, config: Config, telemetry: Telemetry | None = None
+    ) -> None:
         self._dataplane = dataplane
+        self._telemetry = telemetry if telemetry is not None else Telemetry()
         self._limit = config.grpc_max_message_bytes
         self._server: grpc.aio.Server | None = None
 
@@ -238,10 +309,11 @@ class GrpcFrontEnd:
                 ("grpc.so_reuseport", 0),
             ]
         )
+        dp, telemetry = self._dataplane, self._telemetry
         server.add_generic_rpc_handlers(
             (
-                _handlers(InferenceServicer(self._dataplane), pb.INFERENCE_SERVICE),
-                _handlers(KernelPortServicer(self._dataplane), pb.KERNELPORT_SERVICE),
+                _handlers(InferenceServicer(dp, telemetry), pb.INFERENCE_SERVICE),
+                _handlers(KernelPortServicer(dp, telemetry), pb.KERNELPORT_SERVICE),
             )
         )
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import gzip
 import logging
 import re
@@ -15,6 +17,7 @@ import orjson
 from kernelport.core.dataplane import DataPlane
 from kernelport.core.model_config import triton_config
 from kernelport.errors import ErrorCode, ServerError, invalid
+from kernelport.observability.telemetry import Telemetry, header_value
 from kernelport.protocols.rest import codec
 from kernelport.protocols.rest.errors import HTTP_STATUS
 from kernelport.protocols.rest.stats import statistics_json
@@ -29,7 +32,7 @@ Headers = list[tuple[bytes, bytes]]
 _JSON = [(b"content-type", b"application/json")]
 _MODEL = re.compile(
     r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[0-9]+))?"
-    r"(?:/(?P<verb>infer|ready|config|stats))?$"
+    r"(?:/(?P<verb>infer|ready|config|stats|trace/setting))?$"
 )
 _REPO = re.compile(
     r"^/v2/repository(?:/(?P<repo>[^/]+))?/(?:index|models/(?P<model>[^/]+)/(?P<verb>load|unload))$"
@@ -85,8 +88,9 @@ def _accepted_encoding(header: str) -> str | None:
 class RestApp:
     """ASGI callable: ``await app(scope, receive, send)``."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, telemetry: Telemetry | None = None) -> None:
         self._dp = dataplane
+        self._telemetry = telemetry if telemetry is not None else Telemetry()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,12 +123,20 @@ class RestApp:
             return _only(method, "GET") or Response(200 if dp.ready() else 400)
         if path == "/v2":
             return _only(method, "GET") or json_response(asdict(dp.server_metadata()))
+        if path == "/v2/trace/setting":
+            return self._trace_setting(method, "", body)
+        if path == "/v2/logging":
+            if method == "POST":
+                return json_response(self._telemetry.logs.update(_settings_object(body)))
+            return _only(method, "GET") or json_response(self._telemetry.logs.get())
         if path == "/v2/models/stats":
             return _only(method, "GET") or json_response(statistics_json(dp.model_statistics()))
         match = _MODEL.match(path)
         if match:
             return await self._model(method, match["model"], match["version"] or "", match["verb"], headers, body)
         match = _REPO.match(path)
+        if match and match["repo"] and match["verb"]:
+            return error_response(501, "load and unload in a named repository are not supported")
         if match:
             return _only(method, "POST") or await self._repository(match["model"], match["verb"], body)
         match = _SHM.match(path)
@@ -138,6 +150,11 @@ class RestApp:
         dp = self._dp
         if verb == "infer":
             return _only(method, "POST") or await self._infer(model, version, headers, body)
+        if verb == "trace/setting":
+            if version:
+                return error_response(400, "trace settings are per model, not per version")
+            dp.model_config(model)  # NOT_FOUND for an unknown model
+            return self._trace_setting(method, model, body)
         bad_method = _only(method, "GET")
         if bad_method:
             return bad_method
@@ -153,17 +170,36 @@ class RestApp:
         return json_response(statistics_json(dp.model_statistics(model, version)))
 
     async def _infer(self, model: str, version: str, headers: dict[str, str], body: bytes) -> Response:
-        raw_length = headers.get(codec.HEADER_LENGTH)
-        header_length = None
-        if raw_length is not None:
-            if not raw_length.strip().isdigit():
-                raise invalid(f"Inference-Header-Content-Length '{raw_length}' is not a number")
-            header_length = int(raw_length)
-        request = codec.decode_request(body, header_length, model, version)
-        if not request.id:
-            request.id = headers.get("x-request-id", "")
-        response = await self._dp.infer(request)
-        payload, json_length = codec.encode_response(request, response)
+        telemetry = self._telemetry
+        tracing = telemetry.tracing
+        trace = tracing.begin(model, "http") if tracing.enabled else None
+        if trace is not None:
+            trace.carrier = headers  # a client's W3C traceparent becomes the parent span
+        request_id = headers.get("x-request-id", "")
+        try:
+            raw_length = headers.get(codec.HEADER_LENGTH)
+            header_length = None
+            if raw_length is not None:
+                if not raw_length.strip().isdigit():
+                    raise invalid(f"Inference-Header-Content-Length '{raw_length}' is not a number")
+                header_length = int(raw_length)
+            request = codec.decode_request(body, header_length, model, version)
+            # The body's id wins; the response body echoes only that one (Triton's semantics).
+            request_id = request.id or request_id or telemetry.new_id()
+            if trace is not None:
+                trace.decoded()
+            response = await self._dp.infer(request)
+            if trace is not None:
+                trace.inferred(response)
+            payload, json_length = codec.encode_response(request, response)
+        except ServerError as exc:
+            request_id = request_id or telemetry.new_id()
+            telemetry.failed("http", request_id, model, exc)
+            if trace is not None:
+                trace.finish(request_id, model, version, exc)
+            failed = error_response(HTTP_STATUS[exc.code], exc.message)
+            failed.headers.append((b"x-request-id", header_value(request_id)))
+            return failed
         out_headers: Headers
         if json_length is None:
             out_headers = list(_JSON)
@@ -172,6 +208,7 @@ class RestApp:
                 (b"content-type", b"application/octet-stream"),
                 (b"inference-header-content-length", str(json_length).encode()),
             ]
+        out_headers.append((b"x-request-id", header_value(request_id)))
         accept = headers.get("accept-encoding")
         if accept:
             encoding = _accepted_encoding(accept)
@@ -181,7 +218,16 @@ class RestApp:
                 payload = zlib.compress(payload, 1)
             if encoding:
                 out_headers.append((b"content-encoding", encoding.encode()))
+        if trace is not None:
+            trace.finish(request_id, response.model_name, response.model_version)
+        telemetry.succeeded("http", request_id, response)
         return Response(200, payload, out_headers)
+
+    def _trace_setting(self, method: str, model: str, body: bytes) -> Response:
+        tracing = self._telemetry.tracing
+        if method == "POST":
+            return json_response(tracing.update(_settings_object(body), model))
+        return _only(method, "GET") or json_response(tracing.settings(model))
 
     async def _repository(self, model: str | None, verb: str | None, body: bytes) -> Response:
         dp = self._dp
@@ -202,17 +248,37 @@ class RestApp:
                 ]
             )
         params = obj.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise invalid("'parameters' must be a JSON object")
         if verb == "load":
-            override = None
-            if "config" in params:
-                parsed = codec._parse_json(str(params["config"]).encode(), "parameter 'config'")
-                if not isinstance(parsed, dict):
-                    raise invalid("parameter 'config' must hold a JSON object")
-                override = parsed
-            await dp.load_model(model, override)
+            config = params.get("config")
+            if config is not None and not isinstance(config, str):
+                config = orjson.dumps(config).decode()  # an object given instead of its text
+            files = {k: _base64(k, v) for k, v in params.items() if k.startswith("file:")}
+            await dp.load_model(model, config, files)
         else:
-            await dp.unload_model(model)
+            dependents = params.get("unload_dependents", False)
+            if not isinstance(dependents, bool):
+                raise invalid("parameter 'unload_dependents' must be a boolean")
+            await dp.unload_model(model, dependents)
         return Response(200)
+
+
+def _base64(key: str, value: Any) -> bytes:
+    """A ``file:<path>`` load parameter: the file's bytes as base64 text (Triton's form)."""
+    if not isinstance(value, str):
+        raise invalid(f"parameter '{key}' must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise invalid(f"parameter '{key}' is not valid base64: {exc}") from None
+
+
+def _settings_object(body: bytes) -> dict[str, Any]:
+    obj = codec._parse_json(body, "request body") if body.strip() else {}
+    if not isinstance(obj, dict):
+        raise invalid("request body must be a JSON object of settings")
+    return obj
 
 
 def _only(method: str, allowed: str) -> Response | None:

@@ -1,0 +1,1 @@
+"""Model lifecycle drivers that sit above core (the repository poller)."""
