@@ -427,3 +427,39 @@ def test_edf_sheds_requests_that_cannot_meet_their_deadline(tmp_path: Path) -> N
     assert "cannot meet its deadline" in hopeless.message()
     assert feasible.as_numpy("OUTPUT0").shape == (1, 1)
     assert int(stats["execution_count"]) == 2  # the hopeless request never ran
+
+
+def test_http_client_disconnect_drops_queued_request(batching_server: RunningServer) -> None:
+    import json
+    import socket
+
+    before = _stats(batching_server, "slow")
+
+    async def scenario() -> None:
+        client = grpc_aio.InferenceServerClient(batching_server.grpc_url)
+        try:
+            blocker = asyncio.create_task(
+                client.infer("slow", [_input("INPUT0", _delays([400])[0])])
+            )
+            await asyncio.sleep(0.05)
+            body = json.dumps(
+                {"inputs": [{"name": "INPUT0", "shape": [1, 1], "datatype": "FP32", "data": [1]}]}
+            ).encode()
+            request = (
+                f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+            # Send a request that queues behind the blocker, then hang up.
+            with socket.create_connection(("127.0.0.1", batching_server.http_port)) as sock:
+                sock.sendall(request)
+                await asyncio.sleep(0.1)
+            await blocker
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
+    after = _stats(batching_server, "slow")
+    assert int(after["execution_count"]) - int(before["execution_count"]) == 1
+    assert int(after["inference_stats"]["fail"]["count"]) > int(
+        before["inference_stats"]["fail"]["count"]
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import gzip
@@ -101,7 +102,11 @@ class RestApp:
             encoding = headers.get("content-encoding", "identity").strip().lower()
             if body and encoding not in ("", "identity"):
                 body = _decompress(body, encoding)
-            response = await self._route(scope["method"], scope["path"], headers, body)
+            route = self._route(scope["method"], scope["path"], headers, body)
+            if scope["path"].endswith("/infer"):
+                response = await _unless_disconnected(route, receive)
+            else:
+                response = await route
         except ServerError as exc:
             response = error_response(HTTP_STATUS[exc.code], exc.message)
             if exc.code is ErrorCode.UNSUPPORTED and "Content-Encoding" in exc.message:
@@ -295,6 +300,34 @@ def _shared_memory(verb: str, region: str | None) -> Response:
     if verb == "unregister":
         return Response(200)
     return error_response(501, "shared memory is not supported yet")
+
+
+async def _unless_disconnected(work: Awaitable[Response], receive: Receive) -> Response:
+    """Run ``work``, cancelling it if the client goes away first.
+
+    Cancelling drops a queued request before it executes, so a departed client costs no
+    device time.
+    """
+    current = asyncio.current_task()
+    assert current is not None
+
+    def on_message(watch: asyncio.Future[dict[str, Any]]) -> None:
+        if not watch.cancelled() and watch.exception() is None:
+            if watch.result().get("type") == "http.disconnect" and not finished:
+                current.cancel()
+
+    finished = False
+    watcher = asyncio.ensure_future(receive())
+    watcher.add_done_callback(on_message)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            raise ServerError(ErrorCode.CANCELLED, "client disconnected") from None
+        raise
+    finally:
+        finished = True
+        watcher.cancel()
 
 
 async def _read_body(receive: Receive) -> bytes:
