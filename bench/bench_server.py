@@ -40,6 +40,7 @@ from make_models import build_repository  # bench/ is sys.path[0] when run as a 
 
 ROOT = Path(__file__).resolve().parent.parent
 PERF_ANALYZER = ROOT / "scripts" / "perf_analyzer"
+PEERS_TOOLS = ROOT.parent / "shared" / "tools" / "peers"
 OUT_DIR = ROOT / "bench" / "out"
 MODEL = "mlp"
 PRESETS = {"mlp": (512, 3), "wide": (2048, 3)}  # (width, layers): tiny vs compute-bound
@@ -121,7 +122,7 @@ def wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: flo
     """Poll server readiness, then model readiness, until 200; return seconds waited."""
     t0 = time.monotonic()
     base = f"http://127.0.0.1:{port}/v2"
-    pending = [f"{base}/health/ready", f"{base}/models/{MODEL}/ready"]
+    pending = [f"{base}/models/{MODEL}/ready", f"{base}/health/ready"]
     while pending:
         if proc.poll() is not None or time.monotonic() - t0 > timeout:
             why = f"rc={proc.returncode}" if proc.returncode is not None else f"{timeout:.0f}s"
@@ -195,19 +196,47 @@ def run_perf_analyzer(
     return row
 
 
+def triton_command(
+    args: argparse.Namespace, repo: Path, work: Path, http_port: int, grpc_port: int
+) -> tuple[list[str], dict[str, str]]:
+    """The real tritonserver (from the nvidia-pytriton wheel, via ../shared/tools/peers) with
+    its Python backend running the same ONNX model under onnxruntime, Triton's dynamic batcher
+    on (max batch 128, --delay-us)."""
+    venv = Path(args.triton_venv)
+    script = PEERS_TOOLS / "servers" / "triton_server.py"
+    cmd = pinned([
+        str(venv / "bin" / "python"), str(script), "--models", MODEL, "--max-batch", "128",
+        "--delay-us", str(args.delay_us), "--http-port", str(http_port),
+        "--grpc-port", str(grpc_port), "--root", str(work / "triton_run"),
+    ], args.server_cpus)  # fmt: skip
+    libdir = subprocess.run(
+        [str(venv / "bin" / "python"), "-c",
+         "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    env = dict(os.environ, PEERS_ROOT=str(work), PEER_MODEL_DIR=str(repo / MODEL / "1"))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH")) if p)
+    (repo / MODEL / "1" / "mlp.onnx").write_bytes((repo / MODEL / "1" / "model.onnx").read_bytes())
+    return cmd, env
+
+
 def bench_server(repo: Path, work: Path, log: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Start the server, run every perf_analyzer point, stop it."""
+    """Start the server (or Triton), run every perf_analyzer point, stop it."""
     write_pa_input(work / "pa_input.json", args.width)
     http_port, grpc_port, metrics_port = free_ports(3)
-    cmd = pinned([
-        args.python, "-m", "kernelport", "serve", "--model-repository", str(repo),
-        "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-        "--metrics-port", str(metrics_port), *shlex.split(args.extra_server_args),
-    ], args.server_cpus)  # fmt: skip
+    env = None
+    if args.current_batching == "triton":
+        cmd, env = triton_command(args, repo, work, http_port, grpc_port)
+    else:
+        cmd = pinned([
+            args.python, "-m", "kernelport", "serve", "--model-repository", str(repo),
+            "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+            "--metrics-port", str(metrics_port), *shlex.split(args.extra_server_args),
+        ], args.server_cpus)  # fmt: skip
     print("starting:", shlex.join(cmd), flush=True)
     server: dict[str, Any] = {"command": shlex.join(cmd), "log": str(log), "runs": []}
     with log.open("wb") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         try:
             server["ready_s"] = round(wait_ready(proc, http_port, log), 3)
             print(f"ready after {server['ready_s']} s", flush=True)
@@ -276,6 +305,9 @@ def parse_args() -> argparse.Namespace:
         help="serve without and/or with dynamic batching (one server run each)",
     )
     add("--delay-us", type=int, default=0, help="max_queue_delay_us when batching is on")
+    add("--triton-venv", default="",
+        help="also measure the real Triton server from this nvidia-pytriton venv (made by "
+        "../shared/tools/peers/install_peer.sh pytriton nvidia-pytriton onnxruntime==1.23.2)")
     add("--protocols", nargs="+", choices=["grpc", "http"], default=["grpc", "http"])
     add("--server-cpus", default="1", help='taskset -c list for the server ("all": no pinning)')
     add("--load-cpus", default="0", help='taskset -c list for perf_analyzer ("all": no pinning)')
@@ -306,9 +338,10 @@ def main() -> None:
         repo = build_repository(Path(tmp) / "repo", args.width, args.layers)
         print(f"bare onnxruntime {ort.__version__} on cpus {args.server_cpus} ...", flush=True)
         bare = bench_bare(repo / MODEL / "1" / "model.onnx", args)
-        for mode in [] if args.bare_only else args.batching:
+        modes = [] if args.bare_only else args.batching + (["triton"] if args.triton_venv else [])
+        for mode in modes:
             args.current_batching = mode
-            delay = args.delay_us if mode == "on" else None
+            delay = args.delay_us if mode != "off" else None
             repo = build_repository(Path(tmp) / f"repo-{mode}", args.width, args.layers, delay)
             log = OUT_DIR / f"{stamp}.{mode}.server.log"
             servers.append(bench_server(repo, Path(tmp), log, args))
