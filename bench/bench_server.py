@@ -36,14 +36,13 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from make_models import build_repository  # bench/ is sys.path[0] when run as a script
+from make_models import PRESETS, build_repository  # bench/ is sys.path[0] when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 PERF_ANALYZER = ROOT / "scripts" / "perf_analyzer"
 PEERS_TOOLS = ROOT.parent / "shared" / "tools" / "peers"
 OUT_DIR = ROOT / "bench" / "out"
 MODEL = "mlp"
-PRESETS = {"mlp": (512, 3), "wide": (2048, 3)}  # (width, layers): tiny vs compute-bound
 
 
 def pinned(cmd: list[str], cpus: str) -> list[str]:
@@ -62,10 +61,10 @@ def parse_cpus(spec: str) -> set[int]:
 
 # ---------------------------------------------------------------------------- bare runtime
 def time_calls(
-    sess: ort.InferenceSession, batch: int, seconds: float, width: int
+    sess: ort.InferenceSession, batch: int, seconds: float, shape: tuple[int, ...]
 ) -> dict[str, float]:
     """Back-to-back sess.run on one thread for `seconds`: rows/s and per-call latency."""
-    feeds = {"INPUT0": np.random.default_rng(0).standard_normal((batch, width), np.float32)}
+    feeds = {"INPUT0": np.random.default_rng(0).standard_normal((batch, *shape), np.float32)}
     for _ in range(20):
         sess.run(None, feeds)
     lats: list[float] = []
@@ -99,7 +98,7 @@ def bench_bare(model: Path, args: argparse.Namespace) -> list[dict[str, float]]:
         results = []
         for b in args.bare_batches:
             runs = [
-                time_calls(sess, b, args.bare_seconds, args.width) for _ in range(args.bare_repeats)
+                time_calls(sess, b, args.bare_seconds, args.shape) for _ in range(args.bare_repeats)
             ]
             runs.sort(key=lambda r: r["rows_per_s"])
             results.append(runs[len(runs) // 2])
@@ -153,10 +152,11 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 10) -> str:
 
 
 # ---------------------------------------------------------------------------- perf_analyzer
-def write_pa_input(path: Path, width: int) -> None:
+def write_pa_input(path: Path, shape: tuple[int, ...]) -> None:
     """One fixed finite request: PA's default "random" bytes can be NaN/inf (invalid JSON)."""
-    x = np.round(np.random.default_rng(0).standard_normal(width), 4).astype(np.float32)
-    path.write_text(json.dumps({"data": [{"INPUT0": {"content": x.tolist(), "shape": [width]}}]}))
+    x = np.round(np.random.default_rng(0).standard_normal(int(np.prod(shape))), 4)
+    data = {"INPUT0": {"content": x.tolist(), "shape": list(shape)}}
+    path.write_text(json.dumps({"data": [data]}))
 
 
 def run_perf_analyzer(
@@ -166,7 +166,8 @@ def run_perf_analyzer(
     cmd = pinned([
         str(PERF_ANALYZER), "-m", MODEL, "-i", protocol, "-u", f"127.0.0.1:{port}",
         "--concurrency-range", f"{conc}:{conc}", "-p", str(args.measurement_ms),
-        "-s", str(args.stability), "-r", str(args.max_trials), "--shape", f"INPUT0:{args.width}",
+        "-s", str(args.stability), "-r", str(args.max_trials),
+        "--shape", "INPUT0:" + ",".join(map(str, args.shape)),
         "--input-data", str(work / "pa_input.json"), "-f", str(csv_path),
     ], args.load_cpus)  # fmt: skip
     row: dict[str, Any] = {
@@ -222,7 +223,7 @@ def triton_command(
 
 def bench_server(repo: Path, work: Path, log: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Start the server (or Triton), run every perf_analyzer point, stop it."""
-    write_pa_input(work / "pa_input.json", args.width)
+    write_pa_input(work / "pa_input.json", args.shape)
     http_port, grpc_port, metrics_port = free_ports(3)
     env = None
     if args.current_batching == "triton":
@@ -305,9 +306,12 @@ def parse_args() -> argparse.Namespace:
         help="serve without and/or with dynamic batching (one server run each)",
     )
     add("--delay-us", type=int, default=0, help="max_queue_delay_us when batching is on")
-    add("--triton-venv", default="",
+    add(
+        "--triton-venv",
+        default="",
         help="also measure the real Triton server from this nvidia-pytriton venv (made by "
-        "../shared/tools/peers/install_peer.sh pytriton nvidia-pytriton onnxruntime==1.23.2)")
+        "../shared/tools/peers/install_peer.sh pytriton nvidia-pytriton onnxruntime==1.23.2)",
+    )
     add("--protocols", nargs="+", choices=["grpc", "http"], default=["grpc", "http"])
     add("--server-cpus", default="1", help='taskset -c list for the server ("all": no pinning)')
     add("--load-cpus", default="0", help='taskset -c list for perf_analyzer ("all": no pinning)')
@@ -320,7 +324,9 @@ def parse_args() -> argparse.Namespace:
     add("--bare-seconds", type=float, default=2.0, help="length of one bare measurement")
     add("--bare-repeats", type=int, default=3, help="bare measurements per batch (median kept)")
     args = ap.parse_args()
-    args.width, args.layers = PRESETS[args.model]
+    args.shape = PRESETS[args.model][0]
+    if args.triton_venv and len(args.shape) != 1:
+        ap.error("--triton-venv: the peers' Triton script serves only [-1, width] models")
     args.current_batching = ""
     if 1 not in args.bare_batches:
         args.bare_batches.insert(0, 1)
@@ -335,14 +341,14 @@ def main() -> None:
         sys.exit(f"{PERF_ANALYZER} missing; run scripts/setup_perf_analyzer.sh")
     servers: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kp-bench-") as tmp:
-        repo = build_repository(Path(tmp) / "repo", args.width, args.layers)
+        repo = build_repository(Path(tmp) / "repo", args.model)
         print(f"bare onnxruntime {ort.__version__} on cpus {args.server_cpus} ...", flush=True)
         bare = bench_bare(repo / MODEL / "1" / "model.onnx", args)
         modes = [] if args.bare_only else args.batching + (["triton"] if args.triton_venv else [])
         for mode in modes:
             args.current_batching = mode
             delay = args.delay_us if mode != "off" else None
-            repo = build_repository(Path(tmp) / f"repo-{mode}", args.width, args.layers, delay)
+            repo = build_repository(Path(tmp) / f"repo-{mode}", args.model, delay)
             log = OUT_DIR / f"{stamp}.{mode}.server.log"
             servers.append(bench_server(repo, Path(tmp), log, args))
     server = {"runs": [r for s in servers for r in s["runs"]], "servers": servers}

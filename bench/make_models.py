@@ -62,6 +62,56 @@ def mlp_model(width: int = 512, layers: int = 3, seed: int = 0) -> onnx.ModelPro
     return model
 
 
+def conv_model(channels: int = 48, size: int = 64, seed: int = 0) -> onnx.ModelProto:
+    """A small CNN: INPUT0 [-1,3,size,size] -> 3 conv+ReLU -> global average pool -> 10 logits.
+
+    Stands for the compute-bound regime: even batched, each image costs milliseconds.
+    """
+    rng = np.random.default_rng(seed)
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+    cur, c_in = "INPUT0", 3
+    for i, (c_out, stride) in enumerate([(channels, 1), (2 * channels, 2), (2 * channels, 1)]):
+        w = (rng.standard_normal((c_out, c_in, 3, 3)) / np.sqrt(c_in * 9)).astype(np.float32)
+        inits += [
+            numpy_helper.from_array(w, f"K{i}"),
+            numpy_helper.from_array(np.zeros(c_out, np.float32), f"KB{i}"),
+        ]
+        conv = helper.make_node(
+            "Conv", [cur, f"K{i}", f"KB{i}"], [f"conv{i}"], pads=[1] * 4, strides=[stride] * 2
+        )
+        nodes.append(conv)
+        nodes.append(helper.make_node("Relu", [f"conv{i}"], [f"act{i}"]))
+        cur, c_in = f"act{i}", c_out
+    w = (rng.standard_normal((c_in, 10)) / np.sqrt(c_in)).astype(np.float32)
+    inits += [
+        numpy_helper.from_array(w, "FC"),
+        numpy_helper.from_array(np.zeros(10, np.float32), "FCB"),
+    ]
+    nodes += [
+        helper.make_node("GlobalAveragePool", [cur], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "FC", "FCB"], ["OUTPUT0"]),
+    ]
+    x = helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", 3, size, size])
+    y = helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", 10])
+    graph = helper.make_graph(nodes, "conv", [x], [y], initializer=inits)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="kernelport-bench"
+    )
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+# name -> (input shape without the batch dim, builder)
+PRESETS = {
+    "mlp": ((512,), lambda: mlp_model(512, 3)),  # tiny: server overhead dominates
+    "wide": ((2048,), lambda: mlp_model(2048, 3)),  # 1.8 ms a row alone, 0.18 ms batched
+    "conv": ((3, 64, 64), conv_model),  # compute-bound even batched
+}
+
+
 def build_mlp(path: str | Path, width: int = 512, layers: int = 3, seed: int = 0) -> Path:
     """Write the MLP to the ONNX file `path` (parents created); return the path."""
     path = Path(path)
@@ -72,18 +122,18 @@ def build_mlp(path: str | Path, width: int = 512, layers: int = 3, seed: int = 0
 
 def build_repository(
     repo: str | Path,
-    width: int = 512,
-    layers: int = 3,
+    preset: str = "mlp",
     batching_delay_us: int | None = None,
     name: str = "mlp",
 ) -> Path:
-    """Write the model (version 1 + model.yaml) into the repository dir `repo`.
+    """Write the preset's model (version 1 + model.yaml) into the repository dir `repo`.
 
     ``batching_delay_us``: None = no dynamic batching; else dynamic batching with that
     max_queue_delay.
     """
     model_dir = Path(repo) / name
-    build_mlp(model_dir / "1" / "model.onnx", width, layers)
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    onnx.save(PRESETS[preset][1](), str(model_dir / "1" / "model.onnx"))
     text = MLP_MODEL_YAML
     if batching_delay_us is not None:
         text += f"dynamic_batching:\n  max_queue_delay_us: {batching_delay_us}\n"
