@@ -104,6 +104,7 @@ class Server:
             lifespan="off",
             log_config=None,
             access_log=False,
+            proxy_headers=False,  # X-Forwarded-* rewriting costs every request; nothing reads it
             timeout_keep_alive=75,
             backlog=2048,
         )
