@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) -e '.[onnx,test]'
+	$(PIP) -e '.[onnx,test]' mypy
 	$(PIP) $(TORCH_PIN)
 	touch $@
 
@@ -39,6 +39,7 @@ test: install-test perf-analyzer
 lint: install-test
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
+	$(BIN)/python -m mypy
 
 bench: install-test perf-analyzer
 	$(BIN)/python bench/bench_server.py

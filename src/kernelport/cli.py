@@ -28,7 +28,10 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     serve.add_argument(
-        "--model-repository", action="append", type=Path, metavar="PATH",
+        "--model-repository",
+        action="append",
+        type=Path,
+        metavar="PATH",
         help="model repository directory (repeatable; default: the bundled demo models)",
     )
     serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
@@ -40,54 +43,69 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-format", choices=["plain", "json"], help="default plain")
     serve.add_argument(
-        "--default-max-batch-size", type=int,
+        "--default-max-batch-size",
+        type=int,
         help="max_batch_size given to models whose config is derived from the model (default 4)",
     )
     serve.add_argument(
-        "--scheduler", choices=["fifo", "fair", "edf"],
+        "--scheduler",
+        choices=["fifo", "fair", "edf"],
         help="how models sharing a device take turns: fifo (default), fair (weighted device "
         "time, per-model 'weight'), edf (earliest deadline first, sheds hopeless requests)",
     )
     serve.add_argument(
-        "--device-slots", type=int,
+        "--device-slots",
+        type=int,
         help="batches that may run at once on one device (0 = unlimited; fair/edf default 1)",
     )
     serve.add_argument(
-        "--model-control-mode", choices=["none", "explicit", "poll"],
+        "--model-control-mode",
+        choices=["none", "explicit", "poll"],
         help="none (default): load every model at start; explicit: load only --load-model "
         "models, then load/unload through the repository API; poll: watch the repository "
         "and load, reload and unload models as their directories change",
     )
     serve.add_argument(
-        "--load-model", action="append", metavar="NAME",
+        "--load-model",
+        action="append",
+        metavar="NAME",
         help="explicit mode: a model to load at start (repeatable; '*' loads every model)",
     )
     serve.add_argument(
-        "--repository-poll-secs", type=float, metavar="SECONDS",
+        "--repository-poll-secs",
+        type=float,
+        metavar="SECONDS",
         help="poll mode: full rescan interval, a fallback to file watching (default 15)",
     )
     serve.add_argument(
-        "--repository-poll-debounce-secs", type=float, metavar="SECONDS",
+        "--repository-poll-debounce-secs",
+        type=float,
+        metavar="SECONDS",
         help="poll mode: a change applies once the model directory has been quiet this "
         "long, so a half-copied model never loads (default 1)",
     )
     serve.add_argument(
-        "--readiness", choices=["all", "any"],
+        "--readiness",
+        choices=["all", "any"],
         help="/v2/health/ready is true when all models are ready (default) or at least one",
     )
     serve.add_argument(
-        "--drain-timeout", type=float, metavar="SECONDS",
+        "--drain-timeout",
+        type=float,
+        metavar="SECONDS",
         help="on SIGTERM/SIGINT, how long in-flight requests may take to finish (default 30)",
     )
     serve.add_argument(
-        "--trace-level", choices=["off", "timestamps"],
+        "--trace-level",
+        choices=["off", "timestamps"],
         help="OpenTelemetry request spans, needs kernelport[tracing] (default off; "
         "changeable at run time through v2/trace/setting)",
     )
     serve.add_argument("--trace-rate", type=int, help="trace one request in N (default 1000)")
     serve.add_argument("--trace-count", type=int, help="stop after N traces (default -1: never)")
     serve.add_argument(
-        "--trace-exporter", choices=["console", "otlp"],
+        "--trace-exporter",
+        choices=["console", "otlp"],
         help="where spans go: console (stdout, default) or otlp (OTEL_EXPORTER_OTLP_* variables; "
         "needs opentelemetry-exporter-otlp-proto-http)",
     )

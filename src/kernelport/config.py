@@ -47,8 +47,12 @@ class Config:
     repository_poll_debounce_secs: float = 1.0  # poll mode: quiet time before a change applies
 
     @classmethod
-    def load(cls, file: Path | None = None, overrides: dict[str, Any] | None = None,
-             environ: dict[str, str] | None = None) -> Config:
+    def load(
+        cls,
+        file: Path | None = None,
+        overrides: dict[str, Any] | None = None,
+        environ: dict[str, str] | None = None,
+    ) -> Config:
         """Merge the config file, the environment and explicit overrides (highest first wins)."""
         values: dict[str, Any] = {}
         if file is not None:
@@ -87,16 +91,24 @@ class Config:
                 try:
                     typed[name] = int(value)
                 except (TypeError, ValueError):
-                    raise ValueError(f"setting {name}: expected an integer, got {value!r}") from None
+                    raise ValueError(
+                        f"setting {name}: expected an integer, got {value!r}"
+                    ) from None
             else:
                 lowered = name in ("log_level", "log_format", "scheduler", "model_control_mode")
                 typed[name] = str(value).lower() if lowered else value
         if typed.get("log_level", "info") not in ("debug", "info", "warning", "error"):
-            raise ValueError(f"setting log_level: expected debug|info|warning|error, got {typed['log_level']!r}")
+            raise ValueError(
+                f"setting log_level: expected debug|info|warning|error, got {typed['log_level']!r}"
+            )
         if typed.get("scheduler", "fifo") not in ("fifo", "fair", "edf"):
-            raise ValueError(f"setting scheduler: expected fifo|fair|edf, got {typed['scheduler']!r}")
+            raise ValueError(
+                f"setting scheduler: expected fifo|fair|edf, got {typed['scheduler']!r}"
+            )
         if typed.get("log_format", "plain") not in ("plain", "json"):
-            raise ValueError(f"setting log_format: expected plain|json, got {typed['log_format']!r}")
+            raise ValueError(
+                f"setting log_format: expected plain|json, got {typed['log_format']!r}"
+            )
         _check_model_control(typed)
         _check_observability(typed)
         return cls(**typed)

@@ -135,11 +135,20 @@ class Server:
         host = self.config.host
         log.info(
             "listening: HTTP %s:%d, gRPC %s:%d, metrics %s:%d",
-            host, self.config.http_port, host, self.config.grpc_port, host, self.config.metrics_port,
+            host,
+            self.config.http_port,
+            host,
+            self.config.grpc_port,
+            host,
+            self.config.metrics_port,
         )
         for entry in self.manager.entries():
             if entry.versions:
-                log.info("model ready: %s (versions %s)", entry.name, ", ".join(map(str, sorted(entry.versions))))
+                log.info(
+                    "model ready: %s (versions %s)",
+                    entry.name,
+                    ", ".join(map(str, sorted(entry.versions))),
+                )
             else:
                 log.error("model NOT ready: %s (%s)", entry.name, entry.reason)
 

@@ -61,6 +61,17 @@ def batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
     )
     write_model(
         repo,
+        "bucketed",
+        identity_config(
+            "FP32",
+            [-1],
+            max_batch_size=16,
+            parameters={"delay_ms": 1},
+            dynamic_batching={"max_queue_delay_us": 5000, "ragged_buckets": {"INPUT0": [4, 8]}},
+        ),
+    )
+    write_model(
+        repo,
         "ordered",
         identity_config(
             "FP32",
@@ -463,3 +474,19 @@ def test_http_client_disconnect_drops_queued_request(batching_server: RunningSer
     assert int(after["inference_stats"]["fail"]["count"]) > int(
         before["inference_stats"]["fail"]["count"]
     )
+
+
+def test_ragged_dimension_is_padded_to_buckets(batching_server: RunningServer) -> None:
+    lengths = [2, 3, 4] * 16
+    arrays = [np.full((1, k), k, np.float32) for k in lengths]
+    results = asyncio.run(_mixed_protocols(batching_server, "bucketed", arrays))
+    for array, result in zip(arrays, results, strict=True):
+        assert not isinstance(result, Exception), repr(result)
+        out = result.as_numpy("OUTPUT0")
+        assert out.shape == (1, 4)  # padded up to the bucket
+        np.testing.assert_array_equal(out[:, : array.shape[1]], array)
+        assert not out[:, array.shape[1] :].any()  # with pad_value 0
+    stats = _stats(batching_server, "bucketed")
+    # All three lengths fall in bucket 4, so they batch together: a batch bigger than any one
+    # length's share of a 48-request burst shows that.
+    assert max(int(b["batch_size"]) for b in stats["batch_stats"]) > 6

@@ -78,3 +78,13 @@ def test_triton_config_shape() -> None:
     assert out["instance_group"][0]["kind"] == "KIND_GPU"
     assert out["instance_group"][0]["gpus"] == [1]
     assert out["model_transaction_policy"] == {"decoupled": False}
+
+
+def test_ragged_buckets_need_one_variable_dimension() -> None:
+    raw = _raw(dynamic_batching={"ragged_buckets": {"X": [8, 4]}})
+    with pytest.raises(ServerError, match="exactly one -1 dimension"):
+        parse_model_config(raw, "m/model.yaml")
+    raw["inputs"] = [{"name": "X", "datatype": "FP32", "dims": [-1]}]
+    config = parse_model_config(raw, "m/model.yaml")
+    assert config.dynamic_batching is not None
+    assert config.dynamic_batching.ragged_buckets == {"X": (4, 8)}

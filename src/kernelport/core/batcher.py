@@ -19,6 +19,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from kernelport.backends.base import Arrays
 from kernelport.core.execution import BatchResult, Timings, Worker, WorkerPool
 from kernelport.core.model_config import ModelConfig
@@ -82,6 +84,13 @@ class ModelQueue:
         self._levels = policy.priority_levels if policy is not None else 0
         self._default_level = (policy.default_priority_level or self._levels) if policy else 0
         self._ordered = bool(policy and policy.preserve_ordering)
+        # input name -> (axis of its variable dimension in the batched array, bucket sizes)
+        self._buckets = {
+            name: (1 + list(spec.dims).index(-1), sizes)
+            for name, sizes in (policy.ragged_buckets if policy else {}).items()
+            if (spec := config.input(name)) is not None
+        }
+        self._pad_value = policy.pad_value if policy else 0.0
         self._groups: dict[GroupKey, deque[Pending]] = {}
         self._queued = 0
         self._seq = itertools.count()
@@ -113,6 +122,8 @@ class ModelQueue:
                 f"({self._queued} requests, max_queue_size {self._max_queue})",
             )
         params = parameters or {}
+        if self._buckets:
+            inputs = self._pad(inputs)
         loop = asyncio.get_running_loop()
         now = time.perf_counter_ns()
         timeout_ns = _int_param(params, "timeout") * 1000 or self._default_timeout_ns
@@ -144,6 +155,21 @@ class ModelQueue:
     def _deferred_dispatch(self) -> None:
         self._dispatch_soon = False
         self._dispatch()
+
+    def _pad(self, inputs: Arrays) -> Arrays:
+        """Zero-pad bucketed inputs up to their bucket, so nearby lengths share a batch."""
+        padded = dict(inputs)
+        for name, (axis, sizes) in self._buckets.items():
+            array = inputs.get(name)
+            if array is None:
+                continue
+            length = array.shape[axis]
+            bucket = next((b for b in sizes if b >= length), length)  # too long: left as is
+            if bucket != length:
+                widths = [(0, 0)] * array.ndim
+                widths[axis] = (0, bucket - length)
+                padded[name] = np.pad(array, widths, constant_values=self._pad_value)
+        return padded
 
     async def close(self) -> None:
         """Stop taking requests; let queued and running ones finish."""

@@ -98,8 +98,11 @@ class DataPlane:
             return tuple(TensorMetadata(t.name, t.datatype, config.api_shape(t)) for t in specs)
 
         return ModelMetadata(
-            config.name, versions, config.platform or config.backend,
-            meta(config.inputs), meta(config.outputs),
+            config.name,
+            versions,
+            config.platform or config.backend,
+            meta(config.inputs),
+            meta(config.outputs),
         )
 
     def model_config(self, name: str, version: str = "") -> ModelConfig:
@@ -200,13 +203,19 @@ class DataPlane:
             for start in range(0, rows, step)
         ]
         results = await asyncio.gather(
-            *(model.queue.submit(p, min(step, rows - i * step), parameters) for i, p in enumerate(pieces))
+            *(
+                model.queue.submit(p, min(step, rows - i * step), parameters)
+                for i, p in enumerate(pieces)
+            )
         )
         joined = {name: np.concatenate([r[0][name] for r in results]) for name in results[0][0]}
         t = [r[1] for r in results]
         return joined, Timings(
-            max(x.queue_ns for x in t), sum(x.input_ns for x in t), sum(x.infer_ns for x in t),
-            sum(x.output_ns for x in t), rows,
+            max(x.queue_ns for x in t),
+            sum(x.input_ns for x in t),
+            sum(x.infer_ns for x in t),
+            sum(x.output_ns for x in t),
+            rows,
         )
 
     @staticmethod

@@ -79,6 +79,19 @@ class DynamicBatching(_Strict):
     default_timeout_us: int = Field(default=0, ge=0)
     priority_levels: int = Field(default=0, ge=0)
     default_priority_level: int = Field(default=0, ge=0)
+    #: input name -> sizes: that input's variable dimension is zero-padded (``pad_value``) up
+    #: to the smallest bucket that fits, so requests of nearby lengths share a batch. Only
+    #: for models that accept padding; outputs come back at the padded size.
+    ragged_buckets: dict[str, tuple[int, ...]] = Field(default_factory=dict)
+    pad_value: float = 0.0
+
+    @field_validator("ragged_buckets")
+    @classmethod
+    def _buckets_sorted(cls, value: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        for name, sizes in value.items():
+            if not sizes or any(b <= 0 for b in sizes):
+                raise ValueError(f"ragged_buckets.{name}: needs positive sizes, got {list(sizes)}")
+        return {name: tuple(sorted(sizes)) for name, sizes in value.items()}
 
 
 class InstanceGroup(_Strict):
@@ -147,6 +160,12 @@ class ModelConfig(_Strict):
                 raise ValueError(f"duplicate {kind} names in {names}")
         batching = self.dynamic_batching
         if batching is not None:
+            for name in batching.ragged_buckets:
+                spec = self.input(name)
+                if spec is None or list(spec.dims).count(-1) != 1:
+                    raise ValueError(
+                        f"ragged_buckets.{name}: needs an input with exactly one -1 dimension"
+                    )
             if self.max_batch_size == 0:
                 raise ValueError("dynamic_batching needs max_batch_size > 0")
             too_big = [b for b in batching.preferred_batch_sizes if b > self.max_batch_size]

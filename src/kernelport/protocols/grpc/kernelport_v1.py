@@ -10,10 +10,20 @@ from kernelport.types import InferRequest, InferResponse, tensor_bytes, tensor_f
 
 # kernelport.v1 DType names -> V2 datatypes
 DTYPES = {
-    "F32": "FP32", "F16": "FP16", "BF16": "BF16", "F64": "FP64",
-    "I8": "INT8", "I16": "INT16", "I32": "INT32", "I64": "INT64",
-    "U8": "UINT8", "U16": "UINT16", "U32": "UINT32", "U64": "UINT64",
-    "BOOL": "BOOL", "BYTES": "BYTES",
+    "F32": "FP32",
+    "F16": "FP16",
+    "BF16": "BF16",
+    "F64": "FP64",
+    "I8": "INT8",
+    "I16": "INT16",
+    "I32": "INT32",
+    "I64": "INT64",
+    "U8": "UINT8",
+    "U16": "UINT16",
+    "U32": "UINT32",
+    "U64": "UINT64",
+    "BOOL": "BOOL",
+    "BYTES": "BYTES",
 }
 _V2_TO_DTYPE = {v: k for k, v in DTYPES.items()}
 

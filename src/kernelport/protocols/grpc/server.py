@@ -161,7 +161,9 @@ class InferenceServicer:
                 request_id = _request_id(self._telemetry, message, context)
                 self._telemetry.failed("grpc stream", request_id, message.model_name, exc)
                 failed = msgs.ModelInferResponse(
-                    id=message.id, model_name=message.model_name, model_version=message.model_version
+                    id=message.id,
+                    model_name=message.model_name,
+                    model_version=message.model_version,
                 )
                 await done.put(
                     msgs.ModelStreamInferResponse(error_message=exc.message, infer_response=failed)
@@ -241,7 +243,9 @@ class InferenceServicer:
 
     async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
         if request.name:
-            raise ServerError(ErrorCode.NOT_FOUND, f"shared memory region '{request.name}' is not registered")
+            raise ServerError(
+                ErrorCode.NOT_FOUND, f"shared memory region '{request.name}' is not registered"
+            )
         return msgs.SystemSharedMemoryStatusResponse()
 
     async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
@@ -249,7 +253,9 @@ class InferenceServicer:
 
     async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
         if request.name:
-            raise ServerError(ErrorCode.NOT_FOUND, f"shared memory region '{request.name}' is not registered")
+            raise ServerError(
+                ErrorCode.NOT_FOUND, f"shared memory region '{request.name}' is not registered"
+            )
         return msgs.CudaSharedMemoryStatusResponse()
 
     async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:

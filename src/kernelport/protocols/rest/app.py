@@ -38,7 +38,9 @@ _MODEL = re.compile(
 _REPO = re.compile(
     r"^/v2/repository(?:/(?P<repo>[^/]+))?/(?:index|models/(?P<model>[^/]+)/(?P<verb>load|unload))$"
 )
-_SHM = re.compile(r"^/v2/(?P<kind>system|cuda)sharedmemory(?:/region/(?P<region>[^/]+))?/(?P<verb>status|register|unregister)$")
+_SHM = re.compile(
+    r"^/v2/(?P<kind>system|cuda)sharedmemory(?:/region/(?P<region>[^/]+))?/(?P<verb>status|register|unregister)$"
+)
 
 
 class Response:
@@ -115,10 +117,14 @@ class RestApp:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             response = error_response(500, "internal server error")
         response.headers.append((b"content-length", str(len(response.body)).encode()))
-        await send({"type": "http.response.start", "status": response.status, "headers": response.headers})
+        await send(
+            {"type": "http.response.start", "status": response.status, "headers": response.headers}
+        )
         await send({"type": "http.response.body", "body": response.body})
 
-    async def _route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Response:
+    async def _route(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> Response:
         dp = self._dp
         if path.endswith("/") and len(path) > 1:
             path = path.rstrip("/")
@@ -138,19 +144,29 @@ class RestApp:
             return _only(method, "GET") or json_response(statistics_json(dp.model_statistics()))
         match = _MODEL.match(path)
         if match:
-            return await self._model(method, match["model"], match["version"] or "", match["verb"], headers, body)
+            return await self._model(
+                method, match["model"], match["version"] or "", match["verb"], headers, body
+            )
         match = _REPO.match(path)
         if match and match["repo"] and match["verb"]:
             return error_response(501, "load and unload in a named repository are not supported")
         if match:
-            return _only(method, "POST") or await self._repository(match["model"], match["verb"], body)
+            return _only(method, "POST") or await self._repository(
+                match["model"], match["verb"], body
+            )
         match = _SHM.match(path)
         if match:
             return _shared_memory(match["verb"], match["region"])
         return error_response(404, "Not Found")
 
     async def _model(
-        self, method: str, model: str, version: str, verb: str | None, headers: dict[str, str], body: bytes
+        self,
+        method: str,
+        model: str,
+        version: str,
+        verb: str | None,
+        headers: dict[str, str],
+        body: bytes,
     ) -> Response:
         dp = self._dp
         if verb == "infer":
@@ -169,12 +185,16 @@ class RestApp:
         if verb == "ready":
             if dp.model_ready(model, version):
                 return Response(200)
-            return error_response(400, f"model '{model}' version '{version or 'default'}' is not ready")
+            return error_response(
+                400, f"model '{model}' version '{version or 'default'}' is not ready"
+            )
         if verb == "config":
             return json_response(triton_config(dp.model_config(model, version)))
         return json_response(statistics_json(dp.model_statistics(model, version)))
 
-    async def _infer(self, model: str, version: str, headers: dict[str, str], body: bytes) -> Response:
+    async def _infer(
+        self, model: str, version: str, headers: dict[str, str], body: bytes
+    ) -> Response:
         telemetry = self._telemetry
         tracing = telemetry.tracing
         trace = tracing.begin(model, "http") if tracing.enabled else None
@@ -312,9 +332,9 @@ async def _unless_disconnected(work: Awaitable[Response], receive: Receive) -> R
     assert current is not None
 
     def on_message(watch: asyncio.Future[dict[str, Any]]) -> None:
-        if not watch.cancelled() and watch.exception() is None:
-            if watch.result().get("type") == "http.disconnect" and not finished:
-                current.cancel()
+        gone = not watch.cancelled() and watch.exception() is None
+        if gone and watch.result().get("type") == "http.disconnect" and not finished:
+            current.cancel()
 
     finished = False
     watcher = asyncio.ensure_future(receive())

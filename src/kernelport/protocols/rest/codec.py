@@ -68,7 +68,9 @@ def _json_tensor(name: str, dtype_name: str, shape: tuple[int, ...], data: Any) 
     except (ValueError, TypeError, OverflowError) as exc:
         raise invalid(f"input '{name}': 'data' does not hold {dt.name} values: {exc}") from None
     if array.size != count:
-        raise invalid(f"input '{name}': shape {list(shape)} needs {count} elements, got {array.size}")
+        raise invalid(
+            f"input '{name}': shape {list(shape)} needs {count} elements, got {array.size}"
+        )
     return Tensor(name, dt.name, shape, array.reshape(shape))
 
 
@@ -145,7 +147,9 @@ def decode_request(
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
             raise invalid("each requested output needs a 'name' string")
         outputs.append(
-            RequestedOutput(raw["name"], _parameters(raw.get("parameters"), f"output '{raw['name']}'"))
+            RequestedOutput(
+                raw["name"], _parameters(raw.get("parameters"), f"output '{raw['name']}'")
+            )
         )
     request_id = obj.get("id", "")
     return InferRequest(
@@ -201,9 +205,7 @@ def _json_data(tensor: Tensor) -> Any:
         )
     flat = tensor.data.reshape(-1)
     if tensor.datatype == "BYTES":
-        return [
-            (i.decode("utf-8", "replace") if isinstance(i, bytes) else str(i)) for i in flat
-        ]
+        return [(i.decode("utf-8", "replace") if isinstance(i, bytes) else str(i)) for i in flat]
     if not flat.flags.c_contiguous:
         flat = np.ascontiguousarray(flat)
     return flat
