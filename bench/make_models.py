@@ -34,6 +34,25 @@ parameters:
 """
 
 
+def _model(
+    name: str,
+    nodes: list[onnx.NodeProto],
+    inits: list[onnx.TensorProto],
+    in_dims: list[int],
+    out_dims: list[int],
+) -> onnx.ModelProto:
+    """FP32 INPUT0 [batch, *in_dims] -> OUTPUT0 [batch, *out_dims], checked."""
+    x = helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", *in_dims])
+    y = helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", *out_dims])
+    graph = helper.make_graph(nodes, name, [x], [y], initializer=inits)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="kernelport-bench"
+    )
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
 def mlp_model(width: int = 512, layers: int = 3, seed: int = 0) -> onnx.ModelProto:
     """`layers` dense layers `width` wide; ReLU after every layer but the last."""
     rng = np.random.default_rng(seed)
@@ -51,15 +70,7 @@ def mlp_model(width: int = 512, layers: int = 3, seed: int = 0) -> onnx.ModelPro
         if not last:
             nodes.append(helper.make_node("Relu", [gemm_out], [f"relu{i}"], name=f"relu{i}"))
             cur = f"relu{i}"
-    x = helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", width])
-    y = helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", width])
-    graph = helper.make_graph(nodes, "mlp", [x], [y], initializer=inits)
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="kernelport-bench"
-    )
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model)
-    return model
+    return _model("mlp", nodes, inits, [width], [width])
 
 
 def conv_model(channels: int = 48, size: int = 64, seed: int = 0) -> onnx.ModelProto:
@@ -93,15 +104,7 @@ def conv_model(channels: int = 48, size: int = 64, seed: int = 0) -> onnx.ModelP
         helper.make_node("Flatten", ["pooled"], ["flat"]),
         helper.make_node("Gemm", ["flat", "FC", "FCB"], ["OUTPUT0"]),
     ]
-    x = helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", 3, size, size])
-    y = helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", 10])
-    graph = helper.make_graph(nodes, "conv", [x], [y], initializer=inits)
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="kernelport-bench"
-    )
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model)
-    return model
+    return _model("conv", nodes, inits, [3, size, size], [10])
 
 
 # name -> (input shape without the batch dim, builder)
