@@ -98,6 +98,7 @@ class ModelQueue:
         self._waiting_for_slot = False
         self._dispatch_soon = False
         self._closed = False
+        self._drained: asyncio.Future[None] | None = None  # set by close(), resolved when empty
         self._running: set[asyncio.Future[BatchResult]] = set()
         # preserve_ordering: results are released strictly in arrival order
         self._release_order: deque[Pending] = deque()
@@ -174,11 +175,9 @@ class ModelQueue:
     async def close(self) -> None:
         """Stop taking requests; let queued and running ones finish."""
         self._closed = True
-        while self._queued or self._running:
-            if self._running:
-                await asyncio.gather(*list(self._running), return_exceptions=True)
-            else:
-                await asyncio.sleep(0.001)  # queued work is waiting for a slot or timer
+        if self._queued or self._running:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
         if self._timer is not None:
             self._timer.cancel()
         self._device.forget(self)
@@ -329,6 +328,7 @@ class ModelQueue:
             spent = busy or (time.perf_counter_ns() - batch.started_ns)
             self._device.release(self, spent, requeue=again)
             self._dispatch()
+            self._notify_if_drained()
 
     # --- request bookkeeping -----------------------------------------------------------
 
@@ -336,6 +336,12 @@ class ModelQueue:
         self._queued -= 1
         if pending.timer is not None:
             pending.timer.cancel()
+        self._notify_if_drained()
+
+    def _notify_if_drained(self) -> None:
+        drained = self._drained
+        if drained is not None and not self._queued and not self._running and not drained.done():
+            drained.set_result(None)
 
     def _drop(self, pending: Pending) -> None:
         self._dequeue(pending)
