@@ -37,85 +37,28 @@ def _input(name: str, array: np.ndarray, dtype: str = "FP32") -> grpc_aio.InferI
 @pytest.fixture(scope="module")
 def batching_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     repo = tmp_path_factory.mktemp("batching")
-    write_model(
-        repo,
-        "batched",
-        identity_config(
-            "FP32",
-            [4],
-            max_batch_size=16,
-            parameters={"delay_ms": 2},
-            dynamic_batching={"max_queue_delay_us": 2000},
+    # name -> (dims, max_batch_size, instances, backend parameters, dynamic_batching)
+    models: dict[str, tuple[list[int], int, int, dict[str, Any], dict[str, Any]]] = {
+        "batched": ([4], 16, 1, {"delay_ms": 2}, {"max_queue_delay_us": 2000}),
+        "ragged": ([-1], 8, 1, {"delay_ms": 1}, {"max_queue_delay_us": 3000}),
+        "bucketed": (
+            [-1], 16, 1, {"delay_ms": 1},
+            {"max_queue_delay_us": 5000, "ragged_buckets": {"INPUT0": [4, 8]}},
         ),
-    )
-    write_model(
-        repo,
-        "ragged",
-        identity_config(
-            "FP32",
-            [-1],
-            max_batch_size=8,
-            parameters={"delay_ms": 1},
-            dynamic_batching={"max_queue_delay_us": 3000},
+        "ordered": ([1], 4, 2, {"delay_ms_from": "INPUT0"}, {"preserve_ordering": True}),
+        "unordered": ([1], 4, 2, {"delay_ms_from": "INPUT0"}, {}),
+        "tiny_queue": ([1], 1, 1, {"delay_ms": 300}, {"max_queue_size": 2}),
+        "slow": (
+            [1], 1, 1, {"delay_ms_from": "INPUT0"},
+            {"priority_levels": 2, "default_priority_level": 2},
         ),
-    )
-    write_model(
-        repo,
-        "bucketed",
-        identity_config(
-            "FP32",
-            [-1],
-            max_batch_size=16,
-            parameters={"delay_ms": 1},
-            dynamic_batching={"max_queue_delay_us": 5000, "ragged_buckets": {"INPUT0": [4, 8]}},
-        ),
-    )
-    write_model(
-        repo,
-        "ordered",
-        identity_config(
-            "FP32",
-            [1],
-            max_batch_size=4,
-            instance_count=2,
-            parameters={"delay_ms_from": "INPUT0"},
-            dynamic_batching={"preserve_ordering": True},
-        ),
-    )
-    write_model(
-        repo,
-        "unordered",
-        identity_config(
-            "FP32",
-            [1],
-            max_batch_size=4,
-            instance_count=2,
-            parameters={"delay_ms_from": "INPUT0"},
-            dynamic_batching={},
-        ),
-    )
-    write_model(
-        repo,
-        "tiny_queue",
-        identity_config(
-            "FP32",
-            [1],
-            max_batch_size=1,
-            parameters={"delay_ms": 300},
-            dynamic_batching={"max_queue_size": 2},
-        ),
-    )
-    write_model(
-        repo,
-        "slow",
-        identity_config(
-            "FP32",
-            [1],
-            max_batch_size=1,
-            parameters={"delay_ms_from": "INPUT0"},
-            dynamic_batching={"priority_levels": 2, "default_priority_level": 2},
-        ),
-    )
+    }  # fmt: skip
+    for name, (dims, max_batch, instances, params, batching) in models.items():
+        config = identity_config(
+            "FP32", dims, max_batch_size=max_batch, instance_count=instances,
+            parameters=params, dynamic_batching=batching,
+        )  # fmt: skip
+        write_model(repo, name, config)
     shutil.copytree(demo_repository() / "simple", repo / "ort_simple")
     (repo / "ort_simple" / "model.yaml").write_text(
         "backend: onnxruntime\nmax_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 1000\n"
