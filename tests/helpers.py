@@ -47,3 +47,13 @@ def onnx_identity(elem_type: int, dims: list[Any]) -> bytes:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     return bytes(model.SerializeToString())
+
+
+def client_for(protocol: str, server: Any) -> Any:
+    """A sync tritonclient for ``protocol`` ("http" or "grpc") on a RunningServer."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    if protocol == "http":
+        return httpclient.InferenceServerClient(server.http_url)
+    return grpcclient.InferenceServerClient(server.grpc_url)

@@ -17,6 +17,7 @@ import tritonclient.grpc.aio as grpc_aio
 import tritonclient.http as httpclient
 import yaml
 from conftest import RunningServer, running_server
+from helpers import client_for
 from tritonclient.utils import InferenceServerException
 
 from kernelport.backends.base import LoadContext
@@ -241,10 +242,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 
 @pytest.fixture(params=["http", "grpc"])
 def client(request: pytest.FixtureRequest, server: RunningServer) -> Iterator[Any]:
-    if request.param == "http":
-        c: Any = httpclient.InferenceServerClient(server.http_url)
-    else:
-        c = grpcclient.InferenceServerClient(server.grpc_url)
+    c = client_for(request.param, server)
     yield c
     c.close()
 

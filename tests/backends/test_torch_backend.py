@@ -20,6 +20,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import yaml
 from conftest import RunningServer, running_server
+from helpers import client_for
 from tritonclient.utils import np_to_triton_dtype
 
 from kernelport.backends.torch_archive import check_pickles, detect_format
@@ -115,10 +116,7 @@ def expected(models: Path) -> dict[str, np.ndarray]:
 
 @pytest.fixture(params=["http", "grpc"])
 def client(request: pytest.FixtureRequest, server: RunningServer) -> Iterator[Any]:
-    if request.param == "http":
-        c: Any = httpclient.InferenceServerClient(server.http_url)
-    else:
-        c = grpcclient.InferenceServerClient(server.grpc_url)
+    c = client_for(request.param, server)
     yield c
     c.close()
 

@@ -8,15 +8,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from helpers import client_for
 from tritonclient.utils import InferenceServerException
 
 PROTOCOLS = ["http", "grpc"]
-
-
-def client_for(protocol: str, server: Any) -> Any:
-    if protocol == "http":
-        return httpclient.InferenceServerClient(server.http_url)
-    return grpcclient.InferenceServerClient(server.grpc_url)
 
 
 def module(protocol: str) -> Any:
