@@ -68,4 +68,7 @@ def test_import_has_no_side_effects() -> None:
 
 
 def test_public_api_is_pinned() -> None:
-    assert kernelport.__all__ == ["__version__"]
+    assert kernelport.__all__ == ["Config", "Server", "__version__"]
+    from kernelport import Config, Server
+
+    assert Server.__module__ == "kernelport.server" and Config.__module__ == "kernelport.config"
