@@ -64,6 +64,15 @@ def _http_status(url: str) -> int | None:
         return None
 
 
+def serve_command(http_port: int, grpc_port: int, metrics_port: int) -> list[str]:
+    """`python -m kernelport serve` on 127.0.0.1 with the given ports."""
+    return [
+        sys.executable, "-m", "kernelport", "serve", "--host", "127.0.0.1",
+        "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+        "--metrics-port", str(metrics_port),
+    ]  # fmt: skip
+
+
 def start_server(
     tmp_path: Path,
     repository: Path | None = None,
@@ -74,21 +83,7 @@ def start_server(
 ) -> RunningServer:
     """Start the real CLI and poll its health endpoint (never a sleep-and-hope)."""
     ports = [free_port() for _ in range(3)]
-    cmd = [
-        sys.executable,
-        "-m",
-        "kernelport",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--http-port",
-        str(ports[0]),
-        "--grpc-port",
-        str(ports[1]),
-        "--metrics-port",
-        str(ports[2]),
-        *args,
-    ]
+    cmd = [*serve_command(*ports), *args]
     if repository is not None:
         cmd += ["--model-repository", str(repository)]
     log_path = tmp_path / f"server-{ports[0]}.log"

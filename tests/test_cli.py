@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import tritonclient.http as httpclient
-from conftest import free_port, running_server
+from conftest import free_port, running_server, serve_command
 from helpers import identity_config, write_model
 
 from kernelport.config import Config, demo_repository
@@ -87,20 +87,7 @@ def test_port_in_use_fails_cleanly(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "kernelport",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--http-port",
-                str(port),
-                "--grpc-port",
-                str(free_port()),
-                "--metrics-port",
-                str(free_port()),
-            ],
+            serve_command(port, free_port(), free_port()),
             capture_output=True,
             text=True,
             timeout=60,

@@ -96,7 +96,6 @@ class ModelQueue:
         self._seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._waiting_for_slot = False
-        self._dispatch_soon = False
         self._closed = False
         self._drained: asyncio.Future[None] | None = None  # set by close(), resolved when empty
         self._running: set[asyncio.Future[BatchResult]] = set()
@@ -147,15 +146,8 @@ class ModelQueue:
         self._queued += 1
         if self._ordered:
             self._release_order.append(pending)
-        if not self._dispatch_soon:
-            # Let requests that are already arriving in this loop turn join the batch.
-            self._dispatch_soon = True
-            loop.call_soon(self._deferred_dispatch)
-        return await pending.future
-
-    def _deferred_dispatch(self) -> None:
-        self._dispatch_soon = False
         self._dispatch()
+        return await pending.future
 
     def _pad(self, inputs: Arrays) -> Arrays:
         """Zero-pad bucketed inputs up to their bucket, so nearby lengths share a batch."""
