@@ -16,6 +16,9 @@ class ErrorCode(enum.Enum):
     CANCELLED = "CANCELLED"
     UNSUPPORTED = "UNSUPPORTED"
     ALREADY_EXISTS = "ALREADY_EXISTS"
+    TOO_LARGE = "TOO_LARGE"  # a request over a size limit (HTTP 413)
+    UNAUTHENTICATED = "UNAUTHENTICATED"  # no or a wrong API key
+    PERMISSION_DENIED = "PERMISSION_DENIED"  # turned off by the operator (e.g. uploads)
     INTERNAL = "INTERNAL"
 
 
