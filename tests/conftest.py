@@ -1,11 +1,16 @@
-"""Shared fixtures: real `kernelport serve` processes on free ports, polled until ready."""
+"""Shared fixtures: real `kernelport serve` processes, polled until ready.
+
+Servers bind port 0 and report the ports they got through ``--ports-file``, so no two tests
+can race for a port.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,10 +23,7 @@ from pathlib import Path
 import pytest
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+_launches = itertools.count()
 
 
 @dataclass
@@ -64,13 +66,20 @@ def _http_status(url: str) -> int | None:
         return None
 
 
-def serve_command(http_port: int, grpc_port: int, metrics_port: int) -> list[str]:
-    """`python -m kernelport serve` on 127.0.0.1 with the given ports."""
-    return [
+def serve_command(ports_file: Path | None = None) -> list[str]:
+    """`python -m kernelport serve` on 127.0.0.1, any free ports, reported in ``ports_file``."""
+    cmd = [
         sys.executable, "-m", "kernelport", "serve", "--host", "127.0.0.1",
-        "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-        "--metrics-port", str(metrics_port),
+        "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
     ]  # fmt: skip
+    return cmd if ports_file is None else [*cmd, "--ports-file", str(ports_file)]
+
+
+def _read_ports(path: Path) -> dict[str, int] | None:
+    try:
+        return {k: int(v) for k, v in json.loads(path.read_text()).items()}
+    except FileNotFoundError:
+        return None
 
 
 def start_server(
@@ -82,17 +91,29 @@ def start_server(
     timeout: float = 60,
 ) -> RunningServer:
     """Start the real CLI and poll its health endpoint (never a sleep-and-hope)."""
-    ports = [free_port() for _ in range(3)]
-    cmd = [*serve_command(*ports), *args]
+    launch = f"{os.getpid()}-{next(_launches)}"
+    ports_file = tmp_path / f"ports-{launch}.json"
+    cmd = [*serve_command(ports_file), *args]
     if repository is not None:
         cmd += ["--model-repository", str(repository)]
-    log_path = tmp_path / f"server-{ports[0]}.log"
+    log_path = tmp_path / f"server-{launch}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
-    server = RunningServer(process, *ports, log_path)
     deadline = time.monotonic() + timeout
+    ports = None
+    while ports is None:  # the file appears, whole, once every listener is bound
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{_text(log_path)}")
+        if time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            raise RuntimeError(f"server not listening within {timeout}s:\n{_text(log_path)}")
+        ports = _read_ports(ports_file)
+        if ports is None:
+            time.sleep(0.05)
+    server = RunningServer(process, ports["http"], ports["grpc"], ports["metrics"], log_path)
     url = f"http://{server.http_url}/v2/health/{wait_for}"
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -102,6 +123,10 @@ def start_server(
         time.sleep(0.05)
     server.stop(signal.SIGKILL)
     raise RuntimeError(f"server not {wait_for} within {timeout}s:\n{server.log()}")
+
+
+def _text(path: Path) -> str:
+    return path.read_text(errors="replace")
 
 
 @contextlib.contextmanager

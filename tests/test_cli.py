@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import tritonclient.http as httpclient
-from conftest import free_port, running_server, serve_command
+from conftest import running_server, serve_command
 from helpers import identity_config, write_model
 
 from kernelport.config import Config, demo_repository
@@ -67,16 +67,15 @@ def test_config_errors(tmp_path: Path) -> None:
 def test_environment_configures_server(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     write_model(repo, "echo", identity_config("INT32", [2]))
-    grpc_port = free_port()
     env = {"KERNELPORT_MODEL_REPOSITORY": str(repo), "KERNELPORT_LOG_FORMAT": "json"}
-    with running_server(tmp_path, None, "--grpc-port", str(grpc_port), env=env) as server:
+    with running_server(tmp_path, None, env=env) as server:
         client = httpclient.InferenceServerClient(server.http_url)
         assert client.is_model_ready("echo")
         assert not client.is_model_ready("simple")  # the demo repository was replaced
         client.close()
         log = server.log()
     assert '"message":"model ready: echo (versions 1)"' in log
-    assert f"gRPC 127.0.0.1:{grpc_port}" in log
+    assert f"gRPC 127.0.0.1:{server.grpc_port}" in log  # the port 0 resolved, as logged
 
 
 def test_port_in_use_fails_cleanly(tmp_path: Path) -> None:
@@ -87,7 +86,7 @@ def test_port_in_use_fails_cleanly(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         result = subprocess.run(
-            serve_command(port, free_port(), free_port()),
+            [*serve_command(), "--http-port", str(port)],
             capture_output=True,
             text=True,
             timeout=60,

@@ -35,9 +35,18 @@ def _parser() -> argparse.ArgumentParser:
         help="model repository directory (repeatable; default: the bundled demo models)",
     )
     serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
-    serve.add_argument("--http-port", type=int, help="KServe V2 HTTP port (default 8000)")
+    serve.add_argument(
+        "--http-port", type=int, help="KServe V2 HTTP port (default 8000; 0: any free port)"
+    )
     serve.add_argument("--grpc-port", type=int, help="KServe V2 gRPC port (default 8001)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default 8002)")
+    serve.add_argument(
+        "--ports-file",
+        type=Path,
+        metavar="FILE",
+        help='once listening, write the ports as JSON {"http": N, "grpc": N, "metrics": N} '
+        "(useful with port 0)",
+    )
     serve.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="default info"
     )

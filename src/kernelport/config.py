@@ -26,7 +26,7 @@ class Config:
 
     model_repository: tuple[Path, ...] = field(default_factory=lambda: (demo_repository(),))
     host: str = "0.0.0.0"
-    http_port: int = 8000
+    http_port: int = 8000  # 0 for each port: any free port (see ports_file)
     grpc_port: int = 8001
     metrics_port: int = 8002
     log_level: LogLevel = "info"
@@ -45,6 +45,7 @@ class Config:
     load_model: tuple[str, ...] = ()  # explicit mode: models loaded at start ("*" = all)
     repository_poll_secs: float = 15.0  # poll mode: full rescan interval (watching is instant)
     repository_poll_debounce_secs: float = 1.0  # poll mode: quiet time before a change applies
+    ports_file: Path | None = None  # written once listening: {"http": N, "grpc": N, "metrics": N}
 
     @classmethod
     def load(
@@ -79,6 +80,8 @@ class Config:
             if name == "model_repository":
                 items = value.split(os.pathsep) if isinstance(value, str) else value
                 typed[name] = tuple(Path(p) for p in items)
+            elif name == "ports_file":
+                typed[name] = Path(value) if value not in (None, "") else None
             elif name == "load_model":
                 items = value.split(",") if isinstance(value, str) else value
                 typed[name] = tuple(str(v).strip() for v in items if str(v).strip())
@@ -135,6 +138,9 @@ def _check_observability(typed: dict[str, Any]) -> None:
             if typed[name] not in allowed:
                 expected = "|".join(allowed)
                 raise ValueError(f"setting {name}: expected {expected}, got {typed[name]!r}")
+    for name in ("http_port", "grpc_port", "metrics_port"):
+        if not 0 <= typed.get(name, 0) <= 65535:
+            raise ValueError(f"setting {name}: expected a port 0-65535 (0: any free port)")
     if typed.get("drain_timeout", 0.0) < 0:
         raise ValueError("setting drain_timeout: expected 0 or more seconds")
     if typed.get("trace_rate", 1) < 1:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -53,6 +56,13 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _write_ports(path: Path, ports: dict[str, int]) -> None:
+    """Publish the bound ports atomically: a reader sees the whole file or none."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(ports))
+    os.replace(partial, path)
+
+
 class Server:
     """Lifecycle tests can drive: ``startup()``, ``serve()`` (until stopped), ``shutdown()``."""
 
@@ -93,6 +103,10 @@ class Server:
         self._http: list[_EmbeddedUvicorn] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
+        # The ports actually listened on (a configured 0 means "any free port"): set by startup().
+        self.http_port = 0
+        self.grpc_port = 0
+        self.metrics_port = 0
 
     def _uvicorn(self, app: Any, port: int) -> _EmbeddedUvicorn:
         config = uvicorn.Config(
@@ -118,14 +132,16 @@ class Server:
             await self._poller.start()  # loads the repository, then watches it
         else:
             await self.manager.load_initial()
-        await self._grpc.start(self.config.host, self.config.grpc_port)
+        self.grpc_port = await self._grpc.start(self.config.host, self.config.grpc_port)
         metrics = MetricsApp(self.registry, self.dataplane.live, self.dataplane.ready)
         rest = RestApp(self.dataplane, self.telemetry)
         apps = ((rest, self.config.http_port), (metrics, self.config.metrics_port))
-        # Bind here, so a busy port is a clear startup error rather than uvicorn's sys.exit.
+        # Bind here, so a busy port is a clear startup error rather than uvicorn's sys.exit,
+        # and so a configured port 0 becomes a known one before anything is announced.
         sockets = [_bind(self.config.host, port) for _, port in apps]
-        for (app, port), sock in zip(apps, sockets, strict=True):
-            server = self._uvicorn(app, port)
+        self.http_port, self.metrics_port = (int(s.getsockname()[1]) for s in sockets)
+        for (app, _), sock in zip(apps, sockets, strict=True):
+            server = self._uvicorn(app, int(sock.getsockname()[1]))
             self._http.append(server)
             self._tasks.append(asyncio.create_task(server.serve(sockets=[sock])))
         while not all(s.started for s in self._http):
@@ -136,12 +152,14 @@ class Server:
         log.info(
             "listening: HTTP %s:%d, gRPC %s:%d, metrics %s:%d",
             host,
-            self.config.http_port,
+            self.http_port,
             host,
-            self.config.grpc_port,
+            self.grpc_port,
             host,
-            self.config.metrics_port,
+            self.metrics_port,
         )
+        if self.config.ports_file is not None:
+            _write_ports(self.config.ports_file, self.ports())
         for entry in self.manager.entries():
             if entry.versions:
                 log.info(
@@ -151,6 +169,10 @@ class Server:
                 )
             else:
                 log.error("model NOT ready: %s (%s)", entry.name, entry.reason)
+
+    def ports(self) -> dict[str, int]:
+        """The ports listened on, by listener name (after ``startup``)."""
+        return {"http": self.http_port, "grpc": self.grpc_port, "metrics": self.metrics_port}
 
     def request_stop(self) -> None:
         """First call: drain and stop. A second one (another Ctrl-C) cuts the drain short."""

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import tritonclient.grpc.aio as grpc_aio
 import tritonclient.http.aio as http_aio
-from conftest import free_port
 from helpers import identity_config, write_model
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -42,8 +41,8 @@ async def traced(tmp_path: Path) -> AsyncIterator[tuple[Server, InMemorySpanExpo
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     config = Config(
-        model_repository=(repo,), host="127.0.0.1", http_port=free_port(),
-        grpc_port=free_port(), metrics_port=free_port(), trace_level="timestamps", trace_rate=1,
+        model_repository=(repo,), host="127.0.0.1", http_port=0,
+        grpc_port=0, metrics_port=0, trace_level="timestamps", trace_rate=1,
     )  # fmt: skip
     server = Server(config, tracer_provider=provider)
     await server.startup()
@@ -90,8 +89,8 @@ def _grpc_input(array: np.ndarray) -> grpc_aio.InferInput:
 
 async def test_each_request_is_a_span_tree(traced: tuple[Server, InMemorySpanExporter]) -> None:
     server, exporter = traced
-    http = http_aio.InferenceServerClient(f"127.0.0.1:{server.config.http_port}")
-    grpc = grpc_aio.InferenceServerClient(f"127.0.0.1:{server.config.grpc_port}")
+    http = http_aio.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    grpc = grpc_aio.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
     parent_trace, parent_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     try:
         x = np.ones((2, 4), np.float32)
@@ -138,8 +137,8 @@ async def test_each_request_is_a_span_tree(traced: tuple[Server, InMemorySpanExp
 
 async def test_trace_settings_control_sampling(traced: tuple[Server, InMemorySpanExporter]) -> None:
     server, exporter = traced
-    http = http_aio.InferenceServerClient(f"127.0.0.1:{server.config.http_port}")
-    grpc = grpc_aio.InferenceServerClient(f"127.0.0.1:{server.config.grpc_port}")
+    http = http_aio.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    grpc = grpc_aio.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
     x = np.ones((1, 4), np.float32)
 
     async def traced_count(model: str, n: int) -> int:

@@ -307,7 +307,8 @@ class GrpcFrontEnd:
         self._limit = config.grpc_max_message_bytes
         self._server: grpc.aio.Server | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int) -> int:
+        """Listen on ``port`` (0: any free port); returns the port bound."""
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", self._limit),
@@ -323,10 +324,12 @@ class GrpcFrontEnd:
             )
         )
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if server.add_insecure_port(address) == 0:
+        bound = server.add_insecure_port(address)
+        if bound == 0:
             raise RuntimeError(f"gRPC server cannot listen on {address}")
         await server.start()
         self._server = server
+        return bound
 
     async def stop(self, grace: float) -> None:
         if self._server is not None:
