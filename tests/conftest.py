@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-
 _launches = itertools.count()
 
 
