@@ -324,7 +324,7 @@ class GrpcFrontEnd:
             )
         )
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        bound = server.add_insecure_port(address)
+        bound = int(server.add_insecure_port(address))
         if bound == 0:
             raise RuntimeError(f"gRPC server cannot listen on {address}")
         await server.start()
