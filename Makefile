@@ -9,7 +9,7 @@ SERVE_ARGS ?=
 # Installed on its own line, exactly pinned: this version has a local CPU wheel on our machines.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: serve test install install-test perf-analyzer lint bench demo-models clean
+.PHONY: serve test fuzz install install-test perf-analyzer lint bench demo-models clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ perf-analyzer:
 
 test: install-test perf-analyzer
 	KERNELPORT_REQUIRE_PERF_ANALYZER=1 $(BIN)/python -m pytest -q
+
+# The fuzz suite with a large, random budget (make test runs it small and derandomized).
+FUZZ_EXAMPLES ?= 2000
+fuzz: install-test
+	KERNELPORT_FUZZ_PROFILE=deep KERNELPORT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+		$(BIN)/python -m pytest -q tests/fuzz
 
 lint: install-test
 	$(BIN)/ruff check src tests bench scripts
