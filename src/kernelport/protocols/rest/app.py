@@ -32,7 +32,7 @@ Headers = list[tuple[bytes, bytes]]
 
 _JSON = [(b"content-type", b"application/json")]
 _MODEL = re.compile(
-    r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[0-9]+))?"
+    r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
     r"(?:/(?P<verb>infer|ready|config|stats|trace/setting))?$"
 )
 _REPO = re.compile(
@@ -266,11 +266,9 @@ class RestApp:
             ready = obj.get("ready", False)
             if not isinstance(ready, bool):
                 raise invalid("'ready' must be a boolean")
+            entries = await dp.repository_index(ready)
             return json_response(
-                [
-                    {k: v for k, v in asdict(e).items() if v or k in ("name",)}
-                    for e in dp.repository_index(ready)
-                ]
+                [{k: v for k, v in asdict(e).items() if v or k in ("name",)} for e in entries]
             )
         params = obj.get("parameters") or {}
         if not isinstance(params, dict):
