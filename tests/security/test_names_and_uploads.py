@@ -18,12 +18,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import RunningServer, running_server
 from helpers import identity_config, onnx_identity, write_model
 from tritonclient.utils import InferenceServerException
+
+from kernelport.protocols.grpc import pb
 
 ONNX_CONFIG = json.dumps({"backend": "onnxruntime", "max_batch_size": 8})
 MANY = 60  # models whose long names, listed in an error, would pass gRPC's 8 KiB header limit
@@ -284,3 +287,26 @@ def test_uploads_are_refused_without_the_opt_in(locked_server: RunningServer, ar
         assert (status, "--allow-model-upload" in error) == (403, True), error
     assert _http(locked_server, "POST", "/v2/repository/models/echo/load")[0] == 200
     _assert_untouched(area)
+
+
+def test_kernelport_v1_and_trace_settings_check_names(server: RunningServer) -> None:
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        infer = channel.unary_unary(
+            "/kernelport.v1.InferenceService/Infer",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=pb.kernelport_v1.InferResponse.FromString,
+        )
+        for name, code in (("../../victim/evil", grpc.StatusCode.INVALID_ARGUMENT),
+                           ("z" * 10_000, grpc.StatusCode.NOT_FOUND)):  # fmt: skip
+            with pytest.raises(grpc.RpcError) as info:
+                infer(pb.kernelport_v1.InferRequest(model=name))
+            assert info.value.code() == code
+            assert len(info.value.details() or "") < 300
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        error = _grpc_error(client.get_trace_settings, "a\0b")
+        assert error.status() == "StatusCode.INVALID_ARGUMENT", error
+    finally:
+        client.close()
+    status, error = _http(server, "GET", "/v2/models/%2e%2e/trace/setting")
+    assert (status, error.startswith("model name '")) == (400, True), error

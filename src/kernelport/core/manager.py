@@ -286,7 +286,7 @@ class ModelManager:
             self._sources = await asyncio.to_thread(self._scan_quietly)
             found = self._sources.get(name)
             if found is None:
-                raise not_found(f"model '{name}' is not in the model repository")
+                raise not_found(f"model '{shown(name)}' is not in the model repository")
             source = found
         old = self._models.get(name)
         if old is None or not old.versions:
@@ -336,10 +336,12 @@ class ModelManager:
         """
         del unload_dependents
         check_model_name(name)
+        if name not in self._models:  # before making a lock: unknown names leave nothing
+            raise not_found(f"model '{shown(name)}' is not loaded")
         async with self._lock(name):
             entry = self._models.get(name)
             if entry is None:
-                raise not_found(f"model '{name}' is not loaded")
+                raise not_found(f"model '{shown(name)}' is not loaded")
             versions = tuple(sorted(entry.versions)) or entry.unloaded or ()
             self._models[name] = ModelEntry(name, ModelState.UNLOADING, unloaded=versions)
             await self._retire(entry)

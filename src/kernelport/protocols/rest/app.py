@@ -277,7 +277,8 @@ class RestApp:
             config = params.get("config")
             if config is not None and not isinstance(config, str):
                 config = orjson.dumps(config).decode()  # an object given instead of its text
-            files = {k: _base64(k, v) for k, v in params.items() if k.startswith("file:")}
+            # Decoding megabytes of base64 would stall the event loop: on a thread.
+            files = await asyncio.to_thread(_files, params)
             await dp.load_model(model, config, files)
         else:
             dependents = params.get("unload_dependents", False)
@@ -285,6 +286,10 @@ class RestApp:
                 raise invalid("parameter 'unload_dependents' must be a boolean")
             await dp.unload_model(model, dependents)
         return Response(200)
+
+
+def _files(params: dict[str, Any]) -> dict[str, bytes]:
+    return {k: _base64(k, v) for k, v in params.items() if k.startswith("file:")}
 
 
 def _base64(key: str, value: Any) -> bytes:
