@@ -94,6 +94,14 @@ def _parser() -> argparse.ArgumentParser:
         "long, so a half-copied model never loads (default 1)",
     )
     serve.add_argument(
+        "--allow-model-upload",
+        action="store_true",
+        default=None,  # unset: the config file or KERNELPORT_ALLOW_MODEL_UPLOAD decides
+        help="explicit mode: let load requests bring model files or a config override. "
+        "Off by default: an uploaded model runs code (a model.py, a compiled library, "
+        "pickle loading) with the server's rights",
+    )
+    serve.add_argument(
         "--readiness",
         choices=["all", "any"],
         help="/v2/health/ready is true when all models are ready (default) or at least one",

@@ -46,6 +46,7 @@ class Config:
     repository_poll_secs: float = 15.0  # poll mode: full rescan interval (watching is instant)
     repository_poll_debounce_secs: float = 1.0  # poll mode: quiet time before a change applies
     ports_file: Path | None = None  # written once listening: {"http": N, "grpc": N, "metrics": N}
+    allow_model_upload: bool = False  # load requests may bring files / config (they run code)
 
     @classmethod
     def load(
@@ -90,6 +91,8 @@ class Config:
                     typed[name] = float(value)
                 except (TypeError, ValueError):
                     raise ValueError(f"setting {name}: expected a number, got {value!r}") from None
+            elif known[name].type == "bool":
+                typed[name] = _boolean(name, value)
             elif known[name].type == "int":
                 try:
                     typed[name] = int(value)
@@ -115,6 +118,20 @@ class Config:
         _check_model_control(typed)
         _check_observability(typed)
         return cls(**typed)
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def _boolean(name: str, value: Any) -> bool:
+    # The environment gives text: "1"/"true"/"yes" and "0"/"false"/"no" (any case).
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ValueError(f"setting {name}: expected true|false (or 1|0, yes|no), got {value!r}")
 
 
 def _check_model_control(typed: dict[str, Any]) -> None:

@@ -78,6 +78,7 @@ class Server:
                 config.device_slots,
                 config.model_control_mode,
                 config.load_model,
+                config.allow_model_upload,
             ),
             BackendRegistry(),
             TritonConfigReader(),
@@ -133,7 +134,9 @@ class Server:
         else:
             await self.manager.load_initial()
         self.grpc_port = await self._grpc.start(self.config.host, self.config.grpc_port)
-        metrics = MetricsApp(self.registry, self.dataplane.live, self.dataplane.ready)
+        metrics = MetricsApp(
+            self.registry, self.dataplane.live, self.dataplane.ready, self._gpu.refresh
+        )
         rest = RestApp(self.dataplane, self.telemetry)
         apps = ((rest, self.config.http_port), (metrics, self.config.metrics_port))
         # Bind here, so a busy port is a clear startup error rather than uvicorn's sys.exit,

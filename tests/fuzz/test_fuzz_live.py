@@ -65,7 +65,7 @@ def fuzz_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running
     (victim / "keep.txt").write_text("do not delete")
     server_tmp = root / "server-tmp"  # the server's own temporary space (staged uploads)
     server_tmp.mkdir()
-    args = ("--model-control-mode", "explicit", "--load-model", "*")
+    args = ("--model-control-mode", "explicit", "--load-model", "*", "--allow-model-upload")
     with running_server(
         root, repo, *args, env={"TMPDIR": str(server_tmp)}, wait_for="ready"
     ) as server:

@@ -125,7 +125,8 @@ def poll_server(repo: Path) -> Iterator[RunningServer]:
 
 @pytest.fixture(scope="module")
 def explicit_server(repo: Path) -> Iterator[RunningServer]:
-    args = ("--model-control-mode", "explicit", "--load-model", "hot_explicit")
+    args = ("--model-control-mode", "explicit", "--load-model", "hot_explicit",
+            "--allow-model-upload")  # fmt: skip
     with running_server(repo, repo, *args, "--load-model", "slow", wait_for="ready") as server:
         yield server
 

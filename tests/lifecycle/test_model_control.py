@@ -38,7 +38,8 @@ def explicit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
             identity_config("FP32", [1], version_policy={"latest": 2}),
             version=version,
         )
-    args = ("--model-control-mode", "explicit", "--load-model", "echo", "--load-model", "multi")
+    args = ("--model-control-mode", "explicit", "--load-model", "echo", "--load-model", "multi",
+            "--allow-model-upload")  # fmt: skip
     with running_server(repo, repo, *args, wait_for="ready") as server:
         yield server
 

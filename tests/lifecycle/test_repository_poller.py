@@ -28,7 +28,7 @@ class _Manager:
         self.calls: list[tuple[str, str]] = []
         self.loaded: set[str] = set()
 
-    def scan(self) -> dict[str, ModelSource]:
+    async def rescan(self) -> dict[str, ModelSource]:
         return scan(list(self.repositories))
 
     async def load(self, name: str) -> None:

@@ -77,11 +77,15 @@ class DataPlane:
         return ServerMetadata(SERVER_NAME, self._version, EXTENSIONS + self.extra_extensions)
 
     def model_ready(self, name: str, version: str = "") -> bool:
-        """False when the model exists but is not ready; NOT_FOUND when it is unknown."""
+        """False when the model exists but is not ready; NOT_FOUND when it is unknown and
+        INVALID_ARGUMENT when the name or version is malformed."""
         try:
             self._manager.get(name, version)
         except ServerError as exc:
-            if exc.message.startswith(f"model '{name}' is not found"):
+            if exc.code is ErrorCode.INVALID_ARGUMENT:
+                raise
+            # NOT_FOUND for a known model means a version it does not have: not ready.
+            if exc.code is ErrorCode.NOT_FOUND and not self._manager.known(name):
                 raise
             return False
         return True
@@ -124,8 +128,8 @@ class DataPlane:
 
     # --- repository ----------------------------------------------------------------------
 
-    def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
-        entries = self._manager.index()
+    async def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
+        entries = await self._manager.index()
         return [e for e in entries if e.state == "READY"] if ready_only else entries
 
     async def load_model(

@@ -23,6 +23,7 @@ from kernelport.backends.base import Arrays, Backend, LoadContext, ModelInstance
 from kernelport.core.batcher import ModelQueue
 from kernelport.core.execution import Worker, WorkerPool
 from kernelport.core.model_config import ModelConfig, parse_model_config
+from kernelport.core.names import check_lookup_name, check_model_name, parse_version, shown
 from kernelport.core.repository import (
     ConfigDocument,
     ConfigReader,
@@ -112,6 +113,8 @@ class ManagerSettings:
     device_slots: int = 0  # batches running at once per device; 0 = unlimited
     control_mode: ControlMode = "none"
     startup_models: tuple[str, ...] = ()  # explicit mode: loaded at start ("*" = all)
+    #: whether a load request may bring files or a config override (they run code)
+    allow_model_upload: bool = False
 
 
 class ModelManager:
@@ -143,21 +146,29 @@ class ModelManager:
     # --- queries -------------------------------------------------------------------------
 
     def get(self, name: str, version: str = "") -> ModelVersion:
-        """The version to serve ``name`` with; NOT_FOUND / UNAVAILABLE naming what exists."""
+        """The version to serve ``name`` with; NOT_FOUND / UNAVAILABLE naming what exists.
+
+        A malformed name or version is INVALID_ARGUMENT; the messages echo at most a short
+        prefix of the name and never list the other models (a large repository, or a huge
+        name, must not make an error too big for a gRPC status header).
+        """
         entry = self._models.get(name)
         if entry is None:
+            check_lookup_name(name)  # only names not found: a loaded model's name is valid
             if name in self._sources:  # in the repository (as of the last scan), not loaded
                 raise unavailable(f"model '{name}' is not loaded (it is in the model repository)")
-            raise not_found(f"model '{name}' is not found (known models: {self._known()})")
+            raise not_found(f"model '{shown(name)}' is not found")
+        number = parse_version(version)
         if not entry.versions:
             why = f": {entry.reason}" if entry.reason else ""
             raise unavailable(f"model '{name}' is not ready ({entry.state.value}{why})")
-        if not version:
+        if number is None:
             return entry.versions[max(entry.versions)]
-        if not version.isdigit() or int(version) not in entry.versions:
-            have = ", ".join(str(v) for v in sorted(entry.versions))
+        found = entry.versions.get(number)
+        if found is None:
+            have = ", ".join(str(v) for v in sorted(entry.versions)[:16])
             raise not_found(f"model '{name}' has no version '{version}' (loaded: {have})")
-        return entry.versions[int(version)]
+        return found
 
     def entries(self) -> list[ModelEntry]:
         return [self._models[n] for n in sorted(self._models)]
@@ -168,9 +179,9 @@ class ModelManager:
             e.state is ModelState.READY or e.unloaded is not None for e in self._models.values()
         )
 
-    def index(self) -> list[RepositoryEntry]:
+    async def index(self) -> list[RepositoryEntry]:
         """Every model on disk or known, with its state (name-only when never loaded)."""
-        self._sources = self._scan_quietly()
+        self._sources = await asyncio.to_thread(self._scan_quietly)
         out: list[RepositoryEntry] = []
         for name in sorted(set(self._sources) | set(self._models)):
             entry = self._models.get(name)
@@ -190,8 +201,11 @@ class ModelManager:
         self._sources = scan(list(self._settings.repositories))
         return self._sources
 
-    def _known(self) -> str:
-        return ", ".join(sorted(self._models)) or "none"
+    async def rescan(self) -> dict[str, ModelSource]:
+        """:meth:`scan` with the directory walk on a thread, so requests keep being served."""
+        sources = await asyncio.to_thread(scan, list(self._settings.repositories))
+        self._sources = sources  # state changes stay on the event loop
+        return sources
 
     def _scan_quietly(self) -> dict[str, ModelSource]:
         try:
@@ -202,6 +216,7 @@ class ModelManager:
 
     def require_explicit(self, verb: str, name: str) -> None:
         """The repository API may load and unload only in explicit mode (as in Triton)."""
+        check_model_name(name)  # before any message quotes it
         mode = self._settings.control_mode
         if mode != "explicit":
             raise unavailable(
@@ -217,7 +232,7 @@ class ModelManager:
 
         A model that fails is recorded UNAVAILABLE with the reason, never fatal.
         """
-        sources = self.scan()
+        sources = await self.rescan()
         names = sorted(sources)
         if self._settings.control_mode == "explicit":
             wanted = self._settings.startup_models
@@ -241,22 +256,37 @@ class ModelManager:
         the model directory instead of the repository's. On failure the error is raised, a
         model that was serving keeps serving its old versions, and a model that was not is
         recorded UNAVAILABLE with the reason.
+
+        Files and config overrides run code of the requester's choosing (a model.py, a
+        compiled library, pickle loading), so they are PERMISSION_DENIED unless the operator
+        set ``allow_model_upload``.
         """
+        check_model_name(name)
+        if (config is not None or files) and not self._settings.allow_model_upload:
+            what = "files" if files else "a config override"
+            raise ServerError(
+                ErrorCode.PERMISSION_DENIED,
+                f"model '{name}': a load request with {what} is refused: uploads run code, so "
+                "they are off unless the server is started with --allow-model-upload "
+                "(KERNELPORT_ALLOW_MODEL_UPLOAD=1)",
+            )
         async with self._lock(name):
             return await self._load(name, config, files or {})
 
     async def _load(self, name: str, config: str | None, files: Mapping[str, bytes]) -> ModelEntry:
-        override = parse_override(config, self._reader) if config is not None else None
+        override = None
+        if config is not None:
+            override = await asyncio.to_thread(parse_override, config, self._reader)
         staged: ModelSource | None = None
         if files:
             if override is None:
                 raise invalid(f"model '{name}': file parameters need the 'config' parameter too")
-            staged = source = stage_files(name, files)
+            staged = source = await asyncio.to_thread(stage_files, name, files)
         else:
-            self._sources = self._scan_quietly()
+            self._sources = await asyncio.to_thread(self._scan_quietly)
             found = self._sources.get(name)
             if found is None:
-                raise not_found(f"model '{name}' is not in the model repository")
+                raise not_found(f"model '{shown(name)}' is not in the model repository")
             source = found
         old = self._models.get(name)
         if old is None or not old.versions:
@@ -266,7 +296,7 @@ class ModelManager:
             versions = await self._load_versions(source, override)
         except Exception as exc:
             if staged is not None:
-                remove_staged(staged)
+                await asyncio.to_thread(remove_staged, staged)
             reason = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
             log.error("model '%s' failed to load: %s", name, reason)
             if old is not None and old.versions:
@@ -305,10 +335,13 @@ class ModelManager:
         drops the model from the index (poll mode, when its directory is gone).
         """
         del unload_dependents
+        check_model_name(name)
+        if name not in self._models:  # before making a lock: unknown names leave nothing
+            raise not_found(f"model '{shown(name)}' is not loaded")
         async with self._lock(name):
             entry = self._models.get(name)
             if entry is None:
-                raise not_found(f"model '{name}' is not loaded (known models: {self._known()})")
+                raise not_found(f"model '{shown(name)}' is not loaded")
             versions = tuple(sorted(entry.versions)) or entry.unloaded or ()
             self._models[name] = ModelEntry(name, ModelState.UNLOADING, unloaded=versions)
             await self._retire(entry)
@@ -336,12 +369,14 @@ class ModelManager:
         for mv in entry.versions.values():
             await mv.close()
         if entry.staged is not None:
-            remove_staged(entry.staged)
+            await asyncio.to_thread(remove_staged, entry.staged)
 
     async def _load_versions(
         self, source: ModelSource, override: ConfigDocument | None
     ) -> dict[int, ModelVersion]:
-        document = override if override is not None else read_config(source, self._reader)
+        document = override
+        if document is None:  # file reads and YAML / pbtxt parsing: on a thread
+            document = await asyncio.to_thread(read_config, source, self._reader)
         for warning in document.warnings:
             log.warning("model '%s': %s", source.name, warning)
         raw = dict(document.raw)
@@ -354,7 +389,7 @@ class ModelManager:
                 f"model '{source.name}' has no numeric version directory in {source.path}"
             )
         if "backend" not in raw:
-            guessed = self._backends.infer(source.path)
+            guessed = await asyncio.to_thread(self._backends.infer, source.path)
             if guessed is None:
                 raise invalid(
                     f"{where}: no 'backend' given and no known model file to infer it from"

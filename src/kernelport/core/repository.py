@@ -12,11 +12,12 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
 
+from kernelport.core.names import check_model_name, is_model_name, shown, upload_paths
 from kernelport.errors import invalid, not_found
 
 CONFIG_FILES = ("model.yaml", "model.yml", "config.pbtxt")
@@ -34,6 +35,9 @@ class ModelSource:
     path: Path
     config_file: Path | None
     versions: tuple[int, ...]
+    #: the temporary directory a load request's files were staged in (it and only it is
+    #: removed once the model is done with it); None for a directory in a repository
+    staged_root: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +88,8 @@ def scan(roots: list[Path]) -> dict[str, ModelSource]:
         if not root.is_dir():
             raise not_found(f"model repository '{root}' is not a directory")
         for path in sorted(root.iterdir()):
-            if not path.is_dir() or path.name.startswith("."):
-                continue
+            if not path.is_dir() or not is_model_name(path.name):
+                continue  # hidden, or a name no request could ask for
             source = source_at(path)
             if source is None:
                 continue
@@ -139,21 +143,31 @@ def parse_override(text: str, reader: ConfigReader | None) -> ConfigDocument:
 
 def stage_files(name: str, files: Mapping[str, bytes]) -> ModelSource:
     """Write a load request's ``file:<version>/<path>`` contents into a fresh temporary model
-    directory, as Triton does; the caller removes it with :func:`remove_staged`."""
-    root = Path(tempfile.mkdtemp(prefix="kernelport-load-"))
+    directory, as Triton does; the caller removes it with :func:`remove_staged`.
+
+    Blocking (it writes every file): call it from a thread. Every target is checked to lie
+    inside the new directory, and each file is created exclusively (never overwritten).
+    """
+    check_model_name(name)
+    paths = upload_paths(list(files))
+    root = Path(tempfile.mkdtemp(prefix="kernelport-load-")).resolve()
     model = root / name
     try:
         model.mkdir()
-        for key, content in files.items():
-            relative = PurePosixPath(key.removeprefix("file:"))
-            if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        for key, parts in paths.items():
+            target = model.joinpath(*parts)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if not target.parent.resolve().is_relative_to(model):
+                    raise invalid(
+                        f"load parameter '{shown(key)}': the path leaves the model directory"
+                    )
+                with open(target, "xb") as out:  # exclusive: two keys never share a file
+                    out.write(files[key])
+            except OSError as exc:
                 raise invalid(
-                    f"load parameter '{key}': expected 'file:<version>/<path>' "
-                    "relative to the model directory"
-                )
-            target = model.joinpath(*relative.parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(content)
+                    f"load parameter '{shown(key)}': cannot write it ({exc.strerror})"
+                ) from None
         source = source_at(model)
         if source is None or not source.versions:
             raise invalid(
@@ -164,11 +178,15 @@ def stage_files(name: str, files: Mapping[str, bytes]) -> ModelSource:
         shutil.rmtree(root, ignore_errors=True)
         raise
     # The files never carry the config: the request's 'config' parameter is the config.
-    return ModelSource(name, model, None, source.versions)
+    return ModelSource(name, model, None, source.versions, staged_root=root)
 
 
 def remove_staged(source: ModelSource) -> None:
-    shutil.rmtree(source.path.parent, ignore_errors=True)
+    """Delete the temporary directory :func:`stage_files` made (nothing for other sources).
+
+    What is deleted is the recorded root, never a path derived from the model's name."""
+    if source.staged_root is not None:
+        shutil.rmtree(source.staged_root, ignore_errors=True)
 
 
 def _skipped(name: str) -> bool:

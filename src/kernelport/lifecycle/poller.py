@@ -25,7 +25,7 @@ from collections.abc import Callable
 from watchfiles import awatch
 
 from kernelport.core.manager import ModelManager
-from kernelport.core.repository import Fingerprint, fingerprint
+from kernelport.core.repository import Fingerprint, ModelSource, fingerprint
 from kernelport.errors import ServerError
 
 log = logging.getLogger("kernelport.poller")
@@ -56,8 +56,10 @@ class RepositoryPoller:
     async def start(self) -> None:
         """Load every model in the repositories (failures are recorded, never fatal), then
         watch them."""
-        for name, source in sorted(self._manager.scan().items()):
-            self._applied[name] = fingerprint(source.path)  # before loading: no change is missed
+        sources = await self._manager.rescan()
+        prints = await asyncio.to_thread(_fingerprints, sources)
+        for name in sorted(sources):
+            self._applied[name] = prints[name]  # taken before loading: no change is missed
             with contextlib.suppress(ServerError):  # recorded and logged by the manager
                 await self._manager.load(name)
         self._tasks = [
@@ -112,12 +114,13 @@ class RepositoryPoller:
         Returns when (on ``clock``) the next pending change becomes due, if any.
         """
         try:
-            sources = self._manager.scan()
+            sources = await self._manager.rescan()
         except ServerError as exc:
             log.error("repository scan failed: %s", exc.message)
             return None
+        # Walking every model directory blocks: on a thread, so requests keep being served.
+        current = await asyncio.to_thread(_fingerprints, sources)
         now = self._clock()
-        current = {name: fingerprint(source.path) for name, source in sources.items()}
         next_due: float | None = None
         for name in sorted(set(current) | set(self._applied)):
             seen = current.get(name, _GONE)
@@ -151,3 +154,7 @@ class RepositoryPoller:
                  "changed in" if was_loaded else "was added to")  # fmt: skip
         with contextlib.suppress(ServerError):  # recorded and logged by the manager
             await self._manager.load(name)
+
+
+def _fingerprints(sources: dict[str, ModelSource]) -> dict[str, Fingerprint]:
+    return {name: fingerprint(source.path) for name, source in sources.items()}

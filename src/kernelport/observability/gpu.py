@@ -7,9 +7,11 @@ initialise and the collector exports nothing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -25,12 +27,30 @@ METRIC_NAMES = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class GpuReading:
+    """One GPU's values from one NVML sample."""
+
+    uuid: str
+    utilization: float
+    memory_total: int
+    memory_used: int
+    power_watts: float
+    power_limit_watts: float
+
+
 class GpuCollector:
-    """Reads every GPU through NVML at scrape time; ``start`` once, ``close`` at shutdown."""
+    """Reports every GPU through NVML; ``start`` once, ``close`` at shutdown.
+
+    NVML calls block (a busy or wedged driver can take a long time), so a scrape does not
+    make them on the event loop: the metrics app awaits :meth:`refresh`, which samples on a
+    thread, and ``collect`` reports the latest sample.
+    """
 
     def __init__(self) -> None:
         self._nvml: Any = None
         self._handles: list[tuple[str, Any]] = []
+        self._readings: tuple[GpuReading, ...] = ()
 
     def start(self) -> bool:
         """Initialise NVML; False (and no GPU metrics) when pynvml or a GPU is missing."""
@@ -49,13 +69,41 @@ class GpuCollector:
             log.info("GPU metrics off: NVML unavailable (%s)", exc)
             return False
         self._nvml, self._handles = pynvml, handles
+        self.sample()  # at startup, before serving: a first scrape already has values
         return bool(handles)
 
     def close(self) -> None:
         if self._nvml is not None:
             with contextlib.suppress(Exception):  # already shut down: nothing to release
                 self._nvml.nvmlShutdown()
-            self._nvml, self._handles = None, []
+            self._nvml, self._handles, self._readings = None, [], ()
+
+    async def refresh(self) -> None:
+        """Take a new sample on a thread (a no-op without NVML)."""
+        if self._nvml is not None:
+            await asyncio.to_thread(self.sample)
+
+    def sample(self) -> None:
+        """Read every GPU now (blocking: call it on a thread once serving)."""
+        nvml = self._nvml
+        if nvml is None:
+            return
+        readings = []
+        for uuid, handle in self._handles:
+            try:
+                rates = nvml.nvmlDeviceGetUtilizationRates(handle)
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                power = nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0
+                limit = nvml.nvmlDeviceGetPowerManagementLimit(handle) / 1000.0
+            except Exception as exc:  # a GPU fell off the bus: skip it, keep the scrape
+                log.warning("NVML read failed for %s: %s", uuid, exc)
+                continue
+            readings.append(
+                GpuReading(
+                    uuid, rates.gpu / 100.0, int(memory.total), int(memory.used), power, limit
+                )
+            )
+        self._readings = tuple(readings)  # one assignment: collect sees a whole sample
 
     def describe(self) -> list[Metric]:
         return []
@@ -63,7 +111,6 @@ class GpuCollector:
     def collect(self) -> Iterator[Metric]:
         if self._nvml is None:
             return
-        nvml = self._nvml
         util = GaugeMetricFamily(
             METRIC_NAMES[0], "GPU utilization rate [0.0 - 1.0)", labels=["gpu_uuid"]
         )
@@ -75,15 +122,10 @@ class GpuCollector:
         limit = GaugeMetricFamily(
             METRIC_NAMES[4], "GPU power management limit in watts", labels=["gpu_uuid"]
         )
-        for uuid, handle in self._handles:
-            try:
-                rates = nvml.nvmlDeviceGetUtilizationRates(handle)
-                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-                util.add_metric([uuid], rates.gpu / 100.0)
-                total.add_metric([uuid], int(memory.total))
-                used.add_metric([uuid], int(memory.used))
-                power.add_metric([uuid], nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0)
-                limit.add_metric([uuid], nvml.nvmlDeviceGetPowerManagementLimit(handle) / 1000.0)
-            except Exception as exc:  # a GPU fell off the bus: skip it, keep the scrape
-                log.warning("NVML read failed for %s: %s", uuid, exc)
+        for r in self._readings:
+            util.add_metric([r.uuid], r.utilization)
+            total.add_metric([r.uuid], r.memory_total)
+            used.add_metric([r.uuid], r.memory_used)
+            power.add_metric([r.uuid], r.power_watts)
+            limit.add_metric([r.uuid], r.power_limit_watts)
         yield from (util, total, used, power, limit)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -14,11 +14,18 @@ class MetricsApp:
     """ASGI app over a registry the server owns."""
 
     def __init__(
-        self, registry: CollectorRegistry, live: Callable[[], bool], ready: Callable[[], bool]
+        self,
+        registry: CollectorRegistry,
+        live: Callable[[], bool],
+        ready: Callable[[], bool],
+        refresh: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """``refresh``: awaited before each /metrics render, to sample blocking sources
+        (NVML) on a thread rather than inside the render on the event loop."""
         self._registry = registry
         self._live = live
         self._ready = ready
+        self._refresh = refresh
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -28,6 +35,8 @@ class MetricsApp:
         if scope["method"] != "GET":
             status, body = 405, b"Method Not Allowed\n"
         elif path == "/metrics":
+            if self._refresh is not None:
+                await self._refresh()
             status, body, ctype = 200, render(self._registry), CONTENT_TYPE.encode()
         elif path == "/healthz":
             status, body = (200, b"ok\n") if self._live() else (503, b"not live\n")

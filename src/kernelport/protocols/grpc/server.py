@@ -189,7 +189,7 @@ class InferenceServicer:
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
         out = msgs.RepositoryIndexResponse()
-        for entry in self._dp.repository_index(request.ready):
+        for entry in await self._dp.repository_index(request.ready):
             out.models.add(**asdict(entry))
         return out
 

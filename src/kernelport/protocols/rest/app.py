@@ -32,7 +32,7 @@ Headers = list[tuple[bytes, bytes]]
 
 _JSON = [(b"content-type", b"application/json")]
 _MODEL = re.compile(
-    r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[0-9]+))?"
+    r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
     r"(?:/(?P<verb>infer|ready|config|stats|trace/setting))?$"
 )
 _REPO = re.compile(
@@ -266,11 +266,9 @@ class RestApp:
             ready = obj.get("ready", False)
             if not isinstance(ready, bool):
                 raise invalid("'ready' must be a boolean")
+            entries = await dp.repository_index(ready)
             return json_response(
-                [
-                    {k: v for k, v in asdict(e).items() if v or k in ("name",)}
-                    for e in dp.repository_index(ready)
-                ]
+                [{k: v for k, v in asdict(e).items() if v or k in ("name",)} for e in entries]
             )
         params = obj.get("parameters") or {}
         if not isinstance(params, dict):
@@ -279,7 +277,8 @@ class RestApp:
             config = params.get("config")
             if config is not None and not isinstance(config, str):
                 config = orjson.dumps(config).decode()  # an object given instead of its text
-            files = {k: _base64(k, v) for k, v in params.items() if k.startswith("file:")}
+            # Decoding megabytes of base64 would stall the event loop: on a thread.
+            files = await asyncio.to_thread(_files, params)
             await dp.load_model(model, config, files)
         else:
             dependents = params.get("unload_dependents", False)
@@ -287,6 +286,10 @@ class RestApp:
                 raise invalid("parameter 'unload_dependents' must be a boolean")
             await dp.unload_model(model, dependents)
         return Response(200)
+
+
+def _files(params: dict[str, Any]) -> dict[str, bytes]:
+    return {k: _base64(k, v) for k, v in params.items() if k.startswith("file:")}
 
 
 def _base64(key: str, value: Any) -> bytes:
