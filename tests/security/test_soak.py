@@ -157,4 +157,4 @@ def test_soak_memory_and_descriptors(tmp_path: Path) -> None:
             mix.close()
         assert grown < RSS_SLACK_BYTES, f"RSS grew by {grown / 2**20:.1f} MiB over {REQUESTS}"
         fds_after = _settle(lambda: _fds(pid), fds_before)
-        assert fds_after == fds_before, f"open descriptors {fds_before} -> {fds_after}"
+        assert fds_after <= fds_before, f"open descriptors {fds_before} -> {fds_after}"

@@ -26,12 +26,14 @@ DTYPES = {
     "BYTES": "BYTES",
 }
 _V2_TO_DTYPE = {v: k for k, v in DTYPES.items()}
+# enum number -> name; a number this build does not know stays out (proto3 keeps it as an int)
+_DTYPE_NAMES = {v.number: v.name for v in pb.kernelport_v1.DType.DESCRIPTOR.values}
 
 
 def decode(msg: Any) -> InferRequest:
     inputs = []
     for tensor in msg.inputs:
-        enum_name = pb.kernelport_v1.DType.Name(tensor.dtype)
+        enum_name = _DTYPE_NAMES.get(tensor.dtype, f"{tensor.dtype} (unknown)")
         if enum_name not in DTYPES:
             raise invalid(f"input '{tensor.name}': dtype {enum_name} is not a tensor type")
         inputs.append(

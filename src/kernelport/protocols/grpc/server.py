@@ -17,7 +17,7 @@ from kernelport.core.dataplane import DataPlane
 from kernelport.core.manager import ModelVersion
 from kernelport.core.model_config import triton_config
 from kernelport.errors import ErrorCode, ServerError
-from kernelport.observability.telemetry import Telemetry
+from kernelport.observability.telemetry import Telemetry, header_value
 from kernelport.protocols.grpc import codec, kernelport_v1, pb
 from kernelport.protocols.grpc.errors import GRPC_STATUS
 
@@ -132,7 +132,7 @@ class InferenceServicer:
         except ServerError as exc:
             request_id = _request_id(telemetry, request, context)
             telemetry.failed("grpc", request_id, request.model_name, exc)
-            context.set_trailing_metadata((("x-request-id", request_id),))
+            context.set_trailing_metadata(_request_id_metadata(request_id))
             if trace is not None:
                 trace.finish(request_id, request.model_name, request.model_version, exc)
             raise
@@ -273,12 +273,17 @@ class KernelPortServicer:
         except ServerError as exc:
             request_id = self._telemetry.request_id(_metadata(context).get("x-request-id", ""))
             self._telemetry.failed("kernelport.v1", request_id, request.model, exc)
-            context.set_trailing_metadata((("x-request-id", request_id),))
+            context.set_trailing_metadata(_request_id_metadata(request_id))
             raise
 
 
 def _metadata(context: Any) -> dict[str, str]:
     return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+
+
+def _request_id_metadata(request_id: str) -> tuple[tuple[str, str], ...]:
+    # Metadata values must be printable ASCII; a client's id may hold anything.
+    return (("x-request-id", header_value(request_id).decode()),)
 
 
 def _request_id(telemetry: Telemetry, message: Any, context: Any) -> str:

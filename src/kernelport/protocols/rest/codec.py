@@ -143,7 +143,10 @@ def decode_request(
     if offset != len(binary):
         raise invalid(f"unexpected {len(binary) - offset} bytes of binary data after the inputs")
     outputs = []
-    for raw in obj.get("outputs") or []:
+    raw_outputs = obj.get("outputs")
+    if raw_outputs is not None and not isinstance(raw_outputs, list):
+        raise invalid("'outputs' must be a list of requested outputs")
+    for raw in raw_outputs or []:
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
             raise invalid("each requested output needs a 'name' string")
         outputs.append(
