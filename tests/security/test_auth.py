@@ -77,7 +77,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 @pytest.fixture(scope="module")
 def admin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     tmp = tmp_path_factory.mktemp("auth-admin")
-    args = ("--api-key", ADMIN_KEY, "--auth-scope", "admin")
+    # 0.0.0.0 without TLS: the startup warning about keys in clear text (asserted below).
+    args = ("--api-key", ADMIN_KEY, "--auth-scope", "admin", "--host", "0.0.0.0")
     with running_server(tmp, repository(tmp / "repo"), *args, wait_for="ready") as running:
         yield running
 
@@ -96,6 +97,8 @@ def test_probes_stay_open(server: RunningServer) -> None:
         assert http_call(f"http://127.0.0.1:{server.metrics_port}{path}")[0] == 200, path
     client = grpcclient.InferenceServerClient(server.grpc_url)
     assert client.is_server_live() and client.is_server_ready()
+    assert "API keys required (scope all); TLS off" in server.log()
+    assert "WARNING" not in server.log()  # 127.0.0.1: nothing to warn about
 
 
 def test_http_refuses_missing_or_wrong_key(server: RunningServer) -> None:
@@ -248,6 +251,9 @@ def test_scope_admin_guards_only_the_admin_surface(admin_server: RunningServer) 
     assert rpc.get_log_settings(headers=key, as_json=True)["settings"]
     assert [m.name for m in rpc.get_model_repository_index(headers=key).models] == ["ident"]
     assert rpc.is_model_ready("ident")  # the refused unload above did not happen
+    log = admin_server.log()
+    assert "API keys required (scope admin); TLS off" in log
+    assert "WARNING" in log and "without TLS: API keys travel in clear text" in log
 
 
 def test_auth_checks_keys_and_tables() -> None:
