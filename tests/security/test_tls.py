@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import RunningServer, running_server
+from conftest import RunningServer, free_port, running_server, serve_command
 from helpers import identity_config, write_model
 from tritonclient.utils import InferenceServerException
 
@@ -77,6 +77,13 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     return Certs(cwd)
 
 
+KEY = "tls-and-key"
+
+
+def key_headers() -> dict[str, str]:
+    return {"authorization": f"Bearer {KEY}"}  # fresh: tritonclient's http infer adds to it
+
+
 def client_context(certs: Certs, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=certs.ca)
     if cert is not None:
@@ -92,7 +99,7 @@ def repository(tmp: Path) -> Path:
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterator[RunningServer]:
     tmp = tmp_path_factory.mktemp("tls")
-    args = ("--tls-cert", certs.server, "--tls-key", certs.server_key)
+    args = ("--tls-cert", certs.server, "--tls-key", certs.server_key, "--api-key", KEY)
     with running_server(
         tmp, repository(tmp / "repo"), *args, ssl_context=client_context(certs)
     ) as server:
@@ -114,13 +121,13 @@ def inputs(module: object) -> list[object]:
     return [tensor]
 
 
-def _infer_http(client: httpclient.InferenceServerClient) -> None:
-    result = client.infer("ident", inputs(httpclient))
+def _infer_http(client: httpclient.InferenceServerClient, headers: object = None) -> None:
+    result = client.infer("ident", inputs(httpclient), headers=headers)
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.arange(4, dtype=np.float32))
 
 
-def _infer_grpc(client: grpcclient.InferenceServerClient) -> None:
-    result = client.infer("ident", inputs(grpcclient))
+def _infer_grpc(client: grpcclient.InferenceServerClient, headers: object = None) -> None:
+    result = client.infer("ident", inputs(grpcclient), headers=headers)
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.arange(4, dtype=np.float32))
 
 
@@ -133,13 +140,21 @@ def test_tls_on_every_listener(tls_server: RunningServer, certs: Certs) -> None:
     http = httpclient.InferenceServerClient(
         tls_server.http_url, ssl=True, ssl_options={"ca_certs": certs.ca}
     )
-    _infer_http(http)
+    _infer_http(http, key_headers())
     rpc = grpcclient.InferenceServerClient(
         tls_server.grpc_url, ssl=True, root_certificates=certs.ca
     )
-    _infer_grpc(rpc)
+    _infer_grpc(rpc, key_headers())
+    # API keys still apply over TLS.
+    with pytest.raises(InferenceServerException) as info:
+        _infer_http(http)
+    assert info.value.status() == "401"
+    with pytest.raises(InferenceServerException) as info:
+        _infer_grpc(rpc)
+    assert info.value.status() == "StatusCode.UNAUTHENTICATED"
     metrics = f"https://127.0.0.1:{tls_server.metrics_port}"
-    assert _get(metrics + "/metrics", client_context(certs)) == 200
+    assert _get(metrics + "/healthz", client_context(certs)) == 200
+    assert "TLS on" in tls_server.log()
     # Plain text is not served, and a client that does not trust the CA refuses the server.
     with pytest.raises(OSError):
         _get(f"http://{tls_server.http_url}/v2/health/live")
@@ -191,6 +206,14 @@ def test_tls_settings_errors(
     assert "tls_cert (--tls-cert): required" in capsys.readouterr().err
     assert main(["serve", "--tls-ca", certs.ca]) == 2
     assert "tls_ca: mutual TLS needs tls_cert and tls_key" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    serve = [*serve_command(free_port(), free_port(), free_port()), "--tls-cert", str(garbage)]
+    result = subprocess.run(
+        [*serve, "--tls-key", str(garbage)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert f"startup failed: TLS: cannot use certificate {garbage}" in result.stderr
 
 
 @pytest.mark.parametrize(
