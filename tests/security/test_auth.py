@@ -124,6 +124,11 @@ def test_http_refuses_missing_or_wrong_key(server: RunningServer) -> None:
     with pytest.raises(InferenceServerException) as info:
         client.infer("ident", inputs(httpclient))
     assert info.value.status() == "401"
+    # The refused request's body was never read; the kept-alive connection still serves.
+    assert (
+        client.infer("ident", inputs(httpclient), headers=bearer(FILE_KEY)).as_numpy("OUTPUT0")
+        is not None
+    )
 
 
 def test_http_accepts_each_key(server: RunningServer) -> None:
