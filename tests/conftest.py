@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -55,9 +56,9 @@ class RunningServer:
         return self.process.returncode
 
 
-def _http_status(url: str) -> int | None:
+def _http_status(url: str, context: ssl.SSLContext | None = None) -> int | None:
     try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
+        with urllib.request.urlopen(url, timeout=1, context=context) as resp:
             return int(resp.status)
     except urllib.error.HTTPError as exc:
         return exc.code
@@ -88,8 +89,11 @@ def start_server(
     env: dict[str, str] | None = None,
     wait_for: str = "live",
     timeout: float = 60,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> RunningServer:
-    """Start the real CLI and poll its health endpoint (never a sleep-and-hope)."""
+    """Start the real CLI and poll its health endpoint (never a sleep-and-hope).
+
+    ``ssl_context``: poll over HTTPS with it (for servers started with --tls-cert)."""
     launch = f"{os.getpid()}-{next(_launches)}"
     ports_file = tmp_path / f"ports-{launch}.json"
     cmd = [*serve_command(ports_file), *args]
@@ -113,11 +117,12 @@ def start_server(
         if ports is None:
             time.sleep(0.05)
     server = RunningServer(process, ports["http"], ports["grpc"], ports["metrics"], log_path)
-    url = f"http://{server.http_url}/v2/health/{wait_for}"
+    scheme = "http" if ssl_context is None else "https"
+    url = f"{scheme}://{server.http_url}/v2/health/{wait_for}"
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
-        if _http_status(url) == 200:
+        if _http_status(url, ssl_context) == 200:
             return server
         time.sleep(0.05)
     server.stop(signal.SIGKILL)

@@ -126,6 +126,39 @@ def _parser() -> argparse.ArgumentParser:
         help="where spans go: console (stdout, default) or otlp (OTEL_EXPORTER_OTLP_* variables; "
         "needs opentelemetry-exporter-otlp-proto-http)",
     )
+    serve.add_argument(
+        "--api-key-file",
+        type=Path,
+        metavar="FILE",
+        help="API keys, one a line (# comments allowed); clients send 'Authorization: Bearer "
+        "<key>' (gRPC: 'authorization' metadata). Preferred to --api-key: keys stay out of ps",
+    )
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        dest="api_keys",
+        metavar="KEY",
+        help="an API key (repeatable; also KERNELPORT_API_KEYS=k1,k2). No keys: no authentication",
+    )
+    serve.add_argument(
+        "--auth-scope",
+        choices=["all", "admin"],
+        help="with API keys: all (default) protects every endpoint but the health/readiness "
+        "probes; admin protects only repository, logging, trace and shared-memory APIs",
+    )
+    serve.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="PEM certificate (chain) for HTTPS, gRPC and metrics TLS; needs --tls-key",
+    )
+    serve.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert")
+    serve.add_argument(
+        "--tls-ca",
+        type=Path,
+        metavar="FILE",
+        help="PEM CA bundle: turns on mutual TLS (clients must present a certificate it signed)",
+    )
     serve.add_argument("--config", type=Path, metavar="FILE", help="YAML file of settings")
     return parser
 

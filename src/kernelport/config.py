@@ -47,6 +47,13 @@ class Config:
     repository_poll_debounce_secs: float = 1.0  # poll mode: quiet time before a change applies
     ports_file: Path | None = None  # written once listening: {"http": N, "grpc": N, "metrics": N}
     allow_model_upload: bool = False  # load requests may bring files / config (they run code)
+    # API keys (bearer tokens): those given directly plus those read from api_key_file.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # never in a logged repr
+    api_key_file: Path | None = None  # one key per line; blank lines and #comments ignored
+    auth_scope: Literal["all", "admin"] = "all"  # admin: only repository/log/trace/shm APIs
+    tls_cert: Path | None = None  # PEM certificate chain for every listener
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # PEM CA bundle: clients must present a certificate it signed
 
     @classmethod
     def load(
@@ -81,11 +88,11 @@ class Config:
             if name == "model_repository":
                 items = value.split(os.pathsep) if isinstance(value, str) else value
                 typed[name] = tuple(Path(p) for p in items)
-            elif name == "ports_file":
-                typed[name] = Path(value) if value not in (None, "") else None
-            elif name == "load_model":
+            elif name in ("load_model", "api_keys"):
                 items = value.split(",") if isinstance(value, str) else value
                 typed[name] = tuple(str(v).strip() for v in items if str(v).strip())
+            elif name in _PATHS:
+                typed[name] = Path(value) if value not in (None, "") else None
             elif known[name].type == "float":
                 try:
                     typed[name] = float(value)
@@ -117,6 +124,7 @@ class Config:
             )
         _check_model_control(typed)
         _check_observability(typed)
+        _check_security(typed)
         return cls(**typed)
 
 
@@ -132,6 +140,43 @@ def _boolean(name: str, value: Any) -> bool:
     if text in _TRUE or text in _FALSE:
         return text in _TRUE
     raise ValueError(f"setting {name}: expected true|false (or 1|0, yes|no), got {value!r}")
+
+
+_PATHS = ("api_key_file", "tls_cert", "tls_key", "tls_ca", "ports_file")
+
+
+def read_api_key_file(path: Path) -> tuple[str, ...]:
+    """The keys in ``path``: one a line; blank lines and lines starting with # are skipped."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ValueError(f"setting api_key_file: cannot read {path}: {reason}") from None
+    lines = (line.strip() for line in text.splitlines())
+    return tuple(line for line in lines if line and not line.startswith("#"))
+
+
+def _check_security(typed: dict[str, Any]) -> None:
+    keys = typed.get("api_keys", ())
+    if typed.get("api_key_file") is not None:
+        keys = (*keys, *read_api_key_file(typed["api_key_file"]))
+    for i, key in enumerate(keys, 1):
+        # A key travels in an HTTP header and gRPC metadata, and the environment splits on ",".
+        if not key.isascii() or not key.isprintable() or any(c in key for c in " \t,"):
+            raise ValueError(
+                f"setting api_keys: key {i} must be printable ASCII without spaces or commas"
+            )
+    typed["api_keys"] = tuple(dict.fromkeys(keys))
+    scope = typed["auth_scope"] = str(typed.get("auth_scope", "all")).lower()
+    if scope not in ("all", "admin"):
+        raise ValueError(f"setting auth_scope: expected all|admin, got {scope!r}")
+    cert, key = typed.get("tls_cert"), typed.get("tls_key")
+    if (cert is None) != (key is None):
+        missing = "tls_key (--tls-key)" if key is None else "tls_cert (--tls-cert)"
+        given = "tls_cert" if key is None else "tls_key"
+        raise ValueError(f"setting {missing}: required when {given} is set")
+    if typed.get("tls_ca") is not None and cert is None:
+        raise ValueError("setting tls_ca: mutual TLS needs tls_cert and tls_key as well")
 
 
 def _check_model_control(typed: dict[str, Any]) -> None:

@@ -29,8 +29,10 @@ from kernelport.observability.metrics_app import MetricsApp
 from kernelport.observability.telemetry import Telemetry
 from kernelport.observability.tracing import Tracing
 from kernelport.pbtxt import TritonConfigReader
+from kernelport.protocols.auth import Auth, RequireKey, exposure_warning
 from kernelport.protocols.grpc.server import GrpcFrontEnd
 from kernelport.protocols.rest.app import RestApp
+from kernelport.protocols.tls import TlsFiles
 
 log = logging.getLogger("kernelport.server")
 
@@ -99,6 +101,8 @@ class Server:
         self.registry.register(KernelPortCollector(self.manager, lambda: self.dataplane.in_flight))
         self.registry.register(self._gpu)
         self._grpc = GrpcFrontEnd(self.dataplane, config, self.telemetry)
+        self._auth = Auth(config.api_keys, config.auth_scope)
+        self._tls = TlsFiles.from_config(config)
         self._force = asyncio.Event()
         self.drained = True  # False once a shutdown gave up on requests still in flight
         self._http: list[_EmbeddedUvicorn] = []
@@ -122,10 +126,13 @@ class Server:
             proxy_headers=False,  # X-Forwarded-* rewriting costs every request; nothing reads it
             timeout_keep_alive=75,
             backlog=2048,
+            **(self._tls.uvicorn_options() if self._tls is not None else {}),
         )
         return _EmbeddedUvicorn(config)
 
     async def startup(self) -> None:
+        if self._tls is not None:
+            self._tls.check()  # before loading models: a bad file fails fast, by name
         if self.config.trace_level != "off":
             self.telemetry.tracing.start()  # a missing extra is a startup error, not a later one
         self._gpu.start()
@@ -134,10 +141,13 @@ class Server:
         else:
             await self.manager.load_initial()
         self.grpc_port = await self._grpc.start(self.config.host, self.config.grpc_port)
-        metrics = MetricsApp(
+        metrics: Any = MetricsApp(
             self.registry, self.dataplane.live, self.dataplane.ready, self._gpu.refresh
         )
-        rest = RestApp(self.dataplane, self.telemetry)
+        rest: Any = RestApp(self.dataplane, self.telemetry)
+        if self._auth.enabled:  # unwrapped without keys: an open server pays nothing
+            rest = RequireKey(rest, self._auth)
+            metrics = RequireKey(metrics, self._auth, metrics=True)
         apps = ((rest, self.config.http_port), (metrics, self.config.metrics_port))
         # Bind here, so a busy port is a clear startup error rather than uvicorn's sys.exit,
         # and so a configured port 0 becomes a known one before anything is announced.
@@ -161,6 +171,12 @@ class Server:
             host,
             self.metrics_port,
         )
+        warning = exposure_warning(host, self._auth.enabled, self._tls is not None)
+        if warning:
+            log.warning("%s", warning)
+        if self._auth.enabled:
+            tls = "off" if self._tls is None else "mutual" if self._tls.ca else "on"
+            log.info("API keys required (scope %s); TLS %s", self._auth.scope, tls)
         if self.config.ports_file is not None:
             _write_ports(self.config.ports_file, self.ports())
         for entry in self.manager.entries():

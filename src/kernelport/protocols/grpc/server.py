@@ -18,8 +18,10 @@ from kernelport.core.manager import ModelVersion
 from kernelport.core.model_config import triton_config
 from kernelport.errors import ErrorCode, ServerError
 from kernelport.observability.telemetry import Telemetry, header_value
+from kernelport.protocols.auth import UNAUTHENTICATED_MESSAGE, Auth
 from kernelport.protocols.grpc import codec, kernelport_v1, pb
 from kernelport.protocols.grpc.errors import GRPC_STATUS
+from kernelport.protocols.tls import TlsFiles
 
 log = logging.getLogger("kernelport.grpc")
 msgs = pb.inference
@@ -291,13 +293,47 @@ def _request_id(telemetry: Telemetry, message: Any, context: Any) -> str:
     return telemetry.request_id(message.id, _metadata(context).get("x-request-id", ""))
 
 
-def _handlers(servicer: object, service: str) -> grpc.GenericRpcHandler:
+def _authorization(context: Any) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return str(value)
+    return None
+
+
+def _guarded(handler: Handler, auth: Auth) -> Handler:
+    """Refuse the RPC with UNAUTHENTICATED unless its metadata carries a valid key."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if not auth.allows(_authorization(context)):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        return await handler(request, context)
+
+    return wrapped
+
+
+def _guarded_stream(handler: Callable[..., AsyncIterator[Any]], auth: Auth) -> Any:
+    @functools.wraps(handler)
+    async def wrapped(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if not auth.allows(_authorization(context)):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+        async for item in handler(requests, context):
+            yield item
+
+    return wrapped
+
+
+def _handlers(servicer: object, service: str, auth: Auth | None = None) -> grpc.GenericRpcHandler:
     names = [n for n in dir(servicer) if n[:1].isupper()]
     impl: dict[str, Any] = {}
     for name in names:
         method = getattr(servicer, name)
         # Streaming RPCs are async generators; their errors are reported in-band.
-        impl[name] = method if name == "ModelStreamInfer" else _translating(method)
+        streaming = name == "ModelStreamInfer"
+        impl[name] = method if streaming else _translating(method)
+        # Guarding when the handlers are built leaves open RPCs (and an open server) untouched.
+        if auth is not None and auth.protects_rpc(name):
+            impl[name] = (_guarded_stream if streaming else _guarded)(impl[name], auth)
     return pb.method_handlers(service, impl)
 
 
@@ -310,6 +346,8 @@ class GrpcFrontEnd:
         self._dataplane = dataplane
         self._telemetry = telemetry if telemetry is not None else Telemetry()
         self._limit = config.grpc_max_message_bytes
+        self._auth = Auth(config.api_keys, config.auth_scope)
+        self._tls = TlsFiles.from_config(config)
         self._server: grpc.aio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -324,12 +362,15 @@ class GrpcFrontEnd:
         dp, telemetry = self._dataplane, self._telemetry
         server.add_generic_rpc_handlers(
             (
-                _handlers(InferenceServicer(dp, telemetry), pb.INFERENCE_SERVICE),
-                _handlers(KernelPortServicer(dp, telemetry), pb.KERNELPORT_SERVICE),
+                _handlers(InferenceServicer(dp, telemetry), pb.INFERENCE_SERVICE, self._auth),
+                _handlers(KernelPortServicer(dp, telemetry), pb.KERNELPORT_SERVICE, self._auth),
             )
         )
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        bound = int(server.add_insecure_port(address))
+        if self._tls is not None:
+            bound = int(server.add_secure_port(address, self._tls.grpc_credentials()))
+        else:
+            bound = int(server.add_insecure_port(address))
         if bound == 0:
             raise RuntimeError(f"gRPC server cannot listen on {address}")
         await server.start()
