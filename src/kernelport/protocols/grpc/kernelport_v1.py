@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kernelport.errors import invalid
+from kernelport.limits import Limits
 from kernelport.protocols.grpc import pb
 from kernelport.types import InferRequest, InferResponse, tensor_bytes, tensor_from_buffer
 
@@ -26,16 +27,23 @@ DTYPES = {
     "BYTES": "BYTES",
 }
 _V2_TO_DTYPE = {v: k for k, v in DTYPES.items()}
+_DEFAULT_LIMITS = Limits()
 
 
-def decode(msg: Any) -> InferRequest:
+def decode(msg: Any, limits: Limits = _DEFAULT_LIMITS) -> InferRequest:
     inputs = []
     for tensor in msg.inputs:
         enum_name = pb.kernelport_v1.DType.Name(tensor.dtype)
         if enum_name not in DTYPES:
             raise invalid(f"input '{tensor.name}': dtype {enum_name} is not a tensor type")
         inputs.append(
-            tensor_from_buffer(tensor.name, DTYPES[enum_name], tuple(tensor.shape), tensor.data)
+            tensor_from_buffer(
+                tensor.name,
+                DTYPES[enum_name],
+                tuple(tensor.shape),
+                tensor.data,
+                limits.max_tensor_elements,
+            )
         )
     return InferRequest(msg.model, inputs=inputs)
 
