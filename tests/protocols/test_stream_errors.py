@@ -8,7 +8,6 @@ import queue
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -107,7 +106,7 @@ def test_stream_error_carries_the_request_id(server: RunningServer) -> None:
     assert replies["good-8"].error_message == ""
 
 
-def test_unary_grpc_and_rest_answer_internal_error(server: RunningServer) -> None:
+def test_unary_grpc_rest_and_kernelport_v1_answer_internal_error(server: RunningServer) -> None:
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
         with pytest.raises(InferenceServerException) as info:
@@ -126,9 +125,10 @@ def test_unary_grpc_and_rest_answer_internal_error(server: RunningServer) -> Non
         assert error.code == 500
         assert json.loads(error.read()) == {"error": "internal server error"}
         assert error.headers["x-request-id"]
+    _kernelport_v1_answers_internal_error(server)
 
 
-def test_kernelport_v1_answers_internal_error(server: RunningServer, tmp_path: Path) -> None:
+def _kernelport_v1_answers_internal_error(server: RunningServer) -> None:
     import grpc
 
     from kernelport.protocols.grpc import pb
@@ -140,8 +140,8 @@ def test_kernelport_v1_answers_internal_error(server: RunningServer, tmp_path: P
         response_deserializer=pb.kernelport_v1.InferResponse.FromString,
     )
     msg = pb.kernelport_v1.InferRequest(model="odd")
-    msg.inputs.add(name="X", dtype=pb.kernelport_v1.DType.Value("F32"), shape=[1],
-                   data=np.array([-1.0], np.float32).tobytes())  # fmt: skip
+    data = np.array([-1.0], np.float32).tobytes()
+    msg.inputs.add(name="X", dtype=pb.kernelport_v1.DType.Value("F32"), shape=[1], data=data)
     try:
         with pytest.raises(grpc.RpcError) as info:
             infer(msg, timeout=30)
