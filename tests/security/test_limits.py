@@ -39,7 +39,8 @@ def small_limits(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSe
     tmp = tmp_path_factory.mktemp("limits")
     write_model(tmp / "repo", "echo", identity_config("FP32", [-1]))
     args = ("--max-request-bytes", str(4 * MIB), "--max-inflated-bytes", str(MIB),
-            "--max-tensor-elements", "1000", "--http-header-timeout", "0.5")  # fmt: skip
+            "--max-tensor-elements", "1000", "--http-header-timeout", "0.5",
+            "--grpc-max-message-bytes", str(MIB))  # fmt: skip
     with running_server(tmp, tmp / "repo", *args, wait_for="ready") as server:
         yield server
 
@@ -139,6 +140,18 @@ def test_tensor_element_limit_http_and_grpc(small_limits: RunningServer) -> None
         client.close()
 
 
+def test_grpc_message_over_limit(small_limits: RunningServer) -> None:
+    client = grpcclient.InferenceServerClient(small_limits.grpc_url)
+    try:
+        inp = grpcclient.InferInput("INPUT0", [2 * MIB // 4], "FP32")
+        inp.set_data_from_numpy(np.zeros(2 * MIB // 4, np.float32))
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("echo", [inp])
+        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    finally:
+        client.close()
+
+
 def test_overflowing_shape_is_invalid(small_limits: RunningServer) -> None:
     body = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [0, 2**40, 2**40],
                         "data": []}]}  # fmt: skip
@@ -200,14 +213,19 @@ def test_every_codec_checks_shapes_before_allocating(wire: str) -> None:
 # --- in-flight cap ---------------------------------------------------------------------------
 
 BLOCKING = """
-from pathlib import Path
+import os
 
 class Model:
     def load(self, config):
-        self.release = Path(config.parameters["release"])
+        self.release = config.parameters["release"]
 
     def execute(self, inputs):
-        self.release.read_bytes()  # a FIFO: blocks until the test writes to it
+        # A FIFO: one byte per execution, blocking until the test writes it.
+        fd = os.open(self.release, os.O_RDONLY)
+        try:
+            os.read(fd, 1)
+        finally:
+            os.close(fd)
         return {"Y": inputs["X"]}
 """
 
@@ -241,9 +259,11 @@ def _wait(condition: Callable[[], bool], what: str, timeout: float = 30) -> None
         time.sleep(0.01)
 
 
-def _release(fifo: Path) -> None:
-    with open(fifo, "wb") as f:  # blocks until the model opens the FIFO to read
-        f.write(b"go")
+def _release(fifo: Path, count: int, done: threading.Event) -> None:
+    # Held open until the test is done, so the bytes outlive each reader's close.
+    with open(fifo, "wb", buffering=0) as f:  # blocks until the model opens the FIFO
+        f.write(b"x" * count)
+        done.wait(60)
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -282,12 +302,11 @@ def test_in_flight_cap(tmp_path: Path, protocol: str) -> None:
             assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
             message = str(info.value)
         assert "2 inference requests in flight" in message and "--max-in-flight" in message
-        for _ in callers:
-            releaser = threading.Thread(target=_release, args=(fifo,), daemon=True)
-            releaser.start()
-            releaser.join(30)
+        done = threading.Event()
+        threading.Thread(target=_release, args=(fifo, 2, done), daemon=True).start()
         for t in callers:
             t.join(30)
+        done.set()
         assert results == [[1.0, 2.0], [1.0, 2.0]]
 
 
