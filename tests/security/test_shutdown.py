@@ -6,6 +6,7 @@ import contextlib
 import json
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -72,3 +73,44 @@ def test_sigterm_ends_a_server_stuck_in_a_model(tmp_path: Path) -> None:
         assert "exiting with models still executing: sleepy" in log, log
     finally:
         server.stop(signal.SIGKILL)
+
+
+EMBEDDED = """
+import asyncio, threading
+import numpy as np
+from kernelport.core.execution import Worker
+from kernelport.core.model_config import parse_model_config
+
+class Forever:
+    def execute(self, inputs):
+        threading.Event().wait()
+
+    def unload(self):
+        pass
+
+async def main():
+    config = parse_model_config({"name": "m", "backend": "identity", "max_batch_size": 0,
+        "inputs": [{"name": "X", "datatype": "FP32", "dims": [1]}],
+        "outputs": [{"name": "X", "datatype": "FP32", "dims": [1]}]}, "m")
+    worker = Worker(Forever(), "m")
+    future = worker.submit_batch([{"X": np.zeros(1, np.float32)}], [1], config)
+    try:
+        await asyncio.wait_for(asyncio.shield(future), 0.2)
+    except TimeoutError:
+        print("stuck as expected", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_stuck_worker_does_not_hold_interpreter_exit(tmp_path: Path) -> None:
+    """Embedding the server without its CLI: worker threads must not be joined at exit."""
+    script = tmp_path / "embedded.py"
+    script.write_text(EMBEDDED)
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=30
+        )
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the interpreter waited for a stuck worker thread") from None
+    assert "stuck as expected" in done.stdout, done.stderr
