@@ -159,6 +159,52 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="PEM CA bundle: turns on mutual TLS (clients must present a certificate it signed)",
     )
+    serve.add_argument(
+        "--max-request-bytes",
+        type=int,
+        metavar="BYTES",
+        help="largest HTTP request body; larger ones get 413 (default 268435456, 256 MiB)",
+    )
+    serve.add_argument(
+        "--max-inflated-bytes",
+        type=int,
+        metavar="BYTES",
+        help="largest HTTP request body once gzip/deflate is undone; 413 above "
+        "(default 268435456, 256 MiB)",
+    )
+    serve.add_argument(
+        "--grpc-max-message-bytes",
+        type=int,
+        metavar="BYTES",
+        help="largest gRPC message either way; RESOURCE_EXHAUSTED above (default 268435456)",
+    )
+    serve.add_argument(
+        "--max-tensor-elements",
+        type=int,
+        metavar="N",
+        help="most elements in one input tensor; 400 / INVALID_ARGUMENT above (default 2**28)",
+    )
+    serve.add_argument(
+        "--max-in-flight",
+        type=int,
+        metavar="N",
+        help="inference requests in flight across the server; 503 / RESOURCE_EXHAUSTED "
+        "above (default 4096)",
+    )
+    serve.add_argument(
+        "--http-header-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a connection that has not sent complete request headers in this time is closed "
+        "(HTTP, metrics; the gRPC handshake too) (default 10)",
+    )
+    serve.add_argument(
+        "--http-idle-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="an idle keep-alive connection is closed after this time (HTTP, metrics, gRPC) "
+        "(default 75)",
+    )
     serve.add_argument("--config", type=Path, metavar="FILE", help="YAML file of settings")
     return parser
 

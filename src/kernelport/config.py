@@ -34,7 +34,13 @@ class Config:
     default_max_batch_size: int = 4
     scheduler: Literal["fifo", "fair", "edf"] = "fifo"
     device_slots: int = 0
-    grpc_max_message_bytes: int = 2**31 - 1
+    grpc_max_message_bytes: int = 256 * 1024 * 1024  # grpcio answers RESOURCE_EXHAUSTED above
+    max_request_bytes: int = 256 * 1024 * 1024  # HTTP body as sent -> 413 above
+    max_inflated_bytes: int = 256 * 1024 * 1024  # HTTP body after gzip/deflate -> 413 above
+    max_tensor_elements: int = 2**28  # elements in one input tensor -> 400 above
+    max_in_flight: int = 4096  # inference requests in flight server-wide -> 503 above
+    http_header_timeout: float = 10.0  # seconds to send complete request headers (also gRPC)
+    http_idle_timeout: float = 75.0  # seconds an idle keep-alive connection stays open
     readiness: Literal["all", "any"] = "all"  # ready when every model is, or at least one
     drain_timeout: float = 30.0  # seconds SIGTERM waits for requests in flight
     trace_level: Literal["off", "timestamps"] = "off"  # OpenTelemetry spans (kernelport[tracing])
@@ -125,6 +131,7 @@ class Config:
         _check_model_control(typed)
         _check_observability(typed)
         _check_security(typed)
+        _check_limits(typed)
         return cls(**typed)
 
 
@@ -209,3 +216,22 @@ def _check_observability(typed: dict[str, Any]) -> None:
         raise ValueError("setting trace_rate: expected 1 or more")
     if typed.get("trace_count", -1) < -1:
         raise ValueError("setting trace_count: expected -1 (no limit) or more")
+
+
+_LIMITS = (
+    "grpc_max_message_bytes",
+    "max_request_bytes",
+    "max_inflated_bytes",
+    "max_tensor_elements",
+    "max_in_flight",
+    "http_header_timeout",
+    "http_idle_timeout",
+)
+
+
+def _check_limits(typed: dict[str, Any]) -> None:
+    for name in _LIMITS:
+        if name in typed and typed[name] <= 0:
+            raise ValueError(f"setting {name}: expected a number above 0, got {typed[name]!r}")
+    if typed.get("grpc_max_message_bytes", 1) > 2**31 - 1:
+        raise ValueError("setting grpc_max_message_bytes: gRPC allows at most 2147483647")

@@ -22,6 +22,7 @@ from kernelport.config import Config
 from kernelport.core.dataplane import DataPlane
 from kernelport.core.manager import ManagerSettings, ModelManager
 from kernelport.lifecycle.poller import RepositoryPoller
+from kernelport.limits import Limits
 from kernelport.observability import logging as log_setup
 from kernelport.observability.gpu import GpuCollector
 from kernelport.observability.metrics import KernelPortCollector
@@ -31,10 +32,14 @@ from kernelport.observability.tracing import Tracing
 from kernelport.pbtxt import TritonConfigReader
 from kernelport.protocols.auth import Auth, RequireKey, exposure_warning
 from kernelport.protocols.grpc.server import GrpcFrontEnd
+from kernelport.protocols.http_timeouts import header_timeout_protocol
 from kernelport.protocols.rest.app import RestApp
 from kernelport.protocols.tls import TlsFiles
 
 log = logging.getLogger("kernelport.server")
+
+# After a drain that gave up, how long unloading may take before the process leaves anyway.
+_UNLOAD_AFTER_DRAIN_S = 2.0
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -90,7 +95,7 @@ class Server:
             self._poller = RepositoryPoller(
                 self.manager, config.repository_poll_secs, config.repository_poll_debounce_secs
             )
-        self.dataplane = DataPlane(self.manager, __version__)
+        self.dataplane = DataPlane(self.manager, __version__, Limits.of(config))
         self.dataplane.readiness = config.readiness
         tracing = Tracing(config.trace_level, config.trace_rate, config.trace_count,
                           config.trace_exporter, tracer_provider)  # fmt: skip
@@ -105,6 +110,7 @@ class Server:
         self._tls = TlsFiles.from_config(config)
         self._force = asyncio.Event()
         self.drained = True  # False once a shutdown gave up on requests still in flight
+        self.stuck: list[str] = []  # models whose execution outlived the drain and the unload
         self._http: list[_EmbeddedUvicorn] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
@@ -119,12 +125,12 @@ class Server:
             host=self.config.host,
             port=port,
             loop="none",
-            http="httptools",
+            http=header_timeout_protocol(self.config.http_header_timeout),
             lifespan="off",
             log_config=None,
             access_log=False,
             proxy_headers=False,  # X-Forwarded-* rewriting costs every request; nothing reads it
-            timeout_keep_alive=75,
+            timeout_keep_alive=self.config.http_idle_timeout,  # type: ignore[arg-type]
             backlog=2048,
             **(self._tls.uvicorn_options() if self._tls is not None else {}),
         )
@@ -220,9 +226,12 @@ class Server:
         await asyncio.wait((drain, force), return_when=asyncio.FIRST_COMPLETED)
         force.cancel()
         self.drained = drain.done() and drain.result()
+        busy: list[str] = []
         if not self.drained:
             drain.cancel()
-            log.warning("drain gave up with %d requests in flight", self.dataplane.in_flight)
+            busy = self._busy_models()
+            log.warning("drain gave up with %d requests in flight; models still busy: %s",
+                        self.dataplane.in_flight, ", ".join(busy) or "none")  # fmt: skip
         await self._grpc.stop(grace=5.0 if self.drained else 0)
         for server in self._http:
             server.should_exit = True
@@ -231,8 +240,10 @@ class Server:
         if self.drained:
             await self.manager.close()
         else:  # a model stuck in execution must not hold the exit forever
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.manager.close(), 5.0)
+            try:
+                await asyncio.wait_for(self.manager.close(), _UNLOAD_AFTER_DRAIN_S)
+            except TimeoutError:
+                self.stuck = busy or self._busy_models() or ["unknown"]
         self._gpu.close()
         self.telemetry.close()
         log.info("stopped")
@@ -252,4 +263,16 @@ class Server:
             return 1
         await self.serve()
         await self.shutdown()
+        if self.stuck:
+            # Their threads would block interpreter exit (thread joins) forever: leave now.
+            log.error("exiting with models still executing: %s", ", ".join(self.stuck))
+            logging.shutdown()
+            os._exit(1)
         return 0 if self.drained else 1
+
+    def _busy_models(self) -> list[str]:
+        return sorted(
+            entry.name
+            for entry in self.manager.entries()
+            if any(mv.active or mv.queue.running for mv in entry.versions.values())
+        )

@@ -7,6 +7,7 @@ Wire formats are converted only in each front end's codec.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -189,16 +190,41 @@ def deserialize_bytes_tensor(buffer: bytes | memoryview, name: str) -> np.ndarra
     return out
 
 
-def tensor_from_buffer(
-    name: str, dtype_name: str, shape: tuple[int, ...], buffer: bytes | memoryview
-) -> Tensor:
-    """Build a tensor viewing ``buffer`` (no copy) after checking its byte size."""
-    dt = datatype(dtype_name)
-    count = 1
+_INT64_MAX: Final = 2**63 - 1
+
+
+def element_count(name: str, shape: Sequence[int], max_elements: int) -> int:
+    """The element count of input ``name``'s shape, checked before anything is allocated.
+
+    Python ints, never ``np.prod``: a product that wraps around int64 would pass a size check
+    and fail later inside numpy with an error no client should see.
+    """
+    count, nonzero = 1, 1
     for dim in shape:
         if dim < 0:
             raise invalid(f"input '{name}': shape {list(shape)} has a negative dimension")
         count *= dim
+        nonzero *= dim or 1
+    if nonzero * 8 > _INT64_MAX:  # numpy refuses any array whose size in bytes could overflow
+        raise invalid(f"input '{name}': shape {list(shape)} overflows a 64-bit element count")
+    if count > max_elements:
+        raise invalid(
+            f"input '{name}': shape {list(shape)} has {count} elements, over the limit of "
+            f"{max_elements} (--max-tensor-elements)"
+        )
+    return count
+
+
+def tensor_from_buffer(
+    name: str,
+    dtype_name: str,
+    shape: tuple[int, ...],
+    buffer: bytes | memoryview,
+    max_elements: int = _INT64_MAX,
+) -> Tensor:
+    """Build a tensor viewing ``buffer`` (no copy) after checking its byte size."""
+    dt = datatype(dtype_name)
+    count = element_count(name, shape, max_elements)
     if dt.itemsize == 0:
         flat = deserialize_bytes_tensor(buffer, name)
         if flat.size != count:

@@ -1,4 +1,5 @@
-"""Tensors of 256 MiB travel over gRPC and HTTP (gRPC's 4 MiB default limit is raised)."""
+"""Tensors of 256 MiB travel over gRPC and HTTP once the size limits allow them (the default
+limits, 256 MiB, are one message: the tensor plus its header is just above them)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ SIZE = 256 * 1024 * 1024
 def big_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     repo = tmp_path_factory.mktemp("big")
     write_model(repo, "blob", identity_config("UINT8", [-1]))
-    with running_server(repo, repo, wait_for="ready") as server:
+    limits = ("--max-request-bytes", str(2 * SIZE), "--grpc-max-message-bytes", str(2 * SIZE))
+    with running_server(repo, repo, *limits, wait_for="ready") as server:
         yield server
 
 

@@ -109,6 +109,11 @@ class ModelQueue:
     def queued(self) -> int:
         return self._queued
 
+    @property
+    def running(self) -> int:
+        """Batches executing now."""
+        return len(self._running)
+
     async def submit(
         self, inputs: Arrays, rows: int, parameters: dict[str, Any] | None = None
     ) -> tuple[Arrays, Timings]:
@@ -216,7 +221,7 @@ class ModelQueue:
         head = self._head()
         if head is None or not self._batching or self._delay_ns == 0:
             return 0
-        rows = sum(p.rows for p in head)
+        rows = _rows_up_to(head, self._max_rows)
         if rows >= self._max_rows or any(p == rows for p in self._preferred):
             return 0
         waited = time.perf_counter_ns() - head[0].enqueued_ns
@@ -242,7 +247,7 @@ class ModelQueue:
             return None
         key = head[0].key
         limit = self._max_rows if self._batching else head[0].rows
-        available = sum(p.rows for p in head)
+        available = _rows_up_to(head, limit)  # exact below limit, which is all that matters
         if self._preferred and available < limit:
             fits = [p for p in self._preferred if p <= available]
             limit = fits[-1] if fits else limit
@@ -367,6 +372,20 @@ class ModelQueue:
         while self._release_order and self._release_order[0] in self._finished:
             head = self._release_order.popleft()
             _settle(head, *self._finished.pop(head))
+
+
+def _rows_up_to(group: deque[Pending], cap: int) -> int:
+    """Rows queued in ``group``, counted only until they reach ``cap``.
+
+    Summing a whole group on every batch cut made a long queue (a split request's pieces)
+    quadratic; a batch never needs to know more than whether ``cap`` rows are waiting.
+    """
+    rows = 0
+    for pending in group:
+        rows += pending.rows
+        if rows >= cap:
+            break
+    return rows
 
 
 def _settle(

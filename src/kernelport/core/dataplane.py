@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from kernelport.core.model_config import ModelConfig
 from kernelport.core.stats import failure_code
 from kernelport.core.validation import requested_outputs, validate_inputs
 from kernelport.errors import ErrorCode, ServerError
+from kernelport.limits import Limits
 from kernelport.types import (
     InferRequest,
     InferResponse,
@@ -41,9 +43,10 @@ EXTENSIONS = (
 class DataPlane:
     """Everything a client can ask, independent of the wire."""
 
-    def __init__(self, manager: ModelManager, version: str) -> None:
+    def __init__(self, manager: ModelManager, version: str, limits: Limits | None = None) -> None:
         self._manager = manager
         self._version = version
+        self.limits = limits if limits is not None else Limits()
         self.accepting = True
         self.readiness = "all"  # "any": ready once at least one model is (Config.readiness)
         self.extra_extensions: tuple[str, ...] = ()  # wired in by the server (trace, logging)
@@ -150,6 +153,13 @@ class DataPlane:
         """Validate, run (batched when the model batches) and return the requested outputs."""
         if not self.accepting:
             raise ServerError(ErrorCode.UNAVAILABLE, "server is shutting down: request refused")
+        if self.in_flight >= self.limits.max_in_flight:
+            # Refused before it takes a place anywhere: requests already queued are untouched.
+            raise ServerError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"server is at its limit of {self.limits.max_in_flight} inference requests in "
+                "flight (--max-in-flight); retry later",
+            )
         started = time.perf_counter_ns()
         model = self._manager.get(request.model_name, request.model_version)
         config = model.config
@@ -200,18 +210,30 @@ class DataPlane:
     async def _split(
         model: ModelVersion, inputs: Arrays, rows: int, parameters: dict[str, Any]
     ) -> tuple[Arrays, Timings]:
-        """Run a request larger than max_batch_size as pieces, and join the pieces back."""
+        """Run a request larger than max_batch_size as pieces, and join the pieces back.
+
+        Pieces go to the queue as a stream, a few at a time (enough to keep every instance
+        busy): the queue never holds thousands of them, so each batch cut stays cheap, other
+        requests interleave with a large one, and max_queue_size counts it fairly.
+        """
         step = model.config.max_batch_size
-        pieces = [
-            {name: array[start : start + step] for name, array in inputs.items()}
-            for start in range(0, rows, step)
-        ]
-        results = await asyncio.gather(
-            *(
-                model.queue.submit(p, min(step, rows - i * step), parameters)
-                for i, p in enumerate(pieces)
-            )
-        )
+        window = len(model.pool.workers) + 1
+        running: deque[asyncio.Future[tuple[Arrays, Timings]]] = deque()
+        results: list[tuple[Arrays, Timings]] = []
+        try:
+            for start in range(0, rows, step):
+                piece = {name: array[start : start + step] for name, array in inputs.items()}
+                submitted = model.queue.submit(piece, min(step, rows - start), parameters)
+                running.append(asyncio.ensure_future(submitted))
+                if len(running) >= window:
+                    results.append(await running.popleft())
+            while running:
+                results.append(await running.popleft())
+        finally:
+            for future in running:  # a piece failed or the caller went away
+                if future.done() and not future.cancelled():
+                    future.exception()  # retrieved: a sibling's error is already reported
+                future.cancel()
         joined = {name: np.concatenate([r[0][name] for r in results]) for name in results[0][0]}
         t = [r[1] for r in results]
         return joined, Timings(

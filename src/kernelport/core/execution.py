@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,20 +38,52 @@ class BatchResult:
     output_ns: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Job:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[BatchResult]
+    parts: list[Arrays]
+    counts: list[int]
+    config: ModelConfig
+
+
 class Worker:
-    """One model instance and the single thread that runs it."""
+    """One model instance and the single thread that runs it.
+
+    A daemon thread of its own rather than a ThreadPoolExecutor: executor threads are joined
+    at interpreter exit, so a model that never returns would keep the process alive forever.
+    """
 
     def __init__(self, instance: ModelInstance, name: str) -> None:
         self.instance = instance
         self.name = name
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
 
     def submit_batch(
         self, parts: list[Arrays], counts: list[int], config: ModelConfig
     ) -> asyncio.Future[BatchResult]:
         """Concatenate, execute and split on the instance's thread (never the event loop)."""
         loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self._thread, self._run, parts, counts, config)
+        future: asyncio.Future[BatchResult] = loop.create_future()
+        self._jobs.put(_Job(loop, future, parts, counts, config))
+        return future
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            result: BatchResult | None = None
+            error: Exception | None = None
+            try:
+                result = self._run(job.parts, job.counts, job.config)
+            except Exception as exc:
+                error = exc
+            except BaseException as exc:  # e.g. SystemExit in user code: this thread lives on
+                error = ServerError(
+                    ErrorCode.INTERNAL, f"model '{job.config.name}' failed: {type(exc).__name__}"
+                )
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+                job.loop.call_soon_threadsafe(_settle, job.future, result, error)
 
     def _run(self, parts: list[Arrays], counts: list[int], config: ModelConfig) -> BatchResult:
         t0 = time.perf_counter_ns()
@@ -74,7 +108,8 @@ class Worker:
         return BatchResult(split, t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
 
     def close(self) -> None:
-        self._thread.shutdown(wait=True)
+        self._jobs.put(None)  # after the batches already submitted
+        self._thread.join()
         self.instance.unload()
 
 
@@ -99,6 +134,17 @@ class WorkerPool:
     def close(self) -> None:
         for worker in self.workers:
             worker.close()
+
+
+def _settle(
+    future: asyncio.Future[BatchResult], result: BatchResult | None, error: Exception | None
+) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    elif result is not None:
+        future.set_result(result)
 
 
 def split_rows(outputs: Arrays, counts: list[int], model: str) -> list[Arrays]:

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from kernelport.errors import invalid
+from kernelport.limits import Limits
 from kernelport.protocols.grpc import pb
 from kernelport.types import (
     InferRequest,
@@ -15,6 +16,7 @@ from kernelport.types import (
     RequestedOutput,
     Tensor,
     datatype,
+    element_count,
     tensor_bytes,
     tensor_from_buffer,
 )
@@ -46,12 +48,17 @@ def parameters(params: Any) -> Parameters:
     return out
 
 
-def _typed(name: str, dtype_name: str, shape: tuple[int, ...], contents: Any) -> Tensor:
+_DEFAULT_LIMITS = Limits()
+
+
+def _typed(
+    name: str, dtype_name: str, shape: tuple[int, ...], contents: Any, max_elements: int
+) -> Tensor:
     field = _TYPED_FIELD.get(dtype_name)
     if field is None:
         raise invalid(f"input '{name}': {dtype_name} data must be sent in raw_input_contents")
     values = getattr(contents, field)
-    count = int(np.prod(shape)) if shape else 1
+    count = element_count(name, shape, max_elements)
     if len(values) != count:
         raise invalid(
             f"input '{name}': shape {list(shape)} needs {count} elements, "
@@ -69,15 +76,14 @@ def _typed(name: str, dtype_name: str, shape: tuple[int, ...], contents: Any) ->
     return Tensor(name, dt.name, shape, array.reshape(shape))
 
 
-def decode_request(msg: Any) -> InferRequest:
+def decode_request(msg: Any, limits: Limits = _DEFAULT_LIMITS) -> InferRequest:
     raw = msg.raw_input_contents
     inputs: list[Tensor] = []
     next_raw = 0
     for tensor in msg.inputs:
         name = tensor.name
         shape = tuple(tensor.shape)
-        if any(d < 0 for d in shape):
-            raise invalid(f"input '{name}': shape {list(shape)} has a negative dimension")
+        element_count(name, shape, limits.max_tensor_elements)  # before any allocation
         tparams = parameters(tensor.parameters)
         if "shared_memory_region" in tparams:
             raise invalid(f"input '{name}': shared memory inputs are not supported yet")
@@ -86,11 +92,17 @@ def decode_request(msg: Any) -> InferRequest:
                 raise invalid(
                     f"input '{name}': contents must not be set when raw_input_contents is used"
                 )
-            inputs.append(_typed(name, tensor.datatype, shape, tensor.contents))
+            inputs.append(
+                _typed(name, tensor.datatype, shape, tensor.contents, limits.max_tensor_elements)
+            )
             continue
         if next_raw >= len(raw):
             raise invalid(f"unable to find data for input tensor '{name}'")
-        inputs.append(tensor_from_buffer(name, tensor.datatype, shape, raw[next_raw]))
+        inputs.append(
+            tensor_from_buffer(
+                name, tensor.datatype, shape, raw[next_raw], limits.max_tensor_elements
+            )
+        )
         next_raw += 1
     if next_raw != len(raw):
         raise invalid(

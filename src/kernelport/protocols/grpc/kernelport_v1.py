@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kernelport.errors import invalid
+from kernelport.limits import Limits
 from kernelport.protocols.grpc import pb
 from kernelport.types import InferRequest, InferResponse, tensor_bytes, tensor_from_buffer
 
@@ -28,16 +29,23 @@ DTYPES = {
 _V2_TO_DTYPE = {v: k for k, v in DTYPES.items()}
 # enum number -> name; a number this build does not know stays out (proto3 keeps it as an int)
 _DTYPE_NAMES = {v.number: v.name for v in pb.kernelport_v1.DType.DESCRIPTOR.values}
+_DEFAULT_LIMITS = Limits()
 
 
-def decode(msg: Any) -> InferRequest:
+def decode(msg: Any, limits: Limits = _DEFAULT_LIMITS) -> InferRequest:
     inputs = []
     for tensor in msg.inputs:
         enum_name = _DTYPE_NAMES.get(tensor.dtype, f"{tensor.dtype} (unknown)")
         if enum_name not in DTYPES:
             raise invalid(f"input '{tensor.name}': dtype {enum_name} is not a tensor type")
         inputs.append(
-            tensor_from_buffer(tensor.name, DTYPES[enum_name], tuple(tensor.shape), tensor.data)
+            tensor_from_buffer(
+                tensor.name,
+                DTYPES[enum_name],
+                tuple(tensor.shape),
+                tensor.data,
+                limits.max_tensor_elements,
+            )
         )
     return InferRequest(msg.model, inputs=inputs)
 

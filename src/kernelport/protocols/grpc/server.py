@@ -123,7 +123,7 @@ class InferenceServicer:
         tracing = telemetry.tracing
         trace = tracing.begin(request.model_name, "grpc") if tracing.enabled else None
         try:
-            decoded = codec.decode_request(request)
+            decoded = codec.decode_request(request, self._dp.limits)
             if trace is not None:
                 trace.carrier = _metadata(context)  # a client's W3C traceparent
                 trace.decoded()
@@ -131,13 +131,14 @@ class InferenceServicer:
             if trace is not None:
                 trace.inferred(response)
             out = codec.encode_response(response)
-        except ServerError as exc:
+        except Exception as exc:
+            error = _server_error(exc, "ModelInfer", request.model_name)
             request_id = _request_id(telemetry, request, context)
-            telemetry.failed("grpc", request_id, request.model_name, exc)
+            telemetry.failed("grpc", request_id, request.model_name, error)
             context.set_trailing_metadata(_request_id_metadata(request_id))
             if trace is not None:
-                trace.finish(request_id, request.model_name, request.model_version, exc)
-            raise
+                trace.finish(request_id, request.model_name, request.model_version, error)
+            raise error from None
         if trace is not None or telemetry.debug():
             request_id = _request_id(telemetry, request, context)
             if trace is not None:
@@ -155,29 +156,36 @@ class InferenceServicer:
         async def one(message: Any) -> None:
             try:
                 response = codec.encode_response(
-                    await self._dp.infer(codec.decode_request(message))
+                    await self._dp.infer(codec.decode_request(message, self._dp.limits))
                 )
                 response.parameters["triton_final_response"].bool_param = True
                 await done.put(msgs.ModelStreamInferResponse(infer_response=response))
-            except ServerError as exc:
+            except Exception as exc:
+                # Every failure is answered on the stream with the request's id; an escaping
+                # exception would leave the client waiting for an answer that never comes.
+                error = _server_error(exc, "ModelStreamInfer", message.model_name)
                 request_id = _request_id(self._telemetry, message, context)
-                self._telemetry.failed("grpc stream", request_id, message.model_name, exc)
+                self._telemetry.failed("grpc stream", request_id, message.model_name, error)
                 failed = msgs.ModelInferResponse(
                     id=message.id,
                     model_name=message.model_name,
                     model_version=message.model_version,
                 )
                 await done.put(
-                    msgs.ModelStreamInferResponse(error_message=exc.message, infer_response=failed)
+                    msgs.ModelStreamInferResponse(
+                        error_message=error.message, infer_response=failed
+                    )
                 )
 
         async def reader() -> None:
-            async for message in requests:
-                task = asyncio.create_task(one(message))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            await asyncio.gather(*list(pending))
-            await done.put(None)
+            try:
+                async for message in requests:
+                    task = asyncio.create_task(one(message))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                await asyncio.gather(*list(pending))
+            finally:
+                done.put_nowait(None)  # the stream ends (``await read`` re-raises any failure)
 
         read = asyncio.create_task(reader())
         try:
@@ -271,12 +279,22 @@ class KernelPortServicer:
 
     async def Infer(self, request: Any, context: Any) -> Any:
         try:
-            return kernelport_v1.encode(await self._dp.infer(kernelport_v1.decode(request)))
-        except ServerError as exc:
+            decoded = kernelport_v1.decode(request, self._dp.limits)
+            return kernelport_v1.encode(await self._dp.infer(decoded))
+        except Exception as exc:
+            error = _server_error(exc, "kernelport.v1 Infer", request.model)
             request_id = self._telemetry.request_id(_metadata(context).get("x-request-id", ""))
-            self._telemetry.failed("kernelport.v1", request_id, request.model, exc)
+            self._telemetry.failed("kernelport.v1", request_id, request.model, error)
             context.set_trailing_metadata(_request_id_metadata(request_id))
-            raise
+            raise error from None
+
+
+def _server_error(exc: Exception, rpc: str, model: str) -> ServerError:
+    """``exc`` as the client's error; an unexpected one is logged once, its details kept here."""
+    if isinstance(exc, ServerError):
+        return exc
+    log.error("unhandled error in %s on model '%s'", rpc, model, exc_info=exc)
+    return ServerError(ErrorCode.INTERNAL, "internal server error")
 
 
 def _metadata(context: Any) -> dict[str, str]:
@@ -348,6 +366,10 @@ class GrpcFrontEnd:
         self._limit = config.grpc_max_message_bytes
         self._auth = Auth(config.api_keys, config.auth_scope)
         self._tls = TlsFiles.from_config(config)
+        # A client that connects and never completes its handshake, or an idle connection,
+        # is dropped, as the HTTP listeners drop stalled and idle ones.
+        self._handshake_ms = max(1, int(config.http_header_timeout * 1000))
+        self._idle_ms = max(1, int(config.http_idle_timeout * 1000))
         self._server: grpc.aio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -357,6 +379,8 @@ class GrpcFrontEnd:
                 ("grpc.max_receive_message_length", self._limit),
                 ("grpc.max_send_message_length", self._limit),
                 ("grpc.so_reuseport", 0),
+                ("grpc.server_handshake_timeout_ms", self._handshake_ms),
+                ("grpc.max_connection_idle_ms", self._idle_ms),
             ]
         )
         dp, telemetry = self._dataplane, self._telemetry

@@ -18,6 +18,7 @@ import orjson
 from kernelport.core.dataplane import DataPlane
 from kernelport.core.model_config import triton_config
 from kernelport.errors import ErrorCode, ServerError, invalid
+from kernelport.limits import Limits
 from kernelport.observability.telemetry import Telemetry, header_value
 from kernelport.protocols.rest import codec
 from kernelport.protocols.rest.errors import HTTP_STATUS
@@ -60,15 +61,47 @@ def error_response(status: int, message: str) -> Response:
     return json_response({"error": message}, status)
 
 
-def _decompress(body: bytes, encoding: str) -> bytes:
+# Bodies and responses above this are (de)compressed on a thread, not on the event loop.
+_OFF_LOOP_BYTES = 64 * 1024
+
+
+def _too_large(what: str, limit: int, flag: str) -> ServerError:
+    return ServerError(
+        ErrorCode.TOO_LARGE, f"{what} is larger than the limit of {limit} bytes ({flag})"
+    )
+
+
+def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """Undo gzip/deflate, stopping as soon as the output passes ``limit`` bytes.
+
+    Streaming with ``max_length`` bounds memory by the limit, whatever the ratio: a few KiB
+    of zeros can otherwise inflate to gigabytes before anything checks the size.
+    """
+    if encoding not in ("gzip", "deflate"):
+        raise ServerError(ErrorCode.UNSUPPORTED, f"unsupported Content-Encoding '{encoding}'")
+    # gzip: a gzip header; deflate: a zlib header (HTTP's "deflate" is zlib-wrapped).
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
     try:
-        if encoding == "gzip":
-            return gzip.decompress(body)
-        if encoding == "deflate":
-            return zlib.decompress(body)
-    except (OSError, zlib.error, EOFError) as exc:
+        out = inflater.decompress(body, limit + 1)
+        if len(out) > limit or inflater.unconsumed_tail:
+            raise _too_large("request body once decompressed", limit, "--max-inflated-bytes")
+        if not inflater.eof:
+            raise invalid(f"request body is not valid {encoding} data: truncated stream")
+    except zlib.error as exc:
         raise invalid(f"request body is not valid {encoding} data: {exc}") from None
-    raise ServerError(ErrorCode.UNSUPPORTED, f"unsupported Content-Encoding '{encoding}'")
+    return out
+
+
+async def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    if len(body) <= _OFF_LOOP_BYTES:
+        return _inflate(body, encoding, limit)
+    return await asyncio.to_thread(_inflate, body, encoding, limit)
+
+
+def _compress(payload: bytes, encoding: str) -> bytes:
+    if encoding == "gzip":
+        return gzip.compress(payload, compresslevel=1)
+    return zlib.compress(payload, 1)
 
 
 def _accepted_encoding(header: str) -> str | None:
@@ -91,19 +124,25 @@ def _accepted_encoding(header: str) -> str | None:
 class RestApp:
     """ASGI callable: ``await app(scope, receive, send)``."""
 
-    def __init__(self, dataplane: DataPlane, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        telemetry: Telemetry | None = None,
+        limits: Limits | None = None,
+    ) -> None:
         self._dp = dataplane
         self._telemetry = telemetry if telemetry is not None else Telemetry()
+        self._limits = limits if limits is not None else dataplane.limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return  # lifespan is off; websockets are not served
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            body = await _read_body(receive)
+            body = await _read_body(receive, headers, self._limits.max_request_bytes)
             encoding = headers.get("content-encoding", "identity").strip().lower()
             if body and encoding not in ("", "identity"):
-                body = _decompress(body, encoding)
+                body = await _decompress(body, encoding, self._limits.max_inflated_bytes)
             route = self._route(scope["method"], scope["path"], headers, body)
             if scope["path"].endswith("/infer"):
                 response = await _unless_disconnected(route, receive)
@@ -208,7 +247,7 @@ class RestApp:
                 if not raw_length.strip().isdigit():
                     raise invalid(f"Inference-Header-Content-Length '{raw_length}' is not a number")
                 header_length = int(raw_length)
-            request = codec.decode_request(body, header_length, model, version)
+            request = codec.decode_request(body, header_length, model, version, self._limits)
             # The body's id wins; the response body echoes only that one (Triton's semantics).
             request_id = request.id or request_id or telemetry.new_id()
             if trace is not None:
@@ -217,12 +256,17 @@ class RestApp:
             if trace is not None:
                 trace.inferred(response)
             payload, json_length = codec.encode_response(request, response)
-        except ServerError as exc:
+        except Exception as exc:
+            error = exc if isinstance(exc, ServerError) else None
+            if error is None:
+                # Logged once here with its traceback; the client learns nothing internal.
+                log.exception("unhandled error in inference on model '%s'", model)
+                error = ServerError(ErrorCode.INTERNAL, "internal server error")
             request_id = request_id or telemetry.new_id()
-            telemetry.failed("http", request_id, model, exc)
+            telemetry.failed("http", request_id, model, error)
             if trace is not None:
-                trace.finish(request_id, model, version, exc)
-            failed = error_response(HTTP_STATUS[exc.code], exc.message)
+                trace.finish(request_id, model, version, error)
+            failed = error_response(HTTP_STATUS[error.code], error.message)
             failed.headers.append((b"x-request-id", header_value(request_id)))
             return failed
         out_headers: Headers
@@ -237,10 +281,10 @@ class RestApp:
         accept = headers.get("accept-encoding")
         if accept:
             encoding = _accepted_encoding(accept)
-            if encoding == "gzip":
-                payload = gzip.compress(payload, compresslevel=1)
-            elif encoding == "deflate":
-                payload = zlib.compress(payload, 1)
+            if encoding and len(payload) > _OFF_LOOP_BYTES:
+                payload = await asyncio.to_thread(_compress, payload, encoding)
+            elif encoding:
+                payload = _compress(payload, encoding)
             if encoding:
                 out_headers.append((b"content-encoding", encoding.encode()))
         if trace is not None:
@@ -353,13 +397,24 @@ async def _unless_disconnected(work: Awaitable[Response], receive: Receive) -> R
         watcher.cancel()
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
+    """The request body, refused (413) by Content-Length up front or once it passes ``limit``."""
+    declared = headers.get("content-length", "").strip()
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large("request body", limit, "--max-request-bytes")
     message = await receive()
     body: bytes = message.get("body", b"")
     if not message.get("more_body", False):
+        if len(body) > limit:
+            raise _too_large("request body", limit, "--max-request-bytes")
         return body
     parts = [body]
+    size = len(body)
     while message.get("more_body", False):
         message = await receive()
-        parts.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:  # chunked bodies declare no length: stop reading at the limit
+            raise _too_large("request body", limit, "--max-request-bytes")
+        parts.append(chunk)
     return b"".join(parts)

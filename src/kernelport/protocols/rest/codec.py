@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import orjson
 
 from kernelport.errors import invalid
+from kernelport.limits import Limits
 from kernelport.types import (
     InferRequest,
     InferResponse,
@@ -16,6 +16,7 @@ from kernelport.types import (
     RequestedOutput,
     Tensor,
     datatype,
+    element_count,
     tensor_bytes,
     tensor_from_buffer,
 )
@@ -23,6 +24,7 @@ from kernelport.types import (
 HEADER_LENGTH = "inference-header-content-length"
 
 _JSON_REJECTED = ("FP16", "BF16")
+_DEFAULT_LIMITS = Limits()
 
 
 def _parse_json(raw: bytes | memoryview, what: str) -> Any:
@@ -48,11 +50,13 @@ def _parameters(value: Any, where: str) -> Parameters:
     return value
 
 
-def _json_tensor(name: str, dtype_name: str, shape: tuple[int, ...], data: Any) -> Tensor:
+def _json_tensor(
+    name: str, dtype_name: str, shape: tuple[int, ...], data: Any, max_elements: int
+) -> Tensor:
     if dtype_name in _JSON_REJECTED:
         raise invalid(f"input '{name}': {dtype_name} data must use the binary data format")
     dt = datatype(dtype_name)
-    count = math.prod(shape)
+    count = element_count(name, shape, max_elements)
     try:
         if dt.name == "BYTES":
             flat = np.empty(count, dtype=np.object_)
@@ -87,7 +91,11 @@ def _flatten(data: Any) -> Any:
 
 
 def decode_request(
-    body: bytes, header_length: int | None, model_name: str, model_version: str
+    body: bytes,
+    header_length: int | None,
+    model_name: str,
+    model_version: str,
+    limits: Limits = _DEFAULT_LIMITS,
 ) -> InferRequest:
     """Decode a V2 infer body; binary tensors are views into ``body``."""
     if header_length is None:
@@ -137,9 +145,13 @@ def decode_request(
                 )
             chunk = binary[offset : offset + size]
             offset += size
-            inputs.append(tensor_from_buffer(name, raw["datatype"], shape, chunk))
+            inputs.append(
+                tensor_from_buffer(name, raw["datatype"], shape, chunk, limits.max_tensor_elements)
+            )
         else:
-            inputs.append(_json_tensor(name, raw["datatype"], shape, raw["data"]))
+            inputs.append(
+                _json_tensor(name, raw["datatype"], shape, raw["data"], limits.max_tensor_elements)
+            )
     if offset != len(binary):
         raise invalid(f"unexpected {len(binary) - offset} bytes of binary data after the inputs")
     outputs = []
