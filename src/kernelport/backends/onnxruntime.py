@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from kernelport.backends.base import Arrays, LoadContext
+from kernelport.backends.ort_values import from_ortvalue, std_strings, to_ortvalue, utf8_strings
 from kernelport.errors import ErrorCode, ServerError, invalid
 
 # ONNX element type names (as ORT reports them) -> V2 datatype
@@ -28,6 +29,8 @@ _ORT_TYPES = {
     "tensor(bfloat16)": "BF16",
     "tensor(string)": "BYTES",
 }
+
+_BY_VALUE = {"tensor(bfloat16)", "tensor(string)"}
 
 _OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -138,16 +141,36 @@ class OnnxRuntimeInstance:
     def __init__(self, session: ort.InferenceSession, output_names: list[str]) -> None:
         self._session = session
         self._output_names = output_names
-        self._string_inputs = {a.name for a in session.get_inputs() if a.type == "tensor(string)"}
+        self._input_types = {a.name: a.type for a in session.get_inputs()}
+        types = {*self._input_types.values(), *(a.type for a in session.get_outputs())}
+        # BF16 and exact BYTES need OrtValues (see ort_values); other models keep the
+        # plain numpy path, which is what ORT optimises for.
+        self._by_value = bool(types & _BY_VALUE) and (
+            "tensor(string)" not in types or std_strings() is not None
+        )
 
     def execute(self, inputs: Arrays) -> Arrays:
-        feed = inputs
-        if self._string_inputs:
-            # ORT wants str elements for string tensors; the wire gives bytes.
-            feed = dict(inputs)
-            for name in self._string_inputs & feed.keys():
-                feed[name] = np.vectorize(_to_str, otypes=[np.object_])(feed[name])
-        results = self._session.run(self._output_names, feed)
+        if self._by_value:
+            feed = {
+                name: to_ortvalue(name, array, self._input_types.get(name, ""))
+                for name, array in inputs.items()
+            }
+            values = self._session.run_with_ort_values(self._output_names, feed)
+            return {
+                name: from_ortvalue(value)
+                for name, value in zip(self._output_names, values, strict=True)
+            }
+        feed = dict(inputs)
+        for name, kind in self._input_types.items():
+            if kind == "tensor(string)" and name in feed:
+                feed[name] = utf8_strings(name, feed[name])
+        try:
+            results = self._session.run(self._output_names, feed)
+        except UnicodeDecodeError as exc:
+            raise invalid(
+                f"a string output is not UTF-8 text, which this ONNX Runtime build cannot "
+                f"return unchanged: {exc}"
+            ) from None
         out: Arrays = {}
         for name, value in zip(self._output_names, results, strict=True):
             array = np.asarray(value)
@@ -160,9 +183,5 @@ class OnnxRuntimeInstance:
         del self._session
 
 
-def _to_str(item: Any) -> str:
-    return item.decode("utf-8", "surrogateescape") if isinstance(item, bytes) else str(item)
-
-
 def _to_bytes(item: Any) -> bytes:
-    return item.encode("utf-8", "surrogateescape") if isinstance(item, str) else bytes(item)
+    return item.encode("utf-8") if isinstance(item, str) else bytes(item)

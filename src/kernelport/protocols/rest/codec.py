@@ -198,6 +198,15 @@ def encode_response(request: InferRequest, response: InferResponse) -> tuple[byt
     return b"".join([header, *chunks]), len(header)
 
 
+def _is_utf8(item: Any) -> bool:
+    try:
+        if isinstance(item, bytes):
+            item.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _json_data(tensor: Tensor) -> Any:
     if tensor.datatype in _JSON_REJECTED:
         raise invalid(
@@ -205,7 +214,15 @@ def _json_data(tensor: Tensor) -> Any:
         )
     flat = tensor.data.reshape(-1)
     if tensor.datatype == "BYTES":
-        return [(i.decode("utf-8", "replace") if isinstance(i, bytes) else str(i)) for i in flat]
+        try:
+            return [(i.decode() if isinstance(i, bytes) else str(i)) for i in flat]
+        except UnicodeDecodeError:
+            # JSON strings are text; replacing bytes would silently corrupt the output.
+            bad = next(i for i, x in enumerate(flat) if not _is_utf8(x))
+            raise invalid(
+                f"output '{tensor.name}' element {bad} is not UTF-8 text and cannot be sent "
+                "as a JSON string; request it with binary_data: true"
+            ) from None
     if not flat.flags.c_contiguous:
         flat = np.ascontiguousarray(flat)
     return flat
