@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +10,16 @@ import numpy as np
 import onnxruntime as ort
 
 from kernelport.backends.base import Arrays, LoadContext
+from kernelport.backends.ort_options import (
+    parameter_warnings,
+    providers,
+    run_options,
+    session_options,
+)
 from kernelport.backends.ort_values import from_ortvalue, std_strings, to_ortvalue, utf8_strings
 from kernelport.errors import ErrorCode, ServerError, invalid
+
+log = logging.getLogger("kernelport.backends.onnxruntime")
 
 # ONNX element type names (as ORT reports them) -> V2 datatype
 _ORT_TYPES = {
@@ -32,61 +41,12 @@ _ORT_TYPES = {
 
 _BY_VALUE = {"tensor(bfloat16)", "tensor(string)"}
 
-_OPT_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-
 
 def _model_file(version_path: Path, raw_filename: str) -> Path:
     path = version_path / (raw_filename or "model.onnx")
     if not path.exists():
         raise ServerError(ErrorCode.NOT_FOUND, f"model file not found: {path}")
     return path
-
-
-def session_options(parameters: dict[str, Any]) -> ort.SessionOptions:
-    """Session options from a model's backend parameters."""
-    options = ort.SessionOptions()
-    if "intra_op_threads" in parameters:
-        options.intra_op_num_threads = int(parameters["intra_op_threads"])
-    if "inter_op_threads" in parameters:
-        options.inter_op_num_threads = int(parameters["inter_op_threads"])
-    level = str(parameters.get("graph_optimization_level", "all")).lower()
-    if level not in _OPT_LEVELS:
-        raise invalid(
-            f"parameter graph_optimization_level '{level}': "
-            f"expected one of {', '.join(_OPT_LEVELS)}"
-        )
-    options.graph_optimization_level = _OPT_LEVELS[level]
-    mode = str(parameters.get("execution_mode", "sequential")).lower()
-    if mode not in ("sequential", "parallel"):
-        raise invalid(f"parameter execution_mode '{mode}': expected sequential or parallel")
-    options.execution_mode = (
-        ort.ExecutionMode.ORT_PARALLEL if mode == "parallel" else ort.ExecutionMode.ORT_SEQUENTIAL
-    )
-    return options
-
-
-def providers(device: str, parameters: dict[str, Any]) -> list[Any]:
-    """Execution providers for ``device``; a clear error when this onnxruntime lacks them."""
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    index = int(device.split(":")[1])
-    available = ort.get_available_providers()
-    wanted = ["CUDAExecutionProvider"]
-    if str(parameters.get("execution_accelerator", "")).lower() == "tensorrt":
-        wanted.insert(0, "TensorrtExecutionProvider")
-    missing = [p for p in wanted if p not in available]
-    if missing:
-        raise ServerError(
-            ErrorCode.UNAVAILABLE,
-            f"device '{device}' needs {', '.join(missing)}, but the installed onnxruntime "
-            f"only has {', '.join(available)} (install onnxruntime-gpu)",
-        )
-    return [(p, {"device_id": index}) for p in wanted]
 
 
 def _dims(shape: list[Any]) -> list[int]:
@@ -127,12 +87,17 @@ class OnnxRuntimeBackend:
     def load(self, context: LoadContext) -> OnnxRuntimeInstance:
         config = context.config
         path = _model_file(context.version_path, config.default_model_filename)
+        if context.instance_index == 0:  # once per model load, not per instance
+            for warning in parameter_warnings(config.parameters, context.device):
+                log.warning("model '%s': %s", config.name, warning)
         session = ort.InferenceSession(
             str(path),
             sess_options=session_options(config.parameters),
             providers=providers(context.device, config.parameters),
         )
-        return OnnxRuntimeInstance(session, [t.name for t in config.outputs])
+        instance = OnnxRuntimeInstance(session, [t.name for t in config.outputs])
+        instance.run_options = run_options(config.parameters)
+        return instance
 
 
 class OnnxRuntimeInstance:
@@ -141,6 +106,7 @@ class OnnxRuntimeInstance:
     def __init__(self, session: ort.InferenceSession, output_names: list[str]) -> None:
         self._session = session
         self._output_names = output_names
+        self.run_options: ort.RunOptions | None = None
         self._input_types = {a.name: a.type for a in session.get_inputs()}
         types = {*self._input_types.values(), *(a.type for a in session.get_outputs())}
         # BF16 and exact BYTES need OrtValues (see ort_values); other models keep the
@@ -155,7 +121,7 @@ class OnnxRuntimeInstance:
                 name: to_ortvalue(name, array, self._input_types.get(name, ""))
                 for name, array in inputs.items()
             }
-            values = self._session.run_with_ort_values(self._output_names, feed)
+            values = self._session.run_with_ort_values(self._output_names, feed, self.run_options)
             return {
                 name: from_ortvalue(value)
                 for name, value in zip(self._output_names, values, strict=True)
@@ -165,7 +131,7 @@ class OnnxRuntimeInstance:
             if kind == "tensor(string)" and name in feed:
                 feed[name] = utf8_strings(name, feed[name])
         try:
-            results = self._session.run(self._output_names, feed)
+            results = self._session.run(self._output_names, feed, self.run_options)
         except UnicodeDecodeError as exc:
             raise invalid(
                 f"a string output is not UTF-8 text, which this ONNX Runtime build cannot "
