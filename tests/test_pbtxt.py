@@ -101,7 +101,9 @@ def test_rejected_names_file_and_field(tmp_path: Path, text: str, field: str) ->
 @pytest.mark.parametrize(
     ("text", "field"),
     [
-        ('optimization { graph { level: 1 } }', "optimization: not supported"),
+        ('backend: "pytorch"\noptimization { graph { level: 1 } }',
+         "optimization.graph: not supported"),
+        ("optimization { cuda { graphs: true } }", "optimization.cuda: not supported"),
         ('model_warmup [ { name: "w" batch_size: 1 } ]', "model_warmup: not supported"),
         ("response_cache { enable: true }", "response_cache: not supported"),
         ('metric_tags { key: "a" value: "b" }', "metric_tags: not supported"),

@@ -38,7 +38,6 @@ _REJECTED = {
 }
 # Fields KernelPort ignores without changing answers: a warning saying what that means.
 _WARNED = {
-    "optimization": "not supported; the backend runs with its default optimization settings",
     "model_warmup": "not supported; the model is served without warm-up requests",
     "response_cache": "not supported; every request runs the model",
     "metric_tags": "not supported; metrics carry no extra labels",
@@ -124,12 +123,17 @@ def translate(config: Message, where: str) -> ConfigDocument:
         raw["default_model_filename"] = config.default_model_filename
     if config.parameters:
         raw["parameters"] = {k: v.string_value for k, v in config.parameters.items()}
+    if config.HasField("optimization"):
+        ort_params = _optimization(t, config.optimization, backend)
+        if ort_params:
+            # Explicit parameters win over what the optimization block implies.
+            raw["parameters"] = {**ort_params, **raw.get("parameters", {})}
     if config.model_transaction_policy.decoupled:
         t.reject("model_transaction_policy.decoupled", "decoupled models are not supported")
     handled = {
         "name", "platform", "backend", "max_batch_size", "input", "output", "version_policy",
         "dynamic_batching", "instance_group", "default_model_filename", "parameters",
-        "model_transaction_policy",
+        "model_transaction_policy", "optimization",
     }  # fmt: skip
     t.rest(config, "", handled, _REJECTED, _WARNED)
     return ConfigDocument(raw, where, tuple(t.warnings))
@@ -164,6 +168,50 @@ def _tensor(t: _Translation, tensor: Message, path: str, is_input: bool) -> dict
         warned = {"label_filename": "classification labels are not supported; ignored"}
     t.rest(tensor, f"{path}.", handled, rejected, warned)
     return out
+
+
+# Triton's ONNX Runtime backend reads `optimization { graph { level } }`: -1 basic,
+# 1 extended, 2 none, 0 or unset all. Values are KernelPort's graph_optimization_level.
+_ORT_GRAPH_LEVELS = {-1: "basic", 0: "all", 1: "extended", 2: "disable"}
+_ORT_BACKENDS = {"", "onnxruntime", "onnxruntime_onnx", "onnx"}
+_OPTIMIZATION_IGNORED = "not supported; the backend runs with its default settings"
+
+
+def _optimization(t: _Translation, opt: Message, backend: str) -> dict[str, str]:
+    """ONNX Runtime parameters implied by an ``optimization`` block; warns about the rest."""
+    params: dict[str, str] = {}
+    handled: set[str] = set()
+    if backend in _ORT_BACKENDS:  # "": the model file decides; other backends warn by name
+        if opt.HasField("graph"):
+            handled.add("graph")
+            level = opt.graph.level
+            if level not in _ORT_GRAPH_LEVELS:
+                t.reject("optimization.graph.level", f"{level}: expected -1, 0, 1 or 2")
+            params["graph_optimization_level"] = _ORT_GRAPH_LEVELS[level]
+        if opt.HasField("execution_accelerators"):
+            handled.add("execution_accelerators")
+            accelerators = opt.execution_accelerators
+            path = "optimization.execution_accelerators"
+            for i, acc in enumerate(accelerators.gpu_execution_accelerator):
+                name = acc.name.lower()
+                if name not in ("tensorrt", "cuda"):
+                    t.warn(
+                        f"{path}.gpu_execution_accelerator[{i}]",
+                        f"'{acc.name}' is not supported (tensorrt and cuda are); ignored",
+                    )
+                    continue
+                if name == "tensorrt":
+                    params["execution_accelerator"] = "tensorrt"
+                params.update({f"{name}.{k}": v for k, v in acc.parameters.items()})
+            for i, acc in enumerate(accelerators.cpu_execution_accelerator):
+                t.warn(
+                    f"{path}.cpu_execution_accelerator[{i}]",
+                    f"'{acc.name}' is not supported; the model runs on ONNX Runtime's CPU "
+                    "execution provider",
+                )
+    ignored = {f.name: _OPTIMIZATION_IGNORED for f in opt.DESCRIPTOR.fields}
+    t.rest(opt, "optimization.", handled, warned=ignored)
+    return params
 
 
 def _version_policy(policy: Message) -> dict[str, Any]:

@@ -198,6 +198,9 @@ class RunnerOptions:
     channels_last: bool = False  # 4-D inputs are made channels_last before the call
     buckets: tuple[int, ...] = ()
     cuda_graphs: bool = False
+    #: False: run under ``torch.no_grad`` (Triton's INFERENCE_MODE=false), for models whose
+    #: outputs or state must be ordinary tensors
+    inference_mode: bool = True
 
 
 @dataclass(slots=True)
@@ -259,7 +262,9 @@ class DeviceRunner:
     @contextlib.contextmanager
     def _scope(self) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.inference_mode())
+            stack.enter_context(
+                torch.inference_mode() if self._options.inference_mode else torch.no_grad()
+            )
             if self._stream is not None:
                 stack.enter_context(torch.cuda.device(self._options.device))
                 stack.enter_context(torch.cuda.stream(self._stream))

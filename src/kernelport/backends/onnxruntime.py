@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,16 @@ import numpy as np
 import onnxruntime as ort
 
 from kernelport.backends.base import Arrays, LoadContext
+from kernelport.backends.ort_options import (
+    parameter_warnings,
+    providers,
+    run_options,
+    session_options,
+)
+from kernelport.backends.ort_values import from_ortvalue, std_strings, to_ortvalue, utf8_strings
 from kernelport.errors import ErrorCode, ServerError, invalid
+
+log = logging.getLogger("kernelport.backends.onnxruntime")
 
 # ONNX element type names (as ORT reports them) -> V2 datatype
 _ORT_TYPES = {
@@ -29,12 +39,7 @@ _ORT_TYPES = {
     "tensor(string)": "BYTES",
 }
 
-_OPT_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
+_BY_VALUE = {"tensor(bfloat16)", "tensor(string)"}
 
 
 def _model_file(version_path: Path, raw_filename: str) -> Path:
@@ -42,48 +47,6 @@ def _model_file(version_path: Path, raw_filename: str) -> Path:
     if not path.exists():
         raise ServerError(ErrorCode.NOT_FOUND, f"model file not found: {path}")
     return path
-
-
-def session_options(parameters: dict[str, Any]) -> ort.SessionOptions:
-    """Session options from a model's backend parameters."""
-    options = ort.SessionOptions()
-    if "intra_op_threads" in parameters:
-        options.intra_op_num_threads = int(parameters["intra_op_threads"])
-    if "inter_op_threads" in parameters:
-        options.inter_op_num_threads = int(parameters["inter_op_threads"])
-    level = str(parameters.get("graph_optimization_level", "all")).lower()
-    if level not in _OPT_LEVELS:
-        raise invalid(
-            f"parameter graph_optimization_level '{level}': "
-            f"expected one of {', '.join(_OPT_LEVELS)}"
-        )
-    options.graph_optimization_level = _OPT_LEVELS[level]
-    mode = str(parameters.get("execution_mode", "sequential")).lower()
-    if mode not in ("sequential", "parallel"):
-        raise invalid(f"parameter execution_mode '{mode}': expected sequential or parallel")
-    options.execution_mode = (
-        ort.ExecutionMode.ORT_PARALLEL if mode == "parallel" else ort.ExecutionMode.ORT_SEQUENTIAL
-    )
-    return options
-
-
-def providers(device: str, parameters: dict[str, Any]) -> list[Any]:
-    """Execution providers for ``device``; a clear error when this onnxruntime lacks them."""
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    index = int(device.split(":")[1])
-    available = ort.get_available_providers()
-    wanted = ["CUDAExecutionProvider"]
-    if str(parameters.get("execution_accelerator", "")).lower() == "tensorrt":
-        wanted.insert(0, "TensorrtExecutionProvider")
-    missing = [p for p in wanted if p not in available]
-    if missing:
-        raise ServerError(
-            ErrorCode.UNAVAILABLE,
-            f"device '{device}' needs {', '.join(missing)}, but the installed onnxruntime "
-            f"only has {', '.join(available)} (install onnxruntime-gpu)",
-        )
-    return [(p, {"device_id": index}) for p in wanted]
 
 
 def _dims(shape: list[Any]) -> list[int]:
@@ -124,12 +87,17 @@ class OnnxRuntimeBackend:
     def load(self, context: LoadContext) -> OnnxRuntimeInstance:
         config = context.config
         path = _model_file(context.version_path, config.default_model_filename)
+        if context.instance_index == 0:  # once per model load, not per instance
+            for warning in parameter_warnings(config.parameters, context.device):
+                log.warning("model '%s': %s", config.name, warning)
         session = ort.InferenceSession(
             str(path),
             sess_options=session_options(config.parameters),
             providers=providers(context.device, config.parameters),
         )
-        return OnnxRuntimeInstance(session, [t.name for t in config.outputs])
+        instance = OnnxRuntimeInstance(session, [t.name for t in config.outputs])
+        instance.run_options = run_options(config.parameters)
+        return instance
 
 
 class OnnxRuntimeInstance:
@@ -138,16 +106,37 @@ class OnnxRuntimeInstance:
     def __init__(self, session: ort.InferenceSession, output_names: list[str]) -> None:
         self._session = session
         self._output_names = output_names
-        self._string_inputs = {a.name for a in session.get_inputs() if a.type == "tensor(string)"}
+        self.run_options: ort.RunOptions | None = None
+        self._input_types = {a.name: a.type for a in session.get_inputs()}
+        types = {*self._input_types.values(), *(a.type for a in session.get_outputs())}
+        # BF16 and exact BYTES need OrtValues (see ort_values); other models keep the
+        # plain numpy path, which is what ORT optimises for.
+        self._by_value = bool(types & _BY_VALUE) and (
+            "tensor(string)" not in types or std_strings() is not None
+        )
 
     def execute(self, inputs: Arrays) -> Arrays:
-        feed = inputs
-        if self._string_inputs:
-            # ORT wants str elements for string tensors; the wire gives bytes.
-            feed = dict(inputs)
-            for name in self._string_inputs & feed.keys():
-                feed[name] = np.vectorize(_to_str, otypes=[np.object_])(feed[name])
-        results = self._session.run(self._output_names, feed)
+        if self._by_value:
+            feed = {
+                name: to_ortvalue(name, array, self._input_types.get(name, ""))
+                for name, array in inputs.items()
+            }
+            values = self._session.run_with_ort_values(self._output_names, feed, self.run_options)
+            return {
+                name: from_ortvalue(value)
+                for name, value in zip(self._output_names, values, strict=True)
+            }
+        feed = dict(inputs)
+        for name, kind in self._input_types.items():
+            if kind == "tensor(string)" and name in feed:
+                feed[name] = utf8_strings(name, feed[name])
+        try:
+            results = self._session.run(self._output_names, feed, self.run_options)
+        except UnicodeDecodeError as exc:
+            raise invalid(
+                f"a string output is not UTF-8 text, which this ONNX Runtime build cannot "
+                f"return unchanged: {exc}"
+            ) from None
         out: Arrays = {}
         for name, value in zip(self._output_names, results, strict=True):
             array = np.asarray(value)
@@ -160,9 +149,5 @@ class OnnxRuntimeInstance:
         del self._session
 
 
-def _to_str(item: Any) -> str:
-    return item.decode("utf-8", "surrogateescape") if isinstance(item, bytes) else str(item)
-
-
 def _to_bytes(item: Any) -> bytes:
-    return item.encode("utf-8", "surrogateescape") if isinstance(item, str) else bytes(item)
+    return item.encode("utf-8") if isinstance(item, str) else bytes(item)

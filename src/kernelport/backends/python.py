@@ -42,6 +42,23 @@ log = logging.getLogger("kernelport.backends.python")
 
 DEFAULT_FILENAME = "model.py"
 _CONFIG_KEYS = {"inputs", "outputs", "max_batch_size"}
+# Triton's Python backend parameters that mean nothing here, and why. Other parameters are
+# the model's own settings (``config.parameters``), so they are not warned about.
+_TRITON_NO_EFFECT = {
+    "EXECUTION_ENV_PATH": "KernelPort runs model.py in the server's own interpreter, not in "
+    "a packed conda environment; install the model's dependencies into the server's "
+    "environment",
+    "FORCE_CPU_ONLY_INPUT_TENSORS": "inputs always reach execute() as numpy arrays in host memory",
+}
+
+
+def parameter_warnings(parameters: dict[str, Any]) -> list[str]:
+    """What the log should say about Triton parameters that do nothing here."""
+    return [
+        f"parameter {key} has no effect: {_TRITON_NO_EFFECT[key]}"
+        for key in sorted(parameters)
+        if key in _TRITON_NO_EFFECT
+    ]
 
 
 def _location(exc: BaseException, path: Path) -> str:
@@ -151,6 +168,9 @@ class PythonBackend:
 
     def load(self, context: LoadContext) -> PythonInstance:
         config = context.config
+        if context.instance_index == 0:  # once per model load, not per instance
+            for warning in parameter_warnings(config.parameters):
+                log.warning("model '%s': %s", config.name, warning)
         path = context.version_path / (config.default_model_filename or DEFAULT_FILENAME)
         tag = f"{config.name}_{context.version_path.name}_{context.instance_index}"
         module = import_model_file(path, tag)

@@ -16,6 +16,11 @@ the config's outputs in order (or by key when the model returns a dict). Backend
 ``cuda_graphs``    true: one CUDA graph per batch-size bucket (CUDA devices only)
 ``warmup``         false: skip running zero inputs through every bucket at load
 ``allow_pickle``   true: load .pt2 files whose pickled members are not weights-only
+
+Triton's PyTorch backend parameters are read too: ``INFERENCE_MODE`` (false: ``no_grad``
+instead of ``inference_mode``), ``ENABLE_CACHE_CLEANING`` (CUDA cache emptied after each
+batch), ``INTRA_OP_THREAD_COUNT`` / ``INTER_OP_THREAD_COUNT`` (PyTorch's per-process pools);
+the others are reported at load with why they have no effect, and unknown names are reported.
 """
 
 from __future__ import annotations
@@ -60,6 +65,25 @@ _KNOWN = {
     "format", "dtype", "compile", "compile_mode", "channels_last", "cuda_graphs", "warmup",
     "allow_pickle",
 }  # fmt: skip
+# Triton's PyTorch backend parameters that are applied here (see TorchParameters)
+_TRITON_APPLIED = {
+    "INFERENCE_MODE", "ENABLE_CACHE_CLEANING", "INTRA_OP_THREAD_COUNT", "INTER_OP_THREAD_COUNT",
+}  # fmt: skip
+# ... and those that are not, with why (reported once when the model loads)
+_TRITON_NO_EFFECT = {
+    "DISABLE_OPTIMIZED_EXECUTION": "a TorchScript graph-executor switch; KernelPort leaves "
+    "TorchScript's executor at its defaults (exported programs and AOTInductor packages do "
+    "not use it)",
+    "ENABLE_JIT_EXECUTOR": "a TorchScript graph-executor switch left at its default",
+    "ENABLE_JIT_PROFILING": "a TorchScript graph-executor switch left at its default",
+    "ENABLE_TENSOR_FUSER": "a TorchScript graph-executor switch left at its default",
+    "ENABLE_NVFUSER": "a TorchScript graph-executor switch left at its default",
+    "DISABLE_CUDNN": "cuDNN is switched per process in PyTorch, not per model; use "
+    "torch.backends.cudnn settings in a sitecustomize if every model needs it off",
+    "ENABLE_WEIGHT_SHARING": "each instance loads its own copy of the weights",
+    "ENABLE_DETERMINISTIC_ALGORITHMS": "deterministic algorithms are a per-process PyTorch "
+    "switch, not applied per model",
+}
 _LABELS = {
     "torchscript": "TorchScript archive",
     "exported": "exported program",
@@ -80,6 +104,30 @@ def _flag(parameters: dict[str, Any], name: str, default: bool) -> bool:
     raise invalid(f"parameter {name} '{value}': expected true or false")
 
 
+def _threads(parameters: dict[str, Any], name: str) -> int | None:
+    if name not in parameters:
+        return None
+    text = str(parameters[name]).strip()
+    if not (text.isascii() and text.isdigit()):
+        raise invalid(f"parameter {name} '{parameters[name]}': expected a thread count")
+    return int(text) or None  # 0: PyTorch's default
+
+
+def _set_threads(params: TorchParameters, model: str) -> None:
+    # PyTorch's thread pools are per process (Triton sets them once as well): the last model
+    # loaded with a count decides the intra-op pool; the inter-op pool can only be sized
+    # before its first use.
+    if params.intra_op_threads is not None:
+        torch.set_num_threads(params.intra_op_threads)
+        log.info("model '%s': PyTorch intra-op threads set to %d for the whole process",
+                 model, params.intra_op_threads)  # fmt: skip
+    if params.inter_op_threads is not None:
+        try:
+            torch.set_num_interop_threads(params.inter_op_threads)
+        except RuntimeError as exc:
+            log.warning("model '%s': INTER_OP_THREAD_COUNT not applied: %s", model, exc)
+
+
 @dataclass(frozen=True, slots=True)
 class TorchParameters:
     """The backend parameters of a torch model, validated."""
@@ -92,13 +140,29 @@ class TorchParameters:
     cuda_graphs: bool = False
     warmup: bool = True
     allow_pickle: bool = False
+    inference_mode: bool = True  # Triton's INFERENCE_MODE
+    cache_cleaning: bool = False  # Triton's ENABLE_CACHE_CLEANING: empty the CUDA cache
+    intra_op_threads: int | None = None  # Triton's INTRA_OP_THREAD_COUNT (process-wide)
+    inter_op_threads: int | None = None  # Triton's INTER_OP_THREAD_COUNT (process-wide)
+
+    @staticmethod
+    def warnings(parameters: dict[str, Any], device: str) -> list[str]:
+        """What the log should say about parameters that do nothing here, naming each."""
+        out = [
+            f"parameter {key} has no effect: {_TRITON_NO_EFFECT[key]}"
+            for key in sorted(parameters)
+            if key in _TRITON_NO_EFFECT
+        ]
+        if "ENABLE_CACHE_CLEANING" in parameters and not device.startswith("cuda"):
+            out.append("parameter ENABLE_CACHE_CLEANING has no effect on a CPU instance")
+        known = _KNOWN | _TRITON_APPLIED | set(_TRITON_NO_EFFECT)
+        unknown = sorted(set(parameters) - known)
+        if unknown:
+            out.append(f"unknown parameter(s) {', '.join(unknown)} ignored by the torch backend")
+        return out
 
     @classmethod
     def parse(cls, parameters: dict[str, Any]) -> TorchParameters:
-        unknown = sorted(set(parameters) - _KNOWN)
-        if unknown:
-            # Not an error: a parameter may be meant for another layer (e.g. the scheduler).
-            log.warning("torch backend ignores parameter(s) %s", ", ".join(unknown))
         fmt = str(parameters.get("format", "")).lower() or None
         if fmt is not None and fmt not in FORMATS:
             raise invalid(f"parameter format '{fmt}': expected one of {', '.join(FORMATS)}")
@@ -118,6 +182,10 @@ class TorchParameters:
             cuda_graphs=_flag(parameters, "cuda_graphs", False),
             warmup=_flag(parameters, "warmup", True),
             allow_pickle=_flag(parameters, "allow_pickle", False),
+            inference_mode=_flag(parameters, "INFERENCE_MODE", True),
+            cache_cleaning=_flag(parameters, "ENABLE_CACHE_CLEANING", False),
+            intra_op_threads=_threads(parameters, "INTRA_OP_THREAD_COUNT"),
+            inter_op_threads=_threads(parameters, "INTER_OP_THREAD_COUNT"),
         )
 
     def check(self, fmt: Format, device: torch.device) -> None:
@@ -300,6 +368,10 @@ class TorchBackend:
         config = context.config
         params = TorchParameters.parse(config.parameters)
         device = resolve_device(context.device)
+        if context.instance_index == 0:  # once per model load, not per instance
+            for warning in TorchParameters.warnings(config.parameters, context.device):
+                log.warning("model '%s': %s", config.name, warning)
+            _set_threads(params, config.name)
         if not config.inputs or not config.outputs:
             raise invalid(f"torch model '{config.name}' needs inputs and outputs in its config")
         inputs = [_io(t) for t in config.inputs]
@@ -318,6 +390,7 @@ class TorchBackend:
             channels_last=params.channels_last,
             buckets=_buckets(config),
             cuda_graphs=params.cuda_graphs,
+            inference_mode=params.inference_mode,
         )
         runner = DeviceRunner(model, inputs, outputs, options)
         try:
@@ -331,7 +404,7 @@ class TorchBackend:
             warmed or "none", f"; CUDA graphs for {runner.graph_buckets}" if params.cuda_graphs
             else "",
         )  # fmt: skip
-        return TorchInstance(runner)
+        return TorchInstance(runner, params.cache_cleaning and device.type == "cuda")
 
 
 def _buckets(config: ModelConfig) -> tuple[int, ...]:
@@ -342,11 +415,16 @@ def _buckets(config: ModelConfig) -> tuple[int, ...]:
 class TorchInstance:
     """One loaded model on one device; ``execute`` runs a whole batch."""
 
-    def __init__(self, runner: DeviceRunner) -> None:
+    def __init__(self, runner: DeviceRunner, clean_cache: bool = False) -> None:
         self._runner = runner
+        self._clean_cache = clean_cache
 
     def execute(self, inputs: Arrays) -> Arrays:
-        return self._runner.run(inputs)
+        try:
+            return self._runner.run(inputs)
+        finally:
+            if self._clean_cache:
+                torch.cuda.empty_cache()  # Triton's ENABLE_CACHE_CLEANING
 
     def unload(self) -> None:
         self._runner.close()

@@ -133,8 +133,9 @@ class ModelQueue:
         now = time.perf_counter_ns()
         timeout_ns = _int_param(params, "timeout") * 1000 or self._default_timeout_ns
         level = 0
+        asked = _int_param(params, "priority")  # checked even when the model has no levels
         if self._levels:
-            asked = _int_param(params, "priority")
+            # Triton's rule: 0 or a level past priority_levels means the default level.
             level = asked if 1 <= asked <= self._levels else self._default_level
         pending = Pending(
             inputs,
@@ -401,16 +402,25 @@ def _settle(
         pending.future.cancel()
 
 
+# Triton carries these as int64 (timeout, microseconds) and uint64 (priority).
+_PARAM_MAX = {"timeout": 2**63 - 1, "priority": 2**64 - 1}
+
+
 def _int_param(params: dict[str, Any], name: str) -> int:
     value = params.get(name, 0)
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ServerError(ErrorCode.INVALID_ARGUMENT, f"parameter '{name}' must be an integer")
-    try:
-        number = int(value)
-    except ValueError:
+    # Only integers: bools, strings and fractions are client mistakes, and inf/NaN would
+    # otherwise escape as a 500 (int(inf) raises OverflowError). An integral float (1e6 from
+    # a JSON encoder) is the same number.
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
         raise ServerError(
             ErrorCode.INVALID_ARGUMENT, f"parameter '{name}' must be an integer, got {value!r}"
-        ) from None
-    if number < 0:
-        raise ServerError(ErrorCode.INVALID_ARGUMENT, f"parameter '{name}' must be >= 0")
-    return number
+        )
+    limit = _PARAM_MAX.get(name, 2**63 - 1)
+    if not 0 <= value <= limit:
+        raise ServerError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"parameter '{name}' must be between 0 and {limit}, got {value}",
+        )
+    return value

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from kernelport.backends.base import Arrays, Backend, LoadContext, ModelInstance
 from kernelport.core.batcher import ModelQueue
@@ -417,6 +417,7 @@ class ModelManager:
                 path = source.path / str(version)
                 completed = await asyncio.to_thread(backend.autocomplete, dict(raw), path)
                 completed.pop("default_max_batch_size", None)
+                _default_scheduler(raw, completed)
                 config = parse_model_config(completed, where)
                 loaded[version] = await self._load_version(backend, config, version, path)
         except BaseException:
@@ -463,3 +464,12 @@ class ModelManager:
                 slots = 1  # sharing by discipline needs contention to arbitrate
             self._devices[name] = DeviceScheduler(name, self._settings.scheduler, slots)
         return self._devices[name]
+
+
+def _default_scheduler(given: dict[str, Any], completed: dict[str, Any]) -> None:
+    """Triton's auto-completion rule: a max_batch_size > 1 that the config did not give
+    (the backend derived it from the model) comes with the dynamic batcher unless the
+    config names a scheduler; otherwise every request would run alone."""
+    derived = "max_batch_size" not in given and int(completed.get("max_batch_size") or 0) > 1
+    if derived and completed.get("dynamic_batching") is None:
+        completed["dynamic_batching"] = {}

@@ -244,7 +244,9 @@ class RestApp:
             raw_length = headers.get(codec.HEADER_LENGTH)
             header_length = None
             if raw_length is not None:
-                if not raw_length.strip().isdigit():
+                # ASCII only: str.isdigit() accepts digits int() refuses (e.g. superscripts).
+                stripped = raw_length.strip()
+                if not (stripped.isascii() and stripped.isdigit()):
                     raise invalid(f"Inference-Header-Content-Length '{raw_length}' is not a number")
                 header_length = int(raw_length)
             request = codec.decode_request(body, header_length, model, version, self._limits)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,24 @@ def _parameters(value: Any, where: str) -> Parameters:
     return value
 
 
+# JSON element types each datatype takes (Triton's rules): BOOL only true/false, integer
+# types only integers (never bools or fractions), floating types integers or floats, BYTES
+# only strings. ``type()`` sets make this one C-level pass over the elements.
+_INTEGER = frozenset({int})
+_NUMBER = frozenset({int, float})
+_JSON_TYPES: dict[str, tuple[frozenset[type], str]] = {
+    "BOOL": (frozenset({bool}), "true or false"),
+    **{
+        name: (_INTEGER, "integers")
+        for name in ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64")
+    },
+    "FP32": (_NUMBER, "numbers"),
+    "FP64": (_NUMBER, "numbers"),
+    "BYTES": (frozenset({str}), "strings"),
+}
+_JSON_NAMES = {bool: "a boolean", int: "an integer", float: "a fraction", str: "a string"}
+
+
 def _json_tensor(
     name: str, dtype_name: str, shape: tuple[int, ...], data: Any, max_elements: int
 ) -> Tensor:
@@ -57,37 +76,68 @@ def _json_tensor(
         raise invalid(f"input '{name}': {dtype_name} data must use the binary data format")
     dt = datatype(dtype_name)
     count = element_count(name, shape, max_elements)
-    try:
-        if dt.name == "BYTES":
-            flat = np.empty(count, dtype=np.object_)
-            items = list(_flatten(data))
-            if len(items) != count:
-                raise invalid(
-                    f"input '{name}': shape {list(shape)} needs {count} elements, got {len(items)}"
-                )
-            flat[:] = [i.encode() if isinstance(i, str) else _not_string(name, i) for i in items]
-            array = flat
-        else:
-            array = np.array(data, dtype=dt.numpy).reshape(-1)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise invalid(f"input '{name}': 'data' does not hold {dt.name} values: {exc}") from None
-    if array.size != count:
+    flat, kinds = _flat(data)
+    if len(flat) != count:
         raise invalid(
-            f"input '{name}': shape {list(shape)} needs {count} elements, got {array.size}"
+            f"input '{name}': shape {list(shape)} needs {count} elements, got {len(flat)}"
         )
+    allowed, expected = _JSON_TYPES[dt.name]
+    if not kinds <= allowed:
+        bad = next(x for x in flat if type(x) not in allowed)
+        what = _JSON_NAMES.get(type(bad), "null" if bad is None else type(bad).__name__)
+        raise invalid(
+            f"input '{name}': {dt.name} data takes only {expected} in JSON, got {what} ({bad!r})"
+        )
+    if dt.name == "BYTES":
+        array = np.empty(count, dtype=np.object_)
+        array[:] = [item.encode() for item in flat]
+    else:
+        try:
+            # numpy refuses Python ints outside the type's range (no wraparound), and with
+            # over="raise" a float past FP32's range is an error, not a silent inf.
+            with np.errstate(over="raise"):
+                array = np.array(flat, dtype=dt.numpy)
+        except FloatingPointError:
+            raise invalid(f"input '{name}': a value is out of range for {dt.name}") from None
+        except OverflowError:
+            if dt.numpy.kind not in "iu":  # an integer past float64's range
+                raise invalid(f"input '{name}': an integer is out of range for {dt.name}") from None
+            info = np.iinfo(dt.numpy)
+            bad = next(x for x in flat if not info.min <= x <= info.max)
+            raise invalid(
+                f"input '{name}': {bad} is out of range for {dt.name} ({info.min} to {info.max})"
+            ) from None
     return Tensor(name, dt.name, shape, array.reshape(shape))
 
 
-def _not_string(name: str, item: Any) -> bytes:
-    raise invalid(f"input '{name}': BYTES elements in JSON must be strings, got {item!r}")
+def _flat(data: Any) -> tuple[list[Any], set[type]]:
+    """The elements of ``data`` in row-major order, and the set of their types.
+
+    Triton accepts flat or nested lists (in any nesting) as long as the count matches.
+    """
+    if not isinstance(data, list):
+        return [data], {type(data)}
+    kinds = set(map(type, data))
+    while list in kinds:
+        if len(kinds) == 1:  # one more level of plain nesting: the fast, common case
+            data = list(itertools.chain.from_iterable(data))
+        else:
+            data = list(_flatten(data))
+        kinds = set(map(type, data))
+    return data, kinds
 
 
 def _flatten(data: Any) -> Any:
-    if isinstance(data, list):
-        for item in data:
-            yield from _flatten(item)
-    else:
-        yield data
+    # Iterative: JSON may nest deeper than Python's recursion limit (orjson allows 1024).
+    stack = [iter([data])]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            yield item
+        else:
+            stack.pop()
 
 
 def decode_request(
@@ -213,6 +263,15 @@ def encode_response(request: InferRequest, response: InferResponse) -> tuple[byt
     return b"".join([header, *chunks]), len(header)
 
 
+def _is_utf8(item: Any) -> bool:
+    try:
+        if isinstance(item, bytes):
+            item.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _json_data(tensor: Tensor) -> Any:
     if tensor.datatype in _JSON_REJECTED:
         raise invalid(
@@ -220,7 +279,15 @@ def _json_data(tensor: Tensor) -> Any:
         )
     flat = tensor.data.reshape(-1)
     if tensor.datatype == "BYTES":
-        return [(i.decode("utf-8", "replace") if isinstance(i, bytes) else str(i)) for i in flat]
+        try:
+            return [(i.decode() if isinstance(i, bytes) else str(i)) for i in flat]
+        except UnicodeDecodeError:
+            # JSON strings are text; replacing bytes would silently corrupt the output.
+            bad = next(i for i, x in enumerate(flat) if not _is_utf8(x))
+            raise invalid(
+                f"output '{tensor.name}' element {bad} is not UTF-8 text and cannot be sent "
+                "as a JSON string; request it with binary_data: true"
+            ) from None
     if not flat.flags.c_contiguous:
         flat = np.ascontiguousarray(flat)
     return flat
