@@ -171,6 +171,7 @@ def load_parameters(draw: st.DrawFn) -> dict[str, Any]:
             "file:1",
         ]
     ) | st.text(max_size=12).map(lambda t: "file:" + t)
-    values = st.binary(max_size=32).map(lambda b: base64.b64encode(b).decode()) | json_values
+    good_base64 = st.binary(max_size=32).map(lambda b: base64.b64encode(b).decode())
+    values = good_base64 | st.text(max_size=12) | json_values  # text: mostly bad base64
     params.update(draw(st.dictionaries(keys, values, max_size=3)))
     return params
