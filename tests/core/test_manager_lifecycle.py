@@ -175,3 +175,17 @@ async def test_explicit_startup_loads_only_what_is_asked(tmp_path: Path) -> None
     )
     assert not missing.ready()  # asked for, not there: the server is not ready
     await missing.close()
+
+
+async def test_loading_unknown_names_leaves_nothing_behind(tmp_path: Path) -> None:
+    # A client may ask to load any number of names that are not in the repository: each is
+    # NOT_FOUND, and none may leave per-name state (a lock, an entry) in the manager.
+    manager = ModelManager(
+        ManagerSettings((tmp_path,), control_mode="explicit"), _Resolver(_GatedBackend())
+    )
+    for i in range(200):
+        with pytest.raises(ServerError) as caught:
+            await manager.load(f"missing_{i}")
+        assert caught.value.code is ErrorCode.NOT_FOUND
+    assert manager.entries() == []
+    assert manager._locks == {}

@@ -270,8 +270,13 @@ class ModelManager:
                 "they are off unless the server is started with --allow-model-upload "
                 "(KERNELPORT_ALLOW_MODEL_UPLOAD=1)",
             )
-        async with self._lock(name):
-            return await self._load(name, config, files or {})
+        lock = self._lock(name)
+        try:
+            async with lock:
+                return await self._load(name, config, files or {})
+        finally:
+            if name not in self._models and not lock.locked():
+                self._locks.pop(name, None)  # a name that never became a model leaves nothing
 
     async def _load(self, name: str, config: str | None, files: Mapping[str, bytes]) -> ModelEntry:
         override = None
