@@ -20,8 +20,8 @@ from conftest import RunningServer, running_server
 from helpers import client_for
 from tritonclient.utils import InferenceServerException
 
-from kernelport.backends.base import LoadContext
 from kernelport.backends.python import PythonBackend, PythonInstance
+from kernelport.core.backend import LoadContext
 from kernelport.core.model_config import parse_model_config
 from kernelport.errors import ServerError
 

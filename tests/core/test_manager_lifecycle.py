@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from kernelport.backends.base import Arrays, LoadContext
+from kernelport.core.backend import Arrays, LoadContext
 from kernelport.core.dataplane import DataPlane
 from kernelport.core.manager import ManagerSettings, ModelManager, ModelState
 from kernelport.errors import ErrorCode, ServerError

@@ -31,7 +31,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from kernelport.backends.base import Arrays
+from kernelport.core.backend import Arrays
 from kernelport.errors import ErrorCode, ServerError, invalid
 from kernelport.types import datatype_of
 

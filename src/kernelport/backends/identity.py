@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kernelport.backends.base import Arrays, LoadContext
+from kernelport.core.backend import Arrays, LoadContext
 from kernelport.errors import invalid
 
 

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from kernelport.backends.base import Arrays, LoadContext
 from kernelport.backends.ort_options import (
     parameter_warnings,
     providers,
@@ -17,6 +16,7 @@ from kernelport.backends.ort_options import (
     session_options,
 )
 from kernelport.backends.ort_values import from_ortvalue, std_strings, to_ortvalue, utf8_strings
+from kernelport.core.backend import Arrays, LoadContext
 from kernelport.errors import ErrorCode, ServerError, invalid
 
 log = logging.getLogger("kernelport.backends.onnxruntime")

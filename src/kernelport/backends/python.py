@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from kernelport.backends.base import Arrays, LoadContext
+from kernelport.core.backend import Arrays, LoadContext
 from kernelport.core.model_config import ModelConfig
 from kernelport.errors import ErrorCode, ServerError, invalid
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from kernelport.backends.base import Backend
+from kernelport.core.backend import Backend
 from kernelport.errors import ErrorCode, ServerError
 
 # name -> ("module:attribute", pip extra that provides the framework)

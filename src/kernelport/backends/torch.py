@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 
-from kernelport.backends.base import Arrays, LoadContext
 from kernelport.backends.gpu import (
     TORCH_DTYPES,
     V2_DATATYPES,
@@ -45,6 +44,7 @@ from kernelport.backends.gpu import (
     resolve_device,
 )
 from kernelport.backends.torch_archive import FORMATS, Format, check_pickles, detect_format
+from kernelport.core.backend import Arrays, LoadContext
 from kernelport.core.model_config import ModelConfig, TensorConfig
 from kernelport.errors import ErrorCode, ServerError, invalid
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from kernelport.backends.base import Arrays
+from kernelport.core.backend import Arrays
 from kernelport.core.execution import BatchResult, Timings, Worker, WorkerPool
 from kernelport.core.model_config import ModelConfig
 from kernelport.core.scheduler import CostModel, DeviceScheduler

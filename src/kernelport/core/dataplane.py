@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from kernelport.backends.base import Arrays
+from kernelport.core.backend import Arrays
 from kernelport.core.execution import Timings
 from kernelport.core.manager import ModelManager, ModelVersion
 from kernelport.core.model_config import ModelConfig

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernelport.backends.base import Arrays, ModelInstance
+from kernelport.core.backend import Arrays, ModelInstance
 from kernelport.core.model_config import ModelConfig
 from kernelport.errors import ErrorCode, ServerError
 

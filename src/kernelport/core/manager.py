@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from kernelport.backends.base import Arrays, Backend, LoadContext, ModelInstance
+from kernelport.core.backend import Arrays, Backend, LoadContext, ModelInstance
 from kernelport.core.batcher import ModelQueue
 from kernelport.core.execution import Worker, WorkerPool
 from kernelport.core.model_config import ModelConfig, parse_model_config

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from kernelport.backends.base import Arrays, ModelInstance
+from kernelport.core.backend import Arrays, ModelInstance
 from kernelport.core.model_config import ModelConfig, TensorConfig
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kernelport.backends.base import Arrays
+from kernelport.core.backend import Arrays
 from kernelport.core.model_config import ModelConfig
 from kernelport.errors import invalid
 from kernelport.types import InferRequest

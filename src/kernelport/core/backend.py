@@ -1,4 +1,8 @@
-"""The backend interface: small on purpose (load, execute, unload, autocomplete)."""
+"""The backend interface: small on purpose (load, execute, unload, autocomplete).
+
+Core defines it and backends implement it, so backends import core and core never imports
+``kernelport.backends``.
+"""
 
 from __future__ import annotations
 
