@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Regenerate src/kernelport/protocols/grpc/protos/descriptors.binpb from the
+# Regenerate src/kernelport/schema/protos/descriptors.binpb from the
 # .proto files next to it.
 #
 # kernelport ships a serialized FileDescriptorSet instead of generated *_pb2.py
-# modules: pb.py loads it into a private descriptor pool so that it can coexist
+# modules: kernelport/schema/pb.py loads it into a private descriptor pool so that it can coexist
 # with tritonclient's registration of the same "inference.*" symbols.
 #
 # protoc comes from grpcio-tools. It is not installed in the project venv
@@ -12,7 +12,7 @@
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-proto_dir="$repo_root/src/kernelport/protocols/grpc/protos"
+proto_dir="$repo_root/src/kernelport/schema/protos"
 out="$proto_dir/descriptors.binpb"
 python="${PYTHON:-python3}"
 

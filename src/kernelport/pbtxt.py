@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 
 from kernelport.core.repository import ConfigDocument
 from kernelport.errors import invalid
-from kernelport.protocols.grpc import pb
+from kernelport.schema import pb
 
 __all__ = ["TritonConfigReader", "translate"]
 

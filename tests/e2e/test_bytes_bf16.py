@@ -19,7 +19,7 @@ from conftest import RunningServer, running_server
 from helpers import onnx_identity, write_model
 from tritonclient.utils import InferenceServerException
 
-from kernelport.protocols.grpc import pb
+from kernelport.schema import pb
 
 V1 = pb.kernelport_v1
 

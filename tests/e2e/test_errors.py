@@ -152,7 +152,7 @@ def test_grpc_errors(
     code: grpc.StatusCode,
     message: str,
 ) -> None:
-    from kernelport.protocols.grpc import pb
+    from kernelport.schema import pb
 
     request = pb.inference.ModelInferRequest(model_name=model)
     if arrays is None:  # a raw buffer shorter than the shape needs

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import RunningServer
 
-from kernelport.protocols.grpc import pb
+from kernelport.schema import pb
 
 V1 = pb.kernelport_v1
 

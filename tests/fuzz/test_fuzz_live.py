@@ -34,7 +34,7 @@ from strategies import (
     rest_infer_body,
 )
 
-from kernelport.protocols.grpc import pb
+from kernelport.schema import pb
 
 MODELS = ["fp32", "bytes", "int32", "onnx"]
 HTTP_OK = {200, 400, 403, 404, 405, 413, 501, 503, 504}

@@ -1,4 +1,4 @@
-"""pb.method_handlers serving a real grpc.aio server that tritonclient (sync and aio) calls."""
+"""rpc.method_handlers serving a real grpc.aio server that tritonclient (sync and aio) calls."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ import tritonclient.grpc.aio as triton_grpc_aio
 from google.protobuf.message import Message
 from tritonclient.utils import InferenceServerException
 
-from kernelport.protocols.grpc import pb
+from kernelport.protocols.grpc import rpc
+from kernelport.schema import pb
 
 
 def test_method_handlers_rejects_unknown_rpc() -> None:
     with pytest.raises(ValueError, match="ServerLiveness"):
-        pb.method_handlers(pb.INFERENCE_SERVICE, {"ServerLiveness": lambda request, context: None})
+        rpc.method_handlers(pb.INFERENCE_SERVICE, {"ServerLiveness": lambda request, context: None})
 
 
 async def _server_live(request: Message, context: grpc.aio.ServicerContext) -> Message:
@@ -51,7 +52,7 @@ async def _serve_and_call_with_tritonclient() -> None:
     server = grpc.aio.server()
     server.add_generic_rpc_handlers(
         (
-            pb.method_handlers(
+            rpc.method_handlers(
                 pb.INFERENCE_SERVICE,
                 {
                     "ServerLive": _server_live,

@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from tritonclient.grpc import model_config_pb2 as triton_mc
 from tritonclient.grpc import service_pb2 as triton_svc
 
-from kernelport.protocols.grpc import pb
+from kernelport.schema import pb
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -55,8 +55,8 @@ print("ok")
 """
 
 _IMPORT_ORDERS = {
-    "tritonclient_first": "import tritonclient.grpc\nfrom kernelport.protocols.grpc import pb\n",
-    "kernelport_first": "from kernelport.protocols.grpc import pb\nimport tritonclient.grpc\n",
+    "tritonclient_first": "import tritonclient.grpc\nfrom kernelport.schema import pb\n",
+    "kernelport_first": "from kernelport.schema import pb\nimport tritonclient.grpc\n",
 }
 
 

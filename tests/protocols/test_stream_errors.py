@@ -82,7 +82,7 @@ def test_stream_error_carries_the_request_id(server: RunningServer) -> None:
     # tritonclient hides the id of a failed stream response; read the raw stream instead.
     import grpc
 
-    from kernelport.protocols.grpc import pb
+    from kernelport.schema import pb
 
     channel = grpc.insecure_channel(server.grpc_url)
     stream = channel.stream_stream(
@@ -131,7 +131,7 @@ def test_unary_grpc_rest_and_kernelport_v1_answer_internal_error(server: Running
 def _kernelport_v1_answers_internal_error(server: RunningServer) -> None:
     import grpc
 
-    from kernelport.protocols.grpc import pb
+    from kernelport.schema import pb
 
     channel = grpc.insecure_channel(server.grpc_url)
     infer = channel.unary_unary(

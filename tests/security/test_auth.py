@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 from kernelport.cli import main
 from kernelport.config import Config
 from kernelport.protocols.auth import Auth, exposure_warning
-from kernelport.protocols.grpc import pb
+from kernelport.schema import pb
 
 FILE_KEY = "file-key-0123456789"
 ENV_KEY = "env-key-abcdef"

@@ -28,8 +28,9 @@ from tritonclient.utils import InferenceServerException
 from kernelport.errors import ServerError
 from kernelport.limits import Limits
 from kernelport.protocols.grpc import codec as grpc_codec
-from kernelport.protocols.grpc import kernelport_v1, pb
+from kernelport.protocols.grpc import kernelport_v1
 from kernelport.protocols.rest import codec as rest_codec
+from kernelport.schema import pb
 
 MIB = 1024 * 1024
 

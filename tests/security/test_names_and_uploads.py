@@ -26,7 +26,7 @@ from conftest import RunningServer, running_server
 from helpers import identity_config, onnx_identity, write_model
 from tritonclient.utils import InferenceServerException
 
-from kernelport.protocols.grpc import pb
+from kernelport.schema import pb
 
 ONNX_CONFIG = json.dumps({"backend": "onnxruntime", "max_batch_size": 8})
 MANY = 60  # models whose long names, listed in an error, would pass gRPC's 8 KiB header limit

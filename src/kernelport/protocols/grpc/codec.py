@@ -8,7 +8,7 @@ import numpy as np
 
 from kernelport.errors import invalid
 from kernelport.limits import Limits
-from kernelport.protocols.grpc import pb
+from kernelport.schema import pb
 from kernelport.types import (
     InferRequest,
     InferResponse,

@@ -6,7 +6,7 @@ from typing import Any
 
 from kernelport.errors import invalid
 from kernelport.limits import Limits
-from kernelport.protocols.grpc import pb
+from kernelport.schema import pb
 from kernelport.types import InferRequest, InferResponse, tensor_bytes, tensor_from_buffer
 
 # kernelport.v1 DType names -> V2 datatypes

@@ -19,9 +19,10 @@ from kernelport.core.model_config import triton_config
 from kernelport.errors import ErrorCode, ServerError
 from kernelport.observability.telemetry import Telemetry, header_value
 from kernelport.protocols.auth import UNAUTHENTICATED_MESSAGE, Auth
-from kernelport.protocols.grpc import codec, kernelport_v1, pb
+from kernelport.protocols.grpc import codec, kernelport_v1, rpc
 from kernelport.protocols.grpc.errors import GRPC_STATUS
 from kernelport.protocols.tls import TlsFiles
+from kernelport.schema import pb
 
 log = logging.getLogger("kernelport.grpc")
 msgs = pb.inference
@@ -352,7 +353,7 @@ def _handlers(servicer: object, service: str, auth: Auth | None = None) -> grpc.
         # Guarding when the handlers are built leaves open RPCs (and an open server) untouched.
         if auth is not None and auth.protects_rpc(name):
             impl[name] = (_guarded_stream if streaming else _guarded)(impl[name], auth)
-    return pb.method_handlers(service, impl)
+    return rpc.method_handlers(service, impl)
 
 
 class GrpcFrontEnd:

@@ -1,4 +1,4 @@
-"""Protobuf message classes and gRPC handler wiring for kernelport's gRPC APIs.
+"""Protobuf message classes for kernelport's schemas: the gRPC APIs and Triton's model config.
 
 The classes come from ``protos/descriptors.binpb`` (regenerate it with
 ``scripts/gen_protos.sh``) loaded into a *private* descriptor pool.
@@ -7,22 +7,22 @@ protobuf's default pool, and a second registration there fails with
 "duplicate symbol"; a private pool lets both live in one process while staying
 wire-compatible, since the wire format depends only on field numbers.
 
-Usage::
+It is its own area, apart from the gRPC front end, because reading ``config.pbtxt`` needs
+the same messages and must not depend on a front end; the gRPC wiring lives in
+``kernelport.protocols.grpc.rpc``. Usage::
 
-    from kernelport.protocols.grpc import pb
+    from kernelport.schema import pb
 
     req = pb.inference.ModelInferRequest(model_name="demo")
-    handler = pb.method_handlers(pb.INFERENCE_SERVICE, {"ServerLive": server_live})
-    server.add_generic_rpc_handlers((handler,))
+    config = pb.inference.ModelConfig(name="demo")
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from typing import Any, NoReturn
 
-import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
@@ -30,12 +30,9 @@ __all__ = [
     "INFERENCE_SERVICE",
     "KERNELPORT_SERVICE",
     "POOL",
-    "Handler",
     "ProtoNamespace",
     "inference",
     "kernelport_v1",
-    "method_handlers",
-    "rpc_method_handlers",
 ]
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
@@ -43,9 +40,6 @@ INFERENCE_SERVICE = "inference.GRPCInferenceService"
 
 KERNELPORT_SERVICE = "kernelport.v1.InferenceService"
 """Full name of kernelport's own minimal service."""
-
-Handler = Callable[..., Any]
-"""A grpc.aio behaviour: ``async (request_or_iterator, context) -> response_or_async_iterator``."""
 
 
 class ProtoNamespace:
@@ -115,51 +109,3 @@ inference: ProtoNamespace = _namespace(
 
 kernelport_v1: ProtoNamespace = _namespace(POOL, "kernelport.v1", ("kernelport_v1.proto",))
 """Messages and enums of package ``kernelport.v1``."""
-
-# Indexed by (client_streaming, server_streaming) as declared in the descriptor.
-_HANDLER_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
-def rpc_method_handlers(
-    service_full_name: str, impl: Mapping[str, Handler]
-) -> dict[str, grpc.RpcMethodHandler]:
-    """Build ``{rpc_name: RpcMethodHandler}`` for the implemented RPCs of a service.
-
-    Request/response types and the streaming kind of each RPC come from the
-    descriptor. RPCs missing from ``impl`` are left out, so gRPC answers them
-    with UNIMPLEMENTED. Raises ``KeyError`` for an unknown service and
-    ``ValueError`` for names in ``impl`` that the service does not declare.
-    """
-    service = POOL.FindServiceByName(service_full_name)
-    unknown = set(impl) - set(service.methods_by_name)
-    if unknown:
-        # A misspelt RPC name would otherwise silently serve UNIMPLEMENTED.
-        raise ValueError(f"{service_full_name} has no RPC(s) {sorted(unknown)}")
-    handlers: dict[str, grpc.RpcMethodHandler] = {}
-    for name, behaviour in impl.items():
-        method = service.methods_by_name[name]
-        request_cls = message_factory.GetMessageClass(method.input_type)
-        response_cls = message_factory.GetMessageClass(method.output_type)
-        factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
-        handlers[name] = factory(
-            behaviour,
-            request_deserializer=request_cls.FromString,
-            response_serializer=response_cls.SerializeToString,
-        )
-    return handlers
-
-
-def method_handlers(service_full_name: str, impl: Mapping[str, Handler]) -> grpc.GenericRpcHandler:
-    """Return a ``grpc.GenericRpcHandler`` serving ``impl`` under ``service_full_name``.
-
-    Pass it to ``server.add_generic_rpc_handlers((handler,))``. See
-    ``rpc_method_handlers`` for how RPCs are typed and validated.
-    """
-    return grpc.method_handlers_generic_handler(
-        service_full_name, rpc_method_handlers(service_full_name, impl)
-    )
