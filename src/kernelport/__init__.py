@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from kernelport.version import __version__
 
 __all__ = ["Config", "Server", "__version__"]
 

@@ -7,8 +7,8 @@ import asyncio
 import sys
 from pathlib import Path
 
-from kernelport import __version__
 from kernelport.config import ENV_PREFIX, Config
+from kernelport.version import __version__
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from kernelport.config import Config
+from typing import Protocol
 
 MIB = 1024 * 1024
 
@@ -21,10 +18,23 @@ class Limits:
     max_in_flight: int = 4096  # inference requests in flight across the server
 
     @classmethod
-    def of(cls, config: Config) -> Limits:
+    def of(cls, config: LimitSettings) -> Limits:
         return cls(
             config.max_request_bytes,
             config.max_inflated_bytes,
             config.max_tensor_elements,
             config.max_in_flight,
         )
+
+
+class LimitSettings(Protocol):
+    """What ``Limits.of`` reads (``Config`` has it); a protocol so limits stays a leaf."""
+
+    @property
+    def max_request_bytes(self) -> int: ...
+    @property
+    def max_inflated_bytes(self) -> int: ...
+    @property
+    def max_tensor_elements(self) -> int: ...
+    @property
+    def max_in_flight(self) -> int: ...

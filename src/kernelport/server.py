@@ -16,7 +16,6 @@ from typing import Any
 import uvicorn
 from prometheus_client import CollectorRegistry
 
-from kernelport import __version__
 from kernelport.backends.registry import BackendRegistry
 from kernelport.config import Config
 from kernelport.core.dataplane import DataPlane
@@ -35,6 +34,7 @@ from kernelport.protocols.grpc.server import GrpcFrontEnd
 from kernelport.protocols.http_timeouts import header_timeout_protocol
 from kernelport.protocols.rest.app import RestApp
 from kernelport.protocols.tls import TlsFiles
+from kernelport.version import __version__
 
 log = logging.getLogger("kernelport.server")
 
