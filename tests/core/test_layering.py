@@ -155,8 +155,8 @@ def test_imports_follow_the_allowed_directions() -> None:
             continue
         src, dst = _area(imp.importer), _area(target)
         if src != dst and dst not in ALLOWED[src]:
-            allowed = ", ".join(sorted(ALLOWED[src])) or "nothing"
-            problems.append(f"{_where(imp)}: rule '{src}' may import only {allowed}")
+            allowed = ", ".join(sorted(ALLOWED[src])) or "no other area"
+            problems.append(f"{_where(imp)}: rule '{src}' may import {allowed}")
         if target in FORBIDDEN_MODULES.get(src, ()):
             problems.append(f"{_where(imp)}: rule '{src}' must not import {target}")
     assert not problems, "\n".join(problems)
