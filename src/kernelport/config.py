@@ -332,6 +332,11 @@ _BOUNDS = {
 }
 
 
+def _number(value: Any) -> Any:
+    # A float field's bound comes back as 0.0; "0 or more" reads better.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _explain(model: type[BaseModel], exc: ValidationError) -> str:
     """One "setting <name>: expected ..., got ..." line per problem, joined by "; "."""
     problems: list[str] = []
@@ -351,7 +356,8 @@ def _explain(model: type[BaseModel], exc: ValidationError) -> str:
         if kind == "literal_error":
             expected = "|".join(choices(model, name))
         elif kind in _BOUNDS:
-            expected = _BOUNDS[kind].format(**err.get("ctx", {}))
+            bounds = {k: _number(v) for k, v in err.get("ctx", {}).items()}
+            expected = _BOUNDS[kind].format(**bounds)
         else:
             expected = _EXPECTED.get(kind, err["msg"].lower())
         problems.append(f"setting {name}: expected {expected}, got {err['input']!r}")
