@@ -5,10 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import types
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
 
-from kernelport.config import ENV_PREFIX, Config
+from pydantic.fields import FieldInfo
+
+from kernelport.config import ENV_PREFIX, Config, choices
 from kernelport.version import __version__
+
+# The few flags not spelled like their field: one key a flag reads better than "--api-keys".
+_FLAG_NAMES = {"api_keys": "--api-key"}
+_METAVARS = {"api_keys": "KEY", "load_model": "NAME", "model_repository": "PATH"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,193 +36,67 @@ def _parser() -> argparse.ArgumentParser:
             f"(e.g. {ENV_PREFIX}HTTP_PORT=9000) or in a YAML --config file; flags win."
         ),
     )
-    serve.add_argument(
-        "--model-repository",
-        action="append",
-        type=Path,
-        metavar="PATH",
-        help="model repository directory (repeatable; default: the bundled demo models)",
-    )
-    serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
-    serve.add_argument(
-        "--http-port", type=int, help="KServe V2 HTTP port (default 8000; 0: any free port)"
-    )
-    serve.add_argument("--grpc-port", type=int, help="KServe V2 gRPC port (default 8001)")
-    serve.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default 8002)")
-    serve.add_argument(
-        "--ports-file",
-        type=Path,
-        metavar="FILE",
-        help='once listening, write the ports as JSON {"http": N, "grpc": N, "metrics": N} '
-        "(useful with port 0)",
-    )
-    serve.add_argument(
-        "--log-level", choices=["debug", "info", "warning", "error"], help="default info"
-    )
-    serve.add_argument("--log-format", choices=["plain", "json"], help="default plain")
-    serve.add_argument(
-        "--default-max-batch-size",
-        type=int,
-        help="max_batch_size given to models whose config is derived from the model (default 4)",
-    )
-    serve.add_argument(
-        "--scheduler",
-        choices=["fifo", "fair", "edf"],
-        help="how models sharing a device take turns: fifo (default), fair (weighted device "
-        "time, per-model 'weight'), edf (earliest deadline first, sheds hopeless requests)",
-    )
-    serve.add_argument(
-        "--device-slots",
-        type=int,
-        help="batches that may run at once on one device (0 = unlimited; fair/edf default 1)",
-    )
-    serve.add_argument(
-        "--model-control-mode",
-        choices=["none", "explicit", "poll"],
-        help="none (default): load every model at start; explicit: load only --load-model "
-        "models, then load/unload through the repository API; poll: watch the repository "
-        "and load, reload and unload models as their directories change",
-    )
-    serve.add_argument(
-        "--load-model",
-        action="append",
-        metavar="NAME",
-        help="explicit mode: a model to load at start (repeatable; '*' loads every model)",
-    )
-    serve.add_argument(
-        "--repository-poll-secs",
-        type=float,
-        metavar="SECONDS",
-        help="poll mode: full rescan interval, a fallback to file watching (default 15)",
-    )
-    serve.add_argument(
-        "--repository-poll-debounce-secs",
-        type=float,
-        metavar="SECONDS",
-        help="poll mode: a change applies once the model directory has been quiet this "
-        "long, so a half-copied model never loads (default 1)",
-    )
-    serve.add_argument(
-        "--allow-model-upload",
-        action="store_true",
-        default=None,  # unset: the config file or KERNELPORT_ALLOW_MODEL_UPLOAD decides
-        help="explicit mode: let load requests bring model files or a config override. "
-        "Off by default: an uploaded model runs code (a model.py, a compiled library, "
-        "pickle loading) with the server's rights",
-    )
-    serve.add_argument(
-        "--readiness",
-        choices=["all", "any"],
-        help="/v2/health/ready is true when all models are ready (default) or at least one",
-    )
-    serve.add_argument(
-        "--drain-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="on SIGTERM/SIGINT, how long in-flight requests may take to finish (default 30)",
-    )
-    serve.add_argument(
-        "--trace-level",
-        choices=["off", "timestamps"],
-        help="OpenTelemetry request spans, needs kernelport[tracing] (default off; "
-        "changeable at run time through v2/trace/setting)",
-    )
-    serve.add_argument("--trace-rate", type=int, help="trace one request in N (default 1000)")
-    serve.add_argument("--trace-count", type=int, help="stop after N traces (default -1: never)")
-    serve.add_argument(
-        "--trace-exporter",
-        choices=["console", "otlp"],
-        help="where spans go: console (stdout, default) or otlp (OTEL_EXPORTER_OTLP_* variables; "
-        "needs opentelemetry-exporter-otlp-proto-http)",
-    )
-    serve.add_argument(
-        "--api-key-file",
-        type=Path,
-        metavar="FILE",
-        help="API keys, one a line (# comments allowed); clients send 'Authorization: Bearer "
-        "<key>' (gRPC: 'authorization' metadata). Preferred to --api-key: keys stay out of ps",
-    )
-    serve.add_argument(
-        "--api-key",
-        action="append",
-        dest="api_keys",
-        metavar="KEY",
-        help="an API key (repeatable; also KERNELPORT_API_KEYS=k1,k2). No keys: no authentication",
-    )
-    serve.add_argument(
-        "--auth-scope",
-        choices=["all", "admin"],
-        help="with API keys: all (default) protects every endpoint but the health/readiness "
-        "probes; admin protects only repository, logging, trace and shared-memory APIs",
-    )
-    serve.add_argument(
-        "--tls-cert",
-        type=Path,
-        metavar="FILE",
-        help="PEM certificate (chain) for HTTPS, gRPC and metrics TLS; needs --tls-key",
-    )
-    serve.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert")
-    serve.add_argument(
-        "--tls-ca",
-        type=Path,
-        metavar="FILE",
-        help="PEM CA bundle: turns on mutual TLS (clients must present a certificate it signed)",
-    )
-    serve.add_argument(
-        "--max-request-bytes",
-        type=int,
-        metavar="BYTES",
-        help="largest HTTP request body; larger ones get 413 (default 268435456, 256 MiB)",
-    )
-    serve.add_argument(
-        "--max-inflated-bytes",
-        type=int,
-        metavar="BYTES",
-        help="largest HTTP request body once gzip/deflate is undone; 413 above "
-        "(default 268435456, 256 MiB)",
-    )
-    serve.add_argument(
-        "--grpc-max-message-bytes",
-        type=int,
-        metavar="BYTES",
-        help="largest gRPC message either way; RESOURCE_EXHAUSTED above (default 268435456)",
-    )
-    serve.add_argument(
-        "--max-tensor-elements",
-        type=int,
-        metavar="N",
-        help="most elements in one input tensor; 400 / INVALID_ARGUMENT above (default 2**28)",
-    )
-    serve.add_argument(
-        "--max-in-flight",
-        type=int,
-        metavar="N",
-        help="inference requests in flight across the server; 503 / RESOURCE_EXHAUSTED "
-        "above (default 4096)",
-    )
-    serve.add_argument(
-        "--http-header-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="a connection that has not sent complete request headers in this time is closed "
-        "(HTTP, metrics; the gRPC handshake too) (default 10)",
-    )
-    serve.add_argument(
-        "--http-idle-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="an idle keep-alive connection is closed after this time (HTTP, metrics, gRPC) "
-        "(default 75)",
-    )
+    for name, field in Config.model_fields.items():
+        _add_flag(serve, name, field)
     serve.add_argument("--config", type=Path, metavar="FILE", help="YAML file of settings")
     return parser
 
 
+def _add_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
+    """One flag for the Config field ``name``, all but its spelling derived from the field."""
+    flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+    kind = _value_type(field.annotation)
+    help_text = (field.description or "").replace("%", "%%") + _default_text(field)
+    # default=None everywhere: a flag not given leaves the file or environment value in place.
+    if kind is bool:
+        parser.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
+        return
+    options: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
+    if get_origin(field.annotation) is tuple:
+        options["action"] = "append"
+    if get_origin(kind) is Literal:
+        options["choices"] = choices(Config, name)
+    else:
+        options["type"] = kind
+        options["metavar"] = _METAVARS.get(name) or _metavar(name, kind)
+    parser.add_argument(flag, **options)
+
+
+def _value_type(annotation: Any) -> Any:
+    """The type one flag value has: X for X, X | None and tuple[X, ...]."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        (annotation,) = (a for a in get_args(annotation) if a is not type(None))
+    if get_origin(annotation) is tuple:
+        annotation = get_args(annotation)[0]
+    return annotation
+
+
+def _metavar(name: str, kind: Any) -> str:
+    if name.endswith(("_port", "_bytes")):
+        return name.rsplit("_", 1)[1].upper()
+    # Every float setting is a duration.
+    return {Path: "FILE", float: "SECONDS", int: "N"}.get(kind, name.upper())
+
+
+def _default_text(field: FieldInfo) -> str:
+    # A factory's default is described in the field's description; no value means "not set".
+    default = field.get_default(call_default_factory=False)
+    if field.default_factory is not None or default is None or default is False or default == ():
+        return ""
+    shown = f"{default:g}" if isinstance(default, float) else default
+    return f" (default: {shown})"
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
+    """The Config for parsed ``serve`` arguments: flags over environment over --config file."""
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    return Config.load(args.config, overrides, environ)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
-        config = Config.load(args.config, overrides)
+        config = config_from_args(args)
     except (OSError, ValueError) as exc:
         print(f"kernelport: {exc}", file=sys.stderr)
         return 2

@@ -1,15 +1,29 @@
-"""Server configuration: defaults < YAML config file < KERNELPORT_* environment < CLI flags."""
+"""Server configuration: defaults < YAML config file < KERNELPORT_* environment < CLI flags.
+
+``Config`` is the one typed model of every setting. The command line (``kernelport.cli``),
+the environment variables (``KERNELPORT_<NAME>``) and the YAML file keys are all derived
+from its fields: a field's type gives its parsing and choices, its description the help.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "KERNELPORT_"
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -20,136 +34,270 @@ def demo_repository() -> Path:
     return Path(str(resources.files("kernelport") / "demo_repository"))
 
 
-@dataclass(frozen=True, slots=True)
-class Config:
-    """Every server setting. Each CLI flag maps to exactly one field."""
-
-    model_repository: tuple[Path, ...] = field(default_factory=lambda: (demo_repository(),))
-    host: str = "0.0.0.0"
-    http_port: int = 8000  # 0 for each port: any free port (see ports_file)
-    grpc_port: int = 8001
-    metrics_port: int = 8002
-    log_level: LogLevel = "info"
-    log_format: Literal["plain", "json"] = "plain"
-    default_max_batch_size: int = 4
-    scheduler: Literal["fifo", "fair", "edf"] = "fifo"
-    device_slots: int = 0
-    grpc_max_message_bytes: int = 256 * 1024 * 1024  # grpcio answers RESOURCE_EXHAUSTED above
-    max_request_bytes: int = 256 * 1024 * 1024  # HTTP body as sent -> 413 above
-    max_inflated_bytes: int = 256 * 1024 * 1024  # HTTP body after gzip/deflate -> 413 above
-    max_tensor_elements: int = 2**28  # elements in one input tensor -> 400 above
-    max_in_flight: int = 4096  # inference requests in flight server-wide -> 503 above
-    http_header_timeout: float = 10.0  # seconds to send complete request headers (also gRPC)
-    http_idle_timeout: float = 75.0  # seconds an idle keep-alive connection stays open
-    readiness: Literal["all", "any"] = "all"  # ready when every model is, or at least one
-    drain_timeout: float = 30.0  # seconds SIGTERM waits for requests in flight
-    trace_level: Literal["off", "timestamps"] = "off"  # OpenTelemetry spans (kernelport[tracing])
-    trace_rate: int = 1000  # trace one request in N
-    trace_count: int = -1  # traces to take, then stop (-1: no limit)
-    trace_exporter: Literal["console", "otlp"] = "console"
-    model_control_mode: Literal["none", "explicit", "poll"] = "none"
-    load_model: tuple[str, ...] = ()  # explicit mode: models loaded at start ("*" = all)
-    repository_poll_secs: float = 15.0  # poll mode: full rescan interval (watching is instant)
-    repository_poll_debounce_secs: float = 1.0  # poll mode: quiet time before a change applies
-    ports_file: Path | None = None  # written once listening: {"http": N, "grpc": N, "metrics": N}
-    allow_model_upload: bool = False  # load requests may bring files / config (they run code)
-    # API keys (bearer tokens): those given directly plus those read from api_key_file.
-    api_keys: tuple[str, ...] = field(default=(), repr=False)  # never in a logged repr
-    api_key_file: Path | None = None  # one key per line; blank lines and #comments ignored
-    auth_scope: Literal["all", "admin"] = "all"  # admin: only repository/log/trace/shm APIs
-    tls_cert: Path | None = None  # PEM certificate chain for every listener
-    tls_key: Path | None = None
-    tls_ca: Path | None = None  # PEM CA bundle: clients must present a certificate it signed
-
-    @classmethod
-    def load(
-        cls,
-        file: Path | None = None,
-        overrides: dict[str, Any] | None = None,
-        environ: dict[str, str] | None = None,
-    ) -> Config:
-        """Merge the config file, the environment and explicit overrides (highest first wins)."""
-        values: dict[str, Any] = {}
-        if file is not None:
-            loaded = yaml.safe_load(file.read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ValueError(f"{file}: expected a mapping of setting names to values")
-            values.update({k.replace("-", "_"): v for k, v in loaded.items()})
-        env = os.environ if environ is None else environ
-        for f in dataclasses.fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
-            if raw is not None:
-                values[f.name] = raw
-        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        return cls.from_mapping(values)
-
-    @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> Config:
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"unknown setting(s): {', '.join(unknown)}")
-        typed: dict[str, Any] = {}
-        for name, value in values.items():
-            if name == "model_repository":
-                items = value.split(os.pathsep) if isinstance(value, str) else value
-                typed[name] = tuple(Path(p) for p in items)
-            elif name in ("load_model", "api_keys"):
-                items = value.split(",") if isinstance(value, str) else value
-                typed[name] = tuple(str(v).strip() for v in items if str(v).strip())
-            elif name in _PATHS:
-                typed[name] = Path(value) if value not in (None, "") else None
-            elif known[name].type == "float":
-                try:
-                    typed[name] = float(value)
-                except (TypeError, ValueError):
-                    raise ValueError(f"setting {name}: expected a number, got {value!r}") from None
-            elif known[name].type == "bool":
-                typed[name] = _boolean(name, value)
-            elif known[name].type == "int":
-                try:
-                    typed[name] = int(value)
-                except (TypeError, ValueError):
-                    raise ValueError(
-                        f"setting {name}: expected an integer, got {value!r}"
-                    ) from None
-            else:
-                lowered = name in ("log_level", "log_format", "scheduler", "model_control_mode")
-                typed[name] = str(value).lower() if lowered else value
-        if typed.get("log_level", "info") not in ("debug", "info", "warning", "error"):
-            raise ValueError(
-                f"setting log_level: expected debug|info|warning|error, got {typed['log_level']!r}"
-            )
-        if typed.get("scheduler", "fifo") not in ("fifo", "fair", "edf"):
-            raise ValueError(
-                f"setting scheduler: expected fifo|fair|edf, got {typed['scheduler']!r}"
-            )
-        if typed.get("log_format", "plain") not in ("plain", "json"):
-            raise ValueError(
-                f"setting log_format: expected plain|json, got {typed['log_format']!r}"
-            )
-        _check_model_control(typed)
-        _check_observability(typed)
-        _check_security(typed)
-        _check_limits(typed)
-        return cls(**typed)
+def env_var(name: str) -> str:
+    """The environment variable that sets the field ``name``."""
+    return ENV_PREFIX + name.upper()
 
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
 
-def _boolean(name: str, value: Any) -> bool:
-    # The environment gives text: "1"/"true"/"yes" and "0"/"false"/"no" (any case).
+def _boolean(value: Any) -> Any:
+    # The environment gives text: "1"/"true"/"yes"/"on" and "0"/"false"/"no"/"off" (any case).
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
     if text in _TRUE or text in _FALSE:
         return text in _TRUE
-    raise ValueError(f"setting {name}: expected true|false (or 1|0, yes|no), got {value!r}")
+    raise ValueError(f"expected true|false (or 1|0, yes|no), got {value!r}")
 
 
-_PATHS = ("api_key_file", "tls_cert", "tls_key", "tls_ca", "ports_file")
+def _split(separator: str, *, drop_blank: bool) -> Callable[[Any], Any]:
+    # A list arrives as text from the environment (and may from the file): "a,b" or "a:b".
+    def split(value: Any) -> Any:
+        items = value.split(separator) if isinstance(value, str) else value
+        if not drop_blank or not isinstance(items, list | tuple):
+            return items
+        return tuple(s for s in (str(v).strip() for v in items) if s)
+
+    return split
+
+
+def _blank_is_none(value: Any) -> Any:
+    # KERNELPORT_TLS_CERT= (set but empty) means "no file", as an unset variable does.
+    return None if value == "" else value
+
+
+# The value types, each with how it is read from text. Bounds are on the fields.
+Flag = Annotated[bool, BeforeValidator(_boolean)]
+Paths = Annotated[tuple[Path, ...], BeforeValidator(_split(os.pathsep, drop_blank=False))]
+Names = Annotated[tuple[str, ...], BeforeValidator(_split(",", drop_blank=True))]
+OptionalPath = Annotated[Path | None, BeforeValidator(_blank_is_none)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+_MIB_256 = 256 * 1024 * 1024
+
+
+class Config(BaseModel):
+    """Every server setting. Each field is one CLI flag, one variable and one file key."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    model_repository: Paths = Field(
+        default_factory=lambda: (demo_repository(),),
+        description="model repository directory (repeatable; default: the bundled demo models)",
+    )
+    host: str = Field("0.0.0.0", description="address to listen on")
+    http_port: Port = Field(8000, description="KServe V2 HTTP port (0: any free port)")
+    grpc_port: Port = Field(8001, description="KServe V2 gRPC port (0: any free port)")
+    metrics_port: Port = Field(8002, description="Prometheus metrics port (0: any free port)")
+    log_level: LogLevel = Field("info", description="log threshold")
+    log_format: Literal["plain", "json"] = Field("plain", description="log line format")
+    default_max_batch_size: int = Field(
+        4, ge=0, description="max_batch_size given to models whose config is derived from the model"
+    )
+    scheduler: Literal["fifo", "fair", "edf"] = Field(
+        "fifo",
+        description="how models sharing a device take turns: fifo, fair (weighted device "
+        "time, per-model 'weight'), edf (earliest deadline first, sheds hopeless requests)",
+    )
+    device_slots: int = Field(
+        0, ge=0, description="batches that may run at once on one device (0 = unlimited; "
+        "fair/edf use 1)"
+    )  # fmt: skip
+    grpc_max_message_bytes: int = Field(
+        _MIB_256,
+        gt=0,
+        le=2**31 - 1,  # the most gRPC allows
+        description="largest gRPC message either way; RESOURCE_EXHAUSTED above (256 MiB)",
+    )
+    max_request_bytes: int = Field(
+        _MIB_256,
+        gt=0,
+        description="largest HTTP request body; larger ones get 413 (256 MiB)",
+    )
+    max_inflated_bytes: int = Field(
+        _MIB_256,
+        gt=0,
+        description="largest HTTP request body once gzip/deflate is undone; 413 above (256 MiB)",
+    )
+    max_tensor_elements: int = Field(
+        2**28,
+        gt=0,
+        description="most elements in one input tensor; 400 / INVALID_ARGUMENT above (2**28)",
+    )
+    max_in_flight: int = Field(
+        4096,
+        gt=0,
+        description="inference requests in flight across the server; 503 / RESOURCE_EXHAUSTED "
+        "above",
+    )
+    http_header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="a connection that has not sent complete request headers in this time is "
+        "closed (HTTP, metrics; the gRPC handshake too)",
+    )
+    http_idle_timeout: float = Field(
+        75.0,
+        gt=0,
+        description="an idle keep-alive connection is closed after this time (HTTP, metrics, gRPC)",
+    )
+    readiness: Literal["all", "any"] = Field(
+        "all", description="/v2/health/ready is true when all models are ready or at least one"
+    )
+    drain_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="on SIGTERM/SIGINT, how long in-flight requests may take to finish",
+    )
+    trace_level: Literal["off", "timestamps"] = Field(
+        "off",
+        description="OpenTelemetry request spans, needs kernelport[tracing] (changeable at run "
+        "time through v2/trace/setting)",
+    )
+    trace_rate: int = Field(1000, ge=1, description="trace one request in N")
+    trace_count: int = Field(-1, ge=-1, description="stop after N traces (-1: never)")
+    trace_exporter: Literal["console", "otlp"] = Field(
+        "console",
+        description="where spans go: console (stdout) or otlp (OTEL_EXPORTER_OTLP_* variables; "
+        "needs opentelemetry-exporter-otlp-proto-http)",
+    )
+    model_control_mode: Literal["none", "explicit", "poll"] = Field(
+        "none",
+        description="none: load every model at start; explicit: load only --load-model "
+        "models, then load/unload through the repository API; poll: watch the repository "
+        "and load, reload and unload models as their directories change",
+    )
+    load_model: Names = Field(
+        (),
+        description="explicit mode: a model to load at start (repeatable; '*' loads every model)",
+    )
+    repository_poll_secs: float = Field(
+        15.0, gt=0, description="poll mode: full rescan interval, a fallback to file watching"
+    )
+    repository_poll_debounce_secs: float = Field(
+        1.0,
+        ge=0,
+        description="poll mode: a change applies once the model directory has been quiet this "
+        "long, so a half-copied model never loads",
+    )
+    ports_file: OptionalPath = Field(
+        None,
+        description='once listening, write the ports as JSON {"http": N, "grpc": N, '
+        '"metrics": N} (useful with port 0)',
+    )
+    allow_model_upload: Flag = Field(
+        False,
+        description="explicit mode: let load requests bring model files or a config override. "
+        "Off by default: an uploaded model runs code (a model.py, a compiled library, pickle "
+        "loading) with the server's rights",
+    )
+    # Declared before api_keys so that the api_keys validator sees it.
+    api_key_file: OptionalPath = Field(
+        None,
+        description="API keys, one a line (# comments allowed); clients send 'Authorization: "
+        "Bearer <key>' (gRPC: 'authorization' metadata). Preferred to --api-key: keys stay "
+        "out of ps",
+    )
+    # Those given directly plus those read from api_key_file; never in a logged repr.
+    api_keys: Names = Field(
+        (),
+        repr=False,
+        validate_default=True,  # the file's keys are added even when none are given directly
+        description="an API key (repeatable; also KERNELPORT_API_KEYS=k1,k2). No keys: no "
+        "authentication",
+    )
+    auth_scope: Literal["all", "admin"] = Field(
+        "all",
+        description="with API keys: all protects every endpoint but the health/readiness "
+        "probes; admin protects only repository, logging, trace and shared-memory APIs",
+    )
+    tls_cert: OptionalPath = Field(
+        None,
+        description="PEM certificate (chain) for HTTPS, gRPC and metrics TLS; needs --tls-key",
+    )
+    tls_key: OptionalPath = Field(None, description="PEM private key of --tls-cert")
+    tls_ca: OptionalPath = Field(
+        None,
+        description="PEM CA bundle: turns on mutual TLS (clients must present a certificate it "
+        "signed)",
+    )
+
+    @classmethod
+    def load(
+        cls,
+        file: Path | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Config:
+        """Merge the config file, the environment and explicit overrides (highest first wins).
+
+        Overrides whose value is None are unset (a CLI flag not given).
+        """
+        values: dict[str, Any] = {}
+        if file is not None:
+            loaded = yaml.safe_load(file.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{file}: expected a mapping of setting names to values")
+            values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+        env = os.environ if environ is None else environ
+        for name in cls.model_fields:
+            raw = env.get(env_var(name))
+            if raw is not None:
+                values[name] = raw
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Config:
+        """A config from setting names to values (text as from the environment, or typed)."""
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as exc:
+            raise ValueError(_explain(cls, exc)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _choices_ignore_case(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {
+            k: v.lower() if isinstance(v, str) and choices(cls, k) else v for k, v in data.items()
+        }
+
+    @field_validator("api_keys")
+    @classmethod
+    def _add_file_keys(cls, keys: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        file = info.data.get("api_key_file")
+        if file is not None:
+            keys = (*keys, *read_api_key_file(file))
+        for i, key in enumerate(keys, 1):
+            # A key travels in an HTTP header and gRPC metadata; the environment splits on ",".
+            if not key.isascii() or not key.isprintable() or any(c in key for c in " \t,"):
+                raise ValueError(f"key {i} must be printable ASCII without spaces or commas")
+        return tuple(dict.fromkeys(keys))
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "tls_key (--tls-key)" if self.tls_key is None else "tls_cert (--tls-cert)"
+            given = "tls_cert" if self.tls_key is None else "tls_key"
+            raise ValueError(f"setting {missing}: required when {given} is set")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("setting tls_ca: mutual TLS needs tls_cert and tls_key as well")
+        if self.load_model and self.model_control_mode != "explicit":
+            raise ValueError("setting load_model: only valid with model_control_mode explicit")
+        return self
+
+
+def choices(model: type[BaseModel], name: str) -> tuple[str, ...]:
+    """The allowed values of a Literal field, or () for any other field."""
+    field = model.model_fields.get(name)
+    if field is None or get_origin(field.annotation) is not Literal:
+        return ()
+    return tuple(str(c) for c in get_args(field.annotation))
 
 
 def read_api_key_file(path: Path) -> tuple[str, ...]:
@@ -163,75 +311,56 @@ def read_api_key_file(path: Path) -> tuple[str, ...]:
     return tuple(line for line in lines if line and not line.startswith("#"))
 
 
-def _check_security(typed: dict[str, Any]) -> None:
-    keys = typed.get("api_keys", ())
-    if typed.get("api_key_file") is not None:
-        keys = (*keys, *read_api_key_file(typed["api_key_file"]))
-    for i, key in enumerate(keys, 1):
-        # A key travels in an HTTP header and gRPC metadata, and the environment splits on ",".
-        if not key.isascii() or not key.isprintable() or any(c in key for c in " \t,"):
-            raise ValueError(
-                f"setting api_keys: key {i} must be printable ASCII without spaces or commas"
+# What a value of each kind should have been, by pydantic error type.
+_EXPECTED = {
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "bool_parsing": "true|false",
+    "bool_type": "true|false",
+    "string_type": "text",
+    "path_type": "a path",
+    "tuple_type": "a list",
+}
+_BOUNDS = {
+    "greater_than": "a number above {gt}",
+    "greater_than_equal": "{ge} or more",
+    "less_than": "a number below {lt}",
+    "less_than_equal": "at most {le}",
+}
+
+
+def _number(value: Any) -> Any:
+    # A float field's bound comes back as 0.0; "0 or more" reads better.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _explain(model: type[BaseModel], exc: ValidationError) -> str:
+    """One "setting <name>: expected ..., got ..." line per problem, joined by "; "."""
+    problems: list[str] = []
+    unknown: list[str] = []
+    for err in exc.errors(include_url=False):
+        name = str(err["loc"][0]) if err["loc"] else ""
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            unknown.append(name)
+            continue
+        if kind == "value_error":
+            message = str(err.get("ctx", {}).get("error", err["msg"]))
+            problems.append(
+                message if message.startswith("setting ") else f"setting {name}: {message}"
             )
-    typed["api_keys"] = tuple(dict.fromkeys(keys))
-    scope = typed["auth_scope"] = str(typed.get("auth_scope", "all")).lower()
-    if scope not in ("all", "admin"):
-        raise ValueError(f"setting auth_scope: expected all|admin, got {scope!r}")
-    cert, key = typed.get("tls_cert"), typed.get("tls_key")
-    if (cert is None) != (key is None):
-        missing = "tls_key (--tls-key)" if key is None else "tls_cert (--tls-cert)"
-        given = "tls_cert" if key is None else "tls_key"
-        raise ValueError(f"setting {missing}: required when {given} is set")
-    if typed.get("tls_ca") is not None and cert is None:
-        raise ValueError("setting tls_ca: mutual TLS needs tls_cert and tls_key as well")
-
-
-def _check_model_control(typed: dict[str, Any]) -> None:
-    mode = typed.get("model_control_mode", "none")
-    if mode not in ("none", "explicit", "poll"):
-        raise ValueError(f"setting model_control_mode: expected none|explicit|poll, got {mode!r}")
-    if typed.get("load_model") and mode != "explicit":
-        raise ValueError("setting load_model: only valid with model_control_mode explicit")
-    if typed.get("repository_poll_secs", 1.0) <= 0:
-        raise ValueError("setting repository_poll_secs: expected a number above 0")
-    if typed.get("repository_poll_debounce_secs", 0.0) < 0:
-        raise ValueError("setting repository_poll_debounce_secs: expected 0 or more")
-
-
-def _check_observability(typed: dict[str, Any]) -> None:
-    choices = {"readiness": ("all", "any"), "trace_level": ("off", "timestamps"),
-               "trace_exporter": ("console", "otlp")}  # fmt: skip
-    for name, allowed in choices.items():
-        if name in typed:
-            typed[name] = str(typed[name]).lower()
-            if typed[name] not in allowed:
-                expected = "|".join(allowed)
-                raise ValueError(f"setting {name}: expected {expected}, got {typed[name]!r}")
-    for name in ("http_port", "grpc_port", "metrics_port"):
-        if not 0 <= typed.get(name, 0) <= 65535:
-            raise ValueError(f"setting {name}: expected a port 0-65535 (0: any free port)")
-    if typed.get("drain_timeout", 0.0) < 0:
-        raise ValueError("setting drain_timeout: expected 0 or more seconds")
-    if typed.get("trace_rate", 1) < 1:
-        raise ValueError("setting trace_rate: expected 1 or more")
-    if typed.get("trace_count", -1) < -1:
-        raise ValueError("setting trace_count: expected -1 (no limit) or more")
-
-
-_LIMITS = (
-    "grpc_max_message_bytes",
-    "max_request_bytes",
-    "max_inflated_bytes",
-    "max_tensor_elements",
-    "max_in_flight",
-    "http_header_timeout",
-    "http_idle_timeout",
-)
-
-
-def _check_limits(typed: dict[str, Any]) -> None:
-    for name in _LIMITS:
-        if name in typed and typed[name] <= 0:
-            raise ValueError(f"setting {name}: expected a number above 0, got {typed[name]!r}")
-    if typed.get("grpc_max_message_bytes", 1) > 2**31 - 1:
-        raise ValueError("setting grpc_max_message_bytes: gRPC allows at most 2147483647")
+            continue
+        if kind == "literal_error":
+            expected = "|".join(choices(model, name))
+        elif kind in _BOUNDS:
+            bounds = {k: _number(v) for k, v in err.get("ctx", {}).items()}
+            expected = _BOUNDS[kind].format(**bounds)
+        else:
+            expected = _EXPECTED.get(kind, err["msg"].lower())
+        problems.append(f"setting {name}: expected {expected}, got {err['input']!r}")
+    if unknown:
+        problems.insert(0, f"unknown setting(s): {', '.join(sorted(unknown))}")
+    return "; ".join(problems)
