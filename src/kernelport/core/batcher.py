@@ -26,6 +26,7 @@ from kernelport.backends.base import Arrays
 from kernelport.core.clock import Cancellable, Clock, LoopClock
 from kernelport.core.execution import BatchResult, Timings, Worker, WorkerPool
 from kernelport.core.model_config import DynamicBatching, ModelConfig
+from kernelport.core.ragged import BucketPadder
 from kernelport.core.scheduler import CostModel, DeviceScheduler
 from kernelport.core.stats import ModelStats
 from kernelport.errors import ErrorCode, ServerError
@@ -147,13 +148,7 @@ class ModelQueue:
         self._preferred = sorted(policy.preferred_batch_sizes) if policy is not None else []
         self._max_queue = policy.max_queue_size if policy is not None else 0
         self._ordered = bool(policy and policy.preserve_ordering)
-        # input name -> (axis of its variable dimension in the batched array, bucket sizes)
-        self._buckets = {
-            name: (1 + list(spec.dims).index(-1), sizes)
-            for name, sizes in (policy.ragged_buckets if policy else {}).items()
-            if (spec := config.input(name)) is not None
-        }
-        self._pad_value = policy.pad_value if policy else 0.0
+        self._padder = BucketPadder(config)
         self._groups: dict[GroupKey, deque[Pending]] = {}
         self._queued = 0
         self._seq = itertools.count()
@@ -219,8 +214,8 @@ class ModelQueue:
     ) -> asyncio.Future[Result]:
         """Queue one request of at most ``max_batch_size`` rows; its future gets its rows."""
         self._admit()  # again for each piece of a split: a long request yields to the limit
-        if self._buckets:
-            inputs = self._pad(inputs)
+        if self._padder:
+            inputs = self._padder.pad(inputs)
         now = self._clock.now_ns()
         timeout_ns = options.timeout_ns
         pending = Pending(
@@ -270,21 +265,6 @@ class ModelQueue:
                 future.cancel()
         return _join(results, rows)
 
-    def _pad(self, inputs: Arrays) -> Arrays:
-        """Zero-pad bucketed inputs up to their bucket, so nearby lengths share a batch."""
-        padded = dict(inputs)
-        for name, (axis, sizes) in self._buckets.items():
-            array = inputs.get(name)
-            if array is None:
-                continue
-            length = array.shape[axis]
-            bucket = next((b for b in sizes if b >= length), length)  # too long: left as is
-            if bucket != length:
-                widths = [(0, 0)] * array.ndim
-                widths[axis] = (0, bucket - length)
-                padded[name] = np.pad(array, widths, constant_values=self._pad_value)
-        return padded
-
     # --- SlotClient --------------------------------------------------------------------
 
     def granted(self) -> None:
@@ -300,9 +280,10 @@ class ModelQueue:
     def _dispatch(self) -> None:
         """Start batches while there is work, an idle worker and a device slot.
 
-        Returns when one is missing; the event that supplies it calls here again: the delay
-        timer, ``granted()`` (the scheduler has kept our place in its line), or a batch
-        finishing (which frees a worker).
+        Returns when one is missing, or while the batch should wait to grow; the event that
+        supplies it calls here again: a new request, the delay timer, ``granted()`` (the
+        scheduler keeps our place in its line meanwhile), or a batch finishing (which frees
+        a worker and its slot).
         """
         while self._queued and self._pool.idle_count and not self._device.waiting(self):
             wait_ns = self._wait_ns()
@@ -310,7 +291,7 @@ class ModelQueue:
                 self._arm_timer(wait_ns)
                 return
             if not self._device.acquire(self):
-                return
+                return  # the scheduler calls granted() when our turn comes
             self._run_on_slot()
 
     def _run_on_slot(self) -> None:
