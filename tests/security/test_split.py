@@ -40,14 +40,14 @@ async def test_split_keeps_the_queue_short(tmp_path: Path) -> None:
     await server.manager.load_initial()
     model = server.manager.get("echo")
     peak = 0
-    submit = ModelQueue.submit
+    enqueue = ModelQueue._enqueue  # queues one piece
 
-    async def counting(self: ModelQueue, *args: object, **kwargs: object) -> object:
+    def counting(self: ModelQueue, *args: object, **kwargs: object) -> object:
         nonlocal peak
         peak = max(peak, self.queued + 1)
-        return await submit(self, *args, **kwargs)  # type: ignore[arg-type]
+        return enqueue(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    model.queue.submit = counting.__get__(model.queue)  # type: ignore[method-assign]
+    model.queue._enqueue = counting.__get__(model.queue)  # type: ignore[method-assign]
     rows = 4_000
     x = np.arange(rows * 2, dtype=np.float32).reshape(rows, 2)
     try:
@@ -56,7 +56,7 @@ async def test_split_keeps_the_queue_short(tmp_path: Path) -> None:
         )
         assert np.array_equal(response.outputs[0].data, x)
         assert response.batch_size == rows
-        assert peak <= len(model.pool.workers) + 1, peak
+        assert 0 < peak <= len(model.pool.workers) + 1, peak
     finally:
         await server.manager.close()
 
@@ -67,16 +67,16 @@ async def test_a_failed_piece_fails_the_request_and_cancels_the_rest(tmp_path: P
     await server.manager.load_initial()
     model = server.manager.get("echo")
     calls = 0
-    submit = ModelQueue.submit
+    enqueue = ModelQueue._enqueue  # queues one piece
 
-    async def failing(self: ModelQueue, *args: object, **kwargs: object) -> object:
+    def failing(self: ModelQueue, *args: object, **kwargs: object) -> object:
         nonlocal calls
         calls += 1
         if calls == 3:
             raise RuntimeError("piece 3 failed")
-        return await submit(self, *args, **kwargs)  # type: ignore[arg-type]
+        return enqueue(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    model.queue.submit = failing.__get__(model.queue)  # type: ignore[method-assign]
+    model.queue._enqueue = failing.__get__(model.queue)  # type: ignore[method-assign]
     x = np.zeros((400, 2), np.float32)
     try:
         request = InferRequest("echo", inputs=[Tensor("INPUT0", "FP32", (400, 2), x)])

@@ -5,7 +5,8 @@ whose non-batch dimensions match share a batch. A batch is cut when it is full, 
 preferred size is reachable, or when the oldest request has waited ``max_queue_delay`` —
 all driven by futures and one timer, never by polling. Cutting also needs an idle instance
 and a slot from the device scheduler; while those are busy, requests accumulate, which is
-what turns concurrency into batches.
+what turns concurrency into batches. A request larger than ``max_batch_size`` is split here
+into pieces that stream through the queue a few at a time.
 """
 
 from __future__ import annotations
@@ -14,21 +15,77 @@ import asyncio
 import functools
 import itertools
 import math
-import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from kernelport.core.backend import Arrays
+from kernelport.core.clock import Cancellable, Clock, LoopClock
 from kernelport.core.execution import BatchResult, Timings, Worker, WorkerPool
-from kernelport.core.model_config import ModelConfig
+from kernelport.core.model_config import DynamicBatching, ModelConfig
+from kernelport.core.ragged import BucketPadder
 from kernelport.core.scheduler import CostModel, DeviceScheduler
 from kernelport.core.stats import ModelStats
 from kernelport.errors import ErrorCode, ServerError
 
 GroupKey = tuple[int, tuple[tuple[str, tuple[int, ...]], ...]]  # (priority level, shapes)
+Result = tuple[Arrays, Timings]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOptions:
+    """What a request's parameters ask of the queue, already checked and defaulted."""
+
+    timeout_ns: int = 0  # 0 = wait as long as it takes
+    priority: int = 0  # the level it queues at (1 = most urgent); 0 when the model has none
+
+
+# Triton carries these as int64 (timeout, microseconds) and uint64 (priority).
+_PARAM_MAX = {"timeout": 2**63 - 1, "priority": 2**64 - 1}
+
+
+def request_options(
+    parameters: Mapping[str, Any] | None, policy: DynamicBatching | None
+) -> RequestOptions:
+    """Parse ``timeout`` (us) and ``priority`` and apply the model's defaults to them.
+
+    Both are checked even when the model has no batcher or no priority levels, so a bad
+    value is the client's error whatever model it reaches.
+    """
+    params = parameters or {}
+    timeout_us = _int_param(params, "timeout")
+    asked = _int_param(params, "priority")
+    if policy is None:
+        return RequestOptions(timeout_us * 1000)
+    timeout_ns = timeout_us * 1000 or policy.default_timeout_us * 1000
+    level = 0
+    if levels := policy.priority_levels:
+        # Triton's rule: 0 or a level past priority_levels means the default level.
+        level = asked if 1 <= asked <= levels else (policy.default_priority_level or levels)
+    return RequestOptions(timeout_ns, level)
+
+
+def _int_param(params: Mapping[str, Any], name: str) -> int:
+    value = params.get(name, 0)
+    # Only integers: bools, strings and fractions are client mistakes, and inf/NaN would
+    # otherwise escape as a 500 (int(inf) raises OverflowError). An integral float (1e6 from
+    # a JSON encoder) is the same number.
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ServerError(
+            ErrorCode.INVALID_ARGUMENT, f"parameter '{name}' must be an integer, got {value!r}"
+        )
+    limit = _PARAM_MAX.get(name, 2**63 - 1)
+    if not 0 <= value <= limit:
+        raise ServerError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"parameter '{name}' must be between 0 and {limit}, got {value}",
+        )
+    return value
 
 
 @dataclass(eq=False, slots=True)
@@ -40,16 +97,16 @@ class Pending:
     key: GroupKey
     seq: int
     enqueued_ns: int
-    deadline_ns: float  # monotonic ns by which it must start executing; inf = none
-    future: asyncio.Future[tuple[Arrays, Timings]]
-    timer: asyncio.TimerHandle | None = None
+    deadline_ns: float  # clock ns by which it must start executing; inf = none
+    future: asyncio.Future[Result]
+    timer: Cancellable | None = None
 
 
 @dataclass(slots=True)
 class _Batch:
     requests: list[Pending]
     rows: int
-    started_ns: int = field(default_factory=time.perf_counter_ns)
+    started_ns: int
 
 
 def _shape_key(inputs: Arrays, batching: bool) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -58,7 +115,14 @@ def _shape_key(inputs: Arrays, batching: bool) -> tuple[tuple[str, tuple[int, ..
 
 
 class ModelQueue:
-    """Queues, batches and runs one model version's requests on its workers."""
+    """Queues, batches and runs one model version's requests on its workers.
+
+    One method, :meth:`_dispatch`, starts batches. Every event that can let one start calls
+    it: a request arriving, the delay timer firing, the device scheduler granting a slot
+    (:meth:`granted`) and a batch finishing. The only state between events is the queue
+    itself, the idle workers, the delay timer, and whether the device scheduler holds our
+    request for a slot (``DeviceScheduler.waiting``).
+    """
 
     def __init__(
         self,
@@ -67,6 +131,7 @@ class ModelQueue:
         stats: ModelStats,
         device: DeviceScheduler,
         weight: float = 1.0,
+        clock: Clock | None = None,
     ) -> None:
         self.config = config
         self.weight = weight
@@ -74,34 +139,26 @@ class ModelQueue:
         self._pool = pool
         self._stats = stats
         self._device = device
+        self._clock: Clock = clock if clock is not None else LoopClock()
         policy = config.dynamic_batching
+        self._policy = policy
         self._batching = policy is not None
         self._max_rows = config.max_batch_size if policy is not None else 0
         self._delay_ns = (policy.max_queue_delay_us * 1000) if policy is not None else 0
         self._preferred = sorted(policy.preferred_batch_sizes) if policy is not None else []
         self._max_queue = policy.max_queue_size if policy is not None else 0
-        self._default_timeout_ns = (policy.default_timeout_us * 1000) if policy is not None else 0
-        self._levels = policy.priority_levels if policy is not None else 0
-        self._default_level = (policy.default_priority_level or self._levels) if policy else 0
         self._ordered = bool(policy and policy.preserve_ordering)
-        # input name -> (axis of its variable dimension in the batched array, bucket sizes)
-        self._buckets = {
-            name: (1 + list(spec.dims).index(-1), sizes)
-            for name, sizes in (policy.ragged_buckets if policy else {}).items()
-            if (spec := config.input(name)) is not None
-        }
-        self._pad_value = policy.pad_value if policy else 0.0
+        self._padder = BucketPadder(config)
         self._groups: dict[GroupKey, deque[Pending]] = {}
         self._queued = 0
         self._seq = itertools.count()
-        self._timer: asyncio.TimerHandle | None = None
-        self._waiting_for_slot = False
+        self._timer: Cancellable | None = None
         self._closed = False
         self._drained: asyncio.Future[None] | None = None  # set by close(), resolved when empty
         self._running: set[asyncio.Future[BatchResult]] = set()
         # preserve_ordering: results are released strictly in arrival order
         self._release_order: deque[Pending] = deque()
-        self._finished: dict[Pending, tuple[tuple[Arrays, Timings] | None, Exception | None]] = {}
+        self._finished: dict[Pending, tuple[Result | None, Exception | None]] = {}
 
     # --- public ------------------------------------------------------------------------
 
@@ -115,60 +172,20 @@ class ModelQueue:
         return len(self._running)
 
     async def submit(
-        self, inputs: Arrays, rows: int, parameters: dict[str, Any] | None = None
-    ) -> tuple[Arrays, Timings]:
-        """Queue a request (``rows`` <= max_batch_size) and wait for its own output rows."""
-        if self._closed:
-            raise ServerError(ErrorCode.UNAVAILABLE, f"model '{self.config.name}' is unloading")
-        if self._max_queue and self._queued >= self._max_queue:
-            raise ServerError(
-                ErrorCode.RESOURCE_EXHAUSTED,
-                f"model '{self.config.name}' queue is full "
-                f"({self._queued} requests, max_queue_size {self._max_queue})",
-            )
-        params = parameters or {}
-        if self._buckets:
-            inputs = self._pad(inputs)
-        loop = asyncio.get_running_loop()
-        now = time.perf_counter_ns()
-        timeout_ns = _int_param(params, "timeout") * 1000 or self._default_timeout_ns
-        level = 0
-        asked = _int_param(params, "priority")  # checked even when the model has no levels
-        if self._levels:
-            # Triton's rule: 0 or a level past priority_levels means the default level.
-            level = asked if 1 <= asked <= self._levels else self._default_level
-        pending = Pending(
-            inputs,
-            rows,
-            (level, _shape_key(inputs, self._batching)),
-            next(self._seq),
-            now,
-            now + timeout_ns if timeout_ns else math.inf,
-            loop.create_future(),
-        )
-        if timeout_ns:
-            pending.timer = loop.call_at(loop.time() + timeout_ns / 1e9, self._expire, pending)
-        self._groups.setdefault(pending.key, deque()).append(pending)
-        self._queued += 1
-        if self._ordered:
-            self._release_order.append(pending)
-        self._dispatch()
-        return await pending.future
+        self, inputs: Arrays, rows: int, parameters: Mapping[str, Any] | None = None
+    ) -> Result:
+        """Queue a request of any row count and wait for its own output rows.
 
-    def _pad(self, inputs: Arrays) -> Arrays:
-        """Zero-pad bucketed inputs up to their bucket, so nearby lengths share a batch."""
-        padded = dict(inputs)
-        for name, (axis, sizes) in self._buckets.items():
-            array = inputs.get(name)
-            if array is None:
-                continue
-            length = array.shape[axis]
-            bucket = next((b for b in sizes if b >= length), length)  # too long: left as is
-            if bucket != length:
-                widths = [(0, 0)] * array.ndim
-                widths[axis] = (0, bucket - length)
-                padded[name] = np.pad(array, widths, constant_values=self._pad_value)
-        return padded
+        ``parameters`` may carry ``timeout`` (us) and ``priority`` (see :func:`request_options`).
+        A request above ``max_batch_size`` (of a model that batches) runs as pieces that
+        are joined back.
+        """
+        self._admit()  # refusing the request comes before judging its parameters
+        options = request_options(parameters, self._policy)
+        # config.batching, not self._batching: without a dynamic batcher pieces run alone
+        if self.config.batching and rows > self.config.max_batch_size:
+            return await self._split(inputs, rows, options)
+        return await self._enqueue(inputs, rows, options)
 
     async def close(self) -> None:
         """Stop taking requests; let queued and running ones finish."""
@@ -180,31 +197,117 @@ class ModelQueue:
             self._timer.cancel()
         self._device.forget(self)
 
+    # --- admission ---------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        if self._closed:
+            raise ServerError(ErrorCode.UNAVAILABLE, f"model '{self.config.name}' is unloading")
+        if self._max_queue and self._queued >= self._max_queue:
+            raise ServerError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"model '{self.config.name}' queue is full "
+                f"({self._queued} requests, max_queue_size {self._max_queue})",
+            )
+
+    def _enqueue(
+        self, inputs: Arrays, rows: int, options: RequestOptions
+    ) -> asyncio.Future[Result]:
+        """Queue one request of at most ``max_batch_size`` rows; its future gets its rows."""
+        self._admit()  # again for each piece of a split: a long request yields to the limit
+        if self._padder:
+            inputs = self._padder.pad(inputs)
+        now = self._clock.now_ns()
+        timeout_ns = options.timeout_ns
+        pending = Pending(
+            inputs,
+            rows,
+            (options.priority, _shape_key(inputs, self._batching)),
+            next(self._seq),
+            now,
+            now + timeout_ns if timeout_ns else math.inf,
+            asyncio.get_running_loop().create_future(),
+        )
+        if timeout_ns:
+            pending.timer = self._clock.call_later(
+                timeout_ns / 1e9, functools.partial(self._expire, pending)
+            )
+        self._groups.setdefault(pending.key, deque()).append(pending)
+        self._queued += 1
+        if self._ordered:
+            self._release_order.append(pending)
+        self._dispatch()
+        return pending.future
+
+    async def _split(self, inputs: Arrays, rows: int, options: RequestOptions) -> Result:
+        """Run a request larger than max_batch_size as pieces, and join the pieces back.
+
+        Pieces go to the queue as a stream, a few at a time (enough to keep every instance
+        busy): the queue never holds thousands of them, so each batch cut stays cheap, other
+        requests interleave with a large one, and max_queue_size counts it fairly. When a
+        piece fails or the caller goes away, the pieces still out are cancelled.
+        """
+        step = self.config.max_batch_size
+        window = len(self._pool.workers) + 1
+        running: deque[asyncio.Future[Result]] = deque()
+        results: list[Result] = []
+        try:
+            for start in range(0, rows, step):
+                piece = {name: array[start : start + step] for name, array in inputs.items()}
+                running.append(self._enqueue(piece, min(step, rows - start), options))
+                if len(running) >= window:
+                    results.append(await running.popleft())
+            while running:
+                results.append(await running.popleft())
+        finally:
+            for future in running:  # a piece failed or the caller went away
+                if future.done() and not future.cancelled():
+                    future.exception()  # retrieved: a sibling's error is already reported
+                future.cancel()
+        return _join(results, rows)
+
     # --- SlotClient --------------------------------------------------------------------
 
     def granted(self) -> None:
-        self._waiting_for_slot = False
-        if not self._start_batch():
-            self._device.release(self, 0)
+        """The device scheduler gave us the slot we waited for."""
+        self._run_on_slot()
         self._dispatch()
 
     def earliest_deadline(self) -> float:
         return min((q[0].deadline_ns for q in self._groups.values() if q), default=math.inf)
 
-    # --- batching ----------------------------------------------------------------------
+    # --- the dispatch loop -------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        """Start as many batches as instances, slots and the batching policy allow."""
-        while self._queued and not self._waiting_for_slot and self._pool.idle_count:
+        """Start batches while there is work, an idle worker and a device slot.
+
+        Returns when one is missing, or while the batch should wait to grow; the event that
+        supplies it calls here again: a new request, the delay timer, ``granted()`` (the
+        scheduler keeps our place in its line meanwhile), or a batch finishing (which frees
+        a worker and its slot).
+        """
+        while self._queued and self._pool.idle_count and not self._device.waiting(self):
             wait_ns = self._wait_ns()
             if wait_ns > 0:
                 self._arm_timer(wait_ns)
                 return
             if not self._device.acquire(self):
-                self._waiting_for_slot = True
-                return
-            if not self._start_batch():
-                self._device.release(self, 0)
+                return  # the scheduler calls granted() when our turn comes
+            self._run_on_slot()
+
+    def _run_on_slot(self) -> None:
+        """We hold a device slot: start a batch on it, or hand it back when none is left
+        to cut (its requests were cancelled, timed out or shed while we waited)."""
+        if not self._start_batch():
+            self._device.release(self, 0)
+
+    def _ready(self) -> bool:
+        """A batch would start now if a slot were free."""
+        return (
+            bool(self._queued)
+            and bool(self._pool.idle_count)
+            and not self._device.waiting(self)
+            and self._wait_ns() == 0
+        )
 
     def _head(self) -> deque[Pending] | None:
         best: deque[Pending] | None = None
@@ -225,7 +328,7 @@ class ModelQueue:
         rows = _rows_up_to(head, self._max_rows)
         if rows >= self._max_rows or any(p == rows for p in self._preferred):
             return 0
-        waited = time.perf_counter_ns() - head[0].enqueued_ns
+        waited = self._clock.now_ns() - head[0].enqueued_ns
         if waited >= self._delay_ns:
             return 0
         if self._preferred and rows >= self._preferred[0] and self._pool.idle_count:
@@ -235,8 +338,7 @@ class ModelQueue:
     def _arm_timer(self, wait_ns: int) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(wait_ns / 1e9, self._on_timer)
+        self._timer = self._clock.call_later(wait_ns / 1e9, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -255,7 +357,7 @@ class ModelQueue:
         limit = max(limit, head[0].rows)  # the oldest request always fits: progress guaranteed
         taken: list[Pending] = []
         rows = 0
-        now = time.perf_counter_ns()
+        now = self._clock.now_ns()
         estimate = (
             self.cost.estimate(min(available, limit)) if self._device.discipline == "edf" else 0
         )
@@ -275,7 +377,7 @@ class ModelQueue:
                 break
         if not head:
             del self._groups[key]
-        return _Batch(taken, rows) if taken else None
+        return _Batch(taken, rows, now) if taken else None
 
     def _start_batch(self) -> bool:
         if not self._pool.idle_count:
@@ -321,10 +423,10 @@ class ModelQueue:
                 self._resolve(pending, None, error)
         finally:
             self._pool.release(worker)
-            again = bool(self._queued) and not self._waiting_for_slot and self._wait_ns() == 0
-            self._waiting_for_slot = again
-            spent = busy or (time.perf_counter_ns() - batch.started_ns)
-            self._device.release(self, spent, requeue=again)
+            spent = busy or (self._clock.now_ns() - batch.started_ns)
+            # With another batch ready we compete for the slot we free (otherwise a busy
+            # model could never win two turns in a row); winning it calls granted() now.
+            self._device.release(self, spent, requeue=self._ready())
             self._dispatch()
             self._notify_if_drained()
 
@@ -362,9 +464,7 @@ class ModelQueue:
             pending, None, ServerError(code, f"model '{self.config.name}': request {why}")
         )
 
-    def _resolve(
-        self, pending: Pending, value: tuple[Arrays, Timings] | None, error: Exception | None
-    ) -> None:
+    def _resolve(self, pending: Pending, value: Result | None, error: Exception | None) -> None:
         if not self._ordered:
             _settle(pending, value, error)
             return
@@ -373,6 +473,19 @@ class ModelQueue:
         while self._release_order and self._release_order[0] in self._finished:
             head = self._release_order.popleft()
             _settle(head, *self._finished.pop(head))
+
+
+def _join(results: list[Result], rows: int) -> Result:
+    """One response from a split request's pieces, in order."""
+    joined = {name: np.concatenate([r[0][name] for r in results]) for name in results[0][0]}
+    t = [r[1] for r in results]
+    return joined, Timings(
+        max(x.queue_ns for x in t),
+        sum(x.input_ns for x in t),
+        sum(x.infer_ns for x in t),
+        sum(x.output_ns for x in t),
+        rows,
+    )
 
 
 def _rows_up_to(group: deque[Pending], cap: int) -> int:
@@ -389,9 +502,7 @@ def _rows_up_to(group: deque[Pending], cap: int) -> int:
     return rows
 
 
-def _settle(
-    pending: Pending, value: tuple[Arrays, Timings] | None, error: Exception | None
-) -> None:
+def _settle(pending: Pending, value: Result | None, error: Exception | None) -> None:
     if pending.future.done():
         return
     if error is not None:
@@ -400,27 +511,3 @@ def _settle(
         pending.future.set_result(value)
     else:
         pending.future.cancel()
-
-
-# Triton carries these as int64 (timeout, microseconds) and uint64 (priority).
-_PARAM_MAX = {"timeout": 2**63 - 1, "priority": 2**64 - 1}
-
-
-def _int_param(params: dict[str, Any], name: str) -> int:
-    value = params.get(name, 0)
-    # Only integers: bools, strings and fractions are client mistakes, and inf/NaN would
-    # otherwise escape as a 500 (int(inf) raises OverflowError). An integral float (1e6 from
-    # a JSON encoder) is the same number.
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ServerError(
-            ErrorCode.INVALID_ARGUMENT, f"parameter '{name}' must be an integer, got {value!r}"
-        )
-    limit = _PARAM_MAX.get(name, 2**63 - 1)
-    if not 0 <= value <= limit:
-        raise ServerError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"parameter '{name}' must be between 0 and {limit}, got {value}",
-        )
-    return value

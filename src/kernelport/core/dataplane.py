@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from kernelport.core.backend import Arrays
-from kernelport.core.execution import Timings
 from kernelport.core.manager import ModelManager, ModelVersion
 from kernelport.core.model_config import ModelConfig
 from kernelport.core.stats import failure_code
@@ -171,10 +169,8 @@ class DataPlane:
             if model.preprocess is not None:
                 # Per-request hooks run on threads of their own, alongside batch execution.
                 inputs = await _hook(config.name, "preprocess", model.preprocess, inputs)
-            if config.batching and rows > config.max_batch_size:
-                arrays, timings = await self._split(model, inputs, rows, request.parameters)
-            else:
-                arrays, timings = await model.queue.submit(inputs, rows, request.parameters)
+            # Any row count: the queue splits what exceeds max_batch_size.
+            arrays, timings = await model.queue.submit(inputs, rows, request.parameters)
             if model.postprocess is not None:
                 arrays = await _hook(config.name, "postprocess", model.postprocess, arrays)
             outputs = [self._output(config, name, arrays) for name in names]
@@ -204,44 +200,6 @@ class DataPlane:
             compute_input_ns=timings.input_ns,
             compute_output_ns=timings.output_ns,
             batch_size=timings.batch_size,
-        )
-
-    @staticmethod
-    async def _split(
-        model: ModelVersion, inputs: Arrays, rows: int, parameters: dict[str, Any]
-    ) -> tuple[Arrays, Timings]:
-        """Run a request larger than max_batch_size as pieces, and join the pieces back.
-
-        Pieces go to the queue as a stream, a few at a time (enough to keep every instance
-        busy): the queue never holds thousands of them, so each batch cut stays cheap, other
-        requests interleave with a large one, and max_queue_size counts it fairly.
-        """
-        step = model.config.max_batch_size
-        window = len(model.pool.workers) + 1
-        running: deque[asyncio.Future[tuple[Arrays, Timings]]] = deque()
-        results: list[tuple[Arrays, Timings]] = []
-        try:
-            for start in range(0, rows, step):
-                piece = {name: array[start : start + step] for name, array in inputs.items()}
-                submitted = model.queue.submit(piece, min(step, rows - start), parameters)
-                running.append(asyncio.ensure_future(submitted))
-                if len(running) >= window:
-                    results.append(await running.popleft())
-            while running:
-                results.append(await running.popleft())
-        finally:
-            for future in running:  # a piece failed or the caller went away
-                if future.done() and not future.cancelled():
-                    future.exception()  # retrieved: a sibling's error is already reported
-                future.cancel()
-        joined = {name: np.concatenate([r[0][name] for r in results]) for name in results[0][0]}
-        t = [r[1] for r in results]
-        return joined, Timings(
-            max(x.queue_ns for x in t),
-            sum(x.input_ns for x in t),
-            sum(x.infer_ns for x in t),
-            sum(x.output_ns for x in t),
-            rows,
         )
 
     @staticmethod

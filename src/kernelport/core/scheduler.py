@@ -97,6 +97,10 @@ class DeviceScheduler:
         self._waiting.setdefault(client, self._order())
         return False
 
+    def waiting(self, client: SlotClient) -> bool:
+        """True while ``client`` was refused a slot and will be called back via ``granted()``."""
+        return client in self._waiting
+
     def withdraw(self, client: SlotClient) -> None:
         self._waiting.pop(client, None)
 
