@@ -131,6 +131,16 @@ class WorkerPool:
     def release(self, worker: Worker) -> None:
         self._idle.append(worker)
 
+    def device_memory_bytes(self) -> int | None:
+        """Sum of ``instance.device_memory_bytes()`` where the backend's instances define it
+        (an optional method outside the backend interface); None when none does."""
+        total: int | None = None
+        for worker in self.workers:
+            probe = getattr(worker.instance, "device_memory_bytes", None)
+            if probe is not None:
+                total = (total or 0) + int(probe())
+        return total
+
     def close(self) -> None:
         for worker in self.workers:
             worker.close()

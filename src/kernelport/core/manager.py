@@ -36,7 +36,7 @@ from kernelport.core.repository import (
 )
 from kernelport.core.reshape import ReshapedInstance, framework_config, has_reshape
 from kernelport.core.scheduler import DeviceScheduler, Discipline
-from kernelport.core.stats import ModelStats
+from kernelport.core.stats import ModelStats, ModelStatsSnapshot
 from kernelport.errors import ErrorCode, ServerError, invalid, not_found, unavailable
 from kernelport.types import RepositoryEntry
 
@@ -82,6 +82,16 @@ class ModelVersion:
         self.active -= 1
         if self.active == 0 and self._idle is not None:
             self._idle.set()
+
+    def snapshot(self) -> ModelStatsSnapshot:
+        """This version's statistics and gauges now, as a value (see ``ModelStatsSnapshot``)."""
+        return self.stats.snapshot(
+            self.config.name,
+            str(self.version),
+            queue_depth=self.queue.queued,
+            load_seconds=self.load_seconds,
+            device_memory_bytes=self.pool.device_memory_bytes(),
+        )
 
     async def close(self) -> None:
         """Wait for the requests using this version, then release its instances."""
@@ -172,6 +182,10 @@ class ModelManager:
 
     def entries(self) -> list[ModelEntry]:
         return [self._models[n] for n in sorted(self._models)]
+
+    def statistics(self) -> list[ModelStatsSnapshot]:
+        """Every loaded version's statistics, by model name then version."""
+        return [e.versions[v].snapshot() for e in self.entries() for v in sorted(e.versions)]
 
     def ready(self) -> bool:
         """Every model asked for is ready (models unloaded on request do not count)."""
