@@ -68,7 +68,8 @@ class ModelVersion:
     queue: ModelQueue
     stats: ModelStats = field(default_factory=ModelStats)
     load_seconds: float = 0.0
-    #: per-request hooks a backend may offer (Python models); they run outside the batch
+    #: per-request hooks a backend may offer (Python models); they run outside the batch,
+    #: the same for every instance (see ``WorkerPool.hooks``)
     preprocess: Callable[[Arrays], Arrays] | None = None
     postprocess: Callable[[Arrays], Arrays] | None = None
     active: int = 0  # requests between acquire() and release()
@@ -460,19 +461,20 @@ class ModelManager:
                     if reshaped:
                         instance = ReshapedInstance(instance, config)
                     workers.append(Worker(instance, f"{config.name}_{version}_{index}"))
+            if not workers:
+                raise ServerError(
+                    ErrorCode.INVALID_ARGUMENT, f"model '{config.name}' has no instances"
+                )
+            pool = WorkerPool(workers)
+            hooks = pool.hooks(config.name)
         except BaseException:
             for worker in workers:
                 await asyncio.to_thread(worker.close)
             raise
-        if not workers:
-            raise ServerError(ErrorCode.INVALID_ARGUMENT, f"model '{config.name}' has no instances")
-        pool = WorkerPool(workers)
         stats = ModelStats()
         queue = ModelQueue(
             config, pool, stats, self.device(config.instance_group[0].device), config.weight
         )
-        first = workers[0].instance
-        hooks = (getattr(first, "preprocess", None), getattr(first, "postprocess", None))
         return ModelVersion(config, version, pool, queue, stats, 0.0, *hooks)
 
     def device(self, name: str) -> DeviceScheduler:

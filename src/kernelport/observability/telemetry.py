@@ -177,7 +177,7 @@ class RequestContext:
     @property
     def request_id(self) -> str:
         if not self._id:
-            self._id = self._telemetry.request_id(self._body_id, self._header_id())
+            self._id = self._body_id or self._header_id() or self._telemetry.new_id()
         return self._id
 
     def failed(self, exc: Exception) -> ServerError:
