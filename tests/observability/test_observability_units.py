@@ -111,7 +111,7 @@ def test_histogram_buckets_use_le_semantics() -> None:
     stats = ModelStats()
     for size in (1, 3, 3, 8, 9):
         stats.record_execution(size, 1, 1, 1)
-    buckets, total = _batch_buckets(stats)
+    buckets, total = _batch_buckets(stats.snapshot("m", "1"))
     assert dict(buckets)["1"] == 1 and dict(buckets)["4"] == 3 and dict(buckets)["8"] == 4
     assert dict(buckets)["16"] == 5 and dict(buckets)["+Inf"] == 5 and total == 24
 

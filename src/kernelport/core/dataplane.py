@@ -12,7 +12,7 @@ import numpy as np
 from kernelport.core.backend import Arrays
 from kernelport.core.manager import ModelManager, ModelVersion
 from kernelport.core.model_config import ModelConfig
-from kernelport.core.stats import failure_code
+from kernelport.core.stats import ModelStatsSnapshot, failure_code
 from kernelport.core.validation import requested_outputs, validate_inputs
 from kernelport.errors import ErrorCode, ServerError
 from kernelport.limits import Limits
@@ -113,15 +113,16 @@ class DataPlane:
     def model_config(self, name: str, version: str = "") -> ModelConfig:
         return self._manager.get(name, version).config
 
-    def model_statistics(self, name: str = "", version: str = "") -> list[ModelVersion]:
-        """Loaded versions to report: all models, all versions of ``name``, or one version."""
+    def model_statistics(self, name: str = "", version: str = "") -> list[ModelStatsSnapshot]:
+        """Statistics of the loaded versions asked for: all models, all versions of ``name``,
+        or one version (NOT_FOUND / UNAVAILABLE as ``model_config``)."""
         if not name:
-            return [mv for e in self._manager.entries() for mv in e.versions.values()]
+            return self._manager.statistics()
         model = self._manager.get(name, version)
         if version:
-            return [model]
+            return [model.snapshot()]
         entry = next(e for e in self._manager.entries() if e.name == name)
-        return [entry.versions[v] for v in sorted(entry.versions)]
+        return [entry.versions[v].snapshot() for v in sorted(entry.versions)]
 
     def _versions(self, name: str) -> list[int]:
         entry = next((e for e in self._manager.entries() if e.name == name), None)

@@ -8,13 +8,17 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from kernelport.core.backend import Arrays, ModelInstance
 from kernelport.core.model_config import ModelConfig
-from kernelport.errors import ErrorCode, ServerError
+from kernelport.errors import ErrorCode, ServerError, invalid
+
+Hook = Callable[[Arrays], Arrays]
+HOOKS = ("preprocess", "postprocess")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +135,37 @@ class WorkerPool:
     def release(self, worker: Worker) -> None:
         self._idle.append(worker)
 
+    def hooks(self, model: str) -> tuple[Hook | None, Hook | None]:
+        """The version's per-request ``preprocess`` and ``postprocess`` hooks (None: absent).
+
+        Hooks belong to the version, not to an instance: preprocess runs before the request
+        is queued, and the instance that executes it is chosen only when its batch is cut,
+        so there is no "instance of this request" to ask; and postprocess runs on the
+        request's slice of a batch other requests shared. So instance 0's hooks serve every
+        request, and every instance must offer the same hooks, or the load fails: which
+        hooks a request got must not depend on which instance happened to load first.
+        Hooks run on threads of their own, concurrently with each other and with batches,
+        so they must be thread-safe whichever instance they came from.
+        """
+        offered = [_hooks_of(w.instance) for w in self.workers]
+        for index, hooks in enumerate(offered):
+            if hooks.keys() != offered[0].keys():
+                raise invalid(
+                    f"model '{model}': instance {index} offers hooks ({_names(hooks)}) and "
+                    f"instance 0 ({_names(offered[0])}): every instance must offer the same"
+                )
+        return offered[0].get("preprocess"), offered[0].get("postprocess")
+
+    def device_memory_bytes(self) -> int | None:
+        """Sum of ``instance.device_memory_bytes()`` where the backend's instances define it
+        (an optional method outside the backend interface); None when none does."""
+        total: int | None = None
+        for worker in self.workers:
+            probe = getattr(worker.instance, "device_memory_bytes", None)
+            if probe is not None:
+                total = (total or 0) + int(probe())
+        return total
+
     def close(self) -> None:
         for worker in self.workers:
             worker.close()
@@ -145,6 +180,15 @@ def _settle(
         future.set_exception(error)
     elif result is not None:
         future.set_result(result)
+
+
+def _hooks_of(instance: ModelInstance) -> dict[str, Hook]:
+    found = {name: getattr(instance, name, None) for name in HOOKS}
+    return {name: hook for name, hook in found.items() if callable(hook)}
+
+
+def _names(hooks: dict[str, Hook]) -> str:
+    return ", ".join(hooks) or "none"
 
 
 def split_rows(outputs: Arrays, counts: list[int], model: str) -> list[Arrays]:

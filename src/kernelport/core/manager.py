@@ -36,7 +36,7 @@ from kernelport.core.repository import (
 )
 from kernelport.core.reshape import ReshapedInstance, framework_config, has_reshape
 from kernelport.core.scheduler import DeviceScheduler, Discipline
-from kernelport.core.stats import ModelStats
+from kernelport.core.stats import ModelStats, ModelStatsSnapshot
 from kernelport.errors import ErrorCode, ServerError, invalid, not_found, unavailable
 from kernelport.types import RepositoryEntry
 
@@ -68,7 +68,8 @@ class ModelVersion:
     queue: ModelQueue
     stats: ModelStats = field(default_factory=ModelStats)
     load_seconds: float = 0.0
-    #: per-request hooks a backend may offer (Python models); they run outside the batch
+    #: per-request hooks a backend may offer (Python models); they run outside the batch,
+    #: the same for every instance (see ``WorkerPool.hooks``)
     preprocess: Callable[[Arrays], Arrays] | None = None
     postprocess: Callable[[Arrays], Arrays] | None = None
     active: int = 0  # requests between acquire() and release()
@@ -82,6 +83,16 @@ class ModelVersion:
         self.active -= 1
         if self.active == 0 and self._idle is not None:
             self._idle.set()
+
+    def snapshot(self) -> ModelStatsSnapshot:
+        """This version's statistics and gauges now, as a value (see ``ModelStatsSnapshot``)."""
+        return self.stats.snapshot(
+            self.config.name,
+            str(self.version),
+            queue_depth=self.queue.queued,
+            load_seconds=self.load_seconds,
+            device_memory_bytes=self.pool.device_memory_bytes(),
+        )
 
     async def close(self) -> None:
         """Wait for the requests using this version, then release its instances."""
@@ -172,6 +183,10 @@ class ModelManager:
 
     def entries(self) -> list[ModelEntry]:
         return [self._models[n] for n in sorted(self._models)]
+
+    def statistics(self) -> list[ModelStatsSnapshot]:
+        """Every loaded version's statistics, by model name then version."""
+        return [e.versions[v].snapshot() for e in self.entries() for v in sorted(e.versions)]
 
     def ready(self) -> bool:
         """Every model asked for is ready (models unloaded on request do not count)."""
@@ -446,19 +461,20 @@ class ModelManager:
                     if reshaped:
                         instance = ReshapedInstance(instance, config)
                     workers.append(Worker(instance, f"{config.name}_{version}_{index}"))
+            if not workers:
+                raise ServerError(
+                    ErrorCode.INVALID_ARGUMENT, f"model '{config.name}' has no instances"
+                )
+            pool = WorkerPool(workers)
+            hooks = pool.hooks(config.name)
         except BaseException:
             for worker in workers:
                 await asyncio.to_thread(worker.close)
             raise
-        if not workers:
-            raise ServerError(ErrorCode.INVALID_ARGUMENT, f"model '{config.name}' has no instances")
-        pool = WorkerPool(workers)
         stats = ModelStats()
         queue = ModelQueue(
             config, pool, stats, self.device(config.instance_group[0].device), config.weight
         )
-        first = workers[0].instance
-        hooks = (getattr(first, "preprocess", None), getattr(first, "postprocess", None))
         return ModelVersion(config, version, pool, queue, stats, 0.0, *hooks)
 
     def device(self, name: str) -> DeviceScheduler:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import time
 from bisect import bisect_left
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from kernelport.errors import ServerError
 
@@ -32,6 +34,9 @@ class Duration:
         self.count += count
         self.ns += ns
 
+    def frozen(self) -> Total:
+        return Total(self.count, self.ns)
+
 
 @dataclass(slots=True)
 class Histogram:
@@ -45,12 +50,23 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1  # value <= bound: Prometheus' le
         self.total += value
 
+    def frozen(self) -> HistogramSnapshot:
+        return HistogramSnapshot(self.bounds, tuple(self.counts), self.total)
+
 
 @dataclass(slots=True)
 class BatchStats:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
+
+    def frozen(self, batch_size: int) -> BatchSnapshot:
+        return BatchSnapshot(
+            batch_size,
+            self.compute_input.frozen(),
+            self.compute_infer.frozen(),
+            self.compute_output.frozen(),
+        )
 
 
 @dataclass(slots=True)
@@ -107,6 +123,95 @@ class ModelStats:
         """One failed request; ``code`` is ``failure_code(exc)`` (an ErrorCode value)."""
         self.fail.add(total_ns)
         self.failures[code] = self.failures.get(code, 0) + 1
+
+    def snapshot(
+        self,
+        name: str,
+        version: str,
+        *,
+        queue_depth: int = 0,
+        load_seconds: float = 0.0,
+        device_memory_bytes: int | None = None,
+    ) -> ModelStatsSnapshot:
+        """The counters as they are now, copied: readers never see them move under them."""
+        return ModelStatsSnapshot(
+            name=name,
+            version=version,
+            last_inference_ms=self.last_inference_ms,
+            inference_count=self.inference_count,
+            execution_count=self.execution_count,
+            success=self.success.frozen(),
+            fail=self.fail.frozen(),
+            queue=self.queue.frozen(),
+            compute_input=self.compute_input.frozen(),
+            compute_infer=self.compute_infer.frozen(),
+            compute_output=self.compute_output.frozen(),
+            batches=tuple(b.frozen(size) for size, b in sorted(self.batches.items())),
+            failures=MappingProxyType(dict(self.failures)),
+            request_latency=self.request_latency.frozen(),
+            queue_latency=self.queue_latency.frozen(),
+            queue_depth=queue_depth,
+            load_seconds=load_seconds,
+            device_memory_bytes=device_memory_bytes,
+        )
+
+
+# --- snapshots: what crosses from core to the front ends and the metrics exporter ----------
+
+
+@dataclass(frozen=True, slots=True)
+class Total:
+    """A count of events and the nanoseconds they took together."""
+
+    count: int = 0
+    ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSnapshot:
+    """Executions of one batch size (Triton's ``batch_stats`` entry)."""
+
+    batch_size: int
+    compute_input: Total
+    compute_infer: Total
+    compute_output: Total
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramSnapshot:
+    """Bucket counts (not cumulative; the last is +Inf) for ``bounds``, and their sum."""
+
+    bounds: tuple[int, ...]
+    counts: tuple[int, ...]
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatsSnapshot:
+    """One loaded model version's statistics and gauges at one moment.
+
+    Everything the statistics extension (REST and gRPC) and the Prometheus exporter report,
+    so none of them reaches into the model's queue, workers or instances.
+    """
+
+    name: str
+    version: str
+    last_inference_ms: int
+    inference_count: int  # rows inferred
+    execution_count: int  # batches executed
+    success: Total
+    fail: Total
+    queue: Total
+    compute_input: Total
+    compute_infer: Total
+    compute_output: Total
+    batches: tuple[BatchSnapshot, ...]  # by batch size, ascending
+    failures: Mapping[str, int]  # failure_code() -> count (read-only)
+    request_latency: HistogramSnapshot  # successful requests
+    queue_latency: HistogramSnapshot
+    queue_depth: int  # requests waiting in the batcher's queue
+    load_seconds: float
+    device_memory_bytes: int | None  # None: the backend's instances do not report it
 
 
 def failure_code(exc: BaseException) -> str:

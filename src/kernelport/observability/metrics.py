@@ -1,9 +1,10 @@
 """Prometheus metrics read from the model statistics at scrape time.
 
-Nothing is incremented per request here: ``KernelPortCollector`` walks the loaded models when
-``/metrics`` is scraped and turns the cumulative counters in ``core.stats.ModelStats`` into
-metric families. Triton's names and labels are used where the meaning is the same, so
-dashboards built for Triton work; KernelPort's own metrics carry the ``kernelport_`` prefix.
+Nothing is incremented per request here: when ``/metrics`` is scraped, ``KernelPortCollector``
+asks the manager for a statistics snapshot of each loaded version (``ModelStatsSnapshot``, the
+same values the statistics extension reports) and turns them into metric families. Triton's
+names and labels are used where the meaning is the same, so dashboards built for Triton work;
+KernelPort's own metrics carry the ``kernelport_`` prefix.
 
 ``render`` writes the Prometheus text format itself because prometheus_client appends
 ``_total`` to counter names, and Triton's counters (``nv_inference_request_success``) have none.
@@ -22,8 +23,8 @@ from prometheus_client.core import (
     Metric,
 )
 
-from kernelport.core.manager import ModelEntry, ModelState, ModelVersion
-from kernelport.core.stats import Histogram, ModelStats
+from kernelport.core.manager import ModelEntry, ModelState
+from kernelport.core.stats import HistogramSnapshot, ModelStatsSnapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -64,6 +65,8 @@ _DURATIONS = (
 class ModelSource(Protocol):
     def entries(self) -> list[ModelEntry]: ...
 
+    def statistics(self) -> list[ModelStatsSnapshot]: ...
+
 
 def _counter(name: str, doc: str) -> Metric:
     """A counter family whose samples carry exactly ``name`` (Triton style, no _total)."""
@@ -71,7 +74,8 @@ def _counter(name: str, doc: str) -> Metric:
 
 
 class KernelPortCollector:
-    """Per-model metrics, computed from ``ModelStats`` whenever the registry is collected."""
+    """Per-model metrics, computed from statistics snapshots whenever the registry is
+    collected."""
 
     def __init__(self, models: ModelSource, in_flight: Callable[[], int]) -> None:
         self._models = models
@@ -82,13 +86,12 @@ class KernelPortCollector:
 
     def collect(self) -> Iterator[Metric]:
         entries = self._models.entries()
-        loaded = [(mv, {"model": e.name, "version": str(v)})
-                  for e in entries for v, mv in sorted(e.versions.items())]  # fmt: skip
+        loaded = [(s, {"model": s.name, "version": s.version}) for s in self._models.statistics()]
         yield from self._triton(loaded)
         yield from self._own(entries, loaded)
 
     @staticmethod
-    def _triton(loaded: list[tuple[ModelVersion, dict[str, str]]]) -> Iterator[Metric]:
+    def _triton(loaded: list[tuple[ModelStatsSnapshot, dict[str, str]]]) -> Iterator[Metric]:
         success = _counter("nv_inference_request_success",
                            "Number of successful inference requests, all batch sizes")  # fmt: skip
         failure = _counter("nv_inference_request_failure",
@@ -104,8 +107,7 @@ class KernelPortCollector:
         load = GaugeMetricFamily(
             "nv_model_load_duration_secs", "Model load time in seconds", labels=["model", "version"]
         )
-        for mv, labels in loaded:
-            s = mv.stats
+        for s, labels in loaded:
             success.add_sample(success.name, labels, s.success.count)
             by_reason = dict.fromkeys(TRITON_REASONS, 0)
             for code, n in s.failures.items():
@@ -116,12 +118,12 @@ class KernelPortCollector:
             execs.add_sample(execs.name, labels, s.execution_count)
             for family, attr in durations:
                 family.add_sample(family.name, labels, getattr(s, attr).ns // 1000)
-            pending.add_metric(list(labels.values()), mv.queue.queued)
-            load.add_metric(list(labels.values()), mv.load_seconds)
+            pending.add_metric(list(labels.values()), s.queue_depth)
+            load.add_metric(list(labels.values()), s.load_seconds)
         yield from (success, failure, count, execs, *(f for f, _ in durations), pending, load)
 
     def _own(
-        self, entries: list[ModelEntry], loaded: list[tuple[ModelVersion, dict[str, str]]]
+        self, entries: list[ModelEntry], loaded: list[tuple[ModelStatsSnapshot, dict[str, str]]]
     ) -> Iterator[Metric]:
         mv_labels = ["model", "version"]
         latency = HistogramMetricFamily(
@@ -152,23 +154,21 @@ class KernelPortCollector:
             "Device memory held by the version's instances (where the backend reports it)",
             labels=mv_labels,
         )
-        for mv, labels in loaded:
+        for s, labels in loaded:
             values = list(labels.values())
-            s = mv.stats
             latency.add_metric(values, *_buckets(s.request_latency))
             queue_time.add_metric(values, *_buckets(s.queue_latency))
             batch.add_metric(values, *_batch_buckets(s))
-            depth.add_metric(values, mv.queue.queued)
+            depth.add_metric(values, s.queue_depth)
             by_reason = dict.fromkeys(REJECT_REASON.values(), 0)
             for code, n in s.failures.items():
                 if code in REJECT_REASON:
                     by_reason[REJECT_REASON[code]] += n
             for reason, n in by_reason.items():
                 rejected.add_sample(rejected.name, {**labels, "reason": reason}, n)
-            load.add_metric(values, mv.load_seconds)
-            used = _device_memory(mv)
-            if used is not None:
-                memory.add_metric(values, used)
+            load.add_metric(values, s.load_seconds)
+            if s.device_memory_bytes is not None:
+                memory.add_metric(values, s.device_memory_bytes)
         state = GaugeMetricFamily(
             "kernelport_model_state", "1 for the state each model is in, 0 for the others",
             labels=["model", "state"],
@@ -183,7 +183,7 @@ class KernelPortCollector:
         yield from (latency, queue_time, batch, depth, rejected, load, memory, state, in_flight)
 
 
-def _buckets(h: Histogram) -> tuple[list[tuple[str, float]], float]:
+def _buckets(h: HistogramSnapshot) -> tuple[list[tuple[str, float]], float]:
     out: list[tuple[str, float]] = []
     running = 0
     for bound, n in zip(h.bounds, h.counts, strict=False):
@@ -193,9 +193,9 @@ def _buckets(h: Histogram) -> tuple[list[tuple[str, float]], float]:
     return out, h.total / 1e9
 
 
-def _batch_buckets(s: ModelStats) -> tuple[list[tuple[str, float]], float]:
+def _batch_buckets(s: ModelStatsSnapshot) -> tuple[list[tuple[str, float]], float]:
     # Derived from the per-size batch statistics: no extra work per execution.
-    sizes = sorted((size, b.compute_infer.count) for size, b in s.batches.items())
+    sizes = [(b.batch_size, b.compute_infer.count) for b in s.batches]  # by size already
     out: list[tuple[str, float]] = []
     running, i = 0, 0
     for bound in BATCH_BOUNDS:
@@ -205,16 +205,6 @@ def _batch_buckets(s: ModelStats) -> tuple[list[tuple[str, float]], float]:
         out.append((str(bound), running))
     out.append(("+Inf", sum(n for _, n in sizes)))
     return out, float(sum(size * n for size, n in sizes))
-
-
-def _device_memory(mv: ModelVersion) -> int | None:
-    """Sum of ``instance.device_memory_bytes()`` where the backend's instances define it."""
-    total: int | None = None
-    for worker in mv.pool.workers:
-        probe = getattr(worker.instance, "device_memory_bytes", None)
-        if probe is not None:
-            total = (total or 0) + int(probe())
-    return total
 
 
 # --- exposition ------------------------------------------------------------------------

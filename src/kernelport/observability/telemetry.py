@@ -14,12 +14,13 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Callable
 from urllib.parse import quote
 
 from kernelport.core.stats import failure_code
-from kernelport.errors import ServerError
+from kernelport.errors import ErrorCode, ServerError
 from kernelport.observability.logging import LogSettings
-from kernelport.observability.tracing import Tracing, available
+from kernelport.observability.tracing import RequestTrace, Tracing, available
 from kernelport.types import InferResponse
 
 log = logging.getLogger("kernelport.requests")
@@ -82,6 +83,23 @@ class Telemetry:
                        "version": response.model_version, "protocol": protocol},
             )  # fmt: skip
 
+    def request(
+        self,
+        protocol: str,
+        model: str,
+        version: str = "",
+        *,
+        where: str,
+        log: logging.Logger,
+        header_id: Callable[[], str] = lambda: "",
+        traced: bool = False,
+    ) -> RequestContext:
+        """The bookkeeping of one inference request (see ``RequestContext``); ``traced``: the
+        front end records trace spans for this protocol, so the request may be sampled."""
+        tracing = self.tracing
+        trace = tracing.begin(model, protocol) if traced and tracing.enabled else None
+        return RequestContext(self, protocol, model, version, where, log, header_id, trace)
+
     def _admit(self, code: str) -> int | None:
         """None to drop this line; else how many lines of this code were dropped before it."""
         now = time.monotonic()
@@ -104,3 +122,86 @@ def header_value(request_id: str) -> bytes:
     if request_id.isascii() and request_id.isprintable():
         return request_id.encode()
     return quote(request_id, safe="").encode()
+
+
+class RequestContext:
+    """One inference request's id, trace and outcome, the same for every front end.
+
+    The id is the request body's ``id`` (``identify``), else the client's ``x-request-id``
+    (HTTP header or gRPC metadata, read only when needed), else a new one; it is resolved
+    lazily because a successful request that is neither traced nor logged never needs it.
+    ``failed`` turns any exception into the ServerError the client gets (an unexpected one
+    becomes INTERNAL "internal server error", logged once here with its traceback), logs it
+    and finishes the trace; a front end then only writes that error in its wire form.
+    """
+
+    __slots__ = (
+        "_body_id",
+        "_header_id",
+        "_id",
+        "_log",
+        "_telemetry",
+        "model",
+        "protocol",
+        "trace",
+        "version",
+        "where",
+    )
+
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        protocol: str,
+        model: str,
+        version: str,
+        where: str,
+        log: logging.Logger,
+        header_id: Callable[[], str],
+        trace: RequestTrace | None,
+    ) -> None:
+        self._telemetry = telemetry
+        self.protocol = protocol
+        self.model = model
+        self.version = version
+        self.where = where  # names the handler in the log line of an unexpected error
+        self._log = log
+        self._header_id = header_id
+        self.trace = trace
+        self._body_id = ""
+        self._id = ""
+
+    def identify(self, body_id: str) -> None:
+        """The id the request itself carries, once decoded; it wins over the header's."""
+        self._body_id = body_id
+
+    @property
+    def request_id(self) -> str:
+        if not self._id:
+            self._id = self._body_id or self._header_id() or self._telemetry.new_id()
+        return self._id
+
+    def failed(self, exc: Exception) -> ServerError:
+        """Log the failure, finish the trace, and return the error the client is to get."""
+        if isinstance(exc, ServerError):
+            error = exc
+        else:
+            # The details stay in the server's log; the client learns nothing internal.
+            self._log.error(
+                "unhandled error in %s on model '%s'", self.where, self.model, exc_info=exc
+            )
+            error = ServerError(ErrorCode.INTERNAL, "internal server error")
+        request_id = self.request_id
+        self._telemetry.failed(self.protocol, request_id, self.model, error)
+        if self.trace is not None:
+            self.trace.finish(request_id, self.model, self.version, error)
+        return error
+
+    def succeeded(self, response: InferResponse) -> None:
+        """Finish the trace and log the success (at DEBUG)."""
+        telemetry = self._telemetry
+        if self.trace is None and not telemetry.debug():
+            return
+        request_id = self.request_id
+        if self.trace is not None:
+            self.trace.finish(request_id, response.model_name, response.model_version)
+        telemetry.succeeded(self.protocol, request_id, response)

@@ -14,13 +14,13 @@ from google.protobuf import json_format
 
 from kernelport.config import Config
 from kernelport.core.dataplane import DataPlane
-from kernelport.core.manager import ModelVersion
 from kernelport.core.model_config import triton_config
 from kernelport.errors import ErrorCode, ServerError
 from kernelport.observability.telemetry import Telemetry, header_value
 from kernelport.protocols.auth import UNAUTHENTICATED_MESSAGE, Auth
 from kernelport.protocols.grpc import codec, kernelport_v1, rpc
 from kernelport.protocols.grpc.errors import GRPC_STATUS
+from kernelport.protocols.grpc.stats import statistics_response
 from kernelport.protocols.tls import TlsFiles
 from kernelport.schema import pb
 
@@ -46,34 +46,6 @@ def _translating(handler: Handler) -> Handler:
             await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
 
     return wrapped
-
-
-def _duration(d: Any) -> dict[str, int]:
-    return {"count": d.count, "ns": d.ns}
-
-
-def _statistics(mv: ModelVersion) -> Any:
-    s = mv.stats
-    stats = msgs.ModelStatistics(
-        name=mv.config.name,
-        version=str(mv.version),
-        last_inference=s.last_inference_ms,
-        inference_count=s.inference_count,
-        execution_count=s.execution_count,
-    )
-    inf = stats.inference_stats
-    for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
-        d = getattr(s, field)
-        getattr(inf, field).count = d.count
-        getattr(inf, field).ns = d.ns
-    inf.cache_hit.SetInParent()
-    inf.cache_miss.SetInParent()
-    for size, b in sorted(s.batches.items()):
-        entry = stats.batch_stats.add(batch_size=size)
-        for field in ("compute_input", "compute_infer", "compute_output"):
-            getattr(entry, field).count = getattr(b, field).count
-            getattr(entry, field).ns = getattr(b, field).ns
-    return stats
 
 
 class InferenceServicer:
@@ -116,13 +88,15 @@ class InferenceServicer:
         return response
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
-        models = self._dp.model_statistics(request.name, request.version)
-        return msgs.ModelStatisticsResponse(model_stats=[_statistics(mv) for mv in models])
+        return statistics_response(self._dp.model_statistics(request.name, request.version))
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        telemetry = self._telemetry
-        tracing = telemetry.tracing
-        trace = tracing.begin(request.model_name, "grpc") if tracing.enabled else None
+        call = self._telemetry.request(
+            "grpc", request.model_name, request.model_version, where="ModelInfer", log=log,
+            header_id=_header_id(context), traced=True,
+        )  # fmt: skip
+        call.identify(request.id)
+        trace = call.trace
         try:
             decoded = codec.decode_request(request, self._dp.limits)
             if trace is not None:
@@ -133,18 +107,10 @@ class InferenceServicer:
                 trace.inferred(response)
             out = codec.encode_response(response)
         except Exception as exc:
-            error = _server_error(exc, "ModelInfer", request.model_name)
-            request_id = _request_id(telemetry, request, context)
-            telemetry.failed("grpc", request_id, request.model_name, error)
-            context.set_trailing_metadata(_request_id_metadata(request_id))
-            if trace is not None:
-                trace.finish(request_id, request.model_name, request.model_version, error)
+            error = call.failed(exc)
+            context.set_trailing_metadata(_request_id_metadata(call.request_id))
             raise error from None
-        if trace is not None or telemetry.debug():
-            request_id = _request_id(telemetry, request, context)
-            if trace is not None:
-                trace.finish(request_id, response.model_name, response.model_version)
-            telemetry.succeeded("grpc", request_id, response)
+        call.succeeded(response)
         return out
 
     async def ModelStreamInfer(
@@ -164,9 +130,12 @@ class InferenceServicer:
             except Exception as exc:
                 # Every failure is answered on the stream with the request's id; an escaping
                 # exception would leave the client waiting for an answer that never comes.
-                error = _server_error(exc, "ModelStreamInfer", message.model_name)
-                request_id = _request_id(self._telemetry, message, context)
-                self._telemetry.failed("grpc stream", request_id, message.model_name, error)
+                call = self._telemetry.request(
+                    "grpc stream", message.model_name, message.model_version,
+                    where="ModelStreamInfer", log=log, header_id=_header_id(context),
+                )  # fmt: skip
+                call.identify(message.id)
+                error = call.failed(exc)
                 failed = msgs.ModelInferResponse(
                     id=message.id,
                     model_name=message.model_name,
@@ -283,33 +252,28 @@ class KernelPortServicer:
             decoded = kernelport_v1.decode(request, self._dp.limits)
             return kernelport_v1.encode(await self._dp.infer(decoded))
         except Exception as exc:
-            error = _server_error(exc, "kernelport.v1 Infer", request.model)
-            request_id = self._telemetry.request_id(_metadata(context).get("x-request-id", ""))
-            self._telemetry.failed("kernelport.v1", request_id, request.model, error)
-            context.set_trailing_metadata(_request_id_metadata(request_id))
+            # The message has no id field: the metadata's, else a new one.
+            call = self._telemetry.request(
+                "kernelport.v1", request.model, where="kernelport.v1 Infer", log=log,
+                header_id=_header_id(context),
+            )  # fmt: skip
+            error = call.failed(exc)
+            context.set_trailing_metadata(_request_id_metadata(call.request_id))
             raise error from None
-
-
-def _server_error(exc: Exception, rpc: str, model: str) -> ServerError:
-    """``exc`` as the client's error; an unexpected one is logged once, its details kept here."""
-    if isinstance(exc, ServerError):
-        return exc
-    log.error("unhandled error in %s on model '%s'", rpc, model, exc_info=exc)
-    return ServerError(ErrorCode.INTERNAL, "internal server error")
 
 
 def _metadata(context: Any) -> dict[str, str]:
     return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
 
 
+def _header_id(context: Any) -> Callable[[], str]:
+    """The client's ``x-request-id`` metadata, read only if the request's id is needed."""
+    return lambda: _metadata(context).get("x-request-id", "")
+
+
 def _request_id_metadata(request_id: str) -> tuple[tuple[str, str], ...]:
     # Metadata values must be printable ASCII; a client's id may hold anything.
     return (("x-request-id", header_value(request_id).decode()),)
-
-
-def _request_id(telemetry: Telemetry, message: Any, context: Any) -> str:
-    """The request's ``id``, else its ``x-request-id`` metadata, else a new id."""
-    return telemetry.request_id(message.id, _metadata(context).get("x-request-id", ""))
 
 
 def _authorization(context: Any) -> str | None:

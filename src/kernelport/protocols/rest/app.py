@@ -234,12 +234,13 @@ class RestApp:
     async def _infer(
         self, model: str, version: str, headers: dict[str, str], body: bytes
     ) -> Response:
-        telemetry = self._telemetry
-        tracing = telemetry.tracing
-        trace = tracing.begin(model, "http") if tracing.enabled else None
+        context = self._telemetry.request(
+            "http", model, version, where="inference", log=log, traced=True,
+            header_id=lambda: headers.get("x-request-id", ""),
+        )  # fmt: skip
+        trace = context.trace
         if trace is not None:
             trace.carrier = headers  # a client's W3C traceparent becomes the parent span
-        request_id = headers.get("x-request-id", "")
         try:
             raw_length = headers.get(codec.HEADER_LENGTH)
             header_length = None
@@ -251,7 +252,7 @@ class RestApp:
                 header_length = int(raw_length)
             request = codec.decode_request(body, header_length, model, version, self._limits)
             # The body's id wins; the response body echoes only that one (Triton's semantics).
-            request_id = request.id or request_id or telemetry.new_id()
+            context.identify(request.id)
             if trace is not None:
                 trace.decoded()
             response = await self._dp.infer(request)
@@ -259,17 +260,9 @@ class RestApp:
                 trace.inferred(response)
             payload, json_length = codec.encode_response(request, response)
         except Exception as exc:
-            error = exc if isinstance(exc, ServerError) else None
-            if error is None:
-                # Logged once here with its traceback; the client learns nothing internal.
-                log.exception("unhandled error in inference on model '%s'", model)
-                error = ServerError(ErrorCode.INTERNAL, "internal server error")
-            request_id = request_id or telemetry.new_id()
-            telemetry.failed("http", request_id, model, error)
-            if trace is not None:
-                trace.finish(request_id, model, version, error)
+            error = context.failed(exc)
             failed = error_response(HTTP_STATUS[error.code], error.message)
-            failed.headers.append((b"x-request-id", header_value(request_id)))
+            failed.headers.append((b"x-request-id", header_value(context.request_id)))
             return failed
         out_headers: Headers
         if json_length is None:
@@ -279,7 +272,7 @@ class RestApp:
                 (b"content-type", b"application/octet-stream"),
                 (b"inference-header-content-length", str(json_length).encode()),
             ]
-        out_headers.append((b"x-request-id", header_value(request_id)))
+        out_headers.append((b"x-request-id", header_value(context.request_id)))
         accept = headers.get("accept-encoding")
         if accept:
             encoding = _accepted_encoding(accept)
@@ -289,9 +282,7 @@ class RestApp:
                 payload = _compress(payload, encoding)
             if encoding:
                 out_headers.append((b"content-encoding", encoding.encode()))
-        if trace is not None:
-            trace.finish(request_id, response.model_name, response.model_version)
-        telemetry.succeeded("http", request_id, response)
+        context.succeeded(response)
         return Response(200, payload, out_headers)
 
     def _trace_setting(self, method: str, model: str, body: bytes) -> Response:
