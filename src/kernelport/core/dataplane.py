@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from kernelport.core.backend import Arrays
-from kernelport.core.manager import ModelManager, ModelVersion
+from kernelport.core.manager import ModelManager
 from kernelport.core.model_config import ModelConfig
 from kernelport.core.stats import ModelStatsSnapshot, failure_code
 from kernelport.core.validation import requested_outputs, validate_inputs
