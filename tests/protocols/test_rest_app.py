@@ -3,7 +3,9 @@ and their status codes, compression and size limits, with no server process."""
 
 from __future__ import annotations
 
+import base64
 import gzip
+import os
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -387,6 +389,21 @@ async def test_unsupported_content_encoding_is_501(client: httpx.AsyncClient) ->
     )
     assert _error(response, 501) == "unsupported Content-Encoding 'br'"
     assert response.headers["accept-encoding"] == "gzip, deflate"
+
+
+async def test_large_bodies_are_compressed_both_ways(client: httpx.AsyncClient) -> None:
+    """Over 64 KiB, (de)compression runs on a thread; the answer is the same."""
+    request_id = base64.b64encode(os.urandom(96 * 1024)).decode()  # incompressible
+    body = gzip.compress(orjson.dumps(_echo([1, 2], id=request_id)))
+    assert len(body) > 64 * 1024
+    response = await client.post(
+        "/v2/models/echo/infer",
+        content=body,
+        headers={"content-encoding": "gzip", "accept-encoding": "gzip"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-encoding"] == "gzip"
+    assert response.json()["id"] == request_id
 
 
 @pytest.mark.parametrize(
