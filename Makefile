@@ -1,6 +1,7 @@
 # Two commands on a fresh machine with Python >= 3.11 and make:
 #   make serve   - install into .venv and serve the bundled demo models (HTTP 8000, gRPC 8001)
-#   make test    - install the test dependencies (and perf_analyzer) and run the whole suite
+#   make test    - install the test dependencies (and perf_analyzer), run the whole suite and
+#                  report coverage (failing under the floor in pyproject.toml)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -33,8 +34,9 @@ serve: install
 perf-analyzer:
 	PYTHON=$(PYTHON) scripts/setup_perf_analyzer.sh
 
+# Reports line coverage of src/kernelport; fails under [tool.coverage.report] fail_under.
 test: install-test perf-analyzer
-	KERNELPORT_REQUIRE_PERF_ANALYZER=1 $(BIN)/python -m pytest -q
+	KERNELPORT_REQUIRE_PERF_ANALYZER=1 $(BIN)/python -m pytest -q --cov=kernelport --cov-report=term
 
 # The fuzz suite with a large, random budget (make test runs it small and derandomized).
 FUZZ_EXAMPLES ?= 2000
