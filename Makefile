@@ -7,6 +7,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 SERVE_ARGS ?=
+# pytest-xdist workers for `make test` (one per core; each test file stays on one worker)
+TEST_WORKERS ?= auto
 # Installed on its own line, exactly pinned: this version has a local CPU wheel on our machines.
 TORCH_PIN ?= torch==2.13.0
 
@@ -36,7 +38,8 @@ perf-analyzer:
 
 # Reports line coverage of src/kernelport; fails under [tool.coverage.report] fail_under.
 test: install-test perf-analyzer
-	KERNELPORT_REQUIRE_PERF_ANALYZER=1 $(BIN)/python -m pytest -q --cov=kernelport --cov-report=term
+	KERNELPORT_REQUIRE_PERF_ANALYZER=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+		--cov=kernelport --cov-report=term
 
 # The fuzz suite with a large, random budget (make test runs it small and derandomized).
 FUZZ_EXAMPLES ?= 2000

@@ -410,7 +410,10 @@ async def test_large_bodies_are_compressed_both_ways(client: httpx.AsyncClient) 
     ("body", "expected"),
     [
         (b"not gzip at all", "request body is not valid gzip data: "),
-        (gzip.compress(b'{"inputs": []}')[:-12], "request body is not valid gzip data: truncated"),
+        (
+            gzip.compress(b'{"inputs": []}', mtime=0)[:-12],
+            "request body is not valid gzip data: truncated",
+        ),
     ],
 )
 async def test_broken_compressed_bodies_are_400(
