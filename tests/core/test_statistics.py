@@ -1,5 +1,5 @@
 """Statistics snapshots (what core hands the front ends and the metrics exporter), model_ready's
-codes, and per-request hooks shared by all of a version's instances. In process: a
+codes, and per-request hooks taken from each instance in turn. In process: a
 ModelManager and DataPlane over a repository in tmp_path, no server."""
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class _Instance:
 
 class _Hooked(_Instance):
     def preprocess(self, inputs: Arrays) -> Arrays:
-        return {"INPUT0": inputs["INPUT0"] + 1}
+        return {"INPUT0": inputs["INPUT0"] + 1 + self.index}  # shows whose hook ran
 
 
 class _Backend:
@@ -157,7 +157,7 @@ def _fake_manager(tmp_path: Path, backend: _Backend) -> ModelManager:
     return ModelManager(settings, _Resolver(backend))
 
 
-async def test_device_memory_is_summed_over_instances_and_hooks_are_shared(
+async def test_device_memory_is_summed_and_requests_take_the_instances_hooks_in_turn(
     tmp_path: Path,
 ) -> None:
     backend = _Backend(hooked={0, 1, 2})
@@ -166,8 +166,9 @@ async def test_device_memory_is_summed_over_instances_and_hooks_are_shared(
     dp = DataPlane(manager, "test")
     (s,) = manager.statistics()
     assert s.device_memory_bytes == 1000 + 1001 + 1002
-    response = await dp.infer(_request("m", 1))
-    assert response.outputs[0].data.tolist() == [[1.0, 1.0]]  # preprocess ran
+    ran = [(await dp.infer(_request("m", 1))).outputs[0].data.tolist() for _ in range(4)]
+    # each instance's own hook object, in turn: instance 0, 1, 2, then 0 again
+    assert ran == [[[1.0, 1.0]], [[2.0, 2.0]], [[3.0, 3.0]], [[1.0, 1.0]]]
     await manager.close()
 
 

@@ -167,13 +167,14 @@ class DataPlane:
         try:
             inputs, rows = validate_inputs(config, request)
             names = requested_outputs(config, request)
-            if model.preprocess is not None:
+            hooks = model.next_hooks() if model.has_hooks else None
+            if hooks is not None and hooks.preprocess is not None:
                 # Per-request hooks run on threads of their own, alongside batch execution.
-                inputs = await _hook(config.name, "preprocess", model.preprocess, inputs)
+                inputs = await _hook(config.name, "preprocess", hooks.preprocess, inputs)
             # Any row count: the queue splits what exceeds max_batch_size.
             arrays, timings = await model.queue.submit(inputs, rows, request.parameters)
-            if model.postprocess is not None:
-                arrays = await _hook(config.name, "postprocess", model.postprocess, arrays)
+            if hooks is not None and hooks.postprocess is not None:
+                arrays = await _hook(config.name, "postprocess", hooks.postprocess, arrays)
             outputs = [self._output(config, name, arrays) for name in names]
         except BaseException as exc:
             model.stats.record_failure(time.perf_counter_ns() - started, failure_code(exc))

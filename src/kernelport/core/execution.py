@@ -18,6 +18,16 @@ from kernelport.core.model_config import ModelConfig
 from kernelport.errors import ErrorCode, ServerError, invalid
 
 Hook = Callable[[Arrays], Arrays]
+
+
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """One instance's per-request hooks (None where it offers none)."""
+
+    preprocess: Hook | None
+    postprocess: Hook | None
+
+
 HOOKS = ("preprocess", "postprocess")
 
 
@@ -135,17 +145,15 @@ class WorkerPool:
     def release(self, worker: Worker) -> None:
         self._idle.append(worker)
 
-    def hooks(self, model: str) -> tuple[Hook | None, Hook | None]:
-        """The version's per-request ``preprocess`` and ``postprocess`` hooks (None: absent).
+    def hooks(self, model: str) -> tuple[Hooks, ...]:
+        """Each instance's per-request ``preprocess`` and ``postprocess`` hooks (None: absent).
 
-        Hooks belong to the version, not to an instance: preprocess runs before the request
-        is queued, and the instance that executes it is chosen only when its batch is cut,
-        so there is no "instance of this request" to ask; and postprocess runs on the
-        request's slice of a batch other requests shared. So instance 0's hooks serve every
-        request, and every instance must offer the same hooks, or the load fails: which
-        hooks a request got must not depend on which instance happened to load first.
-        Hooks run on threads of their own, concurrently with each other and with batches,
-        so they must be thread-safe whichever instance they came from.
+        Hooks are per instance: each instance's object (a Python model's, with whatever
+        state its ``load`` built) serves the hooks of the requests given to it, and requests
+        take the instances in turn (``ModelVersion.next_hooks``). Every instance must offer
+        the same hooks, or the load fails: whether a request is preprocessed must not
+        depend on which instance it is given to. Hooks run on threads of their own,
+        concurrently with each other and with batches, so they must be thread-safe.
         """
         offered = [_hooks_of(w.instance) for w in self.workers]
         for index, hooks in enumerate(offered):
@@ -154,7 +162,7 @@ class WorkerPool:
                     f"model '{model}': instance {index} offers hooks ({_names(hooks)}) and "
                     f"instance 0 ({_names(offered[0])}): every instance must offer the same"
                 )
-        return offered[0].get("preprocess"), offered[0].get("postprocess")
+        return tuple(Hooks(h.get("preprocess"), h.get("postprocess")) for h in offered)
 
     def device_memory_bytes(self) -> int | None:
         """Sum of ``instance.device_memory_bytes()`` where the backend's instances define it

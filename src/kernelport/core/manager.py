@@ -14,14 +14,14 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from kernelport.core.backend import Arrays, Backend, LoadContext, ModelInstance
+from kernelport.core.backend import Backend, LoadContext, ModelInstance
 from kernelport.core.batcher import ModelQueue
-from kernelport.core.execution import Worker, WorkerPool
+from kernelport.core.execution import Hooks, Worker, WorkerPool
 from kernelport.core.model_config import ModelConfig, parse_model_config
 from kernelport.core.names import check_lookup_name, check_model_name, parse_version, shown
 from kernelport.core.repository import (
@@ -68,12 +68,25 @@ class ModelVersion:
     queue: ModelQueue
     stats: ModelStats = field(default_factory=ModelStats)
     load_seconds: float = 0.0
-    #: per-request hooks a backend may offer (Python models); they run outside the batch,
-    #: the same for every instance (see ``WorkerPool.hooks``)
-    preprocess: Callable[[Arrays], Arrays] | None = None
-    postprocess: Callable[[Arrays], Arrays] | None = None
+    #: each instance's per-request hooks (Python models); they run outside the batch, and
+    #: requests take the instances' hooks in turn (see ``WorkerPool.hooks``)
+    hooks: tuple[Hooks, ...] = ()
     active: int = 0  # requests between acquire() and release()
     _idle: asyncio.Event | None = None
+    _next_hooks: int = 0
+
+    @property
+    def has_hooks(self) -> bool:
+        return bool(self.hooks) and (
+            self.hooks[0].preprocess is not None or self.hooks[0].postprocess is not None
+        )
+
+    def next_hooks(self) -> Hooks:
+        """The hooks of the next instance in turn: one request's pre- and postprocess both
+        come from the same instance."""
+        hooks = self.hooks[self._next_hooks % len(self.hooks)]
+        self._next_hooks += 1
+        return hooks
 
     def acquire(self) -> None:
         """A request is using this version: close() waits for it."""
@@ -475,7 +488,7 @@ class ModelManager:
         queue = ModelQueue(
             config, pool, stats, self.device(config.instance_group[0].device), config.weight
         )
-        return ModelVersion(config, version, pool, queue, stats, 0.0, *hooks)
+        return ModelVersion(config, version, pool, queue, stats, 0.0, hooks)
 
     def device(self, name: str) -> DeviceScheduler:
         """The scheduler arbitrating device ``name`` among the models placed on it."""
