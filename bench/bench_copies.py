@@ -76,12 +76,13 @@ def copy_table(probe: list[dict[str, Any]]) -> str:
     ref = probe[-1]
     lines = [
         md_row("step", "p50 µs, 1 row (2 KiB)", f"p50 µs, {PROBE_ROWS} rows (2 MiB)",
-               "≈ copies of the tensor"),
-        md_row("---", "---:", "---:", "---:"),
+               "≈ copies of the tensor", "≈ tensor bytes copied at batch 1"),
+        md_row("---", "---:", "---:", "---:", "---:"),
     ]  # fmt: skip
     for row in probe[:-1]:
         big = row[f"p50_us_{PROBE_ROWS}_rows"]
-        cells = (f"{row['p50_us_1_row']:.1f}", f"{big:.1f}", f"{row['copies']:.1f}")
+        copied = round(row["copies"]) * WIDTH * 4
+        cells = (f"{row['p50_us_1_row']:.1f}", f"{big:.1f}", f"{row['copies']:.1f}", copied)
         lines.append(md_row(row["step"], *cells))
-    lines.append(md_row(ref["step"], "", f"{ref['memcpy_us']:.1f}", "1"))
+    lines.append(md_row(ref["step"], "", f"{ref['memcpy_us']:.1f}", "1", ""))
     return "\n".join(lines)

@@ -43,6 +43,7 @@ from typing import Any
 
 import uvloop
 from bench_copies import PROBE_ROWS, copy_probe, copy_table
+from bench_server import parse_cpus
 from layer_timing import WIDTH, Sample, grpc_request, http_request, md_row, stats, timed
 from make_models import build_repository  # bench/ is sys.path[0] when run as a script
 
@@ -341,14 +342,6 @@ def layer_table(results: dict[str, dict[str, dict[str, Sample]]]) -> str:
             lines.append(md_row(f"*remainder: {name}*", *cells))
         lines.append("")
     return "\n".join(lines)
-
-
-def parse_cpus(spec: str) -> set[int]:
-    cpus: set[int] = set()
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
-    return cpus
 
 
 async def in_process(args: argparse.Namespace, repo: Path) -> dict[str, Any]:

@@ -32,7 +32,15 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench_server import PERF_ANALYZER, ROOT, free_ports, pinned, stop, write_pa_input
+from bench_server import (
+    PERF_ANALYZER,
+    ROOT,
+    free_ports,
+    parse_cpus,
+    pinned,
+    stop,
+    write_pa_input,
+)
 
 ECHO_DIR = ROOT.parent / "shared" / "tools" / "transport-echo"
 BIN = Path(sys.executable).parent
@@ -171,6 +179,8 @@ def echo(
                 return result
             pids = tree(proc.pid)
             result["processes"] = {p: sorted(os.sched_getaffinity(p)) for p in pids}
+            if any(set(c) != parse_cpus(args.cpus) for c in result["processes"].values()):
+                result["server"] += " (NOT all processes pinned)"
             for conc in CONCURRENCY:
                 result["runs"].append(perf_analyzer(protocol, port, conc, args, work, proc.pid))
         finally:
