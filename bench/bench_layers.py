@@ -1,9 +1,9 @@
 """Where one inference request's time goes, layer by layer, from bytes in to bytes out.
 
-    PYTHONPATH=src .venv/bin/python bench/bench_layers.py               # in-process (~1 min)
-    PYTHONPATH=src .venv/bin/python bench/bench_layers.py --transport   # + echo ceilings (~6 min)
+    PYTHONPATH=src .venv/bin/python bench/bench_layers.py                 # in process (~30 s)
+    PA_VENV=... PYTHONPATH=src .venv/bin/python bench/bench_layers.py --transport  # +~5 min
 
-In-process, on one pinned core (--cpus, like the server in bench_server.py) and under uvloop
+In process, pinned to one core (--cpus, like the server in bench_server.py) and under uvloop
 (the server's loop), for the `mlp` model (FP32 [-1,512] MLP 512x3 under onnxruntime, dynamic
 batching with delay 0, as `bench_server.py --batching on` serves it) and for an identity
 model of the same shape (no model work), at batch 1, both front ends:
@@ -18,9 +18,10 @@ model of the same shape (no model work), at batch 1, both front ends:
 The model queue is timed as a timeline: the bench wraps (in this process only) the worker's
 ``submit_batch`` and ``_run`` and the module's ``_settle`` with perf_counter_ns stamps, so the
 loop-side enqueue and batch cut, the hand-off to the worker thread, concatenation, execute,
-split and the hop back onto the loop are separate. Each layer is timed call by call
-(median and p90 in µs over --iterations calls, after a warm-up). A second table says which
-steps copy tensor bytes, from timing each step with a 1-row and a 1024-row (2 MiB) tensor.
+split and the hop back onto the loop are separate. Each layer is timed call by call (median
+and p90 in µs over --iterations calls, after a warm-up); "remainder" rows are a whole's p50
+less its measured parts'. Then a closed loop of 1 and 32 in-process callers gives the core's
+µs per request with batching, and bench_copies.py which steps copy tensor bytes.
 
 --transport adds the echo ceilings (bench_transport.py): the echo servers of
 ../shared/tools/transport-echo and KernelPort itself under perf_analyzer at c=1 and c=32.
@@ -275,6 +276,43 @@ async def layers(dp: DataPlane, model: str, n: int, warmup: int) -> dict[str, di
     return {p: await front_end(p, r) for p, r in requests.items()}
 
 
+async def closed_loop(
+    dp: DataPlane, model: str, concurrency: int, total: int
+) -> dict[str, dict[str, float]]:
+    """In-process closed loop, ``concurrency`` callers, each sending its next request when the
+    last is answered: per protocol, µs of this core per request (wall time / requests: the
+    process is pinned to one core and busy throughout) and the mean batch size."""
+    version = dp._manager.get(model)
+    body, _, headers = http_request(model, 1)
+    serialized = grpc_request(model, 1)
+    app, servicer, ctx = rest_app.RestApp(dp), InferenceServicer(dp), FakeContext()
+    call = asgi(body, headers, model)
+
+    async def grpc_whole() -> None:
+        msg = pb.inference.ModelInferRequest.FromString(serialized)
+        (await servicer.ModelInfer(msg, ctx)).SerializeToString()
+
+    out = {}
+    for protocol, one in (("http", lambda: call(app)), ("grpc", grpc_whole)):
+        left = total
+
+        async def caller(one: Callable[[], Awaitable[None]] = one) -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await one()
+
+        before = version.snapshot()
+        t0 = time.perf_counter_ns()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        elapsed = time.perf_counter_ns() - t0
+        after = version.snapshot()
+        rows = after.inference_count - before.inference_count
+        batches = after.execution_count - before.execution_count
+        out[protocol] = {"us_per_request": elapsed / 1e3 / total, "mean_batch": rows / batches}
+    return out
+
+
 class Stub:
     """A DataPlane whose infer answers a canned response at once: the front end alone."""
 
@@ -344,20 +382,36 @@ def layer_table(results: dict[str, dict[str, dict[str, Sample]]]) -> str:
     return "\n".join(lines)
 
 
+def loop_table(loops: dict[str, dict[int, dict[str, dict[str, float]]]]) -> str:
+    lines = [
+        md_row("model", "callers", "HTTP µs / request", "HTTP mean batch", "gRPC µs / request",
+               "gRPC mean batch"),
+        md_row("---", "---:", "---:", "---:", "---:", "---:"),
+    ]  # fmt: skip
+    for model, by_conc in loops.items():
+        for conc, got in by_conc.items():
+            h, g = got["http"], got["grpc"]
+            cells = [f"{x[k]:.1f}" for x in (h, g) for k in ("us_per_request", "mean_batch")]
+            lines.append(md_row(model, conc, *cells))
+    return "\n".join(lines)
+
+
 async def in_process(args: argparse.Namespace, repo: Path) -> dict[str, Any]:
     manager = ModelManager(ManagerSettings((repo,)), BackendRegistry())
     await manager.load_initial()
     try:
         dp = DataPlane(manager, "bench")
         results = {}
+        loops = {}
         for model in ("mlp", "identity"):
             gc.collect()
             results[model] = await layers(dp, model, args.iterations, args.warmup)
+            loops[model] = {c: await closed_loop(dp, model, c, args.iterations) for c in (1, 32)}
             print(f"  {model}: done", flush=True)
         probe = await copy_probe(dp, "identity", max(50, args.iterations // 10))
     finally:
         await manager.close()
-    return {"layers": results, "copies": probe}
+    return {"layers": results, "closed_loop": loops, "copies": probe}
 
 
 def parse_args() -> argparse.Namespace:
@@ -365,8 +419,8 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = ap.add_argument
-    add("--iterations", type=int, default=2000, help="timed calls per layer")
-    add("--warmup", type=int, default=200, help="untimed calls before them")
+    add("--iterations", type=int, default=5000, help="timed calls per layer")
+    add("--warmup", type=int, default=500, help="untimed calls before them")
     add("--cpus", default="1", help='taskset-style cpus for this process ("all": no pinning)')
     add("--transport", action="store_true", help="also measure the echo ceilings")
     add("--transport-only", action="store_true", help="only measure the echo ceilings")
@@ -392,6 +446,12 @@ def main() -> None:
             measured = uvloop.run(in_process(args, repo))
         result |= measured
         parts += ["## Layers, in process", "", layer_table(measured["layers"])]
+        parts += [
+            "## Closed loop in process (RestApp / FromString + ModelInfer + Serialize)",
+            "",
+            loop_table(measured["closed_loop"]),
+            "",
+        ]
         parts += ["## Tensor byte copies (identity model)", "", copy_table(measured["copies"])]
     if args.transport or args.transport_only:
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
