@@ -20,8 +20,9 @@ The model queue is timed as a timeline: the bench wraps (in this process only) t
 loop-side enqueue and batch cut, the hand-off to the worker thread, concatenation, execute,
 split and the hop back onto the loop are separate. Each layer is timed call by call (median
 and p90 in µs over --iterations calls, after a warm-up); "remainder" rows are a whole's p50
-less its measured parts'. Then a closed loop of 1 and 32 in-process callers gives the core's
-µs per request with batching, and bench_copies.py which steps copy tensor bytes.
+less its measured parts'. Then bench_whatif.py: the end to end again with one layer patched
+out (what cutting it would save) and in-process closed loops of 1 and 32 callers (the core's
+µs per request with batching); and bench_copies.py: which steps copy tensor bytes.
 
 --transport adds the echo ceilings (bench_transport.py): the echo servers of
 ../shared/tools/transport-echo and KernelPort itself under perf_analyzer at c=1 and c=32.
@@ -45,7 +46,21 @@ from typing import Any
 import uvloop
 from bench_copies import PROBE_ROWS, copy_probe, copy_table
 from bench_server import parse_cpus
-from layer_timing import WIDTH, Sample, grpc_request, http_request, md_row, stats, timed
+from bench_whatif import what_ifs, whatif_table
+from layer_timing import (
+    WIDTH,
+    FakeContext,
+    Sample,
+    Stub,
+    asgi,
+    grpc_request,
+    http_request,
+    md_row,
+    never,
+    once,
+    stats,
+    timed,
+)
 from make_models import build_repository  # bench/ is sys.path[0] when run as a script
 
 from kernelport.backends.registry import BackendRegistry
@@ -130,49 +145,6 @@ class Timeline:
 
 
 # ---------------------------------------------------------------------------- layers
-class FakeContext:
-    """The part of grpc.aio.ServicerContext that ModelInfer touches on success."""
-
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("user-agent", "grpc-c++/1.67.1"),)
-
-    def set_trailing_metadata(self, metadata: Any) -> None:
-        pass
-
-
-def asgi(body: bytes, headers: list[tuple[bytes, bytes]], model: str) -> Callable[..., Any]:
-    """An in-memory ASGI call of RestApp: one body message, then a receive that waits for a
-    disconnect that never comes (as a connected client's); the response is collected."""
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": f"/v2/models/{model}/infer", "raw_path": b"",
-        "query_string": b"", "headers": headers, "client": ("127.0.0.1", 5000),
-        "server": ("127.0.0.1", 8000),
-    }  # fmt: skip
-
-    def call(app: rest_app.RestApp) -> Awaitable[None]:
-        first = True
-        sent: list[dict[str, Any]] = []
-
-        async def receive() -> dict[str, Any]:
-            nonlocal first
-            if first:
-                first = False
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await never()
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        async def run() -> None:
-            await app(scope, receive, send)
-            assert sent[0]["status"] == 200, sent
-
-        return run()
-
-    return call
-
-
 PARSE = "parse: ModelInferRequest.FromString (gRPC only)"
 DECODE = "decode: the front end's codec.decode_request"
 VALIDATE = "validate: validate_inputs + requested_outputs"
@@ -276,66 +248,6 @@ async def layers(dp: DataPlane, model: str, n: int, warmup: int) -> dict[str, di
     return {p: await front_end(p, r) for p, r in requests.items()}
 
 
-async def closed_loop(
-    dp: DataPlane, model: str, concurrency: int, total: int
-) -> dict[str, dict[str, float]]:
-    """In-process closed loop, ``concurrency`` callers, each sending its next request when the
-    last is answered: per protocol, µs of this core per request (wall time / requests: the
-    process is pinned to one core and busy throughout) and the mean batch size."""
-    version = dp._manager.get(model)
-    body, _, headers = http_request(model, 1)
-    serialized = grpc_request(model, 1)
-    app, servicer, ctx = rest_app.RestApp(dp), InferenceServicer(dp), FakeContext()
-    call = asgi(body, headers, model)
-
-    async def grpc_whole() -> None:
-        msg = pb.inference.ModelInferRequest.FromString(serialized)
-        (await servicer.ModelInfer(msg, ctx)).SerializeToString()
-
-    out = {}
-    for protocol, one in (("http", lambda: call(app)), ("grpc", grpc_whole)):
-        left = total
-
-        async def caller(one: Callable[[], Awaitable[None]] = one) -> None:
-            nonlocal left
-            while left > 0:
-                left -= 1
-                await one()
-
-        before = version.snapshot()
-        t0 = time.perf_counter_ns()
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-        elapsed = time.perf_counter_ns() - t0
-        after = version.snapshot()
-        rows = after.inference_count - before.inference_count
-        batches = after.execution_count - before.execution_count
-        out[protocol] = {"us_per_request": elapsed / 1e3 / total, "mean_batch": rows / batches}
-    return out
-
-
-class Stub:
-    """A DataPlane whose infer answers a canned response at once: the front end alone."""
-
-    def __init__(self, dp: DataPlane, response: Any) -> None:
-        self.limits = dp.limits
-        self._response = response
-
-    async def infer(self, request: Any) -> Any:
-        return self._response
-
-
-def once(body: bytes) -> Callable[[], Awaitable[dict[str, Any]]]:
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return receive
-
-
-async def never() -> dict[str, Any]:
-    await asyncio.get_running_loop().create_future()  # a client that stays: cancelled
-    raise AssertionError("unreachable")
-
-
 DERIVED = {
     # name: (whole, parts): the whole's p50 minus the sum of the parts' p50s
     "DataPlane.infer's own work (infer - validate - submit)": (INFER, (VALIDATE, SUBMIT)),
@@ -382,36 +294,21 @@ def layer_table(results: dict[str, dict[str, dict[str, Sample]]]) -> str:
     return "\n".join(lines)
 
 
-def loop_table(loops: dict[str, dict[int, dict[str, dict[str, float]]]]) -> str:
-    lines = [
-        md_row("model", "callers", "HTTP µs / request", "HTTP mean batch", "gRPC µs / request",
-               "gRPC mean batch"),
-        md_row("---", "---:", "---:", "---:", "---:", "---:"),
-    ]  # fmt: skip
-    for model, by_conc in loops.items():
-        for conc, got in by_conc.items():
-            h, g = got["http"], got["grpc"]
-            cells = [f"{x[k]:.1f}" for x in (h, g) for k in ("us_per_request", "mean_batch")]
-            lines.append(md_row(model, conc, *cells))
-    return "\n".join(lines)
-
-
 async def in_process(args: argparse.Namespace, repo: Path) -> dict[str, Any]:
     manager = ModelManager(ManagerSettings((repo,)), BackendRegistry())
     await manager.load_initial()
     try:
         dp = DataPlane(manager, "bench")
-        results = {}
-        loops = {}
+        results, variants = {}, {}
         for model in ("mlp", "identity"):
             gc.collect()
             results[model] = await layers(dp, model, args.iterations, args.warmup)
-            loops[model] = {c: await closed_loop(dp, model, c, args.iterations) for c in (1, 32)}
+            variants[model] = await what_ifs(dp, model, args.iterations, args.warmup)
             print(f"  {model}: done", flush=True)
         probe = await copy_probe(dp, "identity", max(50, args.iterations // 10))
     finally:
         await manager.close()
-    return {"layers": results, "closed_loop": loops, "copies": probe}
+    return {"layers": results, "what_ifs": variants, "copies": probe}
 
 
 def parse_args() -> argparse.Namespace:
@@ -446,12 +343,8 @@ def main() -> None:
             measured = uvloop.run(in_process(args, repo))
         result |= measured
         parts += ["## Layers, in process", "", layer_table(measured["layers"])]
-        parts += [
-            "## Closed loop in process (RestApp / FromString + ModelInfer + Serialize)",
-            "",
-            loop_table(measured["closed_loop"]),
-            "",
-        ]
+        title = "## What if: end to end without a layer, and in-process closed loops"
+        parts += [title, "", whatif_table(measured["what_ifs"]), ""]
         parts += ["## Tensor byte copies (identity model)", "", copy_table(measured["copies"])]
     if args.transport or args.transport_only:
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))

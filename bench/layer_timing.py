@@ -1,8 +1,9 @@
-"""Shared by bench_layers.py and bench_copies.py: the requests perf_analyzer sends, and
-per-call timing."""
+"""Shared by bench_layers.py and its helpers: the requests perf_analyzer sends, in-memory
+stand-ins for the transports (an ASGI call, a gRPC servicer context), per-call timing."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from kernelport.core.dataplane import DataPlane
+from kernelport.protocols.rest.app import RestApp
 from kernelport.schema import pb
 
 WIDTH = 512
@@ -69,3 +72,70 @@ def stats(sample: Sample) -> dict[str, float]:
 
 def md_row(*cells: object) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+# ---------------------------------------------------------------------------- stand-ins
+class FakeContext:
+    """The part of grpc.aio.ServicerContext that ModelInfer touches on success."""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("user-agent", "grpc-c++/1.67.1"),)
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        pass
+
+
+def asgi(body: bytes, headers: list[tuple[bytes, bytes]], model: str) -> Callable[..., Any]:
+    """An in-memory ASGI call of RestApp: one body message, then a receive that waits for a
+    disconnect that never comes (as a connected client's); the response is collected."""
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": f"/v2/models/{model}/infer", "raw_path": b"",
+        "query_string": b"", "headers": headers, "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }  # fmt: skip
+
+    def call(app: RestApp) -> Awaitable[None]:
+        first = True
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            nonlocal first
+            if first:
+                first = False
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await never()
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        async def run() -> None:
+            await app(scope, receive, send)
+            assert sent[0]["status"] == 200, sent
+
+        return run()
+
+    return call
+
+
+class Stub:
+    """A DataPlane whose infer answers a canned response at once: the front end alone."""
+
+    def __init__(self, dp: DataPlane, response: Any) -> None:
+        self.limits = dp.limits
+        self._response = response
+
+    async def infer(self, request: Any) -> Any:
+        return self._response
+
+
+def once(body: bytes) -> Callable[[], Awaitable[dict[str, Any]]]:
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+async def never() -> dict[str, Any]:
+    await asyncio.get_running_loop().create_future()  # a client that stays: cancelled
+    raise AssertionError("unreachable")
