@@ -319,6 +319,7 @@ def parse_args() -> argparse.Namespace:
     add("--iterations", type=int, default=5000, help="timed calls per layer")
     add("--warmup", type=int, default=500, help="untimed calls before them")
     add("--cpus", default="1", help='taskset-style cpus for this process ("all": no pinning)')
+    add("--out", type=Path, default=OUT_DIR, help="where the .md and .json go")
     add("--transport", action="store_true", help="also measure the echo ceilings")
     add("--transport-only", action="store_true", help="only measure the echo ceilings")
     add("--load-cpus", default="0", help="perf_analyzer's cpus (--transport)")
@@ -329,7 +330,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"timestamp": stamp, "args": vars(args)}
     parts: list[str] = []
     if not args.transport_only:
@@ -355,9 +356,9 @@ def main() -> None:
                   transport_table(result["transport"])]  # fmt: skip
     text = "\n".join(parts) + "\n"
     print(text)
-    md = OUT_DIR / f"layers-{stamp}.md"
+    md = args.out / f"layers-{stamp}.md"
     md.write_text(text)
-    (OUT_DIR / f"layers-{stamp}.json").write_text(json.dumps(result, indent=1, default=str))
+    (args.out / f"layers-{stamp}.json").write_text(json.dumps(result, indent=1, default=str))
     print(f"wrote {md}", file=sys.stderr)
 
 

@@ -220,7 +220,7 @@ def transport(args: argparse.Namespace, stamp: str) -> list[dict[str, Any]]:
     ):
         sys.exit("perf_analyzer missing: run scripts/setup_perf_analyzer.sh or set PA_VENV")
     args.cpus = "1" if args.cpus == "all" else args.cpus
-    work = ROOT / "bench" / "out" / f"transport-{stamp}"
+    work = args.out / f"transport-{stamp}"
     work.mkdir(parents=True, exist_ok=True)
     write_pa_input(work / "pa_input.json", (512,))
     print(f"transport on cpus {args.cpus}, perf_analyzer on {args.load_cpus} ...", flush=True)
