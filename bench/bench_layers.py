@@ -323,7 +323,8 @@ def parse_args() -> argparse.Namespace:
     add("--transport", action="store_true", help="also measure the echo ceilings")
     add("--transport-only", action="store_true", help="only measure the echo ceilings")
     add("--load-cpus", default="0", help="perf_analyzer's cpus (--transport)")
-    add("--measurement-ms", type=int, default=3000, help="perf_analyzer -p (--transport)")
+    add("--measurement-ms", type=int, default=3000, help="perf_analyzer -p for KernelPort")
+    add("--echo-measurement-ms", type=int, default=1000, help="perf_analyzer -p for the echoes")
     return ap.parse_args()
 
 
