@@ -1,7 +1,7 @@
 """Where one inference request's time goes, layer by layer, from bytes in to bytes out.
 
     PYTHONPATH=src .venv/bin/python bench/bench_layers.py                 # in process (~30 s)
-    PA_VENV=... PYTHONPATH=src .venv/bin/python bench/bench_layers.py --transport  # +~5 min
+    PA_VENV=... PYTHONPATH=src .venv/bin/python bench/bench_layers.py --transport  # +6-12 min
 
 In process, pinned to one core (--cpus, like the server in bench_server.py) and under uvloop
 (the server's loop), for the `mlp` model (FP32 [-1,512] MLP 512x3 under onnxruntime, dynamic
