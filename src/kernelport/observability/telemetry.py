@@ -46,13 +46,6 @@ class Telemetry:
         """A request id unique within this process: ``<random prefix>-<counter>``."""
         return self._prefix + str(self._next())
 
-    def request_id(self, *candidates: str) -> str:
-        """The first non-empty client id, else a new one."""
-        for candidate in candidates:
-            if candidate:
-                return candidate
-        return self._prefix + str(self._next())
-
     def failed(self, protocol: str, request_id: str, model: str, exc: BaseException) -> None:
         code = failure_code(exc)
         level = logging.ERROR if code in _SERVER_SIDE else logging.INFO
