@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from kernelport.limits import Limits
+
 ENV_PREFIX = "KERNELPORT_"
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -76,7 +78,7 @@ Names = Annotated[tuple[str, ...], BeforeValidator(_split(",", drop_blank=True))
 OptionalPath = Annotated[Path | None, BeforeValidator(_blank_is_none)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 
-_MIB_256 = 256 * 1024 * 1024
+_LIMITS = Limits()  # the request limits' defaults live with the limits themselves
 
 
 class Config(BaseModel):
@@ -107,28 +109,28 @@ class Config(BaseModel):
         "fair/edf use 1)"
     )  # fmt: skip
     grpc_max_message_bytes: int = Field(
-        _MIB_256,
+        _LIMITS.max_request_bytes,  # the same default as an HTTP body
         gt=0,
         le=2**31 - 1,  # the most gRPC allows
         description="largest gRPC message either way; RESOURCE_EXHAUSTED above (256 MiB)",
     )
     max_request_bytes: int = Field(
-        _MIB_256,
+        _LIMITS.max_request_bytes,
         gt=0,
         description="largest HTTP request body; larger ones get 413 (256 MiB)",
     )
     max_inflated_bytes: int = Field(
-        _MIB_256,
+        _LIMITS.max_inflated_bytes,
         gt=0,
         description="largest HTTP request body once gzip/deflate is undone; 413 above (256 MiB)",
     )
     max_tensor_elements: int = Field(
-        2**28,
+        _LIMITS.max_tensor_elements,
         gt=0,
         description="most elements in one input tensor; 400 / INVALID_ARGUMENT above (2**28)",
     )
     max_in_flight: int = Field(
-        4096,
+        _LIMITS.max_in_flight,
         gt=0,
         description="inference requests in flight across the server; 503 / RESOURCE_EXHAUSTED "
         "above",

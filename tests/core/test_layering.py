@@ -28,7 +28,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "types": frozenset({"errors"}),
     "limits": frozenset(),
     "version": frozenset(),
-    "config": frozenset(),
+    "config": frozenset({"limits"}),
     "schema": frozenset(),
     "core": frozenset({"errors", "types", "limits"}),
     "backends": frozenset({"core", "errors", "types"}),

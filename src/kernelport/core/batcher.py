@@ -212,8 +212,8 @@ class ModelQueue:
     def _enqueue(
         self, inputs: Arrays, rows: int, options: RequestOptions
     ) -> asyncio.Future[Result]:
-        """Queue one request of at most ``max_batch_size`` rows; its future gets its rows."""
-        self._admit()  # again for each piece of a split: a long request yields to the limit
+        """Queue one admitted request of at most ``max_batch_size`` rows; its future gets its
+        rows."""
         if self._padder:
             inputs = self._padder.pad(inputs)
         now = self._clock.now_ns()
@@ -252,6 +252,8 @@ class ModelQueue:
         results: list[Result] = []
         try:
             for start in range(0, rows, step):
+                if start:  # each further piece is admitted again: a long request yields
+                    self._admit()
                 piece = {name: array[start : start + step] for name, array in inputs.items()}
                 running.append(self._enqueue(piece, min(step, rows - start), options))
                 if len(running) >= window:

@@ -167,7 +167,7 @@ class DataPlane:
         try:
             inputs, rows = validate_inputs(config, request)
             names = requested_outputs(config, request)
-            hooks = model.next_hooks() if model.has_hooks else None
+            hooks = model.next_hooks() if model.hooks else None
             if hooks is not None and hooks.preprocess is not None:
                 # Per-request hooks run on threads of their own, alongside batch execution.
                 inputs = await _hook(config.name, "preprocess", hooks.preprocess, inputs)

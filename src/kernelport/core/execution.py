@@ -162,6 +162,8 @@ class WorkerPool:
                     f"model '{model}': instance {index} offers hooks ({_names(hooks)}) and "
                     f"instance 0 ({_names(offered[0])}): every instance must offer the same"
                 )
+        if not offered[0]:
+            return ()  # no hooks at all: the request path skips them with one test
         return tuple(Hooks(h.get("preprocess"), h.get("postprocess")) for h in offered)
 
     def device_memory_bytes(self) -> int | None:

@@ -68,18 +68,13 @@ class ModelVersion:
     queue: ModelQueue
     stats: ModelStats = field(default_factory=ModelStats)
     load_seconds: float = 0.0
-    #: each instance's per-request hooks (Python models); they run outside the batch, and
-    #: requests take the instances' hooks in turn (see ``WorkerPool.hooks``)
+    #: each instance's per-request hooks (Python models; empty when there are none); they
+    #: run outside the batch, and requests take the instances' hooks in turn
+    #: (see ``WorkerPool.hooks``)
     hooks: tuple[Hooks, ...] = ()
     active: int = 0  # requests between acquire() and release()
     _idle: asyncio.Event | None = None
     _next_hooks: int = 0
-
-    @property
-    def has_hooks(self) -> bool:
-        return bool(self.hooks) and (
-            self.hooks[0].preprocess is not None or self.hooks[0].postprocess is not None
-        )
 
     def next_hooks(self) -> Hooks:
         """The hooks of the next instance in turn: one request's pre- and postprocess both

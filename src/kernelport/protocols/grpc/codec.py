@@ -51,14 +51,11 @@ def parameters(params: Any) -> Parameters:
 _DEFAULT_LIMITS = Limits()
 
 
-def _typed(
-    name: str, dtype_name: str, shape: tuple[int, ...], contents: Any, max_elements: int
-) -> Tensor:
+def _typed(name: str, dtype_name: str, shape: tuple[int, ...], contents: Any, count: int) -> Tensor:
     field = _TYPED_FIELD.get(dtype_name)
     if field is None:
         raise invalid(f"input '{name}': {dtype_name} data must be sent in raw_input_contents")
     values = getattr(contents, field)
-    count = element_count(name, shape, max_elements)
     if len(values) != count:
         raise invalid(
             f"input '{name}': shape {list(shape)} needs {count} elements, "
@@ -83,7 +80,7 @@ def decode_request(msg: Any, limits: Limits = _DEFAULT_LIMITS) -> InferRequest:
     for tensor in msg.inputs:
         name = tensor.name
         shape = tuple(tensor.shape)
-        element_count(name, shape, limits.max_tensor_elements)  # before any allocation
+        count = element_count(name, shape, limits.max_tensor_elements)  # before any allocation
         tparams = parameters(tensor.parameters)
         if "shared_memory_region" in tparams:
             raise invalid(f"input '{name}': shared memory inputs are not supported yet")
@@ -92,9 +89,7 @@ def decode_request(msg: Any, limits: Limits = _DEFAULT_LIMITS) -> InferRequest:
                 raise invalid(
                     f"input '{name}': contents must not be set when raw_input_contents is used"
                 )
-            inputs.append(
-                _typed(name, tensor.datatype, shape, tensor.contents, limits.max_tensor_elements)
-            )
+            inputs.append(_typed(name, tensor.datatype, shape, tensor.contents, count))
             continue
         if next_raw >= len(raw):
             raise invalid(f"unable to find data for input tensor '{name}'")

@@ -98,10 +98,23 @@ async def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return await asyncio.to_thread(_inflate, body, encoding, limit)
 
 
-def _compress(payload: bytes, encoding: str) -> bytes:
+def _deflate(payload: bytes, encoding: str) -> bytes:
     if encoding == "gzip":
         return gzip.compress(payload, compresslevel=1)
     return zlib.compress(payload, 1)
+
+
+async def _compress(payload: bytes, encoding: str) -> bytes:
+    if len(payload) <= _OFF_LOOP_BYTES:
+        return _deflate(payload, encoding)
+    return await asyncio.to_thread(_deflate, payload, encoding)
+
+
+def _ascii_number(text: str) -> int | None:
+    """``text`` as a non-negative integer if it is ASCII digits (str.isdigit() also accepts
+    digits int() refuses, e.g. superscripts), else None."""
+    stripped = text.strip()
+    return int(stripped) if stripped.isascii() and stripped.isdigit() else None
 
 
 def _accepted_encoding(header: str) -> str | None:
@@ -245,11 +258,9 @@ class RestApp:
             raw_length = headers.get(codec.HEADER_LENGTH)
             header_length = None
             if raw_length is not None:
-                # ASCII only: str.isdigit() accepts digits int() refuses (e.g. superscripts).
-                stripped = raw_length.strip()
-                if not (stripped.isascii() and stripped.isdigit()):
+                header_length = _ascii_number(raw_length)
+                if header_length is None:
                     raise invalid(f"Inference-Header-Content-Length '{raw_length}' is not a number")
-                header_length = int(raw_length)
             request = codec.decode_request(body, header_length, model, version, self._limits)
             # The body's id wins; the response body echoes only that one (Triton's semantics).
             context.identify(request.id)
@@ -276,11 +287,8 @@ class RestApp:
         accept = headers.get("accept-encoding")
         if accept:
             encoding = _accepted_encoding(accept)
-            if encoding and len(payload) > _OFF_LOOP_BYTES:
-                payload = await asyncio.to_thread(_compress, payload, encoding)
-            elif encoding:
-                payload = _compress(payload, encoding)
             if encoding:
+                payload = await _compress(payload, encoding)
                 out_headers.append((b"content-encoding", encoding.encode()))
         context.succeeded(response)
         return Response(200, payload, out_headers)
@@ -392,8 +400,8 @@ async def _unless_disconnected(work: Awaitable[Response], receive: Receive) -> R
 
 async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
     """The request body, refused (413) by Content-Length up front or once it passes ``limit``."""
-    declared = headers.get("content-length", "").strip()
-    if declared.isdigit() and int(declared) > limit:
+    declared = _ascii_number(headers.get("content-length", ""))
+    if declared is not None and declared > limit:
         raise _too_large("request body", limit, "--max-request-bytes")
     message = await receive()
     body: bytes = message.get("body", b"")
