@@ -1,14 +1,9 @@
 """RestApp in-process over ASGI (httpx's ASGITransport) on a real DataPlane: routing, errors
-and their status codes, compression and size limits, with no server process."""
+and their status codes, with no server process (bodies: test_rest_bodies.py)."""
 
 from __future__ import annotations
 
-import base64
-import gzip
-import os
-import zlib
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,27 +12,12 @@ import numpy as np
 import orjson
 import pytest
 from inprocess import dataplane
+from rest_client import echo, error, plain_client, served
 
 from kernelport.core.dataplane import DataPlane
 from kernelport.errors import ErrorCode
-from kernelport.limits import Limits
 from kernelport.protocols.rest.app import RestApp
 from kernelport.protocols.rest.errors import HTTP_STATUS
-
-# httpx asks for compressed responses by default; most tests want to read the plain body.
-_PLAIN = {"accept-encoding": "identity"}
-
-
-def _client(app: RestApp) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=app)
-    return httpx.AsyncClient(transport=transport, base_url="http://test", headers=_PLAIN)
-
-
-@asynccontextmanager
-async def _served(tmp_path: Path, **options: Any) -> AsyncIterator[httpx.AsyncClient]:
-    """A client of a RestApp on its own DataPlane built with ``options``."""
-    async with dataplane(tmp_path, **options) as plane, _client(RestApp(plane)) as client:
-        yield client
 
 
 @pytest.fixture
@@ -48,19 +28,8 @@ async def dp(tmp_path: Path) -> AsyncIterator[DataPlane]:
 
 @pytest.fixture
 async def client(dp: DataPlane) -> AsyncIterator[httpx.AsyncClient]:
-    async with _client(RestApp(dp)) as c:
+    async with plain_client(RestApp(dp)) as c:
         yield c
-
-
-def _echo(values: list[float], **extra: Any) -> dict[str, Any]:
-    inp = {"name": "INPUT0", "datatype": "FP32", "shape": [len(values)], "data": values}
-    return {"inputs": [inp], **extra}
-
-
-def _error(response: httpx.Response, status: int) -> str:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    return str(response.json()["error"])
 
 
 # --- health, metadata, config, ready, stats -------------------------------------------------
@@ -97,13 +66,13 @@ async def test_model_metadata(client: httpx.AsyncClient) -> None:
 
 
 async def test_model_metadata_errors(client: httpx.AsyncClient) -> None:
-    message = _error(await client.get("/v2/models/nope"), 404)
+    message = error(await client.get("/v2/models/nope"), 404)
     assert message == "model 'nope' is not found"
-    message = _error(await client.get("/v2/models/echo/versions/7"), 404)
+    message = error(await client.get("/v2/models/echo/versions/7"), 404)
     assert message == "model 'echo' has no version '7' (loaded: 1)"
-    message = _error(await client.get("/v2/models/echo/versions/x1"), 400)
+    message = error(await client.get("/v2/models/echo/versions/x1"), 400)
     assert message.startswith("model version 'x1' is not a version number")
-    message = _error(await client.get("/v2/models/spare"), 503)
+    message = error(await client.get("/v2/models/spare"), 503)
     assert message == "model 'spare' is not loaded (it is in the model repository)"
 
 
@@ -113,21 +82,21 @@ async def test_model_config(client: httpx.AsyncClient) -> None:
     assert config["max_batch_size"] == 0
     assert [i["name"] for i in config["input"]] == ["INPUT0"]
     assert config["input"][0]["data_type"] == "TYPE_FP32"
-    _error(await client.get("/v2/models/nope/config"), 404)
+    error(await client.get("/v2/models/nope/config"), 404)
 
 
 async def test_model_ready(client: httpx.AsyncClient) -> None:
     assert (await client.get("/v2/models/echo/ready")).status_code == 200
     assert (await client.get("/v2/models/echo/versions/1/ready")).status_code == 200
-    message = _error(await client.get("/v2/models/echo/versions/3/ready"), 400)
+    message = error(await client.get("/v2/models/echo/versions/3/ready"), 400)
     assert message == "model 'echo' version '3' is not ready"
-    message = _error(await client.get("/v2/models/spare/ready"), 400)
+    message = error(await client.get("/v2/models/spare/ready"), 400)
     assert message == "model 'spare' version 'default' is not ready"
-    _error(await client.get("/v2/models/nope/ready"), 404)
+    error(await client.get("/v2/models/nope/ready"), 404)
 
 
 async def test_statistics_count_inferences(client: httpx.AsyncClient) -> None:
-    assert (await client.post("/v2/models/echo/infer", json=_echo([1, 2]))).status_code == 200
+    assert (await client.post("/v2/models/echo/infer", json=echo([1, 2]))).status_code == 200
     stats = (await client.get("/v2/models/echo/stats")).json()["model_stats"]
     assert [(s["name"], s["version"], s["inference_count"]) for s in stats] == [("echo", "1", 1)]
     assert stats[0]["inference_stats"]["success"]["count"] == 1
@@ -136,7 +105,7 @@ async def test_statistics_count_inferences(client: httpx.AsyncClient) -> None:
     assert [s["name"] for s in one] == ["echo"]
     every = (await client.get("/v2/models/stats")).json()["model_stats"]
     assert sorted(s["name"] for s in every) == ["echo", "half", "odd", "slow", "text"]
-    _error(await client.get("/v2/models/nope/stats"), 404)
+    error(await client.get("/v2/models/nope/stats"), 404)
 
 
 # --- routing: 404 / 405 ---------------------------------------------------------------------
@@ -159,17 +128,17 @@ async def test_statistics_count_inferences(client: httpx.AsyncClient) -> None:
     ],
 )
 async def test_wrong_method_is_405(client: httpx.AsyncClient, method: str, path: str) -> None:
-    assert _error(await client.request(method, path), 405) == "Method Not Allowed"
+    assert error(await client.request(method, path), 405) == "Method Not Allowed"
 
 
 @pytest.mark.parametrize(
     "path", ["/", "/v1/models", "/v2/models/echo/unknown", "/v2/models/a/b/c", "/v2/health"]
 )
 async def test_unknown_paths_are_404(client: httpx.AsyncClient, path: str) -> None:
-    assert _error(await client.get(path), 404) == "Not Found"
+    assert error(await client.get(path), 404) == "Not Found"
 
 
-async def test_only_http_scopes_are_served(dp: DataPlane) -> None:
+async def test_only_http_scopes_areserved(dp: DataPlane) -> None:
     sent: list[Any] = []
 
     async def send(message: Any) -> None:
@@ -186,7 +155,7 @@ async def test_only_http_scopes_are_served(dp: DataPlane) -> None:
 
 
 async def test_json_infer(client: httpx.AsyncClient) -> None:
-    response = await client.post("/v2/models/echo/infer", json=_echo([1.5, -2], id="abc"))
+    response = await client.post("/v2/models/echo/infer", json=echo([1.5, -2], id="abc"))
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
     assert response.headers["x-request-id"] == "abc"
@@ -202,28 +171,28 @@ async def test_request_id_header_is_used_when_the_body_has_none(
     client: httpx.AsyncClient,
 ) -> None:
     response = await client.post(
-        "/v2/models/echo/infer", json=_echo([1, 2]), headers={"x-request-id": "hdr-7"}
+        "/v2/models/echo/infer", json=echo([1, 2]), headers={"x-request-id": "hdr-7"}
     )
     assert response.headers["x-request-id"] == "hdr-7"
     assert "id" not in response.json()  # only the body's id is echoed in the body
-    generated = await client.post("/v2/models/echo/infer", json=_echo([1, 2]))
+    generated = await client.post("/v2/models/echo/infer", json=echo([1, 2]))
     assert generated.headers["x-request-id"]  # a fresh id when the client gave none
     body_wins = await client.post(
-        "/v2/models/echo/infer", json=_echo([1, 2], id="b"), headers={"x-request-id": "h"}
+        "/v2/models/echo/infer", json=echo([1, 2], id="b"), headers={"x-request-id": "h"}
     )
     assert body_wins.headers["x-request-id"] == "b"
 
 
 async def test_non_ascii_request_ids_are_percent_encoded(client: httpx.AsyncClient) -> None:
-    response = await client.post("/v2/models/echo/infer", json=_echo([1, 2], id="é 1"))
+    response = await client.post("/v2/models/echo/infer", json=echo([1, 2], id="é 1"))
     assert response.headers["x-request-id"] == "%C3%A9%201"
     assert response.json()["id"] == "é 1"
 
 
 async def test_versioned_infer(client: httpx.AsyncClient) -> None:
-    response = await client.post("/v2/models/echo/versions/1/infer", json=_echo([1, 2]))
+    response = await client.post("/v2/models/echo/versions/1/infer", json=echo([1, 2]))
     assert response.json()["model_version"] == "1"
-    _error(await client.post("/v2/models/echo/versions/2/infer", json=_echo([1, 2])), 404)
+    error(await client.post("/v2/models/echo/versions/2/infer", json=echo([1, 2])), 404)
 
 
 async def test_binary_infer(client: httpx.AsyncClient) -> None:
@@ -258,10 +227,10 @@ async def test_binary_infer(client: httpx.AsyncClient) -> None:
 async def test_header_length_must_be_ascii_digits(client: httpx.AsyncClient, value: str) -> None:
     response = await client.post(
         "/v2/models/echo/infer",
-        json=_echo([1, 2]),
+        json=echo([1, 2]),
         headers={"inference-header-content-length": value.encode()},
     )
-    message = _error(response, 400)
+    message = error(response, 400)
     assert message.startswith("Inference-Header-Content-Length '")
     assert message.endswith("' is not a number")
     assert response.headers["x-request-id"]
@@ -270,22 +239,22 @@ async def test_header_length_must_be_ascii_digits(client: httpx.AsyncClient, val
 async def test_header_length_past_the_body(client: httpx.AsyncClient) -> None:
     response = await client.post(
         "/v2/models/echo/infer",
-        json=_echo([1, 2]),
+        json=echo([1, 2]),
         headers={"inference-header-content-length": "100000"},
     )
-    assert "is outside the body of" in _error(response, 400)
+    assert "is outside the body of" in error(response, 400)
 
 
 async def test_infer_client_errors(client: httpx.AsyncClient) -> None:
-    _error(await client.post("/v2/models/nope/infer", json=_echo([1, 2])), 404)
-    message = _error(await client.post("/v2/models/echo/infer", content=b"{"), 400)
+    error(await client.post("/v2/models/nope/infer", json=echo([1, 2])), 404)
+    message = error(await client.post("/v2/models/echo/infer", content=b"{"), 400)
     assert message.startswith("request body is not valid JSON")
     wrong = {"inputs": [{"name": "X", "datatype": "FP32", "shape": [2], "data": [1, 2]}]}
-    assert "X" in _error(await client.post("/v2/models/echo/infer", json=wrong), 400)
-    response = await client.post("/v2/models/echo/infer", json=_echo([1, 2], id="e1"))
+    assert "X" in error(await client.post("/v2/models/echo/infer", json=wrong), 400)
+    response = await client.post("/v2/models/echo/infer", json=echo([1, 2], id="e1"))
     assert response.status_code == 200
-    failed = await client.post("/v2/models/echo/infer", json=_echo([1], id="e2"))
-    _error(failed, 400)
+    failed = await client.post("/v2/models/echo/infer", json=echo([1], id="e2"))
+    error(failed, 400)
     assert failed.headers["x-request-id"] == "e2"
 
 
@@ -305,7 +274,7 @@ async def test_non_utf8_bytes_need_binary_output(client: httpx.AsyncClient) -> N
     )
     headers = {"inference-header-content-length": str(len(header))}
     response = await client.post("/v2/models/text/infer", content=header + raw, headers=headers)
-    assert "is not UTF-8 text" in _error(response, 400)
+    assert "is not UTF-8 text" in error(response, 400)
     binary = orjson.loads(header)
     binary["parameters"] = {"binary_data_output": True}
     header = orjson.dumps(binary)
@@ -322,13 +291,13 @@ async def test_half_float_outputs_need_binary(client: httpx.AsyncClient) -> None
     header = orjson.dumps(request)
     headers = {"inference-header-content-length": str(len(header))}
     response = await client.post("/v2/models/half/infer", content=header + values, headers=headers)
-    assert _error(response, 400) == "output 'OUTPUT0' is FP16; request it with binary_data: true"
+    assert error(response, 400) == "output 'OUTPUT0' is FP16; request it with binary_data: true"
 
 
 async def test_unexpected_failures_are_500_without_internals(client: httpx.AsyncClient) -> None:
     bad = {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [-1]}], "id": "x9"}
     response = await client.post("/v2/models/odd/infer", json=bad)
-    assert _error(response, 500) == "internal server error"
+    assert error(response, 500) == "internal server error"
     assert response.headers["x-request-id"] == "x9"
     good = {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [3]}]}
     assert (await client.post("/v2/models/odd/infer", json=good)).json()["outputs"][0]["data"] == [
@@ -338,7 +307,7 @@ async def test_unexpected_failures_are_500_without_internals(client: httpx.Async
 
 async def test_draining_refuses_inference(client: httpx.AsyncClient, dp: DataPlane) -> None:
     dp.accepting = False
-    message = _error(await client.post("/v2/models/echo/infer", json=_echo([1, 2])), 503)
+    message = error(await client.post("/v2/models/echo/infer", json=echo([1, 2])), 503)
     assert message == "server is shutting down: request refused"
 
 
@@ -363,133 +332,6 @@ async def test_a_client_that_disconnects_cancels_its_request(dp: DataPlane) -> N
     await RestApp(dp)(scope, receive, send)
     assert sent[0]["status"] == 400  # the 300 ms model was cancelled, not waited for
     assert orjson.loads(sent[1]["body"]) == {"error": "client disconnected"}
-
-
-# --- compression ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("encoding", "compress"), [("gzip", gzip.compress), ("deflate", zlib.compress)]
-)
-async def test_compressed_request_bodies(
-    client: httpx.AsyncClient, encoding: str, compress: Any
-) -> None:
-    response = await client.post(
-        "/v2/models/echo/infer",
-        content=compress(orjson.dumps(_echo([4, 5]))),
-        headers={"content-encoding": encoding},
-    )
-    assert response.status_code == 200, response.text
-    assert response.json()["outputs"][0]["data"] == [4.0, 5.0]
-
-
-async def test_unsupported_content_encoding_is_501(client: httpx.AsyncClient) -> None:
-    response = await client.post(
-        "/v2/models/echo/infer", content=b"xx", headers={"content-encoding": "br"}
-    )
-    assert _error(response, 501) == "unsupported Content-Encoding 'br'"
-    assert response.headers["accept-encoding"] == "gzip, deflate"
-
-
-async def test_large_bodies_are_compressed_both_ways(client: httpx.AsyncClient) -> None:
-    """Over 64 KiB, (de)compression runs on a thread; the answer is the same."""
-    request_id = base64.b64encode(os.urandom(96 * 1024)).decode()  # incompressible
-    body = gzip.compress(orjson.dumps(_echo([1, 2], id=request_id)))
-    assert len(body) > 64 * 1024
-    response = await client.post(
-        "/v2/models/echo/infer",
-        content=body,
-        headers={"content-encoding": "gzip", "accept-encoding": "gzip"},
-    )
-    assert response.status_code == 200, response.text
-    assert response.headers["content-encoding"] == "gzip"
-    assert response.json()["id"] == request_id
-
-
-@pytest.mark.parametrize(
-    ("body", "expected"),
-    [
-        (b"not gzip at all", "request body is not valid gzip data: "),
-        (
-            gzip.compress(b'{"inputs": []}', mtime=0)[:-12],
-            "request body is not valid gzip data: truncated",
-        ),
-    ],
-)
-async def test_broken_compressed_bodies_are_400(
-    client: httpx.AsyncClient, body: bytes, expected: str
-) -> None:
-    response = await client.post(
-        "/v2/models/echo/infer", content=body, headers={"content-encoding": "gzip"}
-    )
-    assert _error(response, 400).startswith(expected)
-
-
-@pytest.mark.parametrize(
-    ("accept", "expected"),
-    [
-        ("gzip", "gzip"),
-        ("deflate", "deflate"),
-        ("br, gzip;q=0.5, deflate;q=0.9", "deflate"),
-        ("gzip;q=0", None),
-        ("gzip;q=bad, deflate;q=0.1", "deflate"),
-        ("br", None),
-    ],
-)
-async def test_response_compression_follows_accept_encoding(
-    client: httpx.AsyncClient, accept: str, expected: str | None
-) -> None:
-    response = await client.post(
-        "/v2/models/echo/infer", json=_echo([1, 2]), headers={"accept-encoding": accept}
-    )
-    assert response.status_code == 200
-    assert response.headers.get("content-encoding") == expected
-    assert response.json()["outputs"][0]["data"] == [1.0, 2.0]  # httpx undoes it
-
-
-# --- size limits ----------------------------------------------------------------------------
-
-
-async def test_bodies_over_the_limit_are_413(dp: DataPlane) -> None:
-    app = RestApp(dp, limits=Limits(max_request_bytes=64, max_inflated_bytes=100))
-    async with _client(app) as client:
-        response = await client.post("/v2/models/echo/infer", content=b" " * 65)
-        assert _error(response, 413) == (
-            "request body is larger than the limit of 64 bytes (--max-request-bytes)"
-        )
-
-        async def chunks() -> AsyncIterator[bytes]:  # chunked: no Content-Length up front
-            for _ in range(3):
-                yield b" " * 30
-
-        response = await client.post("/v2/models/echo/infer", content=chunks())
-        assert "larger than the limit of 64 bytes" in _error(response, 413)
-        bomb = gzip.compress(b"0" * 10_000)
-        assert len(bomb) <= 64
-        response = await client.post(
-            "/v2/models/echo/infer", content=bomb, headers={"content-encoding": "gzip"}
-        )
-        assert _error(response, 413) == (
-            "request body once decompressed is larger than the limit of 100 bytes "
-            "(--max-inflated-bytes)"
-        )
-
-
-async def test_chunked_bodies_under_the_limit_are_joined(client: httpx.AsyncClient) -> None:
-    raw = orjson.dumps(_echo([7, 8]))
-
-    async def chunks() -> AsyncIterator[bytes]:
-        for i in range(0, len(raw), 10):
-            yield raw[i : i + 10]
-
-    response = await client.post("/v2/models/echo/infer", content=chunks())
-    assert response.json()["outputs"][0]["data"] == [7.0, 8.0]
-
-
-async def test_element_limit_is_400(tmp_path: Path) -> None:
-    async with _served(tmp_path, limits=Limits(max_tensor_elements=1)) as client:
-        response = await client.post("/v2/models/echo/infer", json=_echo([1, 2]))
-    assert "over the limit of 1 (--max-tensor-elements)" in _error(response, 400)
 
 
 # --- repository -----------------------------------------------------------------------------
@@ -539,14 +381,14 @@ async def test_repository_errors(
     client: httpx.AsyncClient, path: str, body: Any, status: int, expected: str
 ) -> None:
     response = await client.post(path, json=body) if body is not None else await client.post(path)
-    assert expected in _error(response, status)
+    assert expected in error(response, status)
 
 
 async def test_repository_load_is_refused_outside_explicit_mode(tmp_path: Path) -> None:
-    async with _served(tmp_path, control_mode="none") as client:
+    async with served(tmp_path, control_mode="none") as client:
         for verb in ("load", "unload"):
             response = await client.post(f"/v2/repository/models/echo/{verb}")
-            assert "not allowed in model control mode 'none'" in _error(response, 503)
+            assert "not allowed in model control mode 'none'" in error(response, 503)
 
 
 @pytest.mark.parametrize(
@@ -556,9 +398,9 @@ async def test_repository_load_is_refused_outside_explicit_mode(tmp_path: Path) 
 )  # fmt: skip
 async def test_uploaded_files_must_be_base64(tmp_path: Path, value: Any, expected: str) -> None:
     params = {"config": "{}", "file:1/m.py": value}
-    async with _served(tmp_path, allow_model_upload=True) as client:
+    async with served(tmp_path, allow_model_upload=True) as client:
         response = await client.post("/v2/repository/models/up/load", json={"parameters": params})
-    assert _error(response, 400).startswith(expected)
+    assert error(response, 400).startswith(expected)
 
 
 # --- trace and log settings -----------------------------------------------------------------
@@ -574,11 +416,11 @@ async def test_trace_settings(client: httpx.AsyncClient) -> None:
     assert (await client.get("/v2/models/echo/trace/setting")).json()["trace_rate"] == "9"
     assert (await client.get("/v2/trace/setting")).json()["trace_rate"] == "5"
     response = await client.post("/v2/trace/setting", json={"nope": "1"})
-    assert _error(response, 400).startswith("unknown trace setting 'nope'")
-    _error(await client.get("/v2/models/nope/trace/setting"), 404)
-    message = _error(await client.get("/v2/models/echo/versions/1/trace/setting"), 400)
+    assert error(response, 400).startswith("unknown trace setting 'nope'")
+    error(await client.get("/v2/models/nope/trace/setting"), 404)
+    message = error(await client.get("/v2/models/echo/versions/1/trace/setting"), 400)
     assert message == "trace settings are per model, not per version"
-    message = _error(await client.post("/v2/trace/setting", json=[1]), 400)
+    message = error(await client.post("/v2/trace/setting", json=[1]), 400)
     assert message == "request body must be a JSON object of settings"
 
 
@@ -588,9 +430,9 @@ async def test_log_settings(client: httpx.AsyncClient) -> None:
     updated = (await client.post("/v2/logging", json={"log_verbose_level": 1})).json()
     assert updated["log_verbose_level"] == 1
     assert (await client.get("/v2/logging")).json()["log_verbose_level"] == 1
-    message = _error(await client.post("/v2/logging", json={"log_info": "yes"}), 400)
+    message = error(await client.post("/v2/logging", json={"log_info": "yes"}), 400)
     assert message == "log setting 'log_info' must be a boolean, got 'yes'"
-    message = _error(await client.post("/v2/logging", json={"log_file": "/tmp/x"}), 501)
+    message = error(await client.post("/v2/logging", json={"log_file": "/tmp/x"}), 501)
     assert message == "logs go to stderr; log_file must be ''"
 
 
@@ -601,10 +443,10 @@ async def test_log_settings(client: httpx.AsyncClient) -> None:
 async def test_shared_memory_endpoints(client: httpx.AsyncClient, kind: str) -> None:
     base = f"/v2/{kind}sharedmemory"
     assert (await client.get(f"{base}/status")).json() == []
-    message = _error(await client.get(f"{base}/region/r0/status"), 404)
+    message = error(await client.get(f"{base}/region/r0/status"), 404)
     assert message == "shared memory region 'r0' is not registered"
     assert (await client.post(f"{base}/unregister")).status_code == 200
-    message = _error(await client.post(f"{base}/region/r0/register", json={}), 501)
+    message = error(await client.post(f"{base}/region/r0/register", json={}), 501)
     assert message == "shared memory is not supported yet"
 
 
