@@ -100,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"kernelport: {exc}", file=sys.stderr)
         return 2
+    if config.grpc_transport == "envoy":
+        from kernelport.hosting import envoy  # the server itself starts inside Envoy
+        from kernelport.observability import logging as log_setup
+
+        log_setup.configure(config.log_level, config.log_format)
+        return envoy.run(config)
     from kernelport.server import Server  # heavy imports only once we know we serve
 
     async def run() -> int:

@@ -94,6 +94,14 @@ class Config(BaseModel):
     http_port: Port = Field(8000, description="KServe V2 HTTP port (0: any free port)")
     grpc_port: Port = Field(8001, description="KServe V2 gRPC port (0: any free port)")
     metrics_port: Port = Field(8002, description="Prometheus metrics port (0: any free port)")
+    grpc_transport: Literal["grpcio", "envoy"] = Field(
+        "grpcio",
+        description="what serves gRPC: grpcio's server, or Envoy hosting the server process "
+        "(the 'envoy' extra; about a quarter of grpcio's cost per call)",
+    )
+    envoy_threads: int = Field(
+        1, ge=1, le=64, description="Envoy worker threads for --grpc-transport envoy"
+    )
     log_level: LogLevel = Field("info", description="log threshold")
     log_format: Literal["plain", "json"] = Field("plain", description="log line format")
     default_max_batch_size: int = Field(

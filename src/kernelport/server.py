@@ -30,10 +30,12 @@ from kernelport.observability.telemetry import Telemetry
 from kernelport.observability.tracing import Tracing
 from kernelport.pbtxt import TritonConfigReader
 from kernelport.protocols.auth import Auth, RequireKey, exposure_warning
-from kernelport.protocols.grpc.server import GrpcFrontEnd
+from kernelport.protocols.grpc.asgi import GrpcAsgiApp
+from kernelport.protocols.grpc.server import GrpcFrontEnd, InferenceServicer, KernelPortServicer
 from kernelport.protocols.http_timeouts import header_timeout_protocol
 from kernelport.protocols.rest.app import RestApp
 from kernelport.protocols.tls import TlsFiles
+from kernelport.schema import pb
 from kernelport.version import __version__
 
 log = logging.getLogger("kernelport.server")
@@ -105,7 +107,12 @@ class Server:
         self._gpu = GpuCollector()
         self.registry.register(KernelPortCollector(self.manager, lambda: self.dataplane.in_flight))
         self.registry.register(self._gpu)
-        self._grpc = GrpcFrontEnd(self.dataplane, config, self.telemetry)
+        # With --grpc-transport envoy, Envoy owns the gRPC listener and calls grpc_app().
+        self._grpc = (
+            GrpcFrontEnd(self.dataplane, config, self.telemetry)
+            if config.grpc_transport == "grpcio"
+            else None
+        )
         self._auth = Auth(config.api_keys, config.auth_scope)
         self._tls = TlsFiles.from_config(config)
         self._force = asyncio.Event()
@@ -146,7 +153,8 @@ class Server:
             await self._poller.start()  # loads the repository, then watches it
         else:
             await self.manager.load_initial()
-        self.grpc_port = await self._grpc.start(self.config.host, self.config.grpc_port)
+        if self._grpc is not None:
+            self.grpc_port = await self._grpc.start(self.config.host, self.config.grpc_port)
         metrics: Any = MetricsApp(
             self.registry, self.dataplane.live, self.dataplane.ready, self._gpu.refresh
         )
@@ -168,15 +176,9 @@ class Server:
                 raise RuntimeError("HTTP server stopped during startup")
             await asyncio.sleep(0.005)
         host = self.config.host
-        log.info(
-            "listening: HTTP %s:%d, gRPC %s:%d, metrics %s:%d",
-            host,
-            self.http_port,
-            host,
-            self.grpc_port,
-            host,
-            self.metrics_port,
-        )
+        grpc_line = f", gRPC {host}:{self.grpc_port}" if self._grpc is not None else ""
+        log.info("listening: HTTP %s:%d%s, metrics %s:%d",
+                 host, self.http_port, grpc_line, host, self.metrics_port)  # fmt: skip
         warning = exposure_warning(host, self._auth.enabled, self._tls is not None)
         if warning:
             log.warning("%s", warning)
@@ -194,6 +196,14 @@ class Server:
                 )
             else:
                 log.error("model NOT ready: %s (%s)", entry.name, entry.reason)
+
+    def grpc_app(self) -> GrpcAsgiApp:
+        """The gRPC services as an ASGI application, for an HTTP/2 server outside Python."""
+        servicers = {
+            pb.INFERENCE_SERVICE: InferenceServicer(self.dataplane, self.telemetry),
+            pb.KERNELPORT_SERVICE: KernelPortServicer(self.dataplane, self.telemetry),
+        }
+        return GrpcAsgiApp(servicers, self.config.grpc_max_message_bytes, self._auth)
 
     def ports(self) -> dict[str, int]:
         """The ports listened on, by listener name (after ``startup``)."""
@@ -232,7 +242,8 @@ class Server:
             busy = self._busy_models()
             log.warning("drain gave up with %d requests in flight; models still busy: %s",
                         self.dataplane.in_flight, ", ".join(busy) or "none")  # fmt: skip
-        await self._grpc.stop(grace=5.0 if self.drained else 0)
+        if self._grpc is not None:
+            await self._grpc.stop(grace=5.0 if self.drained else 0)
         for server in self._http:
             server.should_exit = True
             server.force_exit = not self.drained
@@ -263,12 +274,16 @@ class Server:
             return 1
         await self.serve()
         await self.shutdown()
+        self.leave_if_stuck()
+        return 0 if self.drained else 1
+
+    def leave_if_stuck(self) -> None:
+        """After ``shutdown``: end the process now if a model is still executing."""
         if self.stuck:
             # Their threads would block interpreter exit (thread joins) forever: leave now.
             log.error("exiting with models still executing: %s", ", ".join(self.stuck))
             logging.shutdown()
             os._exit(1)
-        return 0 if self.drained else 1
 
     def _busy_models(self) -> list[str]:
         return sorted(

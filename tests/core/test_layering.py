@@ -54,7 +54,8 @@ ALLOWED: dict[str, frozenset[str]] = {
             "protocols",
         }
     ),
-    "cli": frozenset({"config", "server", "version"}),
+    "hosting": frozenset({"config", "server", "protocols", "observability"}),
+    "cli": frozenset({"config", "server", "version", "hosting", "observability"}),
     "__main__": frozenset({"cli"}),
     ROOT: frozenset({"config", "server", "version"}),
 }

