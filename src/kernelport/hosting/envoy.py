@@ -38,10 +38,12 @@ from types import FrameType
 from typing import Any
 
 from kernelport.config import Config
+from kernelport.protocols.tls import TlsFiles
 
 log = logging.getLogger("kernelport.envoy")
 
 CONTROL_FD_ENV = "KERNELPORT_CONTROL_FD"
+PYTHON_ENV = "KERNELPORT_PYTHON"  # the launcher's interpreter: sys.executable inside Envoy
 APP = "kernelport.hosting.embedded:app"
 LISTENER = "grpc"
 _ENVOY_LOG_LEVEL = {"debug": "info", "info": "warning", "warning": "warning", "error": "error"}
@@ -70,6 +72,9 @@ def _locate() -> tuple[str, str]:
 def envoy_environ() -> dict[str, str]:
     """What Envoy needs to start this interpreter: the same paths, libpython preloaded.
 
+    Inside Envoy, ``sys.executable`` would be Envoy; the embedded module puts the launcher's
+    interpreter back, for libraries that start helper processes (torch.compile's workers).
+
     pyvoy's module is built like an extension module and does not link libpython, so the
     library is preloaded into the Envoy process (pyvoy's own launcher does the same).
     """
@@ -78,7 +83,10 @@ def envoy_environ() -> dict[str, str]:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-        "PYTHONHOME": f"{sys.prefix}{os.pathsep}{sys.exec_prefix}",
+        # The base installation's, so that sysconfig finds its headers (torch.compile
+        # builds against Python.h); the virtual environment's packages come in by the path.
+        "PYTHONHOME": f"{sys.base_prefix}{os.pathsep}{sys.base_exec_prefix}",
+        PYTHON_ENV: sys.executable,
     }
     libs = [Path(p) for p in find_libpython.candidate_paths()]
     libs = [p for p in libs if p.name.startswith("libpython") and p.exists()]
@@ -266,6 +274,13 @@ def run(config: Config) -> int:
     except EnvoyMissing as exc:
         log.error("%s", exc)
         return 2
+    tls = TlsFiles.from_config(config)
+    try:
+        if tls is not None:
+            tls.check()  # Envoy would refuse them too, but without naming the setting
+    except RuntimeError as exc:
+        log.error("startup failed: %s", exc)
+        return 1
     private = tempfile.mkdtemp(prefix="kernelport-envoy-")  # 0700: the admin socket's home
     admin_path = os.path.join(private, "admin.sock")
     ours, theirs = socket.socketpair()
