@@ -22,10 +22,10 @@ from kernelport.hosting.envoy import CONTROL_FD_ENV, PYTHON_ENV
 if PYTHON_ENV in os.environ:  # before any library reads it (see envoy.envoy_environ)
     sys.executable = os.environ[PYTHON_ENV]
 
-from kernelport.config import Config  # noqa: E402
-from kernelport.observability import logging as log_setup  # noqa: E402
-from kernelport.protocols.grpc.asgi import GrpcAsgiApp, Receive, Scope, Send  # noqa: E402
-from kernelport.server import Server  # noqa: E402
+from kernelport.config import Config
+from kernelport.observability import logging as log_setup
+from kernelport.protocols.grpc.asgi import GrpcAsgiApp, Receive, Scope, Send
+from kernelport.server import Server
 
 log = logging.getLogger("kernelport.envoy")
 

