@@ -37,9 +37,20 @@ perf-analyzer:
 	PYTHON=$(PYTHON) scripts/setup_perf_analyzer.sh
 
 # Reports line coverage of src/kernelport; fails under [tool.coverage.report] fail_under.
+# The tests that reach a real server's gRPC port, run a second time with the other gRPC
+# transport (--grpc-transport; the first pass uses the default).
+OTHER_GRPC_TRANSPORT ?= envoy
+GRPC_TRANSPORT_TESTS ?= tests/e2e tests/batching/test_batching_e2e.py \
+	tests/protocols/test_stream_errors.py tests/security/test_limits.py tests/security/test_tls.py \
+	tests/security/test_auth.py tests/security/test_shutdown.py \
+	tests/observability/test_health_and_drain.py tests/lifecycle/test_model_control.py
+
 test: install-test perf-analyzer
 	KERNELPORT_REQUIRE_PERF_ANALYZER=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
 		--cov=kernelport --cov-report=term
+	KERNELPORT_GRPC_TRANSPORT=$(OTHER_GRPC_TRANSPORT) KERNELPORT_REQUIRE_PERF_ANALYZER=1 \
+		$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -p no:cacheprovider \
+		$(GRPC_TRANSPORT_TESTS)
 
 # The fuzz suite with a large, random budget (make test runs it small and derandomized).
 FUZZ_EXAMPLES ?= 2000

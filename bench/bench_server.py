@@ -159,6 +159,41 @@ def write_pa_input(path: Path, shape: tuple[int, ...]) -> None:
     path.write_text(json.dumps({"data": [data]}))
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and every live descendant."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        parents[int(entry.name)] = int(fields[1])
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        total += times.get(current, 0.0)
+        todo += [child for child, parent in parents.items() if parent == current]
+    return total
+
+
+def model_counts(http_port: int) -> tuple[int, int]:
+    """(inferences, executions) the server has counted for the model so far (0s: Triton's
+    may not answer the same way)."""
+    url = f"http://127.0.0.1:{http_port}/v2/models/{MODEL}/stats"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            stats = json.load(response)["model_stats"][0]
+        return int(stats["inference_count"]), int(stats["execution_count"])
+    except (OSError, ValueError, KeyError, IndexError):
+        return 0, 0
+
+
 def run_perf_analyzer(
     protocol: str, port: int, conc: int, args: argparse.Namespace, work: Path
 ) -> dict[str, Any]:
@@ -245,7 +280,15 @@ def bench_server(repo: Path, work: Path, log: Path, args: argparse.Namespace) ->
                 port = grpc_port if protocol == "grpc" else http_port
                 for conc in args.concurrency:
                     print(f"perf_analyzer {protocol} c={conc} ...", flush=True)
-                    server["runs"].append(run_perf_analyzer(protocol, port, conc, args, work))
+                    cpu0, (inf0, exe0) = tree_cpu_s(proc.pid), model_counts(http_port)
+                    row = run_perf_analyzer(protocol, port, conc, args, work)
+                    cpu1, (inf1, exe1) = tree_cpu_s(proc.pid), model_counts(http_port)
+                    # Over the whole perf_analyzer run (all its windows): the server's core
+                    # time per request, and the mean batch its model ran.
+                    if inf1 > inf0 and exe1 > exe0:
+                        row["server_cpu_us_per_req"] = (cpu1 - cpu0) / (inf1 - inf0) * 1e6
+                        row["mean_batch"] = (inf1 - inf0) / (exe1 - exe0)
+                    server["runs"].append(row)
         finally:
             server["stopped"] = stop(proc)
     return server
@@ -268,19 +311,22 @@ def report(bare: list[dict[str, float]], runs: list[dict[str, Any]]) -> str:
     ]  # fmt: skip
     if runs:
         out += ["", md_row("batching", "protocol", "concurrency", "infer/s", "p50 ms", "p99 ms",
-                           "vs bare b=1", f"vs bare b={best['batch']}"),
-                md_row("---", "---", *["---:"] * 6)]  # fmt: skip
+                           "vs bare b=1", f"vs bare b={best['batch']}", "server CPU us/req",
+                           "mean batch"),
+                md_row("---", "---", *["---:"] * 8)]  # fmt: skip
     for r in runs:
         if "error" in r:
             out.append(md_row(r["batching"], r["protocol"], r["concurrency"],
-                              f"FAILED {r['error']}", *[""] * 4))  # fmt: skip
+                              f"FAILED {r['error']}", *[""] * 6))  # fmt: skip
             continue
         r["ratio_vs_bare_single"] = r["infer_per_s"] / single
         r["ratio_vs_bare_best_batch"] = r["infer_per_s"] / best["rows_per_s"]
         out.append(
             md_row(r["batching"], r["protocol"], r["concurrency"], f"{r['infer_per_s']:.0f}",
                    f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
-                   f"{r['ratio_vs_bare_single']:.2f}", f"{r['ratio_vs_bare_best_batch']:.3f}")
+                   f"{r['ratio_vs_bare_single']:.2f}", f"{r['ratio_vs_bare_best_batch']:.3f}",
+                   f"{r['server_cpu_us_per_req']:.0f}" if "server_cpu_us_per_req" in r else "",
+                   f"{r['mean_batch']:.1f}" if "mean_batch" in r else "")
         )  # fmt: skip
     return "\n".join(out)
 
