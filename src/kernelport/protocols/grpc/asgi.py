@@ -251,10 +251,12 @@ class GrpcAsgiApp:
             if gone and task.uncancel() == 0:
                 raise _Disconnected from None
             raise
-        except TimeoutError:
-            raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         except Exception as exc:
-            code, message = _status(exc, route.name)
+            # The response has started: a passed deadline, like any error, goes in the trailers.
+            if isinstance(exc, TimeoutError):
+                code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"
+            else:
+                code, message = _status(exc, route.name)
             await send({"type": "http.response.body", "body": b""})
             await send({"type": "http.response.trailers",
                         "headers": _trailers(code, message, context.trailing)})  # fmt: skip
