@@ -60,6 +60,8 @@ def inflate(data: bytes | memoryview, encoding: bytes, limit: int) -> bytes:
         raise ServerError(ErrorCode.INTERNAL, f"cannot decompress the message: {exc}") from None
     if len(out) > limit or inflater.unconsumed_tail:
         raise too_large("Received decompressed", limit + 1, limit)
+    if not inflater.eof:  # zlib returns what it could of a cut stream without complaint
+        raise ServerError(ErrorCode.INTERNAL, "cannot decompress the message: it is truncated")
     return out
 
 
