@@ -216,9 +216,10 @@ class GrpcAsgiApp:
         task = asyncio.current_task()
         assert task is not None
         gone = False
+        watch: _Watch | None = None
 
         async def requests() -> AsyncIterator[Any]:
-            nonlocal gone
+            nonlocal gone, watch
             deframer = wire.Deframer(self._limit)
             while True:
                 event = await receive()
@@ -233,6 +234,8 @@ class GrpcAsgiApp:
                 if not event.get("more_body"):
                     if deframer.pending:
                         raise _Abort(grpc.StatusCode.INTERNAL, "the stream ended inside a message")
+                    # Half-closed: nothing more to read, so watch the client as a unary call does.
+                    watch = _Watch(task, receive)
                     return
 
         await send({"type": "http.response.start", "status": 200, "headers": _START_HEADERS,
@@ -248,7 +251,7 @@ class GrpcAsgiApp:
                     await send({"type": "http.response.body", "more_body": True,
                                 "body": wire.frame_header(len(payload)) + payload})  # fmt: skip
         except asyncio.CancelledError:
-            if gone and task.uncancel() == 0:
+            if (gone or (watch is not None and watch.gone)) and task.uncancel() == 0:
                 raise _Disconnected from None
             raise
         except Exception as exc:
@@ -262,6 +265,8 @@ class GrpcAsgiApp:
                         "headers": _trailers(code, message, context.trailing)})  # fmt: skip
             return
         finally:
+            if watch is not None:
+                watch.stop()
             await responses.aclose()
         await send({"type": "http.response.body", "body": b""})
         await send({"type": "http.response.trailers", "headers": _OK_TRAILERS})
