@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import grpc
 import numpy as np
 from google.protobuf.message import Message
 
@@ -35,8 +36,10 @@ from kernelport.schema import pb
 Mode = Literal["wait", "poll"]
 INFERENCE = "/inference.GRPCInferenceService/"
 KERNELPORT = "/kernelport.v1.InferenceService/"
+STREAM = INFERENCE + "ModelStreamInfer"
 LIMIT = 1 << 20
 msgs = pb.inference
+CODE = {code.name: code.value[0] for code in grpc.StatusCode}  # gRPC status numbers by name
 
 
 class Driver:
@@ -48,10 +51,14 @@ class Driver:
         self.gone = asyncio.Event()  # set: the client has disconnected
         self.sent: list[dict[str, Any]] = []
         self.waiting = 0  # receive() calls in progress
+        self.asks = 0  # receive() calls once the script is spent
+        self._asked = asyncio.Event()
 
     async def receive(self) -> dict[str, Any]:
         if self._events:
             return self._events.pop(0)
+        self.asks += 1
+        self._asked.set()
         if self.mode == "poll" and not self.gone.is_set():
             return {"type": "http.request", "body": b"", "more_body": False}
         self.waiting += 1
@@ -67,6 +74,12 @@ class Driver:
         ):
             raise RuntimeError("the response has already started")
         self.sent.append(message)
+
+    async def asked(self, n: int) -> None:
+        """Return once the app has called receive() ``n`` times past the script (bounded)."""
+        while self.asks < n:
+            self._asked.clear()
+            await asyncio.wait_for(self._asked.wait(), 5)
 
     async def close(self) -> None:
         """The connection closes: answer any receive() still pending (a watcher's)."""

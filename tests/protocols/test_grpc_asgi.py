@@ -13,13 +13,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 from grpc_driver import (
+    CODE,
     INFERENCE,
     KERNELPORT,
     LIMIT,
+    STREAM,
     Driver,
     Mode,
     answers,
@@ -46,7 +47,7 @@ from kernelport.schema import pb
 
 msgs = pb.inference
 v1 = pb.kernelport_v1
-INTERNAL = grpc.StatusCode.INTERNAL.value[0]
+INTERNAL = CODE["INTERNAL"]
 SHAPE_ERROR = (
     "model 'echo' input 'INPUT0': shape [1] does not match [2] (dimension 0: got 1, expected 2)"
 )
@@ -133,7 +134,7 @@ async def test_a_wrong_shape_is_invalid_argument_with_the_request_id(app: GrpcAs
     headers = [(b"x-request-id", b"from-metadata")]
     request = frame(infer_request([1]))
     out = trailers_only(await call(app, INFERENCE + "ModelInfer", request, headers))
-    assert out.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert out.code == CODE["INVALID_ARGUMENT"]
     assert out.message == SHAPE_ERROR.encode()
     assert out.headers[b"x-request-id"] == b"from-metadata"
 
@@ -148,14 +149,14 @@ async def test_a_wrong_shape_is_invalid_argument_with_the_request_id(app: GrpcAs
 )
 async def test_unknown_methods_are_unimplemented(app: GrpcAsgiApp, path: str) -> None:
     out = trailers_only(await call(app, path, frame(msgs.ServerLiveRequest())))
-    assert (out.code, out.message) == (grpc.StatusCode.UNIMPLEMENTED.value[0], b"Method not found!")
+    assert (out.code, out.message) == (CODE["UNIMPLEMENTED"], b"Method not found!")
 
 
 async def test_an_unsupported_encoding_is_unimplemented(app: GrpcAsgiApp) -> None:
     body = frame(msgs.ServerLiveRequest())
     sent = await call(app, INFERENCE + "ServerLive", body, [(b"grpc-encoding", b"snappy")])
     out = trailers_only(sent)
-    assert out.code == grpc.StatusCode.UNIMPLEMENTED.value[0]
+    assert out.code == CODE["UNIMPLEMENTED"]
     assert out.message == b"message encoding 'snappy' is not supported"
 
 
@@ -183,7 +184,7 @@ async def test_messages_over_the_limit_are_resource_exhausted(dp: DataPlane) -> 
     request = frame(infer_request([1, 2], "x" * 80))
     out = trailers_only(await call(app, INFERENCE + "ModelInfer", request))
     size = len(request) - 5
-    assert out.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert out.code == CODE["RESOURCE_EXHAUSTED"]
     assert out.message == b"Received message larger than max (%d vs. 64)" % size
     # An answer over the limit is refused too, with the direction in the words.
     out = trailers_only(await call(app, INFERENCE + "ServerMetadata", frame(b"")))
@@ -295,7 +296,7 @@ async def test_inflating_past_the_limit_is_resource_exhausted(dp: DataPlane) -> 
     out = trailers_only(
         await call(app, INFERENCE + "ModelInfer", body, [(b"grpc-encoding", b"gzip")])
     )
-    assert out.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert out.code == CODE["RESOURCE_EXHAUSTED"]
     assert out.message == b"Received decompressed message larger than max (1001 vs. 1000)"
 
 
@@ -318,37 +319,63 @@ async def test_undecodable_compressed_data_is_internal(
 # --- deadlines and disconnects --------------------------------------------------------------
 
 
-async def test_a_deadline_drops_the_queued_work(app: GrpcAsgiApp, dp: DataPlane) -> None:
+@pytest.mark.parametrize("path", [INFERENCE + "ModelInfer", STREAM])
+async def test_a_deadline_drops_the_queued_work(app: GrpcAsgiApp, dp: DataPlane, path: str) -> None:
     busy = await occupy_slow(app, dp)
-    request = frame(infer_request([1], model="slow"))
-    sent = await call(app, INFERENCE + "ModelInfer", request, [(b"grpc-timeout", b"50m")])
+    request = frame(infer_request([1], "late", model="slow"))
+    out = reply(await call(app, path, request, [(b"grpc-timeout", b"50m")]))
     assert not busy.done()  # answered while the instance was still busy
-    out = trailers_only(sent)
-    assert (out.code, out.message) == (
-        grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
-        b"Deadline Exceeded",
-    )
+    assert (out.code, out.message) == (CODE["DEADLINE_EXCEEDED"], b"Deadline Exceeded")
+    # Trailers-Only for a unary call; in the trailers of a stream, whose response has started.
+    assert (out.body, out.trailers is None) == (b"", path != STREAM)
     assert reply(await busy).code == 0
     assert slow_stats(dp) == (1, 1)  # the late request never ran
     assert dp.in_flight == 0
 
 
 @pytest.mark.parametrize("mode", ["wait", "poll"])
+@pytest.mark.parametrize("path", [INFERENCE + "ModelInfer", STREAM])
 async def test_a_client_that_disconnects_has_its_work_dropped(
-    app: GrpcAsgiApp, dp: DataPlane, mode: Mode, monkeypatch: pytest.MonkeyPatch
+    app: GrpcAsgiApp, dp: DataPlane, path: str, mode: Mode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A stream here is half-closed: its one request sent, the client waits for the answer.
     monkeypatch.setattr(asgi, "POLL_S", 0.001)
     busy = await occupy_slow(app, dp)
     driver = Driver(chunks(frame(infer_request([1], model="slow"))), mode)
-    leaving = asyncio.create_task(app(scope(INFERENCE + "ModelInfer"), driver.receive, driver.send))
+    leaving = asyncio.create_task(app(scope(path), driver.receive, driver.send))
     await wait_until(lambda: dp.in_flight == 2, "the second request is queued")
+    # The app watches its client: one receive() left pending, or one every POLL_S.
+    await driver.asked(1 if mode == "wait" else 3)
     driver.gone.set()
     await asyncio.wait_for(leaving, 5)
     assert not busy.done()  # it did not wait for the instance
-    assert driver.sent == []  # nothing is sent to a client that is gone
+    # Nothing is sent to a client that is gone (a stream's answer starts at once).
+    assert [m["type"] for m in driver.sent] == ([] if path != STREAM else ["http.response.start"])
     assert reply(await busy).code == 0
     assert slow_stats(dp) == (1, 1)
     assert dp.in_flight == 0
+
+
+async def test_a_cancelled_call_is_cancelled_not_answered(app: GrpcAsgiApp, dp: DataPlane) -> None:
+    busy = await occupy_slow(app, dp)
+    driver = Driver(chunks(frame(infer_request([1], model="slow"))))
+    stopped = asyncio.create_task(app(scope(INFERENCE + "ModelInfer"), driver.receive, driver.send))
+    await wait_until(lambda: dp.in_flight == 2, "the second request is queued")
+    stopped.cancel()  # as a server shutting down does: not the client's disconnect
+    with pytest.raises(asyncio.CancelledError):
+        await stopped
+    await driver.close()
+    assert driver.sent == []
+    assert reply(await busy).code == 0
+    assert slow_stats(dp) == (1, 1)
+
+
+async def test_an_error_for_a_client_already_gone_is_dropped(app: GrpcAsgiApp) -> None:
+    async def send(message: dict[str, Any]) -> None:
+        raise OSError("connection reset")
+
+    driver = Driver(chunks(frame(msgs.ModelMetadataRequest(name="nope"))))
+    await app(scope(INFERENCE + "ModelMetadata"), driver.receive, send)  # no exception
 
 
 async def test_a_disconnect_while_the_body_is_read_sends_nothing(app: GrpcAsgiApp) -> None:
@@ -377,7 +404,7 @@ async def test_guarded_rpcs_need_a_key(
         assert reply(sent).code == 0
     else:
         out = trailers_only(sent)
-        code = grpc.StatusCode.UNAUTHENTICATED.value[0]
+        code = CODE["UNAUTHENTICATED"]
         assert (out.code, out.message) == (code, UNAUTHENTICATED_MESSAGE.encode())
     # Probes stay open.
     assert reply(await call(app, INFERENCE + "ServerLive", frame(b""))).code == 0
@@ -390,7 +417,7 @@ async def test_admin_scope_guards_only_the_admin_rpcs(dp: DataPlane) -> None:
         reply(await call(app, KERNELPORT + "Infer", frame(v1.InferRequest(model="nope")))).code == 5
     )
     out = trailers_only(await call(app, INFERENCE + "RepositoryIndex", frame(b"")))
-    assert out.code == grpc.StatusCode.UNAUTHENTICATED.value[0]
+    assert out.code == CODE["UNAUTHENTICATED"]
     sent = await call(
         app, INFERENCE + "RepositoryIndex", frame(b""), [(b"authorization", b"bearer k")]
     )
@@ -429,8 +456,6 @@ def test_call_metadata_leaves_out_the_transport_headers() -> None:
 
 # --- ModelStreamInfer -----------------------------------------------------------------------
 
-STREAM = INFERENCE + "ModelStreamInfer"
-
 
 @pytest.mark.parametrize("size", [0, 1, 6])
 async def test_a_stream_answers_each_request_and_ends_with_ok(app: GrpcAsgiApp, size: int) -> None:
@@ -462,6 +487,7 @@ async def test_a_compressed_stream_message_is_inflated(app: GrpcAsgiApp) -> None
         (frame(b"abc")[:-1], INTERNAL, b"the stream ended inside a message"),
         (b"\2\0\0\0\0", INTERNAL, b"bad gRPC frame flag 2"),
         (frame(b"", compressed=True), INTERNAL, b"a compressed message without grpc-encoding"),
+        (frame(infer_request([1, 2])), 8, b"Sent message larger than max (70 vs. 64)"),
     ],
 )
 async def test_a_broken_stream_ends_with_its_status_in_the_trailers(
@@ -471,23 +497,6 @@ async def test_a_broken_stream_ends_with_its_status_in_the_trailers(
     assert out.headers == {b"content-type": b"application/grpc"}  # started before the error
     assert out.trailers is not None
     assert (out.code, out.message) == (code, message)
-
-
-async def test_a_stream_deadline_ends_it_and_drops_its_work(
-    app: GrpcAsgiApp, dp: DataPlane
-) -> None:
-    busy = await occupy_slow(app, dp)
-    body = frame(infer_request([1], "late", model="slow"))
-    sent = await call(app, STREAM, body, [(b"grpc-timeout", b"50m")])
-    assert not busy.done()
-    out = reply(sent)
-    assert (out.body, out.trailers is not None) == (b"", True)
-    assert (out.code, out.message) == (
-        grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
-        b"Deadline Exceeded",
-    )
-    assert reply(await busy).code == 0
-    assert slow_stats(dp) == (1, 1)
 
 
 async def test_a_disconnect_mid_stream_drops_its_pending_work(
