@@ -245,10 +245,35 @@ def bench_server(repo: Path, work: Path, log: Path, args: argparse.Namespace) ->
                 port = grpc_port if protocol == "grpc" else http_port
                 for conc in args.concurrency:
                     print(f"perf_analyzer {protocol} c={conc} ...", flush=True)
-                    server["runs"].append(run_perf_analyzer(protocol, port, conc, args, work))
+                    before = model_counts(http_port)
+                    row = run_perf_analyzer(protocol, port, conc, args, work)
+                    row["mean_batch"] = mean_batch(before, model_counts(http_port))
+                    server["runs"].append(row)
         finally:
             server["stopped"] = stop(proc)
     return server
+
+
+def model_counts(http_port: int) -> tuple[int, int] | None:
+    """(inference_count, execution_count) of the model from the statistics extension; None
+    where the server has none (Triton's Python backend answers too, so both count)."""
+    url = f"http://127.0.0.1:{http_port}/v2/models/{MODEL}/stats"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            stats = json.load(r)["model_stats"]
+    except (urllib.error.URLError, ConnectionError, TimeoutError, KeyError, ValueError):
+        return None
+    return (
+        sum(int(m["inference_count"]) for m in stats),
+        sum(int(m["execution_count"]) for m in stats),
+    )
+
+
+def mean_batch(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Rows per model execution over one perf_analyzer run (all its windows and warm-up)."""
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 2)
 
 
 # ---------------------------------------------------------------------------- report
@@ -268,8 +293,8 @@ def report(bare: list[dict[str, float]], runs: list[dict[str, Any]]) -> str:
     ]  # fmt: skip
     if runs:
         out += ["", md_row("batching", "protocol", "concurrency", "infer/s", "p50 ms", "p99 ms",
-                           "vs bare b=1", f"vs bare b={best['batch']}"),
-                md_row("---", "---", *["---:"] * 6)]  # fmt: skip
+                           "vs bare b=1", f"vs bare b={best['batch']}", "mean batch"),
+                md_row("---", "---", *["---:"] * 7)]  # fmt: skip
     for r in runs:
         if "error" in r:
             out.append(md_row(r["batching"], r["protocol"], r["concurrency"],
@@ -280,7 +305,8 @@ def report(bare: list[dict[str, float]], runs: list[dict[str, Any]]) -> str:
         out.append(
             md_row(r["batching"], r["protocol"], r["concurrency"], f"{r['infer_per_s']:.0f}",
                    f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
-                   f"{r['ratio_vs_bare_single']:.2f}", f"{r['ratio_vs_bare_best_batch']:.3f}")
+                   f"{r['ratio_vs_bare_single']:.2f}", f"{r['ratio_vs_bare_best_batch']:.3f}",
+                   r.get("mean_batch") or "")
         )  # fmt: skip
     return "\n".join(out)
 

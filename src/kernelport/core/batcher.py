@@ -5,7 +5,9 @@ whose non-batch dimensions match share a batch. A batch is cut when it is full, 
 preferred size is reachable, or when the oldest request has waited ``max_queue_delay`` —
 all driven by futures and one timer, never by polling. Cutting also needs an idle instance
 and a slot from the device scheduler; while those are busy, requests accumulate, which is
-what turns concurrency into batches. A request larger than ``max_batch_size`` is split here
+what turns concurrency into batches. With no delay, a cut may still wait briefly when the
+arrival process shows more requests are coming (``fill_batches``: see ``core/fill.py``, which
+states the rule and its bounds). A request larger than ``max_batch_size`` is split here
 into pieces that stream through the queue a few at a time.
 """
 
@@ -25,67 +27,18 @@ import numpy as np
 from kernelport.core.backend import Arrays
 from kernelport.core.clock import Cancellable, Clock, LoopClock
 from kernelport.core.execution import BatchResult, Timings, Worker, WorkerPool
-from kernelport.core.model_config import DynamicBatching, ModelConfig
+from kernelport.core.fill import ArrivalModel
+from kernelport.core.model_config import ModelConfig
+from kernelport.core.options import RequestOptions, request_options
 from kernelport.core.ragged import BucketPadder
 from kernelport.core.scheduler import CostModel, DeviceScheduler
 from kernelport.core.stats import ModelStats
 from kernelport.errors import ErrorCode, ServerError
 
+__all__ = ["ModelQueue", "Pending", "RequestOptions", "request_options"]
+
 GroupKey = tuple[int, tuple[tuple[str, tuple[int, ...]], ...]]  # (priority level, shapes)
 Result = tuple[Arrays, Timings]
-
-
-@dataclass(frozen=True, slots=True)
-class RequestOptions:
-    """What a request's parameters ask of the queue, already checked and defaulted."""
-
-    timeout_ns: int = 0  # 0 = wait as long as it takes
-    priority: int = 0  # the level it queues at (1 = most urgent); 0 when the model has none
-
-
-# Triton carries these as int64 (timeout, microseconds) and uint64 (priority).
-_PARAM_MAX = {"timeout": 2**63 - 1, "priority": 2**64 - 1}
-
-
-def request_options(
-    parameters: Mapping[str, Any] | None, policy: DynamicBatching | None
-) -> RequestOptions:
-    """Parse ``timeout`` (us) and ``priority`` and apply the model's defaults to them.
-
-    Both are checked even when the model has no batcher or no priority levels, so a bad
-    value is the client's error whatever model it reaches.
-    """
-    params = parameters or {}
-    timeout_us = _int_param(params, "timeout")
-    asked = _int_param(params, "priority")
-    if policy is None:
-        return RequestOptions(timeout_us * 1000)
-    timeout_ns = timeout_us * 1000 or policy.default_timeout_us * 1000
-    level = 0
-    if levels := policy.priority_levels:
-        # Triton's rule: 0 or a level past priority_levels means the default level.
-        level = asked if 1 <= asked <= levels else (policy.default_priority_level or levels)
-    return RequestOptions(timeout_ns, level)
-
-
-def _int_param(params: Mapping[str, Any], name: str) -> int:
-    value = params.get(name, 0)
-    # Only integers: bools, strings and fractions are client mistakes, and inf/NaN would
-    # otherwise escape as a 500 (int(inf) raises OverflowError). An integral float (1e6 from
-    # a JSON encoder) is the same number.
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ServerError(
-            ErrorCode.INVALID_ARGUMENT, f"parameter '{name}' must be an integer, got {value!r}"
-        )
-    limit = _PARAM_MAX.get(name, 2**63 - 1)
-    if not 0 <= value <= limit:
-        raise ServerError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"parameter '{name}' must be between 0 and {limit}, got {value}",
-        )
-    return value
 
 
 @dataclass(eq=False, slots=True)
@@ -148,6 +101,13 @@ class ModelQueue:
         self._preferred = sorted(policy.preferred_batch_sizes) if policy is not None else []
         self._max_queue = policy.max_queue_size if policy is not None else 0
         self._ordered = bool(policy and policy.preserve_ordering)
+        # Batch fill replaces nothing a delay already does: with a delay the cut waits anyway.
+        fill = policy is not None and policy.fill_batches and self._delay_ns == 0
+        self._arrivals = ArrivalModel() if fill else None
+        self._in_flight = 0  # requests inside submit(): queued, running or being answered
+        #: requests accepted upstream (decoding, validating, preprocessing) and not yet
+        #: submitted; the data plane counts them so a cut can wait for them (core/fill.py)
+        self.announced = 0
         self._padder = BucketPadder(config)
         self._groups: dict[GroupKey, deque[Pending]] = {}
         self._queued = 0
@@ -182,10 +142,16 @@ class ModelQueue:
         """
         self._admit()  # refusing the request comes before judging its parameters
         options = request_options(parameters, self._policy)
-        # config.batching, not self._batching: without a dynamic batcher pieces run alone
-        if self.config.batching and rows > self.config.max_batch_size:
-            return await self._split(inputs, rows, options)
-        return await self._enqueue(inputs, rows, options)
+        if self._arrivals is not None:
+            self._arrivals.arrived(self._clock.now_ns(), self._in_flight + self.announced)
+        self._in_flight += 1
+        try:
+            # config.batching, not self._batching: without a dynamic batcher pieces run alone
+            if self.config.batching and rows > self.config.max_batch_size:
+                return await self._split(inputs, rows, options)
+            return await self._enqueue(inputs, rows, options)
+        finally:
+            self._in_flight -= 1
 
     async def close(self) -> None:
         """Stop taking requests; let queued and running ones finish."""
@@ -325,17 +291,24 @@ class ModelQueue:
     def _wait_ns(self) -> int:
         """0 to cut a batch now, else how long to wait for it to grow."""
         head = self._head()
-        if head is None or not self._batching or self._delay_ns == 0:
+        if head is None or not self._batching:
+            return 0
+        arrivals = self._arrivals
+        if self._delay_ns == 0 and arrivals is None:
             return 0
         rows = _rows_up_to(head, self._max_rows)
         if rows >= self._max_rows or any(p == rows for p in self._preferred):
             return 0
-        waited = self._clock.now_ns() - head[0].enqueued_ns
-        if waited >= self._delay_ns:
-            return 0
         if self._preferred and rows >= self._preferred[0] and self._pool.idle_count:
             return 0  # a preferred size can be formed now
-        return self._delay_ns - waited
+        now = self._clock.now_ns()
+        waited = now - head[0].enqueued_ns
+        if arrivals is None:
+            return max(0, self._delay_ns - waited)
+        hold = arrivals.hold_ns(self.cost.estimate(1), self.announced)
+        # Leave the oldest request time to run before its timeout.
+        hold = min(hold, head[0].deadline_ns - head[0].enqueued_ns - self.cost.estimate(rows + 1))
+        return max(0, math.ceil(hold - waited))
 
     def _arm_timer(self, wait_ns: int) -> None:
         if self._timer is not None:

@@ -84,6 +84,10 @@ class DynamicBatching(_Strict):
     #: for models that accept padding; outputs come back at the padded size.
     ragged_buckets: dict[str, tuple[int, ...]] = Field(default_factory=dict)
     pad_value: float = 0.0
+    #: with ``max_queue_delay_us`` 0, let a cut wait briefly (at most a few single-row runs)
+    #: while the arrival process shows more requests coming; never at concurrency 1.
+    #: KernelPort's own field (Triton has none): see ``core/fill.py``.
+    fill_batches: bool = True
 
     @field_validator("ragged_buckets")
     @classmethod
