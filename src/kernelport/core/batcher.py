@@ -100,6 +100,7 @@ class ModelQueue:
         self._delay_ns = (policy.max_queue_delay_us * 1000) if policy is not None else 0
         self._preferred = sorted(policy.preferred_batch_sizes) if policy is not None else []
         self._max_queue = policy.max_queue_size if policy is not None else 0
+        self._inline_ns = config.inline_below_us * 1000 if pool.inline else 0
         self._ordered = bool(policy and policy.preserve_ordering)
         # Batch fill replaces nothing a delay already does: with a delay the cut waits anyway.
         fill = policy is not None and policy.fill_batches and self._delay_ns == 0
@@ -363,11 +364,19 @@ class ModelQueue:
         worker = self._pool.take_idle()
         parts = [p.inputs for p in batch.requests]
         counts = [p.rows for p in batch.requests]
+        if self._inline_ns and not self._running and self._short(batch.rows):
+            future = worker.run_now(parts, counts, self.config)
+        else:
+            future = worker.submit_batch(parts, counts, self.config)
         # A done-callback rather than a task per batch: one less trip through the loop.
-        future = worker.submit_batch(parts, counts, self.config)
         self._running.add(future)
         future.add_done_callback(functools.partial(self._finish, batch, worker))
         return True
+
+    def _short(self, rows: int) -> bool:
+        """The learned cost of ``rows`` says the batch may run on the loop (never unknown)."""
+        cost = self.cost.estimate(rows)
+        return 0 < cost <= self._inline_ns
 
     def _finish(self, batch: _Batch, worker: Worker, future: asyncio.Future[BatchResult]) -> None:
         self._running.discard(future)

@@ -142,6 +142,10 @@ class ModelConfig(_Strict):
     version_policy: VersionPolicy = VersionPolicy()
     default_model_filename: str = ""
     weight: float = Field(default=1.0, gt=0)  # share of device time under the fair scheduler
+    #: a batch whose learned cost is at most this runs on the event loop's thread, saving
+    #: the hop to the instance's thread and back; 0: never. Never before the cost is known,
+    #: nor while another batch of the model runs, nor for Python models.
+    inline_below_us: int = Field(default=300, ge=0)
     parameters: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
