@@ -221,7 +221,7 @@ class DataPlane:
         dt = datatype(spec.datatype)
         if dt.name != "BYTES" and array.dtype != dt.numpy:
             array = array.astype(dt.numpy)
-        return Tensor(name, dt.name, tuple(int(d) for d in array.shape), array)
+        return Tensor(name, dt.name, array.shape, array)  # numpy's shape: a tuple of ints
 
 
 async def _hook(model: str, which: str, hook: Callable[[Arrays], Arrays], arrays: Arrays) -> Arrays:
