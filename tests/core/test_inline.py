@@ -25,6 +25,7 @@ class TwoWayWorker:
 
     log: list[Batch]
     ways: list[str]
+    inline_ns: int = 100 * US  # what an inline run reports it took
 
     def submit_batch(
         self, parts: list[Arrays], counts: list[int], config: ModelConfig
@@ -38,21 +39,26 @@ class TwoWayWorker:
         self, parts: list[Arrays], counts: list[int], config: ModelConfig
     ) -> asyncio.Future[BatchResult]:
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
-        future.set_result(BatchResult(list(parts), 0, 100 * US, 0))
+        future.set_result(BatchResult(list(parts), 0, self.inline_ns, 0))
         self.log.append(Batch(parts, counts, future))
         self.ways.append("inline")
         return future
 
 
 def inline_harness(
-    ways: list[str], *, instances: int = 1, below_us: int = 300, inline: bool = True
+    ways: list[str],
+    *,
+    instances: int = 1,
+    below_us: int = 300,
+    inline: bool = True,
+    dims: tuple[int, ...] = (2,),
 ) -> Harness:
     config = ModelConfig(
         name="m",
         backend="identity",
         max_batch_size=4,
-        inputs=(TensorConfig(name="x", datatype="FP32", dims=(-1,)),),
-        outputs=(TensorConfig(name="x", datatype="FP32", dims=(-1,)),),
+        inputs=(TensorConfig(name="x", datatype="FP32", dims=dims),),
+        outputs=(TensorConfig(name="x", datatype="FP32", dims=dims),),
         dynamic_batching=DynamicBatching(fill_batches=False),
         inline_below_us=below_us,
     )
@@ -90,8 +96,20 @@ async def test_a_long_batch_stays_on_the_thread() -> None:
     assert ways == ["thread"] * 3
 
 
-async def test_inline_is_off_at_zero_or_when_the_pool_forbids_it() -> None:
-    for kwargs in ({"below_us": 0}, {"inline": False}):
+async def test_an_inline_run_far_over_the_threshold_turns_inline_off() -> None:
+    ways: list[str] = []
+    h = inline_harness(ways)
+    await one(h, 0)
+    worker = h.queue._pool.workers[0]
+    worker.inline_ns = 3000 * US + 1  # its cost depended on the data: 10x the threshold
+    await one(h, 1)
+    for tag in range(2, 4):
+        await one(h, tag)
+    assert ways == ["thread", "inline", "thread", "thread"]
+
+
+async def test_inline_is_off_at_zero_when_the_pool_forbids_it_or_a_dim_varies() -> None:
+    for kwargs in ({"below_us": 0}, {"inline": False}, {"dims": (-1,)}):
         ways: list[str] = []
         h = inline_harness(ways, **kwargs)  # type: ignore[arg-type]
         for tag in range(3):

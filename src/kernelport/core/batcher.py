@@ -44,6 +44,10 @@ from kernelport.errors import ErrorCode, ServerError
 
 __all__ = ["ModelQueue", "Pending", "RequestOptions", "request_options"]
 
+#: an inline batch that took this many times ``inline_below_us`` turns inline off for the
+#: model (a factor, not 1: a shared core preempts the loop now and then)
+INLINE_TRIP = 10
+
 
 class ModelQueue:
     """Queues, batches and runs one model version's requests on its workers.
@@ -78,7 +82,9 @@ class ModelQueue:
         self._delay_ns = (policy.max_queue_delay_us * 1000) if policy is not None else 0
         self._preferred = sorted(policy.preferred_batch_sizes) if policy is not None else []
         self._max_queue = policy.max_queue_size if policy is not None else 0
-        self._inline_ns = config.inline_below_us * 1000
+        # Inline only where the cost is a function of the row count: fixed non-batch dims.
+        fixed = all(-1 not in t.dims for t in config.inputs)
+        self._inline_ns = config.inline_below_us * 1000 if fixed else 0
         self._ordered = bool(policy and policy.preserve_ordering)
         # Batch fill replaces nothing a delay already does: with a delay the cut waits anyway.
         fill = policy is not None and policy.fill_batches and self._delay_ns == 0
@@ -380,6 +386,7 @@ class ModelQueue:
         parts = [p.inputs for p in batch.requests]
         counts = [p.rows for p in batch.requests]
         if self._pool.inline and not self._running and self._short(batch.rows):
+            batch.inline = True
             future = worker.run_now(parts, counts, self.config)
         else:
             future = worker.submit_batch(parts, counts, self.config)
@@ -398,6 +405,10 @@ class ModelQueue:
         try:
             result = future.result()
             busy = result.infer_ns
+            if batch.inline and busy > INLINE_TRIP * self._inline_ns:
+                # The learned cost was wrong for this model (its cost depends on the data):
+                # it blocked the loop once; it never runs inline again.
+                self._inline_ns = 0
             self.cost.observe(batch.rows, result.infer_ns)
             self._stats.record_execution(
                 batch.rows, result.input_ns, result.infer_ns, result.output_ns
