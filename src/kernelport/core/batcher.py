@@ -42,7 +42,7 @@ from kernelport.core.scheduler import CostModel, DeviceScheduler
 from kernelport.core.stats import ModelStats
 from kernelport.errors import ErrorCode, ServerError
 
-__all__ = ["ModelQueue", "Pending", "RequestOptions", "request_options"]
+__all__ = ["ModelQueue", "RequestOptions", "request_options"]
 
 #: an inline batch that took this many times ``inline_below_us`` turns inline off for the
 #: model (a factor, not 1: a shared core preempts the loop now and then)
