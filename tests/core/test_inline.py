@@ -96,16 +96,17 @@ async def test_a_long_batch_stays_on_the_thread() -> None:
     assert ways == ["thread"] * 3
 
 
-async def test_an_inline_run_far_over_the_threshold_turns_inline_off() -> None:
+async def test_a_long_inline_run_sends_batches_to_the_thread_until_runs_there_are_short() -> None:
     ways: list[str] = []
     h = inline_harness(ways)
-    await one(h, 0)
-    worker = h.queue._pool.workers[0]
-    worker.inline_ns = 3000 * US + 1  # its cost depended on the data: 10x the threshold
-    await one(h, 1)
-    for tag in range(2, 4):
-        await one(h, tag)
-    assert ways == ["thread", "inline", "thread", "thread"]
+    await one(h, 0)  # 100 us, learned on the thread
+    h.queue._pool.workers[0].inline_ns = 3000 * US  # preempted, or its cost hangs on the data
+    await one(h, 1)  # inline; the average is now over 300 us
+    for tag in range(2, 12):
+        await one(h, tag, infer_ns=100 * US)
+    assert ways[:2] == ["thread", "inline"]
+    first_back = ways.index("inline", 2)
+    assert ways[2:first_back] == ["thread"] * (first_back - 2) and first_back > 4
 
 
 async def test_inline_is_off_at_zero_when_the_pool_forbids_it_or_a_dim_varies() -> None:

@@ -44,10 +44,6 @@ from kernelport.errors import ErrorCode, ServerError
 
 __all__ = ["ModelQueue", "RequestOptions", "request_options"]
 
-#: an inline batch that took this many times ``inline_below_us`` turns inline off for the
-#: model (a factor, not 1: a shared core preempts the loop now and then)
-INLINE_TRIP = 10
-
 
 class ModelQueue:
     """Queues, batches and runs one model version's requests on its workers.
@@ -386,7 +382,6 @@ class ModelQueue:
         parts = [p.inputs for p in batch.requests]
         counts = [p.rows for p in batch.requests]
         if self._pool.inline and not self._running and self._short(batch.rows):
-            batch.inline = True
             future = worker.run_now(parts, counts, self.config)
         else:
             future = worker.submit_batch(parts, counts, self.config)
@@ -395,7 +390,11 @@ class ModelQueue:
         future.add_done_callback(functools.partial(self._finish, batch, worker))
 
     def _short(self, rows: int) -> bool:
-        """The learned cost of ``rows`` says the batch may run on the loop (never unknown)."""
+        """The learned cost of ``rows`` says the batch may run on the loop (never unknown).
+
+        A run far over the threshold (a preempted core, a cost that depends on the data)
+        lifts the moving average over it, so the next batches of that size go to the thread
+        until runs there bring it back down."""
         cost = self.cost.estimate(rows)
         return 0 < cost <= self._inline_ns
 
@@ -405,10 +404,6 @@ class ModelQueue:
         try:
             result = future.result()
             busy = result.infer_ns
-            if batch.inline and busy > INLINE_TRIP * self._inline_ns:
-                # The learned cost was wrong for this model (its cost depends on the data):
-                # it blocked the loop once; it never runs inline again.
-                self._inline_ns = 0
             self.cost.observe(batch.rows, result.infer_ns)
             self._stats.record_execution(
                 batch.rows, result.input_ns, result.infer_ns, result.output_ns

@@ -145,7 +145,7 @@ class ModelConfig(_Strict):
     #: a batch whose learned cost is at most this runs on the event loop's thread, saving
     #: the hop to the instance's thread and back; 0: never. Never before the cost is known,
     #: nor while another batch of the model runs, nor for Python models or inputs with a
-    #: variable dimension; one inline batch 10x over it turns it off for the model.
+    #: variable dimension.
     inline_below_us: int = Field(default=300, ge=0)
     parameters: dict[str, Any] = Field(default_factory=dict)
 

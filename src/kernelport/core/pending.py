@@ -35,7 +35,6 @@ class Batch:
     requests: list[Pending]
     rows: int
     started_ns: int
-    inline: bool = False  # ran on the event loop's thread (Worker.run_now)
 
 
 def shape_key(inputs: Arrays, batching: bool) -> tuple[tuple[str, tuple[int, ...]], ...]:
