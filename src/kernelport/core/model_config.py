@@ -146,7 +146,7 @@ class ModelConfig(_Strict):
     #: the hop to the instance's thread and back; 0: never. Never before the cost is known,
     #: nor while another batch of the model runs, nor for Python models or inputs with a
     #: variable dimension.
-    inline_below_us: int = Field(default=300, ge=0)
+    inline_below_us: int = Field(default=100, ge=0)
     parameters: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
