@@ -196,10 +196,12 @@ async def layers(dp: DataPlane, model: str, n: int, warmup: int) -> dict[str, di
             lambda: worker.instance.execute(inputs), n, warmup
         )
         timeline = Timeline(worker)
+        inline, version.pool.inline = version.pool.inline, False  # the timeline of the hop
         try:
             got |= await timeline.measure(lambda: version.queue.submit(inputs, rows, {}), n, warmup)
         finally:
             timeline.restore()
+            version.pool.inline = inline
         got[INFER] = await timed(lambda: dp.infer(request), n, warmup)
         response = await dp.infer(request)
         telemetry = app._telemetry

@@ -182,18 +182,6 @@ def tree_cpu_s(pid: int) -> float:
     return total
 
 
-def model_counts(http_port: int) -> tuple[int, int]:
-    """(inferences, executions) the server has counted for the model so far (0s: Triton's
-    may not answer the same way)."""
-    url = f"http://127.0.0.1:{http_port}/v2/models/{MODEL}/stats"
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            stats = json.load(response)["model_stats"][0]
-        return int(stats["inference_count"]), int(stats["execution_count"])
-    except (OSError, ValueError, KeyError, IndexError):
-        return 0, 0
-
-
 def run_perf_analyzer(
     protocol: str, port: int, conc: int, args: argparse.Namespace, work: Path
 ) -> dict[str, Any]:
@@ -280,18 +268,40 @@ def bench_server(repo: Path, work: Path, log: Path, args: argparse.Namespace) ->
                 port = grpc_port if protocol == "grpc" else http_port
                 for conc in args.concurrency:
                     print(f"perf_analyzer {protocol} c={conc} ...", flush=True)
-                    cpu0, (inf0, exe0) = tree_cpu_s(proc.pid), model_counts(http_port)
+                    cpu0, before = tree_cpu_s(proc.pid), model_counts(http_port)
                     row = run_perf_analyzer(protocol, port, conc, args, work)
-                    cpu1, (inf1, exe1) = tree_cpu_s(proc.pid), model_counts(http_port)
+                    cpu1, after = tree_cpu_s(proc.pid), model_counts(http_port)
                     # Over the whole perf_analyzer run (all its windows): the server's core
                     # time per request, and the mean batch its model ran.
-                    if inf1 > inf0 and exe1 > exe0:
-                        row["server_cpu_us_per_req"] = (cpu1 - cpu0) / (inf1 - inf0) * 1e6
-                        row["mean_batch"] = (inf1 - inf0) / (exe1 - exe0)
+                    row["mean_batch"] = mean_batch(before, after)
+                    if before is not None and after is not None and after[0] > before[0]:
+                        row["server_cpu_us_per_req"] = (cpu1 - cpu0) / (after[0] - before[0]) * 1e6
                     server["runs"].append(row)
         finally:
             server["stopped"] = stop(proc)
     return server
+
+
+def model_counts(http_port: int) -> tuple[int, int] | None:
+    """(inference_count, execution_count) of the model from the statistics extension; None
+    where the server has none (Triton's Python backend answers too, so both count)."""
+    url = f"http://127.0.0.1:{http_port}/v2/models/{MODEL}/stats"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            stats = json.load(r)["model_stats"]
+    except (urllib.error.URLError, ConnectionError, TimeoutError, KeyError, ValueError):
+        return None
+    return (
+        sum(int(m["inference_count"]) for m in stats),
+        sum(int(m["execution_count"]) for m in stats),
+    )
+
+
+def mean_batch(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Rows per model execution over one perf_analyzer run (all its windows and warm-up)."""
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 2)
 
 
 # ---------------------------------------------------------------------------- report
@@ -326,7 +336,7 @@ def report(bare: list[dict[str, float]], runs: list[dict[str, Any]]) -> str:
                    f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
                    f"{r['ratio_vs_bare_single']:.2f}", f"{r['ratio_vs_bare_best_batch']:.3f}",
                    f"{r['server_cpu_us_per_req']:.0f}" if "server_cpu_us_per_req" in r else "",
-                   f"{r['mean_batch']:.1f}" if "mean_batch" in r else "")
+                   r.get("mean_batch") or "")
         )  # fmt: skip
     return "\n".join(out)
 

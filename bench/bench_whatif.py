@@ -3,7 +3,8 @@
 Used by bench_layers.py. ``closed_loop``: 1 or 32 in-process callers, each sending its next
 request when the last is answered. ``what_ifs``: end-to-end p50 at batch 1 with one layer
 patched out in this process only (nothing in src/ changes) — the predicted gain of cutting
-it: the HTTP disconnect watcher, and the thread hop (the batch runs inline on the loop).
+it: the HTTP disconnect watcher; and every batch sent to the worker thread (what the queue did
+before it ran short batches inline on the loop: ``inline_below_us``).
 """
 
 from __future__ import annotations
@@ -81,34 +82,20 @@ def no_watcher() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def inline(dp: DataPlane, model: str) -> Iterator[None]:
-    """Batches run on the loop's thread: no hand-off to the worker and no hop back."""
-    workers = dp._manager.get(model).pool.workers
-
-    def run_here(worker: Any) -> Callable[..., asyncio.Future[Any]]:
-        def submit_batch(parts: Any, counts: Any, config: Any) -> asyncio.Future[Any]:
-            future = asyncio.get_running_loop().create_future()
-            try:
-                future.set_result(worker._run(parts, counts, config))
-            except Exception as exc:
-                future.set_exception(exc)
-            return future
-
-        return submit_batch
-
-    for worker in workers:
-        worker.submit_batch = run_here(worker)
+def thread_always(dp: DataPlane, model: str) -> Iterator[None]:
+    """Every batch goes to the instance's thread, however short (inline_below_us 0)."""
+    pool = dp._manager.get(model).pool
+    pool.inline = False
     try:
         yield
     finally:
-        for worker in workers:
-            del worker.submit_batch  # the class's method again
+        pool.inline = True
 
 
 WHAT_IFS: dict[str, Callable[[DataPlane, str], contextlib.AbstractContextManager[None]]] = {
     "as is": lambda dp, model: contextlib.nullcontext(),
+    "every batch on the worker thread (inline_below_us 0)": thread_always,
     "without the HTTP disconnect watcher": lambda dp, model: no_watcher(),
-    "batch executed inline on the loop (no thread hop)": inline,
 }
 
 

@@ -5,7 +5,9 @@ whose non-batch dimensions match share a batch. A batch is cut when it is full, 
 preferred size is reachable, or when the oldest request has waited ``max_queue_delay`` —
 all driven by futures and one timer, never by polling. Cutting also needs an idle instance
 and a slot from the device scheduler; while those are busy, requests accumulate, which is
-what turns concurrency into batches. A request larger than ``max_batch_size`` is split here
+what turns concurrency into batches. With no delay, a cut may still wait briefly when the
+arrival process shows more requests are coming (``fill_batches``: see ``core/fill.py``, which
+states the rule and its bounds). A request larger than ``max_batch_size`` is split here
 into pieces that stream through the queue a few at a time.
 """
 
@@ -17,101 +19,30 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from kernelport.core.backend import Arrays
 from kernelport.core.clock import Cancellable, Clock, LoopClock
 from kernelport.core.execution import BatchResult, Timings, Worker, WorkerPool
-from kernelport.core.model_config import DynamicBatching, ModelConfig
+from kernelport.core.fill import ArrivalModel
+from kernelport.core.model_config import ModelConfig
+from kernelport.core.options import RequestOptions, request_options
+from kernelport.core.pending import (
+    Batch,
+    GroupKey,
+    Pending,
+    Result,
+    join_results,
+    rows_up_to,
+    settle,
+    shape_key,
+)
 from kernelport.core.ragged import BucketPadder
 from kernelport.core.scheduler import CostModel, DeviceScheduler
 from kernelport.core.stats import ModelStats
 from kernelport.errors import ErrorCode, ServerError
 
-GroupKey = tuple[int, tuple[tuple[str, tuple[int, ...]], ...]]  # (priority level, shapes)
-Result = tuple[Arrays, Timings]
-
-
-@dataclass(frozen=True, slots=True)
-class RequestOptions:
-    """What a request's parameters ask of the queue, already checked and defaulted."""
-
-    timeout_ns: int = 0  # 0 = wait as long as it takes
-    priority: int = 0  # the level it queues at (1 = most urgent); 0 when the model has none
-
-
-# Triton carries these as int64 (timeout, microseconds) and uint64 (priority).
-_PARAM_MAX = {"timeout": 2**63 - 1, "priority": 2**64 - 1}
-
-
-def request_options(
-    parameters: Mapping[str, Any] | None, policy: DynamicBatching | None
-) -> RequestOptions:
-    """Parse ``timeout`` (us) and ``priority`` and apply the model's defaults to them.
-
-    Both are checked even when the model has no batcher or no priority levels, so a bad
-    value is the client's error whatever model it reaches.
-    """
-    params = parameters or {}
-    timeout_us = _int_param(params, "timeout")
-    asked = _int_param(params, "priority")
-    if policy is None:
-        return RequestOptions(timeout_us * 1000)
-    timeout_ns = timeout_us * 1000 or policy.default_timeout_us * 1000
-    level = 0
-    if levels := policy.priority_levels:
-        # Triton's rule: 0 or a level past priority_levels means the default level.
-        level = asked if 1 <= asked <= levels else (policy.default_priority_level or levels)
-    return RequestOptions(timeout_ns, level)
-
-
-def _int_param(params: Mapping[str, Any], name: str) -> int:
-    value = params.get(name, 0)
-    # Only integers: bools, strings and fractions are client mistakes, and inf/NaN would
-    # otherwise escape as a 500 (int(inf) raises OverflowError). An integral float (1e6 from
-    # a JSON encoder) is the same number.
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ServerError(
-            ErrorCode.INVALID_ARGUMENT, f"parameter '{name}' must be an integer, got {value!r}"
-        )
-    limit = _PARAM_MAX.get(name, 2**63 - 1)
-    if not 0 <= value <= limit:
-        raise ServerError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"parameter '{name}' must be between 0 and {limit}, got {value}",
-        )
-    return value
-
-
-@dataclass(eq=False, slots=True)
-class Pending:
-    """One queued request and the future its caller awaits."""
-
-    inputs: Arrays
-    rows: int
-    key: GroupKey
-    seq: int
-    enqueued_ns: int
-    deadline_ns: float  # clock ns by which it must start executing; inf = none
-    future: asyncio.Future[Result]
-    timer: Cancellable | None = None
-
-
-@dataclass(slots=True)
-class _Batch:
-    requests: list[Pending]
-    rows: int
-    started_ns: int
-
-
-def _shape_key(inputs: Arrays, batching: bool) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    skip = 1 if batching else 0
-    return tuple(sorted((name, tuple(a.shape[skip:])) for name, a in inputs.items()))
+__all__ = ["ModelQueue", "RequestOptions", "request_options"]
 
 
 class ModelQueue:
@@ -147,7 +78,17 @@ class ModelQueue:
         self._delay_ns = (policy.max_queue_delay_us * 1000) if policy is not None else 0
         self._preferred = sorted(policy.preferred_batch_sizes) if policy is not None else []
         self._max_queue = policy.max_queue_size if policy is not None else 0
+        # Inline only where the cost is a function of the row count: fixed non-batch dims.
+        fixed = all(-1 not in t.dims for t in config.inputs)
+        self._inline_ns = config.inline_below_us * 1000 if fixed else 0
         self._ordered = bool(policy and policy.preserve_ordering)
+        # Batch fill replaces nothing a delay already does: with a delay the cut waits anyway.
+        fill = policy is not None and policy.fill_batches and self._delay_ns == 0
+        self._arrivals = ArrivalModel() if fill else None
+        self._in_flight = 0  # requests inside submit(): queued, running or being answered
+        #: requests accepted upstream (decoding, validating, preprocessing) and not yet
+        #: submitted; the data plane counts them so a cut can wait for them (core/fill.py)
+        self.announced = 0
         self._padder = BucketPadder(config)
         self._groups: dict[GroupKey, deque[Pending]] = {}
         self._queued = 0
@@ -182,10 +123,16 @@ class ModelQueue:
         """
         self._admit()  # refusing the request comes before judging its parameters
         options = request_options(parameters, self._policy)
-        # config.batching, not self._batching: without a dynamic batcher pieces run alone
-        if self.config.batching and rows > self.config.max_batch_size:
-            return await self._split(inputs, rows, options)
-        return await self._enqueue(inputs, rows, options)
+        if self._arrivals is not None:
+            self._arrivals.arrived(self._clock.now_ns(), self._in_flight + self.announced)
+        self._in_flight += 1
+        try:
+            # config.batching, not self._batching: without a dynamic batcher pieces run alone
+            if self.config.batching and rows > self.config.max_batch_size:
+                return await self._split(inputs, rows, options)
+            return await self._enqueue(inputs, rows, options)
+        finally:
+            self._in_flight -= 1
 
     async def close(self) -> None:
         """Stop taking requests; let queued and running ones finish."""
@@ -218,10 +165,26 @@ class ModelQueue:
             inputs = self._padder.pad(inputs)
         now = self._clock.now_ns()
         timeout_ns = options.timeout_ns
+        if not self._groups and self._starts_at_once(rows):
+            # Fast path: nothing queued, an instance idle, a device slot granted. It starts
+            # now, so it needs no group, shape key or timeout timer.
+            pending = Pending(
+                inputs,
+                rows,
+                (options.priority, ()),
+                next(self._seq),
+                now,
+                now + timeout_ns if timeout_ns else math.inf,
+                asyncio.get_running_loop().create_future(),
+            )
+            if self._ordered:
+                self._release_order.append(pending)
+            self._launch(Batch([pending], rows, now))
+            return pending.future
         pending = Pending(
             inputs,
             rows,
-            (options.priority, _shape_key(inputs, self._batching)),
+            (options.priority, shape_key(inputs, self._batching)),
             next(self._seq),
             now,
             now + timeout_ns if timeout_ns else math.inf,
@@ -265,7 +228,7 @@ class ModelQueue:
                 if future.done() and not future.cancelled():
                     future.exception()  # retrieved: a sibling's error is already reported
                 future.cancel()
-        return _join(results, rows)
+        return join_results(results, rows)
 
     # --- SlotClient --------------------------------------------------------------------
 
@@ -325,17 +288,24 @@ class ModelQueue:
     def _wait_ns(self) -> int:
         """0 to cut a batch now, else how long to wait for it to grow."""
         head = self._head()
-        if head is None or not self._batching or self._delay_ns == 0:
+        if head is None or not self._batching:
             return 0
-        rows = _rows_up_to(head, self._max_rows)
+        arrivals = self._arrivals
+        if self._delay_ns == 0 and arrivals is None:
+            return 0
+        rows = rows_up_to(head, self._max_rows)
         if rows >= self._max_rows or any(p == rows for p in self._preferred):
-            return 0
-        waited = self._clock.now_ns() - head[0].enqueued_ns
-        if waited >= self._delay_ns:
             return 0
         if self._preferred and rows >= self._preferred[0] and self._pool.idle_count:
             return 0  # a preferred size can be formed now
-        return self._delay_ns - waited
+        now = self._clock.now_ns()
+        waited = now - head[0].enqueued_ns
+        if arrivals is None:
+            return max(0, self._delay_ns - waited)
+        hold = arrivals.hold_ns(self.cost.estimate(1), self.announced)
+        # Leave the oldest request time to run before its timeout.
+        hold = min(hold, head[0].deadline_ns - head[0].enqueued_ns - self.cost.estimate(rows + 1))
+        return max(0, math.ceil(hold - waited))
 
     def _arm_timer(self, wait_ns: int) -> None:
         if self._timer is not None:
@@ -346,13 +316,13 @@ class ModelQueue:
         self._timer = None
         self._dispatch()
 
-    def _take(self) -> _Batch | None:
+    def _take(self) -> Batch | None:
         head = self._head()
         if head is None:
             return None
         key = head[0].key
         limit = self._max_rows if self._batching else head[0].rows
-        available = _rows_up_to(head, limit)  # exact below limit, which is all that matters
+        available = rows_up_to(head, limit)  # exact below limit, which is all that matters
         if self._preferred and available < limit:
             fits = [p for p in self._preferred if p <= available]
             limit = fits[-1] if fits else limit
@@ -379,7 +349,23 @@ class ModelQueue:
                 break
         if not head:
             del self._groups[key]
-        return _Batch(taken, rows, now) if taken else None
+        return Batch(taken, rows, now) if taken else None
+
+    def _starts_at_once(self, rows: int) -> bool:
+        """With nothing queued: would this request be cut alone at once? If so, the device
+        slot is taken for it. (edf may shed a request at the cut: it keeps the full path.)"""
+        if not self._pool.idle_count or self._device.waiting(self):
+            return False
+        if self._device.discipline == "edf" or self._delay_ns:
+            return False
+        arrivals = self._arrivals
+        if (
+            arrivals is not None
+            and rows < self._max_rows
+            and arrivals.hold_ns(self.cost.estimate(1), self.announced)
+        ):
+            return False  # it may wait for company: the full path decides
+        return self._device.acquire(self)
 
     def _start_batch(self) -> bool:
         if not self._pool.idle_count:
@@ -387,16 +373,32 @@ class ModelQueue:
         batch = self._take()
         if batch is None:
             return False
+        self._launch(batch)
+        return True
+
+    def _launch(self, batch: Batch) -> None:
+        """Run ``batch`` on an idle worker (the caller checked there is one)."""
         worker = self._pool.take_idle()
         parts = [p.inputs for p in batch.requests]
         counts = [p.rows for p in batch.requests]
+        if self._pool.inline and not self._running and self._short(batch.rows):
+            future = worker.run_now(parts, counts, self.config)
+        else:
+            future = worker.submit_batch(parts, counts, self.config)
         # A done-callback rather than a task per batch: one less trip through the loop.
-        future = worker.submit_batch(parts, counts, self.config)
         self._running.add(future)
         future.add_done_callback(functools.partial(self._finish, batch, worker))
-        return True
 
-    def _finish(self, batch: _Batch, worker: Worker, future: asyncio.Future[BatchResult]) -> None:
+    def _short(self, rows: int) -> bool:
+        """The learned cost of ``rows`` says the batch may run on the loop (never unknown).
+
+        A run far over the threshold (a preempted core, a cost that depends on the data)
+        lifts the moving average over it, so the next batches of that size go to the thread
+        until runs there bring it back down."""
+        cost = self.cost.estimate(rows)
+        return 0 < cost <= self._inline_ns
+
+    def _finish(self, batch: Batch, worker: Worker, future: asyncio.Future[BatchResult]) -> None:
         self._running.discard(future)
         busy = 0
         try:
@@ -468,48 +470,10 @@ class ModelQueue:
 
     def _resolve(self, pending: Pending, value: Result | None, error: Exception | None) -> None:
         if not self._ordered:
-            _settle(pending, value, error)
+            settle(pending, value, error)
             return
         pending.inputs = {}  # free request memory while it waits for its turn
         self._finished[pending] = (value, error)
         while self._release_order and self._release_order[0] in self._finished:
             head = self._release_order.popleft()
-            _settle(head, *self._finished.pop(head))
-
-
-def _join(results: list[Result], rows: int) -> Result:
-    """One response from a split request's pieces, in order."""
-    joined = {name: np.concatenate([r[0][name] for r in results]) for name in results[0][0]}
-    t = [r[1] for r in results]
-    return joined, Timings(
-        max(x.queue_ns for x in t),
-        sum(x.input_ns for x in t),
-        sum(x.infer_ns for x in t),
-        sum(x.output_ns for x in t),
-        rows,
-    )
-
-
-def _rows_up_to(group: deque[Pending], cap: int) -> int:
-    """Rows queued in ``group``, counted only until they reach ``cap``.
-
-    Summing a whole group on every batch cut made a long queue (a split request's pieces)
-    quadratic; a batch never needs to know more than whether ``cap`` rows are waiting.
-    """
-    rows = 0
-    for pending in group:
-        rows += pending.rows
-        if rows >= cap:
-            break
-    return rows
-
-
-def _settle(pending: Pending, value: Result | None, error: Exception | None) -> None:
-    if pending.future.done():
-        return
-    if error is not None:
-        pending.future.set_exception(error)
-    elif value is not None:
-        pending.future.set_result(value)
-    else:
-        pending.future.cancel()
+            settle(head, *self._finished.pop(head))

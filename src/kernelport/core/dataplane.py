@@ -170,7 +170,12 @@ class DataPlane:
             hooks = model.next_hooks() if model.hooks else None
             if hooks is not None and hooks.preprocess is not None:
                 # Per-request hooks run on threads of their own, alongside batch execution.
-                inputs = await _hook(config.name, "preprocess", hooks.preprocess, inputs)
+                # Announced meanwhile: a cut may wait for it (core/fill.py).
+                model.queue.announced += 1
+                try:
+                    inputs = await _hook(config.name, "preprocess", hooks.preprocess, inputs)
+                finally:
+                    model.queue.announced -= 1
             # Any row count: the queue splits what exceeds max_batch_size.
             arrays, timings = await model.queue.submit(inputs, rows, request.parameters)
             if hooks is not None and hooks.postprocess is not None:
@@ -216,7 +221,7 @@ class DataPlane:
         dt = datatype(spec.datatype)
         if dt.name != "BYTES" and array.dtype != dt.numpy:
             array = array.astype(dt.numpy)
-        return Tensor(name, dt.name, tuple(int(d) for d in array.shape), array)
+        return Tensor(name, dt.name, array.shape, array)  # numpy's shape: a tuple of ints
 
 
 async def _hook(model: str, which: str, hook: Callable[[Arrays], Arrays], arrays: Arrays) -> Arrays:

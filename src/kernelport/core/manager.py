@@ -473,7 +473,7 @@ class ModelManager:
                 raise ServerError(
                     ErrorCode.INVALID_ARGUMENT, f"model '{config.name}' has no instances"
                 )
-            pool = WorkerPool(workers)
+            pool = WorkerPool(workers, inline=config.backend != "python")
             hooks = pool.hooks(config.name)
         except BaseException:
             for worker in workers:

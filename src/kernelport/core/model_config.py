@@ -84,6 +84,10 @@ class DynamicBatching(_Strict):
     #: for models that accept padding; outputs come back at the padded size.
     ragged_buckets: dict[str, tuple[int, ...]] = Field(default_factory=dict)
     pad_value: float = 0.0
+    #: with ``max_queue_delay_us`` 0, let a cut wait briefly (at most a few single-row runs)
+    #: while the arrival process shows more requests coming; never at concurrency 1.
+    #: KernelPort's own field (Triton has none): see ``core/fill.py``.
+    fill_batches: bool = True
 
     @field_validator("ragged_buckets")
     @classmethod
@@ -138,6 +142,11 @@ class ModelConfig(_Strict):
     version_policy: VersionPolicy = VersionPolicy()
     default_model_filename: str = ""
     weight: float = Field(default=1.0, gt=0)  # share of device time under the fair scheduler
+    #: a batch whose learned cost is at most this runs on the event loop's thread, saving
+    #: the hop to the instance's thread and back; 0: never. Never before the cost is known,
+    #: nor while another batch of the model runs, nor for Python models or inputs with a
+    #: variable dimension.
+    inline_below_us: int = Field(default=100, ge=0)
     parameters: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
