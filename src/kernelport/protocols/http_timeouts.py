@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -44,8 +44,8 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         super().on_message_begin()
         # Requests on one connection run one at a time (pipelined ones wait for the previous
         # response), so one slot per connection serves every request it carries.
-        extensions: dict[str, Any] = {DISCONNECT_EXTENSION: self._watch}
-        self.scope["extensions"] = extensions
+        extensions = cast("dict[str, Any]", self.scope.setdefault("extensions", {}))
+        extensions[DISCONNECT_EXTENSION] = self._watch
         if self._header_timer is None:  # a keep-alive connection's next request
             self._arm_header_timer()
 
