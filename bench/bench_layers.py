@@ -58,6 +58,7 @@ from layer_timing import (
     md_row,
     never,
     once,
+    served_scope,
     stats,
     timed,
 )
@@ -71,6 +72,7 @@ from kernelport.core.validation import requested_outputs, validate_inputs
 from kernelport.protocols.grpc import codec as grpc_codec
 from kernelport.protocols.grpc.server import InferenceServicer
 from kernelport.protocols.rest import app as rest_app
+from kernelport.protocols.rest import bodies as rest_bodies
 from kernelport.protocols.rest import codec as rest_codec
 from kernelport.schema import pb
 
@@ -153,8 +155,9 @@ INFER = "DataPlane.infer (whole)"
 ENCODE = "encode: the front end's codec.encode_response"
 SERIALIZE = "serialize: SerializeToString (gRPC only)"
 CONTEXT = "request context: Telemetry.request + succeeded"
-BODY = "ASGI body read: _read_body (HTTP only)"
+BODY = "ASGI body read: read_body (HTTP only)"
 WATCHER = "disconnect watcher: _unless_disconnected around one loop turn (HTTP only)"
+WATCHER_RECEIVE = "disconnect watcher, no server callback in the scope (a timer; HTTP only)"
 TURN = "(baseline for the watcher: one loop turn, asyncio.sleep(0))"
 WHOLE = "END TO END: RestApp over ASGI / FromString + ModelInfer + SerializeToString"
 SERVICER = "servicer.ModelInfer alone (gRPC only)"
@@ -220,9 +223,16 @@ async def layers(dp: DataPlane, model: str, n: int, warmup: int) -> dict[str, di
             warmup,
         )  # fmt: skip
         if protocol == "http":
-            got[BODY] = await timed(lambda: rest_app._read_body(once(body), {}, 1 << 30), n, warmup)
-            # The work suspends once, as an inference does, so the watcher task starts.
+            got[BODY] = await timed(
+                lambda: rest_bodies.read_body(once(body), {}, 1 << 30), n, warmup
+            )
+            # The work suspends once, as an inference does: the server's callback (as served)
+            # and, without one, the timer that would start a receive() watch after 2 ms.
+            scope = served_scope()
             got[WATCHER] = await timed(
+                lambda: rest_app._unless_disconnected(asyncio.sleep(0), never, scope), n, warmup
+            )
+            got[WATCHER_RECEIVE] = await timed(
                 lambda: rest_app._unless_disconnected(asyncio.sleep(0), never), n, warmup
             )
             got[TURN] = await timed(lambda: asyncio.sleep(0), n, warmup)

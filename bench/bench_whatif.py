@@ -68,10 +68,10 @@ async def closed_loop(
 
 @contextlib.contextmanager
 def no_watcher() -> Iterator[None]:
-    """RestApp without the task that watches for a client disconnect."""
+    """RestApp without the disconnect watch (the server's callback, or a receive() task)."""
     original = rest_app._unless_disconnected
 
-    async def plain(work: Awaitable[Any], receive: Any) -> Any:
+    async def plain(work: Awaitable[Any], *_: Any) -> Any:
         return await work
 
     rest_app._unless_disconnected = plain  # type: ignore[assignment]

@@ -12,6 +12,7 @@ import numpy as np
 import orjson
 
 from kernelport.core.dataplane import DataPlane
+from kernelport.protocols.http_timeouts import DISCONNECT_EXTENSION
 from kernelport.protocols.rest.app import RestApp
 from kernelport.schema import pb
 
@@ -96,14 +97,31 @@ class FakeContext:
         pass
 
 
+class Connection:
+    """The disconnect callback slot of KernelPort's uvicorn protocol (http_timeouts.py), for a
+    connection that stays up."""
+
+    def __init__(self) -> None:
+        self.hang_up: Callable[[], None] | None = None
+
+    def watch(self, hang_up: Callable[[], None] | None) -> None:
+        self.hang_up = hang_up
+
+
+def served_scope() -> dict[str, Any]:
+    """The part of the scope the server adds for the disconnect watch."""
+    return {"extensions": {DISCONNECT_EXTENSION: Connection().watch}}
+
+
 def asgi(body: bytes, headers: list[tuple[bytes, bytes]], model: str) -> Callable[..., Any]:
-    """An in-memory ASGI call of RestApp: one body message, then a receive that waits for a
-    disconnect that never comes (as a connected client's); the response is collected."""
+    """An in-memory ASGI call of RestApp as KernelPort's uvicorn serves it: one body message,
+    then a receive that waits for a disconnect that never comes (as a connected client's), and
+    the server's disconnect callback in the scope; the response is collected."""
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
         "scheme": "http", "path": f"/v2/models/{model}/infer", "raw_path": b"",
         "query_string": b"", "headers": headers, "client": ("127.0.0.1", 5000),
-        "server": ("127.0.0.1", 8000),
+        "server": ("127.0.0.1", 8000), **served_scope(),
     }  # fmt: skip
 
     def call(app: RestApp) -> Awaitable[None]:

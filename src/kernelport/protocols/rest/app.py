@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import gzip
 import logging
 import re
-import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -20,7 +18,15 @@ from kernelport.core.model_config import triton_config
 from kernelport.errors import ErrorCode, ServerError, invalid
 from kernelport.limits import Limits
 from kernelport.observability.telemetry import Telemetry, header_value
+from kernelport.protocols.http_timeouts import DISCONNECT_EXTENSION
 from kernelport.protocols.rest import codec
+from kernelport.protocols.rest.bodies import (
+    accepted_encoding,
+    ascii_number,
+    compress,
+    decompress,
+    read_body,
+)
 from kernelport.protocols.rest.errors import HTTP_STATUS
 from kernelport.protocols.rest.stats import statistics_json
 
@@ -30,6 +36,10 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
+RawHeaders = Mapping[bytes, bytes]  # as the ASGI scope gives them: lower-case names
+
+_HEADER_LENGTH = codec.HEADER_LENGTH.encode()
+_INFER_PREFIX, _INFER_SUFFIX = "/v2/models/", "/infer"
 
 _JSON = [(b"content-type", b"application/json")]
 _MODEL = re.compile(
@@ -61,79 +71,6 @@ def error_response(status: int, message: str) -> Response:
     return json_response({"error": message}, status)
 
 
-# Bodies and responses above this are (de)compressed on a thread, not on the event loop.
-_OFF_LOOP_BYTES = 64 * 1024
-
-
-def _too_large(what: str, limit: int, flag: str) -> ServerError:
-    return ServerError(
-        ErrorCode.TOO_LARGE, f"{what} is larger than the limit of {limit} bytes ({flag})"
-    )
-
-
-def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
-    """Undo gzip/deflate, stopping as soon as the output passes ``limit`` bytes.
-
-    Streaming with ``max_length`` bounds memory by the limit, whatever the ratio: a few KiB
-    of zeros can otherwise inflate to gigabytes before anything checks the size.
-    """
-    if encoding not in ("gzip", "deflate"):
-        raise ServerError(ErrorCode.UNSUPPORTED, f"unsupported Content-Encoding '{encoding}'")
-    # gzip: a gzip header; deflate: a zlib header (HTTP's "deflate" is zlib-wrapped).
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(body, limit + 1)
-        if len(out) > limit or inflater.unconsumed_tail:
-            raise _too_large("request body once decompressed", limit, "--max-inflated-bytes")
-        if not inflater.eof:
-            raise invalid(f"request body is not valid {encoding} data: truncated stream")
-    except zlib.error as exc:
-        raise invalid(f"request body is not valid {encoding} data: {exc}") from None
-    return out
-
-
-async def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    if len(body) <= _OFF_LOOP_BYTES:
-        return _inflate(body, encoding, limit)
-    return await asyncio.to_thread(_inflate, body, encoding, limit)
-
-
-def _deflate(payload: bytes, encoding: str) -> bytes:
-    if encoding == "gzip":
-        return gzip.compress(payload, compresslevel=1)
-    return zlib.compress(payload, 1)
-
-
-async def _compress(payload: bytes, encoding: str) -> bytes:
-    if len(payload) <= _OFF_LOOP_BYTES:
-        return _deflate(payload, encoding)
-    return await asyncio.to_thread(_deflate, payload, encoding)
-
-
-def _ascii_number(text: str) -> int | None:
-    """``text`` as a non-negative integer if it is ASCII digits (str.isdigit() also accepts
-    digits int() refuses, e.g. superscripts), else None."""
-    stripped = text.strip()
-    return int(stripped) if stripped.isascii() and stripped.isdigit() else None
-
-
-def _accepted_encoding(header: str) -> str | None:
-    """The response encoding the client prefers among gzip and deflate (honouring q=0)."""
-    best, best_q = None, 0.0
-    for part in header.split(","):
-        token, _, params = part.strip().partition(";")
-        token = token.strip().lower()
-        q = 1.0
-        if params.strip().startswith("q="):
-            try:
-                q = float(params.strip()[2:])
-            except ValueError:
-                q = 0.0
-        if token in ("gzip", "deflate") and q > best_q:
-            best, best_q = token, q
-    return best
-
-
 class RestApp:
     """ASGI callable: ``await app(scope, receive, send)``."""
 
@@ -150,23 +87,32 @@ class RestApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return  # lifespan is off; websockets are not served
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        # Bytes as given, decoded only where read; the last of a repeated header wins.
+        headers: dict[bytes, bytes] = dict(scope["headers"])
+        method, path = scope["method"], scope["path"]
         try:
-            body = await _read_body(receive, headers, self._limits.max_request_bytes)
-            encoding = headers.get("content-encoding", "identity").strip().lower()
-            if body and encoding not in ("", "identity"):
-                body = await _decompress(body, encoding, self._limits.max_inflated_bytes)
-            route = self._route(scope["method"], scope["path"], headers, body)
-            if scope["path"].endswith("/infer"):
-                response = await _unless_disconnected(route, receive)
+            body = await read_body(receive, headers, self._limits.max_request_bytes)
+            raw_encoding = headers.get(b"content-encoding")
+            if body and raw_encoding:
+                encoding = raw_encoding.decode("latin-1").strip().lower()
+                if encoding not in ("", "identity"):
+                    body = await decompress(body, encoding, self._limits.max_inflated_bytes)
+            # Inference skips the route table: the hot path's only route, matched by hand.
+            target = _infer_target(path) if method == "POST" else None
+            if target is not None:
+                work = self._infer(target[0], target[1], headers, body)
+                response = await _unless_disconnected(work, receive, scope)
+            elif path.endswith(_INFER_SUFFIX):
+                route = self._route(method, path, headers, body)
+                response = await _unless_disconnected(route, receive, scope)
             else:
-                response = await route
+                response = await self._route(method, path, headers, body)
         except ServerError as exc:
             response = error_response(HTTP_STATUS[exc.code], exc.message)
             if exc.code is ErrorCode.UNSUPPORTED and "Content-Encoding" in exc.message:
                 response.headers.append((b"accept-encoding", b"gzip, deflate"))
         except Exception:
-            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            log.exception("unhandled error on %s %s", method, path)
             response = error_response(500, "internal server error")
         response.headers.append((b"content-length", str(len(response.body)).encode()))
         await send(
@@ -174,9 +120,7 @@ class RestApp:
         )
         await send({"type": "http.response.body", "body": response.body})
 
-    async def _route(
-        self, method: str, path: str, headers: dict[str, str], body: bytes
-    ) -> Response:
+    async def _route(self, method: str, path: str, headers: RawHeaders, body: bytes) -> Response:
         dp = self._dp
         if path.endswith("/") and len(path) > 1:
             path = path.rstrip("/")
@@ -217,7 +161,7 @@ class RestApp:
         model: str,
         version: str,
         verb: str | None,
-        headers: dict[str, str],
+        headers: RawHeaders,
         body: bytes,
     ) -> Response:
         dp = self._dp
@@ -244,21 +188,20 @@ class RestApp:
             return json_response(triton_config(dp.model_config(model, version)))
         return json_response(statistics_json(dp.model_statistics(model, version)))
 
-    async def _infer(
-        self, model: str, version: str, headers: dict[str, str], body: bytes
-    ) -> Response:
+    async def _infer(self, model: str, version: str, headers: RawHeaders, body: bytes) -> Response:
         context = self._telemetry.request(
             "http", model, version, where="inference", log=log, traced=True,
-            header_id=lambda: headers.get("x-request-id", ""),
+            header_id=lambda: headers.get(b"x-request-id", b"").decode("latin-1"),
         )  # fmt: skip
         trace = context.trace
         if trace is not None:
-            trace.carrier = headers  # a client's W3C traceparent becomes the parent span
+            # a client's W3C traceparent becomes the parent span
+            trace.carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()}
         try:
-            raw_length = headers.get(codec.HEADER_LENGTH)
             header_length = None
-            if raw_length is not None:
-                header_length = _ascii_number(raw_length)
+            if (raw := headers.get(_HEADER_LENGTH)) is not None:
+                raw_length = raw.decode("latin-1")
+                header_length = ascii_number(raw_length)
                 if header_length is None:
                     raise invalid(f"Inference-Header-Content-Length '{raw_length}' is not a number")
             request = codec.decode_request(body, header_length, model, version, self._limits)
@@ -284,11 +227,11 @@ class RestApp:
                 (b"inference-header-content-length", str(json_length).encode()),
             ]
         out_headers.append((b"x-request-id", header_value(context.request_id)))
-        accept = headers.get("accept-encoding")
+        accept = headers.get(b"accept-encoding")
         if accept:
-            encoding = _accepted_encoding(accept)
+            encoding = accepted_encoding(accept.decode("latin-1"))
             if encoding:
-                payload = await _compress(payload, encoding)
+                payload = await compress(payload, encoding)
                 out_headers.append((b"content-encoding", encoding.encode()))
         context.succeeded(response)
         return Response(200, payload, out_headers)
@@ -370,52 +313,89 @@ def _shared_memory(verb: str, region: str | None) -> Response:
     return error_response(501, "shared memory is not supported yet")
 
 
-async def _unless_disconnected(work: Awaitable[Response], receive: Receive) -> Response:
+def _infer_target(path: str) -> tuple[str, str] | None:
+    """(model, version) when ``path`` is /v2/models/{model}[/versions/{version}]/infer, as
+    the route table would match it; None sends every other shape through the table."""
+    if not (path.startswith(_INFER_PREFIX) and path.endswith(_INFER_SUFFIX)):
+        return None
+    parts = path[len(_INFER_PREFIX) : -len(_INFER_SUFFIX)].split("/")
+    if len(parts) == 1:
+        return (parts[0], "") if parts[0] else None
+    if len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
+        return parts[0], parts[2]
+    return None
+
+
+# Without the server's disconnect callback, a client's departure is read from receive(), but
+# only for requests still unanswered after this long: a task per request costs more than the
+# whole front end otherwise, and only a request that waits has queued work worth dropping.
+_WATCH_RECEIVE_AFTER_S = 0.002
+
+
+async def _unless_disconnected(
+    work: Awaitable[Response], receive: Receive, scope: Scope | None = None
+) -> Response:
     """Run ``work``, cancelling it if the client goes away first.
 
     Cancelling drops a queued request before it executes, so a departed client costs no
-    device time.
+    device time. KernelPort's uvicorn protocol reports a lost connection through the scope
+    (``DISCONNECT_EXTENSION``: no task, no timer); under any other server a ``receive()``
+    watches once the request has waited ``_WATCH_RECEIVE_AFTER_S``.
     """
     current = asyncio.current_task()
     assert current is not None
+    gone = finished = False
 
-    def on_message(watch: asyncio.Future[dict[str, Any]]) -> None:
-        gone = not watch.cancelled() and watch.exception() is None
-        if gone and watch.result().get("type") == "http.disconnect" and not finished:
+    def hang_up() -> None:
+        nonlocal gone
+        if not finished and not gone:
+            gone = True
             current.cancel()
 
-    finished = False
-    watcher = asyncio.ensure_future(receive())
-    watcher.add_done_callback(on_message)
+    watch = scope.get("extensions", {}).get(DISCONNECT_EXTENSION) if scope else None
+    if watch is None:
+        watch = _ReceiveWatch(receive).watch
+    watch(hang_up)
     try:
         return await work
     except asyncio.CancelledError:
-        if watcher.done() and not watcher.cancelled():
+        if gone:
+            current.uncancel()
             raise ServerError(ErrorCode.CANCELLED, "client disconnected") from None
         raise
     finally:
         finished = True
-        watcher.cancel()
+        watch(None)
 
 
-async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
-    """The request body, refused (413) by Content-Length up front or once it passes ``limit``."""
-    declared = _ascii_number(headers.get("content-length", ""))
-    if declared is not None and declared > limit:
-        raise _too_large("request body", limit, "--max-request-bytes")
-    message = await receive()
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body", False):
-        if len(body) > limit:
-            raise _too_large("request body", limit, "--max-request-bytes")
-        return body
-    parts = [body]
-    size = len(body)
-    while message.get("more_body", False):
-        message = await receive()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:  # chunked bodies declare no length: stop reading at the limit
-            raise _too_large("request body", limit, "--max-request-bytes")
-        parts.append(chunk)
-    return b"".join(parts)
+class _ReceiveWatch:
+    """The same ``watch(hang_up | None)`` as the server's extension, by way of ``receive()``."""
+
+    __slots__ = ("_hang_up", "_receive", "_timer", "_watcher")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._hang_up: Callable[[], None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._watcher: asyncio.Future[dict[str, Any]] | None = None
+
+    def watch(self, hang_up: Callable[[], None] | None) -> None:
+        self._hang_up = hang_up
+        if hang_up is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(_WATCH_RECEIVE_AFTER_S, self._start)
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    def _start(self) -> None:
+        self._watcher = asyncio.ensure_future(self._receive())
+        self._watcher.add_done_callback(self._on_message)
+
+    def _on_message(self, watcher: asyncio.Future[dict[str, Any]]) -> None:
+        if watcher.cancelled() or watcher.exception() is not None or self._hang_up is None:
+            return
+        if watcher.result().get("type") == "http.disconnect":
+            self._hang_up()
