@@ -215,8 +215,12 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
         self.sock = sock
 
 
@@ -258,6 +262,9 @@ class _Control:
         with contextlib.suppress(OSError):  # the embedded server is gone; reading says so
             self._sock.sendall(json.dumps(message).encode() + b"\n")
 
+    def close(self) -> None:
+        self._sock.close()
+
     def read(self) -> dict[str, Any] | None:
         """The next message, or None once the other end has closed."""
         while b"\n" not in self._buffer:
@@ -276,90 +283,124 @@ def _write_ports(path: Path, ports: dict[str, int]) -> None:
     os.replace(partial, path)
 
 
+class StartupFailed(RuntimeError):
+    pass
+
+
+class Launcher:
+    """Envoy with the server inside, driven from this process: ``start``, ``request_stop``,
+    ``wait``, ``close`` (``run`` adds the signals; tests drive it directly)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.ports: dict[str, int] = {}
+        self._process: subprocess.Popen[bytes] | None = None
+        self._control: _Control | None = None
+        self._private: str | None = None
+        self._stops = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def start(self) -> dict[str, int]:
+        """Start Envoy and wait until the server inside is up; the ports, by listener name.
+
+        Raises EnvoyMissing (nothing started) or StartupFailed (``close`` cleans up)."""
+        binary, module = _locate()
+        tls = TlsFiles.from_config(self.config)
+        try:
+            if tls is not None:
+                tls.check()  # Envoy would refuse them too, but without naming the setting
+        except RuntimeError as exc:
+            raise StartupFailed(str(exc)) from None
+        self._private = tempfile.mkdtemp(prefix="kernelport-envoy-")  # 0700: the admin socket
+        admin_path = os.path.join(self._private, "admin.sock")
+        ours, theirs = socket.socketpair()
+        command = [
+            binary,
+            "--config-yaml", json.dumps(envoy_config(self.config, module, admin_path)),
+            "--disable-hot-restart",
+            "--concurrency", str(self.config.envoy_threads),
+            "--log-level", _ENVOY_LOG_LEVEL[self.config.log_level],
+            "--log-format", "%Y-%m-%dT%H:%M:%S envoy %l: %v",
+        ]  # fmt: skip
+        env = envoy_environ()
+        env[CONTROL_FD_ENV] = str(theirs.fileno())
+        with theirs:
+            self._process = subprocess.Popen(
+                command, env=env, pass_fds=(theirs.fileno(),), start_new_session=True
+            )
+        self._control = _Control(ours)
+        # The config travels over the socket: API keys never appear in argv or the environment.
+        self._control.send({"config": json.loads(self.config.model_dump_json())})
+        message = self._control.read()
+        if message is None or "started" not in message:
+            reason = (message or {}).get("failed", f"Envoy exited with {self._process.wait()}")
+            raise StartupFailed(str(reason))
+        ports: dict[str, int] = message["started"]
+        try:
+            ports["grpc"] = listener_port(admin_path, self._process, wait_s=30.0)
+        except RuntimeError as exc:
+            self._control.send({"cmd": "force"})
+            raise StartupFailed(str(exc)) from None
+        self.ports = ports
+        return ports
+
+    def request_stop(self) -> None:
+        """Drain and stop; a second call cuts the drain short (as a second Ctrl-C does)."""
+        self._stops += 1
+        if self._control is not None:
+            self._control.send({"cmd": "stop" if self._stops == 1 else "force"})
+
+    def wait(self) -> int:
+        """Until the server inside has stopped; its exit code (1 if it vanished)."""
+        assert self._control is not None and self._process is not None
+        while (message := self._control.read()) is not None:
+            if "stopped" in message:
+                return int(message["stopped"])
+        log.error("the server inside Envoy exited unexpectedly (%s)", self._process.wait())
+        return 1
+
+    def close(self) -> None:
+        """Stop Envoy (after ``wait``, it is already on its way out) and clean up."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(_STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                log.error("Envoy did not exit within %g s; killing it", _STOP_GRACE_S)
+                self._process.kill()
+                self._process.wait()
+        if self._control is not None:
+            self._control.close()
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
+
+
 def run(config: Config) -> int:
     """Serve until SIGINT/SIGTERM; the process exit code, as ``Server.run`` returns it."""
-    try:
-        binary, module = _locate()
-    except EnvoyMissing as exc:
-        log.error("%s", exc)
-        return 2
-    tls = TlsFiles.from_config(config)
-    try:
-        if tls is not None:
-            tls.check()  # Envoy would refuse them too, but without naming the setting
-    except RuntimeError as exc:
-        log.error("startup failed: %s", exc)
-        return 1
-    private = tempfile.mkdtemp(prefix="kernelport-envoy-")  # 0700: the admin socket's home
-    admin_path = os.path.join(private, "admin.sock")
-    ours, theirs = socket.socketpair()
-    command = [
-        binary,
-        "--config-yaml", json.dumps(envoy_config(config, module, admin_path)),
-        "--disable-hot-restart",
-        "--concurrency", str(config.envoy_threads),
-        "--log-level", _ENVOY_LOG_LEVEL[config.log_level],
-        "--log-format", "%Y-%m-%dT%H:%M:%S envoy %l: %v",
-    ]  # fmt: skip
-    env = envoy_environ()
-    env[CONTROL_FD_ENV] = str(theirs.fileno())
-    process = subprocess.Popen(
-        command, env=env, pass_fds=(theirs.fileno(),), start_new_session=True
-    )
-    theirs.close()
-    control = _Control(ours)
-    stops = 0
+    launcher = Launcher(config)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal stops
-        stops += 1
-        control.send({"cmd": "stop" if stops == 1 else "force"})
+        launcher.request_stop()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        # The config travels over the socket: API keys never appear in argv or the environment.
-        control.send({"config": json.loads(config.model_dump_json())})
-        return _supervise(config, process, control, admin_path)
+        try:
+            ports = launcher.start()
+        except EnvoyMissing as exc:
+            log.error("%s", exc)
+            return 2
+        except StartupFailed as exc:
+            log.error("startup failed: %s", exc)
+            return 1
+        log.info("listening: gRPC %s:%d (Envoy, pid %d)", config.host, ports["grpc"],
+                 launcher.pid)  # fmt: skip
+        if config.ports_file is not None:
+            _write_ports(config.ports_file, ports)
+        return launcher.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        _stop(process)
-        ours.close()
-        shutil.rmtree(private, ignore_errors=True)
-
-
-def _supervise(
-    config: Config, process: subprocess.Popen[bytes], control: _Control, admin_path: str
-) -> int:
-    message = control.read()
-    if message is None or "started" not in message:
-        reason = (message or {}).get("failed", f"Envoy exited with {process.wait()}")
-        log.error("startup failed: %s", reason)
-        return 1
-    ports: dict[str, int] = message["started"]
-    try:
-        ports["grpc"] = listener_port(admin_path, process, wait_s=30.0)
-    except RuntimeError as exc:
-        log.error("startup failed: %s", exc)
-        control.send({"cmd": "force"})
-        return 1
-    log.info("listening: gRPC %s:%d (Envoy, pid %d)", config.host, ports["grpc"], process.pid)
-    if config.ports_file is not None:
-        _write_ports(config.ports_file, ports)
-    while (message := control.read()) is not None:
-        if "stopped" in message:
-            return int(message["stopped"])
-    log.error("the server inside Envoy exited unexpectedly (%s)", process.wait())
-    return 1
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(_STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        log.error("Envoy did not exit within %g s; killing it", _STOP_GRACE_S)
-        process.kill()
-        process.wait()
+        launcher.close()
