@@ -45,6 +45,8 @@ class _Host:
         sock = socket.socket(fileno=int(os.environ[CONTROL_FD_ENV]))
         reader, self._writer = await asyncio.open_connection(sock=sock)
         first = json.loads(await reader.readline() or b"{}")
+        if "config" not in first:
+            raise RuntimeError("the launcher closed the control socket before sending the config")
         # The launcher validated and merged the settings; a key file's keys are already in.
         config = Config.model_validate({**first["config"], "api_key_file": None})
         # The launcher publishes the ports (it alone learns Envoy's).
@@ -57,7 +59,8 @@ class _Host:
             log.error("startup failed: %s", exc)
             await server.shutdown()
             self._report({"failed": str(exc)})
-            await self._writer.drain()
+            with contextlib.suppress(OSError):  # a launcher already gone must not mask exc
+                await self._writer.drain()
             raise
         self.grpc = server.grpc_app()
         self._report({"started": {"http": server.http_port, "metrics": server.metrics_port}})
@@ -81,7 +84,11 @@ class _Host:
 
     async def _listen(self, server: Server, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
-            command = json.loads(line).get("cmd")
+            try:
+                command = json.loads(line).get("cmd")
+            except (ValueError, AttributeError):
+                log.error("ignored a malformed control message: %r", line[:80])
+                continue
             if command in ("stop", "force"):
                 server.request_stop()  # a second one cuts the drain short
         self._orphaned = True
