@@ -375,6 +375,12 @@ def parse_args() -> argparse.Namespace:
     add("--stability", type=float, default=10, help="perf_analyzer -s (percent)")
     add("--max-trials", type=int, default=5, help="perf_analyzer -r")
     add("--extra-server-args", default="", help="appended to `kernelport serve` (shlex-split)")
+    add(
+        "--model-yaml",
+        default="",
+        help="more lines for KernelPort's model.yaml, e.g. "
+        '"inline_below_us: 300" (\\n separates lines)',
+    )
     add("--bare-only", action="store_true", help="only measure bare ONNX Runtime")
     add("--bare-batches", type=int, nargs="+", default=[1, 32, 128])
     add("--bare-seconds", type=float, default=2.0, help="length of one bare measurement")
@@ -404,7 +410,8 @@ def main() -> None:
         for mode in modes:
             args.current_batching = mode
             delay = args.delay_us if mode != "off" else None
-            repo = build_repository(Path(tmp) / f"repo-{mode}", args.model, delay)
+            extra = args.model_yaml.replace("\\n", "\n") if mode != "triton" else ""
+            repo = build_repository(Path(tmp) / f"repo-{mode}", args.model, delay, extra_yaml=extra)
             log = OUT_DIR / f"{stamp}.{mode}.server.log"
             servers.append(bench_server(repo, Path(tmp), log, args))
     server = {"runs": [r for s in servers for r in s["runs"]], "servers": servers}

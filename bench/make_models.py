@@ -128,11 +128,12 @@ def build_repository(
     preset: str = "mlp",
     batching_delay_us: int | None = None,
     name: str = "mlp",
+    extra_yaml: str = "",
 ) -> Path:
     """Write the preset's model (version 1 + model.yaml) into the repository dir `repo`.
 
     ``batching_delay_us``: None = no dynamic batching; else dynamic batching with that
-    max_queue_delay.
+    max_queue_delay. ``extra_yaml``: more model.yaml lines (e.g. "inline_below_us: 300").
     """
     model_dir = Path(repo) / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
@@ -140,6 +141,7 @@ def build_repository(
     text = MLP_MODEL_YAML
     if batching_delay_us is not None:
         text += f"dynamic_batching:\n  max_queue_delay_us: {batching_delay_us}\n"
+    text += extra_yaml + ("\n" if extra_yaml and not extra_yaml.endswith("\n") else "")
     (model_dir / "model.yaml").write_text(text)
     return Path(repo)
 
