@@ -50,17 +50,20 @@ def inline_harness(
     *,
     instances: int = 1,
     below_us: int = 300,
+    alone_us: int = 0,
     inline: bool = True,
     dims: tuple[int, ...] = (2,),
+    max_batch: int = 4,
 ) -> Harness:
     config = ModelConfig(
         name="m",
         backend="identity",
-        max_batch_size=4,
+        max_batch_size=max_batch,
         inputs=(TensorConfig(name="x", datatype="FP32", dims=dims),),
         outputs=(TensorConfig(name="x", datatype="FP32", dims=dims),),
         dynamic_batching=DynamicBatching(fill_batches=False),
         inline_below_us=below_us,
+        inline_alone_below_us=alone_us,
     )
     clock, batches = FakeClock(), []
     workers = [TwoWayWorker(batches, ways) for _ in range(instances)]
@@ -110,7 +113,8 @@ async def test_a_long_inline_run_sends_batches_to_the_thread_until_runs_there_ar
 
 
 async def test_inline_is_off_at_zero_when_the_pool_forbids_it_or_a_dim_varies() -> None:
-    for kwargs in ({"below_us": 0}, {"inline": False}, {"dims": (-1,)}):
+    for kwargs in ({"below_us": 0}, {"inline": False}, {"dims": (-1,)},
+                   {"below_us": 0, "alone_us": 500, "dims": (-1,)}):  # fmt: skip
         ways: list[str] = []
         h = inline_harness(ways, **kwargs)  # type: ignore[arg-type]
         for tag in range(3):
@@ -130,6 +134,33 @@ async def test_a_thread_batch_keeps_a_second_batch_off_the_loop() -> None:
     await h.complete(-2)
     await h.complete(-1)
     await first, await second
+
+
+async def test_a_lone_request_runs_inline_up_to_the_alone_threshold() -> None:
+    ways: list[str] = []
+    h = inline_harness(ways, below_us=100, alone_us=500)
+    for tag in range(3):
+        await one(h, tag, infer_ns=400 * US)  # over 100, under 500: inline when alone
+    assert ways == ["thread", "inline", "inline"]
+
+
+async def test_with_company_only_the_short_threshold_runs_inline() -> None:
+    ways: list[str] = []
+    h = inline_harness(ways, below_us=100, alone_us=500, max_batch=1)
+    h.queue._pool.workers[0].inline_ns = 400 * US
+    a = await h.submit(1, 0)  # cost unknown: the thread
+    b = await h.submit(1, 1)  # queued behind a
+    c = await h.submit(1, 2)  # queued behind b
+    await h.complete(-1, infer_ns=400 * US)  # a ends: one row costs 400 us
+    await turn()
+    assert ways == ["thread", "thread"]  # b has company (c): only <= 100 us would go inline
+    await h.complete(-1, infer_ns=400 * US)  # b ends; c is cut while b is being answered
+    await turn()
+    assert ways == ["thread"] * 3
+    await h.complete(-1, infer_ns=400 * US)
+    assert [(await t)[0]["x"][0, 0] for t in (a, b, c)] == [0, 1, 2]
+    await one(h, 3)  # nothing else in flight: a lone 400 us batch runs on the loop
+    assert ways == ["thread"] * 3 + ["inline"]
 
 
 # --- a real worker ------------------------------------------------------------------------

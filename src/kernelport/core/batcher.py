@@ -81,6 +81,7 @@ class ModelQueue:
         # Inline only where the cost is a function of the row count: fixed non-batch dims.
         fixed = all(-1 not in t.dims for t in config.inputs)
         self._inline_ns = config.inline_below_us * 1000 if fixed else 0
+        self._inline_alone_ns = config.inline_alone_below_us * 1000 if fixed else 0
         self._ordered = bool(policy and policy.preserve_ordering)
         # Batch fill replaces nothing a delay already does: with a delay the cut waits anyway.
         fill = policy is not None and policy.fill_batches and self._delay_ns == 0
@@ -381,7 +382,8 @@ class ModelQueue:
         worker = self._pool.take_idle()
         parts = [p.inputs for p in batch.requests]
         counts = [p.rows for p in batch.requests]
-        if self._pool.inline and not self._running and self._short(batch.rows):
+        alone = self._in_flight <= len(batch.requests)  # nothing else of the model waits
+        if self._pool.inline and not self._running and self._short(batch.rows, alone):
             future = worker.run_now(parts, counts, self.config)
         else:
             future = worker.submit_batch(parts, counts, self.config)
@@ -389,14 +391,16 @@ class ModelQueue:
         self._running.add(future)
         future.add_done_callback(functools.partial(self._finish, batch, worker))
 
-    def _short(self, rows: int) -> bool:
-        """The learned cost of ``rows`` says the batch may run on the loop (never unknown).
+    def _short(self, rows: int, alone: bool) -> bool:
+        """The learned cost of ``rows`` says the batch may run on the loop (never unknown):
+        at most ``inline_below_us``, or ``inline_alone_below_us`` when it is the model's only
+        work in flight.
 
         A run far over the threshold (a preempted core, a cost that depends on the data)
         lifts the moving average over it, so the next batches of that size go to the thread
         until runs there bring it back down."""
         cost = self.cost.estimate(rows)
-        return 0 < cost <= self._inline_ns
+        return 0 < cost <= max(self._inline_ns, self._inline_alone_ns if alone else 0)
 
     def _finish(self, batch: Batch, worker: Worker, future: asyncio.Future[BatchResult]) -> None:
         self._running.discard(future)

@@ -159,6 +159,11 @@ class ModelConfig(_Strict):
     #: nor while another batch of the model runs, nor for Python models or inputs with a
     #: variable dimension.
     inline_below_us: int = Field(default=100, ge=0)
+    #: the same, for a batch that is the only work of the model in flight (one client at a
+    #: time: blocking the loop delays no other request of the model, and the two thread hops
+    #: it saves are most of a lone request's overhead). Other models' requests may wait
+    #: behind it for up to this long. 0: never.
+    inline_alone_below_us: int = Field(default=500, ge=0)
     parameters: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
