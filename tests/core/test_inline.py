@@ -13,6 +13,7 @@ from test_batcher import US, Batch, FakeClock, Harness, turn
 from kernelport.core.backend import Arrays
 from kernelport.core.batcher import ModelQueue
 from kernelport.core.execution import BatchResult, Worker, WorkerPool
+from kernelport.core.fill import ArrivalModel
 from kernelport.core.model_config import DynamicBatching, ModelConfig, TensorConfig
 from kernelport.core.scheduler import DeviceScheduler
 from kernelport.core.stats import ModelStats
@@ -161,6 +162,22 @@ async def test_with_company_only_the_short_threshold_runs_inline() -> None:
     assert [(await t)[0]["x"][0, 0] for t in (a, b, c)] == [0, 1, 2]
     await one(h, 3)  # nothing else in flight: a lone 400 us batch runs on the loop
     assert ways == ["thread"] * 3 + ["inline"]
+
+
+async def test_a_lone_batch_among_overlapping_arrivals_stays_on_the_thread() -> None:
+    """At c=32 the queue can be empty while requests are still being parsed: the arrival
+    model's overlap says so, and then only the short threshold runs inline."""
+    ways: list[str] = []
+    h = inline_harness(ways, below_us=100, alone_us=500)
+    arrivals = ArrivalModel()
+    arrivals.overlap = 1.0  # every recent arrival found company
+    h.queue._arrivals = arrivals
+    await one(h, 0, infer_ns=400 * US)
+    await one(h, 1, infer_ns=400 * US)
+    assert ways == ["thread", "thread"]
+    arrivals.overlap = 0.0  # one client at a time again
+    await one(h, 2, infer_ns=400 * US)
+    assert ways[-1] == "inline"
 
 
 # --- a real worker ------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 from kernelport.core.backend import Arrays
 from kernelport.core.clock import Cancellable, Clock, LoopClock
 from kernelport.core.execution import BatchResult, Timings, Worker, WorkerPool
-from kernelport.core.fill import ArrivalModel
+from kernelport.core.fill import OVERLAP, ArrivalModel
 from kernelport.core.model_config import ModelConfig
 from kernelport.core.options import RequestOptions, request_options
 from kernelport.core.pending import (
@@ -382,7 +382,12 @@ class ModelQueue:
         worker = self._pool.take_idle()
         parts = [p.inputs for p in batch.requests]
         counts = [p.rows for p in batch.requests]
-        alone = self._in_flight <= len(batch.requests)  # nothing else of the model waits
+        # Nothing else of the model waits, and arrivals do not overlap (at c=32 the queue
+        # can be empty while many requests are still being parsed: those are not alone).
+        arrivals = self._arrivals
+        alone = self._in_flight <= len(batch.requests) and (
+            arrivals is None or arrivals.overlap < OVERLAP
+        )
         if self._pool.inline and not self._running and self._short(batch.rows, alone):
             future = worker.run_now(parts, counts, self.config)
         else:
