@@ -247,7 +247,8 @@ def listener_port(admin_path: str, process: subprocess.Popen[bytes], wait_s: flo
         except (OSError, ValueError, http.client.HTTPException):
             pass  # not up yet
         if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("Envoy did not report its gRPC listener")
+            # Envoy's own log line above says why (most often: the port is taken).
+            raise RuntimeError("Envoy did not report its gRPC listener (is the gRPC port free?)")
         time.sleep(0.02)  # Envoy offers no notification; its admin API is the only source
 
 
