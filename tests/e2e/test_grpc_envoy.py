@@ -1,7 +1,7 @@
 """``--grpc-transport envoy`` end to end: Envoy serves gRPC, the server runs inside it.
 
 The rest of the gRPC behaviour (every RPC, errors, streams, TLS, limits, deadlines, drain) is
-the existing suite's, which runs on Envoy by default and a second time (`make test`) on grpcio;
+the existing suite's, which runs on grpcio by default and a second time (`make test`) on Envoy;
 these tests cover what only this transport has: its own cancellation watch, its processes.
 """
 
