@@ -7,7 +7,8 @@
 #   e.g.   bench/hunt_stall.sh 4 30 --grpc-transport envoy
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-servers=${1:-4}; runs=${2:-30}; shift 2 2>/dev/null || true
+servers=${1:-4}; runs=${2:-30}
+if [ $# -ge 2 ]; then shift 2; else set --; fi
 work=$(mktemp -d)
 py=$ROOT/.venv/bin/python
 for srv in $(seq 1 "$servers"); do
