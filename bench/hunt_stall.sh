@@ -25,10 +25,14 @@ for srv in $(seq 1 "$servers"); do
     pa=$!
     for _ in $(seq 75); do sleep 0.2; kill -0 "$pa" 2>/dev/null || break; done
     if kill -0 "$pa" 2>/dev/null; then
+      exec > >(tee "$work/stall.txt") 2>&1
       echo "STALLED: server $srv, run $i (logs in $work)"
       ss -tnpi | grep -A1 ":$http" | head -40
       curl -s "http://127.0.0.1:$http/v2/models/mlp/stats" | head -c 400; echo
       "$ROOT/.venv/bin/py-spy" dump --pid "$pid" 2>&1 | tail -80
+      # the client's side: where perf_analyzer's threads wait (needs gdb)
+      command -v gdb >/dev/null && gdb -p "$pa" -batch -ex "thread apply all bt 8" 2>/dev/null \
+        | grep -E "^Thread|^#" | head -80
       kill "$pa" "$server"; exit 1
     fi
   done
