@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +58,12 @@ def client_for(protocol: str, server: Any) -> Any:
     if protocol == "http":
         return httpclient.InferenceServerClient(server.http_url)
     return grpcclient.InferenceServerClient(server.grpc_url)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still exists (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -7,6 +7,7 @@ from its fields: a field's type gives its parsing and choices, its description t
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from importlib import resources
@@ -375,3 +376,11 @@ def _explain(model: type[BaseModel], exc: ValidationError) -> str:
     if unknown:
         problems.insert(0, f"unknown setting(s): {', '.join(sorted(unknown))}")
     return "; ".join(problems)
+
+
+def write_ports(path: Path, ports: dict[str, int]) -> None:
+    """Publish the bound ports (``ports_file``) atomically: a reader sees the whole file or
+    none."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(ports))
+    os.replace(partial, path)

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry
 
 from kernelport.backends.registry import BackendRegistry
-from kernelport.config import Config
+from kernelport.config import Config, write_ports
 from kernelport.core.dataplane import DataPlane
 from kernelport.core.manager import ManagerSettings, ModelManager
 from kernelport.lifecycle.poller import RepositoryPoller
@@ -63,13 +61,6 @@ def _bind(host: str, port: int) -> socket.socket:
         raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.set_inheritable(True)
     return sock
-
-
-def _write_ports(path: Path, ports: dict[str, int]) -> None:
-    """Publish the bound ports atomically: a reader sees the whole file or none."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(ports))
-    os.replace(partial, path)
 
 
 class Server:
@@ -187,7 +178,7 @@ class Server:
             tls = "off" if self._tls is None else "mutual" if self._tls.ca else "on"
             log.info("API keys required (scope %s); TLS %s", self._auth.scope, tls)
         if self.config.ports_file is not None:
-            _write_ports(self.config.ports_file, self.ports())
+            write_ports(self.config.ports_file, self.ports())
         for entry in self.manager.entries():
             if entry.versions:
                 log.info(

@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpc_aio
 import tritonclient.http as httpclient
 from conftest import RunningServer, running_server, start_server
-from helpers import identity_config, write_model
+from helpers import identity_config, process_alive, write_model
 from observability.scrape import scrape, value, wait_for
 
 ENVOY = ("--grpc-transport", "envoy")
@@ -97,23 +97,15 @@ def test_a_client_that_goes_away_has_its_queued_work_dropped(server: RunningServ
     assert _executions(server, "slow") - before == 1  # the cancelled call never ran
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_envoy_exits_when_its_launcher_is_killed(tmp_path: Path) -> None:
     running = start_server(tmp_path, _repository(tmp_path / "repo"), *ENVOY)
     match = re.search(r"\(Envoy, pid (\d+)\)", running.log())
     assert match, running.log()
     envoy_pid = int(match.group(1))
-    assert _alive(envoy_pid)
+    assert process_alive(envoy_pid)
     running.stop(signal.SIGKILL)  # no drain, no goodbye: the control socket just closes
     deadline = time.monotonic() + 30
-    while _alive(envoy_pid):
+    while process_alive(envoy_pid):
         assert time.monotonic() < deadline, f"Envoy {envoy_pid} outlived its launcher"
         time.sleep(0.05)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from helpers import identity_config, write_model
+from helpers import identity_config, process_alive, write_model
 
 from kernelport.config import Config
 from kernelport.hosting import envoy
@@ -29,14 +29,6 @@ def _config(tmp_path: Path, **overrides: object) -> Config:
     settings = {"model_repository": (repo,), "host": "127.0.0.1", "http_port": 0,
                 "grpc_port": 0, "metrics_port": 0, "grpc_transport": "envoy"}  # fmt: skip
     return Config.model_validate({**settings, **overrides})
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_a_launcher_starts_serves_drains_and_cleans_up(tmp_path: Path) -> None:
@@ -59,7 +51,7 @@ def test_a_launcher_starts_serves_drains_and_cleans_up(tmp_path: Path) -> None:
         assert launcher.wait() == 0  # drained: nothing was in flight
     finally:
         launcher.close()
-    assert launcher.pid is not None and not _alive(launcher.pid)
+    assert launcher.pid is not None and not process_alive(launcher.pid)
     assert not private.exists()
 
 
@@ -73,7 +65,7 @@ def test_a_server_that_cannot_start_is_a_startup_failure(tmp_path: Path) -> None
                 launcher.start()
         finally:
             launcher.close()
-    assert launcher.pid is not None and not _alive(launcher.pid)
+    assert launcher.pid is not None and not process_alive(launcher.pid)
 
 
 def test_unusable_tls_files_fail_before_envoy_starts(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ class _Host:
         self._server: Server | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._done: asyncio.Task[None] | None = None
+        self._orphaned = False  # the launcher went away: stop Envoy ourselves
 
     def _report(self, message: dict[str, Any]) -> None:
         if self._writer is not None and not self._writer.is_closing():
@@ -79,8 +80,6 @@ class _Host:
         server.leave_if_stuck()  # Envoy's exit would wait for the stuck thread
         if self._orphaned:
             os.kill(os.getpid(), signal.SIGTERM)  # no launcher to stop Envoy: stop it here
-
-    _orphaned = False
 
     async def _listen(self, server: Server, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():

@@ -38,7 +38,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from kernelport.config import Config
+from kernelport.config import Config, write_ports
 from kernelport.protocols.tls import TlsFiles
 
 log = logging.getLogger("kernelport.envoy")
@@ -278,12 +278,6 @@ class _Control:
         return message
 
 
-def _write_ports(path: Path, ports: dict[str, int]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(ports))
-    os.replace(partial, path)
-
-
 class StartupFailed(RuntimeError):
     pass
 
@@ -399,7 +393,7 @@ def run(config: Config) -> int:
         log.info("listening: gRPC %s:%d (Envoy, pid %d)", config.host, ports["grpc"],
                  launcher.pid)  # fmt: skip
         if config.ports_file is not None:
-            _write_ports(config.ports_file, ports)
+            write_ports(config.ports_file, ports)
         return launcher.wait()
     finally:
         for sig, handler in previous.items():

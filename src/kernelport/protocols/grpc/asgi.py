@@ -28,6 +28,7 @@ from kernelport.errors import ErrorCode, ServerError
 from kernelport.protocols.auth import UNAUTHENTICATED_MESSAGE, Auth
 from kernelport.protocols.grpc import rpc, wire
 from kernelport.protocols.grpc.errors import GRPC_STATUS
+from kernelport.protocols.inflate import OFF_LOOP_BYTES
 
 log = logging.getLogger("kernelport.grpc")
 
@@ -176,7 +177,7 @@ class GrpcAsgiApp:
             )
         compressed, data = messages[0]
         if compressed:
-            data = memoryview(self._inflate(data, encoding))
+            data = memoryview(await self._inflate(data, encoding))
         request = route.method.request.FromString(data)
         task = asyncio.current_task()
         assert task is not None
@@ -232,7 +233,7 @@ class GrpcAsgiApp:
                     return
                 for compressed, data in deframer.feed(event.get("body", b"")):
                     if compressed:
-                        data = memoryview(self._inflate(data, encoding))
+                        data = memoryview(await self._inflate(data, encoding))
                     yield route.method.request.FromString(data)
                 if not event.get("more_body"):
                     if deframer.pending:
@@ -274,10 +275,12 @@ class GrpcAsgiApp:
         await send({"type": "http.response.body", "body": b""})
         await send({"type": "http.response.trailers", "headers": _OK_TRAILERS})
 
-    def _inflate(self, data: memoryview, encoding: bytes | None) -> bytes:
+    async def _inflate(self, data: memoryview, encoding: bytes | None) -> bytes:
         if encoding is None or encoding == b"identity":
             raise _Abort(grpc.StatusCode.INTERNAL, "a compressed message without grpc-encoding")
-        return wire.inflate(data, encoding, self._limit)
+        if len(data) <= OFF_LOOP_BYTES:
+            return wire.inflate(data, encoding, self._limit)
+        return await asyncio.to_thread(wire.inflate, data, encoding, self._limit)
 
 
 class _Watch:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import zlib
 
 from kernelport.errors import ErrorCode, ServerError
+from kernelport.protocols.inflate import TooLarge, Truncated
+from kernelport.protocols.inflate import inflate as bounded_inflate
 
 HEADER_BYTES = 5
 # The message codings a client may use (``grpc-encoding``); answers go out uncompressed, which
@@ -52,17 +54,16 @@ def too_large(direction: str, size: int, limit: int) -> ServerError:
 
 def inflate(data: bytes | memoryview, encoding: bytes, limit: int) -> bytes:
     """Decompress one message, refusing to produce more than ``limit`` bytes."""
-    wbits = 16 + zlib.MAX_WBITS if encoding == b"gzip" else zlib.MAX_WBITS
-    inflater = zlib.decompressobj(wbits)
     try:
-        out = inflater.decompress(data, limit + 1)
+        return bounded_inflate(data, encoding == b"gzip", limit)
+    except TooLarge:
+        raise too_large("Received decompressed", limit + 1, limit) from None
+    except Truncated:
+        raise ServerError(
+            ErrorCode.INTERNAL, "cannot decompress the message: it is truncated"
+        ) from None
     except zlib.error as exc:
         raise ServerError(ErrorCode.INTERNAL, f"cannot decompress the message: {exc}") from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise too_large("Received decompressed", limit + 1, limit)
-    if not inflater.eof:  # zlib returns what it could of a cut stream without complaint
-        raise ServerError(ErrorCode.INTERNAL, "cannot decompress the message: it is truncated")
-    return out
 
 
 class Deframer:
@@ -103,12 +104,9 @@ class Deframer:
             start = pos + HEADER_BYTES
             out.append((flag == 1, view[start : start + size]))
             pos = start + size
-        if pos < end:
-            rest = bytearray(view[pos:]) if pos or data is not self._buffer else None
         view.release()  # the messages' views keep what they need alive
-        if pos == end:
-            self._buffer = bytearray()
-        elif rest is not None:
-            # Messages handed out are views into the old buffer: start a new one, not resize.
-            self._buffer = rest
+        if data is not self._buffer or pos:
+            # Keep the unfinished tail. Messages handed out may be views into the old buffer:
+            # start a new one rather than resize it under them.
+            self._buffer = bytearray(data[pos:])
         return out

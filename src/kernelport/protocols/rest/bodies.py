@@ -10,12 +10,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from kernelport.errors import ErrorCode, ServerError, invalid
+from kernelport.protocols.inflate import OFF_LOOP_BYTES, TooLarge, Truncated, inflate
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
-
-
-# Bodies and responses above this are (de)compressed on a thread, not on the event loop.
-_OFF_LOOP_BYTES = 64 * 1024
 
 
 def too_large(what: str, limit: int, flag: str) -> ServerError:
@@ -25,28 +22,21 @@ def too_large(what: str, limit: int, flag: str) -> ServerError:
 
 
 def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
-    """Undo gzip/deflate, stopping as soon as the output passes ``limit`` bytes.
-
-    Streaming with ``max_length`` bounds memory by the limit, whatever the ratio: a few KiB
-    of zeros can otherwise inflate to gigabytes before anything checks the size.
-    """
     if encoding not in ("gzip", "deflate"):
         raise ServerError(ErrorCode.UNSUPPORTED, f"unsupported Content-Encoding '{encoding}'")
     # gzip: a gzip header; deflate: a zlib header (HTTP's "deflate" is zlib-wrapped).
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
     try:
-        out = inflater.decompress(body, limit + 1)
-        if len(out) > limit or inflater.unconsumed_tail:
-            raise too_large("request body once decompressed", limit, "--max-inflated-bytes")
-        if not inflater.eof:
-            raise invalid(f"request body is not valid {encoding} data: truncated stream")
+        return inflate(body, encoding == "gzip", limit)
+    except TooLarge:
+        raise too_large("request body once decompressed", limit, "--max-inflated-bytes") from None
+    except Truncated:
+        raise invalid(f"request body is not valid {encoding} data: truncated stream") from None
     except zlib.error as exc:
         raise invalid(f"request body is not valid {encoding} data: {exc}") from None
-    return out
 
 
 async def decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    if len(body) <= _OFF_LOOP_BYTES:
+    if len(body) <= OFF_LOOP_BYTES:
         return _inflate(body, encoding, limit)
     return await asyncio.to_thread(_inflate, body, encoding, limit)
 
@@ -58,7 +48,7 @@ def _deflate(payload: bytes, encoding: str) -> bytes:
 
 
 async def compress(payload: bytes, encoding: str) -> bytes:
-    if len(payload) <= _OFF_LOOP_BYTES:
+    if len(payload) <= OFF_LOOP_BYTES:
         return _deflate(payload, encoding)
     return await asyncio.to_thread(_deflate, payload, encoding)
 
