@@ -5,7 +5,12 @@
 # server's statistics and every Python thread of the server (py-spy), then stop.
 #   usage: bench/hunt_stall.sh [SERVERS=4] [RUNS_PER_SERVER=30] [extra serve args...]
 #   e.g.   bench/hunt_stall.sh 4 30 --grpc-transport envoy
+# PA_ARGS replaces the load arguments (default: --request-count 600, the mode that stalls),
+#   e.g.   PA_ARGS="$(bench/hunt_stall.sh --steady-args)" bench/hunt_stall.sh 4 30 ...
 set -uo pipefail
+STEADY="--measurement-mode count_windows --measurement-request-count 200 --stability-percentage 999"
+if [ "${1:-}" = "--steady-args" ]; then echo "$STEADY"; exit 0; fi
+pa_args=${PA_ARGS:---request-count 600}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 servers=${1:-4}; runs=${2:-30}
 if [ $# -ge 2 ]; then shift 2; else set --; fi
@@ -21,7 +26,7 @@ for srv in $(seq 1 "$servers"); do
   pid=$(grep -o "(Envoy, pid [0-9]*" "$work/server$srv.log" | grep -o "[0-9]*$" || echo "$server")
   for i in $(seq 1 "$runs"); do
     "$ROOT/scripts/perf_analyzer" -m mlp -i http -u "127.0.0.1:$http" --concurrency-range 4:4 \
-      --request-count 600 -f "$work/pa.csv" > "$work/pa.log" 2>&1 &
+      $pa_args -f "$work/pa.csv" > "$work/pa.log" 2>&1 &
     pa=$!
     for _ in $(seq 75); do sleep 0.2; kill -0 "$pa" 2>/dev/null || break; done
     if kill -0 "$pa" 2>/dev/null; then

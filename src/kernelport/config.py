@@ -96,7 +96,7 @@ class Config(BaseModel):
     grpc_port: Port = Field(8001, description="KServe V2 gRPC port (0: any free port)")
     metrics_port: Port = Field(8002, description="Prometheus metrics port (0: any free port)")
     grpc_transport: Literal["auto", "grpcio", "envoy"] = Field(
-        "grpcio",
+        "auto",
         description="what serves gRPC: grpcio (grpcio's asyncio server), envoy (the server "
         "runs inside Envoy, a native HTTP/2 server: about half grpcio's core time per call; "
         "Linux and macOS), or auto: envoy where pyvoy is installed, else grpcio",
