@@ -10,9 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,10 +33,29 @@ def _config(tmp_path: Path, **overrides: object) -> Config:
     return Config.model_validate({**settings, **overrides})
 
 
-def test_a_launcher_starts_serves_drains_and_cleans_up(tmp_path: Path) -> None:
+def test_a_launcher_starts_serves_drains_and_cleans_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    seen: list[Path] = []
+    learn_port = envoy.listener_port
+
+    def checked(admin_path: str, *args: Any, **kwargs: Any) -> int:
+        private = Path(admin_path).parent
+        assert private.parent == temp and private.stat().st_mode & 0o077 == 0  # private
+        seen.append(private)
+        return learn_port(admin_path, *args, **kwargs)
+
+    monkeypatch.setattr(envoy, "listener_port", checked)
     launcher = envoy.Launcher(_config(tmp_path))
     try:
         ports = launcher.start()
+        # The admin socket was used to learn the gRPC port and is gone already, so a
+        # launcher killed from here on leaves no directory behind.
+        assert len(seen) == 1 and not seen[0].exists()
+        assert list(temp.iterdir()) == []
         assert set(ports) == {"http", "grpc", "metrics"} and all(ports.values())
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports['grpc']}")
         try:
@@ -44,15 +65,12 @@ def test_a_launcher_starts_serves_drains_and_cleans_up(tmp_path: Path) -> None:
             np.testing.assert_array_equal(client.infer("echo", [inp]).as_numpy("OUTPUT0"), x)
         finally:
             client.close()
-        private = Path(launcher._private or "")
-        assert (private / "admin.sock").exists()
-        assert private.stat().st_mode & 0o077 == 0  # the admin socket's directory is private
         launcher.request_stop()
         assert launcher.wait() == 0  # drained: nothing was in flight
     finally:
         launcher.close()
     assert launcher.pid is not None and not process_alive(launcher.pid)
-    assert not private.exists()
+    assert list(temp.iterdir()) == []
 
 
 def test_a_server_that_cannot_start_is_a_startup_failure(tmp_path: Path) -> None:

@@ -339,6 +339,10 @@ class Launcher:
         except RuntimeError as exc:
             self._control.send({"cmd": "force"})
             raise StartupFailed(str(exc)) from None
+        # The admin socket served its one purpose: remove it now, so that a launcher killed
+        # with SIGKILL later leaves no directory behind.
+        shutil.rmtree(self._private, ignore_errors=True)
+        self._private = None
         self.ports = ports
         return ports
 
