@@ -67,3 +67,59 @@ def process_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def onnx_add(constant: float, dims: list[Any] | None = None, name: str = "add") -> bytes:
+    """An ONNX graph OUTPUT0 = INPUT0 + constant (FP32, batch dim first)."""
+    from onnx import TensorProto, helper
+
+    dims = dims if dims is not None else [-1, 4]
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["INPUT0", "C"], ["OUTPUT0"])],
+        name,
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, dims)],
+        initializer=[helper.make_tensor("C", TensorProto.FLOAT, [], [constant])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # loadable by every onnxruntime we support
+    return bytes(model.SerializeToString())
+
+
+def index_of(client: Any) -> dict[str, dict[str, Any]]:
+    """The repository index as {name: entry} (the last entry wins for multi-version models)."""
+    import tritonclient.grpc as grpcclient
+
+    if isinstance(client, grpcclient.InferenceServerClient):
+        models = client.get_model_repository_index(as_json=True).get("models", [])
+    else:
+        models = client.get_model_repository_index()
+    return {m["name"]: m for m in models}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+#: perf_analyzer arguments for three windows of 200 requests, any spread accepted: on a loaded
+#: machine the stability search can fail for reasons that are not the server's. Never
+#: --request-count: perf_analyzer drops the records of requests answered before its first
+#: window opens, then waits forever for the count (docs/architecture.md).
+STEADY = (
+    "--measurement-mode",
+    "count_windows",
+    "--measurement-request-count",
+    "200",
+    "--stability-percentage",
+    "999",
+)
+
+
+def perf_analyzer_path() -> Path:
+    """scripts/perf_analyzer, or a skip (a failure under KERNELPORT_REQUIRE_PERF_ANALYZER=1,
+    as make test sets) when its virtualenv (scripts/setup_perf_analyzer.sh) is missing."""
+    import pytest
+
+    venv = Path(os.environ.get("PA_VENV", ROOT / ".venv-pa"))
+    if not (venv / "bin" / "perf_analyzer").exists():
+        if os.environ.get("KERNELPORT_REQUIRE_PERF_ANALYZER") == "1":
+            pytest.fail("perf_analyzer is not installed: run scripts/setup_perf_analyzer.sh")
+        pytest.skip("perf_analyzer not installed (scripts/setup_perf_analyzer.sh)")
+    return ROOT / "scripts" / "perf_analyzer"

@@ -30,7 +30,6 @@ _msgs = pb.inference
 # Fields whose absence would change answers or the request protocol: a load error.
 _REJECTED = {
     "sequence_batching": "sequence batching (stateful models) is not supported",
-    "ensemble_scheduling": "ensembles are not supported yet",
     "batch_input": "batch inputs (ragged batching) are not supported",
     "batch_output": "batch outputs (ragged batching) are not supported",
     "model_operations": "custom operation libraries are not supported",
@@ -91,8 +90,12 @@ def translate(config: Message, where: str) -> ConfigDocument:
     if config.name:
         raw["name"] = config.name
     backend = config.backend or config.platform
-    if "ensemble" in (config.platform, config.backend):
-        t.reject("platform", "ensembles are not supported yet")
+    if config.HasField("ensemble_scheduling"):
+        if config.platform != "ensemble":
+            t.reject("ensemble_scheduling", 'only an ensemble (platform: "ensemble") has steps')
+        raw["ensemble_scheduling"] = _ensemble(t, config.ensemble_scheduling)
+    elif "ensemble" in (config.platform, config.backend):
+        t.reject("ensemble_scheduling", "an ensemble needs its steps")
     if backend:
         raw["backend"] = backend
     if config.platform:
@@ -133,7 +136,7 @@ def translate(config: Message, where: str) -> ConfigDocument:
     handled = {
         "name", "platform", "backend", "max_batch_size", "input", "output", "version_policy",
         "dynamic_batching", "instance_group", "default_model_filename", "parameters",
-        "model_transaction_policy", "optimization",
+        "model_transaction_policy", "optimization", "ensemble_scheduling",
     }  # fmt: skip
     t.rest(config, "", handled, _REJECTED, _WARNED)
     return ConfigDocument(raw, where, tuple(t.warnings))
@@ -316,3 +319,22 @@ class TritonConfigReader:
                 raise invalid(f"{source}: {exc}") from None
             return None  # not Triton's JSON: the caller reads it as a model.yaml mapping
         return translate(config, source)
+
+
+def _ensemble(t: _Translation, scheduling: Message) -> dict[str, Any]:
+    steps = []
+    for i, step in enumerate(scheduling.step):
+        steps.append(
+            {
+                "model_name": step.model_name,
+                "model_version": step.model_version,
+                "input_map": dict(step.input_map),
+                "output_map": dict(step.output_map),
+            }
+        )
+        t.rest(step, f"ensemble_scheduling.step[{i}].", _STEP_FIELDS)
+    t.rest(scheduling, "ensemble_scheduling.", {"step"})
+    return {"step": steps}
+
+
+_STEP_FIELDS = {"model_name", "model_version", "input_map", "output_map"}

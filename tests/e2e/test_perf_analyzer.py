@@ -7,34 +7,18 @@ up and sets KERNELPORT_REQUIRE_PERF_ANALYZER=1 so a missing binary fails instead
 from __future__ import annotations
 
 import csv
-import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import RunningServer
-
-ROOT = Path(__file__).resolve().parents[2]
-WRAPPER = ROOT / "scripts" / "perf_analyzer"
-VENV = Path(os.environ.get("PA_VENV", ROOT / ".venv-pa"))
-STEADY = (
-    "--measurement-mode",
-    "count_windows",
-    "--measurement-request-count",
-    "200",
-    "--stability-percentage",
-    "999",
-)
+from helpers import STEADY, perf_analyzer_path
 
 
 @pytest.fixture(scope="module")
 def perf_analyzer() -> Path:
-    if not (VENV / "bin" / "perf_analyzer").exists():
-        if os.environ.get("KERNELPORT_REQUIRE_PERF_ANALYZER") == "1":
-            pytest.fail("perf_analyzer is not installed: run scripts/setup_perf_analyzer.sh")
-        pytest.skip("perf_analyzer not installed (scripts/setup_perf_analyzer.sh)")
-    return WRAPPER
+    return perf_analyzer_path()
 
 
 @pytest.mark.slow
@@ -55,11 +39,7 @@ def test_perf_analyzer_runs_clean(
             url,
             "--concurrency-range",
             "4:4",
-            # Three windows of 200 requests each, any spread accepted: on a loaded machine
-            # the stability search can fail for reasons that are not the server's. Not
-            # --request-count: perf_analyzer drops the records of requests answered before
-            # its first window opens, then waits forever for the count (docs/architecture.md).
-            *STEADY,
+            *STEADY,  # fixed windows, never --request-count (see helpers.STEADY)
             "-f",
             str(report),
         ],

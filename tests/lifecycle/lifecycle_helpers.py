@@ -11,27 +11,13 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from conftest import RunningServer
+from helpers import index_of, onnx_add
+
+__all__ = ["ADDER_YAML", "add_once", "client_for", "index_of", "onnx_add", "wait_for"]
 
 T = TypeVar("T")
 
 ADDER_YAML = "backend: onnxruntime\nmax_batch_size: 8\n"
-
-
-def onnx_add(constant: float, dims: list[Any] | None = None, name: str = "add") -> bytes:
-    """An ONNX graph OUTPUT0 = INPUT0 + constant (FP32, batch dim first)."""
-    from onnx import TensorProto, helper
-
-    dims = dims if dims is not None else [-1, 4]
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["INPUT0", "C"], ["OUTPUT0"])],
-        name,
-        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, dims)],
-        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, dims)],
-        initializer=[helper.make_tensor("C", TensorProto.FLOAT, [], [constant])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8  # loadable by every onnxruntime we support
-    return bytes(model.SerializeToString())
 
 
 def wait_for(check: Callable[[], T | None], timeout: float, what: str) -> tuple[T, float]:
@@ -50,15 +36,6 @@ def client_for(protocol: str, server: RunningServer) -> Any:
     if protocol == "http":
         return httpclient.InferenceServerClient(server.http_url)
     return grpcclient.InferenceServerClient(server.grpc_url)
-
-
-def index_of(client: Any) -> dict[str, dict[str, Any]]:
-    """The repository index as {name: entry} (the last entry wins for multi-version models)."""
-    if isinstance(client, grpcclient.InferenceServerClient):
-        models = client.get_model_repository_index(as_json=True).get("models", [])
-    else:
-        models = client.get_model_repository_index()
-    return {m["name"]: m for m in models}
 
 
 def add_once(client: Any, model: str, version: str = "") -> float:

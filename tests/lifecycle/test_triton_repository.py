@@ -108,8 +108,14 @@ REJECTED = {
         "config.pbtxt: sequence_batching: sequence batching (stateful models) is not supported",
     ),
     "pipeline": (
-        'platform: "ensemble"\nmax_batch_size: 4\nensemble_scheduling { step [ ] }\n',
-        "config.pbtxt: platform: ensembles are not supported yet",
+        'platform: "ensemble"\nmax_batch_size: 4\n'
+        'input [ { name: "IN" data_type: TYPE_INT32 dims: [ 3 ] } ]\n'
+        'output [ { name: "OUT" data_type: TYPE_INT32 dims: [ 3 ] } ]\n'
+        'ensemble_scheduling { step [ { model_name: "doubler" model_version: -1\n'
+        '  input_map { key: "INPUT0" value: "TYPO" }\n'
+        '  output_map { key: "OUTPUT0" value: "OUT" } } ] }\n',
+        "config.pbtxt: (top level): ensemble_scheduling: step 0 (doubler) reads 'TYPO', which "
+        "is neither an input of the ensemble nor an output of a step",
     ),
     "savedmodel": (
         'platform: "tensorflow_savedmodel"\nmax_batch_size: 4\n',

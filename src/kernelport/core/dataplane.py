@@ -50,6 +50,7 @@ class DataPlane:
         self.extra_extensions: tuple[str, ...] = ()  # wired in by the server (trace, logging)
         self.in_flight = 0  # requests inside infer(); drain() waits for none
         self._drained: asyncio.Event | None = None
+        manager.compose = self._run  # an ensemble's steps: admitted with their ensemble
 
     # --- health and metadata ----------------------------------------------------------------
 
@@ -159,11 +160,20 @@ class DataPlane:
                 f"server is at its limit of {self.limits.max_in_flight} inference requests in "
                 "flight (--max-in-flight); retry later",
             )
+        self.in_flight += 1
+        try:
+            return await self._run(request)
+        finally:
+            self.in_flight -= 1
+            if self._drained is not None and not self.in_flight:
+                self._drained.set()
+
+    async def _run(self, request: InferRequest) -> InferResponse:
+        """One admitted request on its model (also each step of an ensemble)."""
         started = time.perf_counter_ns()
         model = self._manager.get(request.model_name, request.model_version)
         config = model.config
         model.acquire()  # a reload or unload retires this version only after we finish
-        self.in_flight += 1
         try:
             inputs, rows = validate_inputs(config, request)
             names = requested_outputs(config, request)
@@ -186,9 +196,6 @@ class DataPlane:
             raise
         finally:
             model.release()
-            self.in_flight -= 1
-            if self._drained is not None and not self.in_flight:
-                self._drained.set()
         model.stats.record_success(
             rows,
             time.perf_counter_ns() - started,

@@ -14,13 +14,14 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from kernelport.core.backend import Backend, LoadContext, ModelInstance
 from kernelport.core.batcher import ModelQueue
+from kernelport.core.ensemble import ENSEMBLE, Ensemble
 from kernelport.core.execution import Hooks, Worker, WorkerPool
 from kernelport.core.model_config import ModelConfig, parse_model_config
 from kernelport.core.names import check_lookup_name, check_model_name, parse_version, shown
@@ -38,7 +39,7 @@ from kernelport.core.reshape import ReshapedInstance, framework_config, has_resh
 from kernelport.core.scheduler import DeviceScheduler, Discipline
 from kernelport.core.stats import ModelStats, ModelStatsSnapshot
 from kernelport.errors import ErrorCode, ServerError, invalid, not_found, unavailable
-from kernelport.types import RepositoryEntry
+from kernelport.types import InferRequest, InferResponse, RepositoryEntry
 
 log = logging.getLogger("kernelport.models")
 
@@ -65,7 +66,7 @@ class ModelVersion:
     config: ModelConfig
     version: int
     pool: WorkerPool
-    queue: ModelQueue
+    queue: ModelQueue | Ensemble
     stats: ModelStats = field(default_factory=ModelStats)
     load_seconds: float = 0.0
     #: each instance's per-request hooks (Python models; empty when there are none); they
@@ -153,6 +154,9 @@ class ModelManager:
         self._models: dict[str, ModelEntry] = {}
         self._sources: dict[str, ModelSource] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        #: runs one request on a model as a client's would (validation, hooks, batcher,
+        #: statistics): how ensemble steps call their models. Set by the DataPlane.
+        self.compose: Callable[[InferRequest], Awaitable[InferResponse]] | None = None
 
     @property
     def control_mode(self) -> ControlMode:
@@ -358,11 +362,10 @@ class ModelManager:
     ) -> None:
         """Unload ``name``: new requests get UNAVAILABLE at once, in-flight ones finish.
 
-        ``unload_dependents`` is accepted for Triton compatibility; it matters for ensembles,
-        which KernelPort does not have yet, so there is nothing else to unload. ``forget``
-        drops the model from the index (poll mode, when its directory is gone).
+        ``unload_dependents``: also unload the loaded ensembles with a step calling ``name``
+        (and theirs, transitively), as Triton does. ``forget`` drops the model from the
+        index (poll mode, when its directory is gone).
         """
-        del unload_dependents
         check_model_name(name)
         if name not in self._models:  # before making a lock: unknown names leave nothing
             raise not_found(f"model '{shown(name)}' is not loaded")
@@ -381,6 +384,20 @@ class ModelManager:
                 )
             if entry.versions:
                 log.info("model '%s' unloaded (versions %s)", name, list(versions))
+        if unload_dependents:
+            for dependent in self._dependents(name):
+                await self.unload(dependent, unload_dependents=True)
+
+    def _dependents(self, name: str) -> list[str]:
+        """The loaded ensembles with a step that calls ``name``."""
+        found = []
+        for entry in self._models.values():
+            for mv in entry.versions.values():
+                steps = mv.config.ensemble_scheduling
+                if steps is not None and any(s.model_name == name for s in steps.step):
+                    found.append(entry.name)
+                    break
+        return found
 
     def known(self, name: str) -> bool:
         return name in self._models
@@ -416,6 +433,8 @@ class ModelManager:
             raise not_found(
                 f"model '{source.name}' has no numeric version directory in {source.path}"
             )
+        if ENSEMBLE in (raw.get("backend"), raw.get("platform")):
+            return self._ensemble_versions(source, raw, where)
         if "backend" not in raw:
             guessed = await asyncio.to_thread(self._backends.infer, source.path)
             if guessed is None:
@@ -453,6 +472,38 @@ class ModelManager:
                 await mv.close()
             raise
         return loaded
+
+    def _ensemble_versions(
+        self, source: ModelSource, raw: dict[str, Any], where: str
+    ) -> dict[int, ModelVersion]:
+        """An ensemble's versions: no instances, steps that call the other models."""
+        raw["backend"] = raw["platform"] = ENSEMBLE
+        raw.pop("instance_group", None)  # Triton ignores it for ensembles too
+        config = parse_model_config(raw, where)
+        assert config.ensemble_scheduling is not None
+        for index, step in enumerate(config.ensemble_scheduling.step):
+            # Loaded or not, the model must exist: its readiness is judged per request.
+            if step.model_name not in self._sources and step.model_name not in self._models:
+                raise not_found(
+                    f"{where}: ensemble_scheduling.step {index}: model '{step.model_name}' "
+                    "is not in the model repository"
+                )
+        chosen = config.version_policy.select(list(source.versions))
+        if not chosen:
+            raise not_found(
+                f"model '{source.name}': version_policy selects none of {source.versions}"
+            )
+        loaded = {}
+        for version in chosen:
+            stats = ModelStats()
+            queue = Ensemble(config, self._compose)
+            loaded[version] = ModelVersion(config, version, WorkerPool([]), queue, stats)
+        return loaded
+
+    async def _compose(self, request: InferRequest) -> InferResponse:
+        if self.compose is None:
+            raise unavailable("ensembles need the data plane, which is not running")
+        return await self.compose(request)
 
     async def _load_version(
         self, backend: Backend, config: ModelConfig, version: int, path: Path

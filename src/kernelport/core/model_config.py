@@ -128,6 +128,61 @@ class VersionPolicy(_Strict):
         return ordered[-(self.latest or 1) :]
 
 
+class EnsembleStep(_Strict):
+    """One step of an ensemble: which model runs, and how tensors map in and out of it."""
+
+    model_name: str = Field(min_length=1)
+    model_version: int = -1  # -1: the model's latest ready version
+    #: the step model's input name -> the ensemble tensor it reads
+    input_map: dict[str, str] = Field(default_factory=dict)
+    #: the step model's output name -> the ensemble tensor it becomes
+    output_map: dict[str, str] = Field(default_factory=dict)
+
+
+class EnsembleScheduling(_Strict):
+    """Triton's ``ensemble_scheduling``: the steps, in any order (they run by data flow)."""
+
+    step: tuple[EnsembleStep, ...] = Field(min_length=1)
+
+    def check(self, model: str, inputs: set[str], outputs: set[str]) -> None:
+        """Every tensor produced once, read only once produced, no cycles, outputs made."""
+        producer: dict[str, int] = {}
+        for index, step in enumerate(self.step):
+            if step.model_name == model:
+                raise ValueError(f"step {index} calls the ensemble itself")
+            if not step.output_map:
+                raise ValueError(f"step {index} ({step.model_name}): output_map is empty")
+            for tensor in step.output_map.values():
+                if tensor in inputs:
+                    raise ValueError(f"step {index} writes '{tensor}', an input of the ensemble")
+                if tensor in producer:
+                    raise ValueError(
+                        f"tensor '{tensor}' is produced by steps {producer[tensor]} and {index}"
+                    )
+                producer[tensor] = index
+        for index, step in enumerate(self.step):
+            for tensor in step.input_map.values():
+                if tensor not in inputs and tensor not in producer:
+                    raise ValueError(
+                        f"step {index} ({step.model_name}) reads '{tensor}', which is neither "
+                        "an input of the ensemble nor an output of a step"
+                    )
+        missing = sorted(outputs - producer.keys())
+        if missing:
+            raise ValueError(f"no step produces the ensemble outputs {missing}")
+        # Kahn's order over steps: whatever never becomes runnable is on a cycle.
+        available, pending = set(inputs), set(range(len(self.step)))
+        while True:
+            runnable = {i for i in pending if set(self.step[i].input_map.values()) <= available}
+            if not runnable:
+                break
+            pending -= runnable
+            for i in runnable:
+                available |= set(self.step[i].output_map.values())
+        if pending:
+            raise ValueError(f"steps {sorted(pending)} never get their inputs (a cycle)")
+
+
 def _by_name(config: ModelConfig, field: str) -> dict[str, TensorConfig]:
     """``{name: tensor}`` of ``config.inputs``/``outputs``, looked up for every tensor of every
     request: built once per tuple (a ``model_copy`` that replaces the tuple rebuilds it)."""
@@ -165,6 +220,8 @@ class ModelConfig(_Strict):
     #: behind it for up to this long. 0: never.
     inline_alone_below_us: int = Field(default=500, ge=0)
     parameters: dict[str, Any] = Field(default_factory=dict)
+    #: set for ensembles (backend "ensemble"): the steps, see ``core/ensemble.py``
+    ensemble_scheduling: EnsembleScheduling | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -184,6 +241,19 @@ class ModelConfig(_Strict):
             names = [t.name for t in tensors]
             if len(set(names)) != len(names):
                 raise ValueError(f"duplicate {kind} names in {names}")
+        if (self.backend == "ensemble") != (self.ensemble_scheduling is not None):
+            raise ValueError("an ensemble needs both backend 'ensemble' and ensemble_scheduling")
+        if self.ensemble_scheduling is not None:
+            if self.dynamic_batching is not None:
+                raise ValueError("an ensemble does not batch: its step models do")
+            if not self.inputs or not self.outputs:
+                raise ValueError("an ensemble must declare its inputs and outputs")
+            try:
+                self.ensemble_scheduling.check(
+                    self.name, {t.name for t in self.inputs}, {t.name for t in self.outputs}
+                )
+            except ValueError as exc:
+                raise ValueError(f"ensemble_scheduling: {exc}") from None
         batching = self.dynamic_batching
         if batching is not None:
             for name in batching.ragged_buckets:
@@ -257,8 +327,9 @@ def triton_config(config: ModelConfig) -> dict[str, Any]:
         version_policy = {"specific": {"versions": list(policy.specific)}}
     else:
         version_policy = {"latest": {"num_versions": policy.latest or 1}}
+    ensemble = config.ensemble_scheduling is not None
     groups = []
-    for i, group in enumerate(config.instance_group):
+    for i, group in enumerate(() if ensemble else config.instance_group):
         gpu = group.device.startswith("cuda")
         groups.append(
             {
@@ -274,8 +345,8 @@ def triton_config(config: ModelConfig) -> dict[str, Any]:
         )
     out: dict[str, Any] = {
         "name": config.name,
-        "platform": config.platform,
-        "backend": config.backend,
+        "platform": "ensemble" if ensemble else config.platform,
+        "backend": "" if ensemble else config.backend,  # as Triton reports ensembles
         "runtime": "",
         "version_policy": version_policy,
         "max_batch_size": config.max_batch_size,
@@ -291,6 +362,19 @@ def triton_config(config: ModelConfig) -> dict[str, Any]:
         "model_warmup": [],
         "model_transaction_policy": {"decoupled": False},
     }
+    if config.ensemble_scheduling is not None:
+        out["ensemble_scheduling"] = {
+            "step": [
+                {
+                    "model_name": step.model_name,
+                    "model_version": step.model_version,
+                    "input_map": dict(step.input_map),
+                    "output_map": dict(step.output_map),
+                    "model_namespace": "",
+                }
+                for step in config.ensemble_scheduling.step
+            ]
+        }
     batching = config.dynamic_batching
     if batching is not None:
         out["dynamic_batching"] = {
