@@ -105,7 +105,6 @@ def test_rejected_names_file_and_field(tmp_path: Path, text: str, field: str) ->
         ('backend: "pytorch"\noptimization { graph { level: 1 } }',
          "optimization.graph: not supported"),
         ("optimization { cuda { graphs: true } }", "optimization.cuda: not supported"),
-        ('model_warmup [ { name: "w" batch_size: 1 } ]', "model_warmup: not supported"),
         ("response_cache { enable: true }", "response_cache: not supported"),
         ('metric_tags { key: "a" value: "b" }', "metric_tags: not supported"),
         ('cc_model_filenames { key: "8.0" value: "m.plan" }', "cc_model_filenames: "),
@@ -180,3 +179,33 @@ def test_reshape_is_a_view_between_api_and_framework() -> None:
             "name": "m", "backend": "x",
             "inputs": [{"name": "X", "datatype": "FP32", "dims": [4], "reshape": [3]}],
         }, "m")  # fmt: skip
+
+
+def test_warmup_samples_translate_and_render_back(tmp_path: Path) -> None:
+    raw, warnings = _read(tmp_path, TENSORS + """
+        platform: "onnxruntime_onnx"
+        max_batch_size: 4
+        model_warmup [
+          { name: "zeros" batch_size: 2 count: 3
+            inputs { key: "X" value: { data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } } },
+          { inputs { key: "X" value: { data_type: TYPE_FP32 dims: [ 4 ]
+                                       input_data_file: "x.bin" } } }
+        ]
+    """)  # fmt: skip
+    assert warnings == ()
+    config = parse_model_config({**raw, "name": "m"}, "m")
+    first, second = config.model_warmup
+    assert (first.name, first.batch_size, first.count) == ("zeros", 2, 3)
+    assert first.inputs["X"].zero_data and first.inputs["X"].datatype == "FP32"
+    # Triton's defaults: a nameless sample gets a name; batch_size and count 0 mean 1
+    assert (second.name, second.batch_size, second.count) == ("warmup_1", 1, 1)
+    assert second.inputs["X"].input_data_file == "x.bin"
+    rendered = triton_config(config)["model_warmup"]
+    assert rendered[0]["inputs"]["X"] == {"data_type": "TYPE_FP32", "dims": [4], "zero_data": True}
+    assert rendered[1]["inputs"]["X"]["input_data_file"] == "x.bin"
+
+
+def test_a_warmup_input_without_data_is_rejected(tmp_path: Path) -> None:
+    text = 'model_warmup [ { inputs { key: "X" value: { data_type: TYPE_FP32 } } } ]'
+    with pytest.raises(ServerError, match=r"model_warmup\[0\]\.inputs\[X\]: expected zero_data"):
+        _read(tmp_path, TENSORS + text)

@@ -37,7 +37,6 @@ _REJECTED = {
 }
 # Fields KernelPort ignores without changing answers: a warning saying what that means.
 _WARNED = {
-    "model_warmup": "not supported; the model is served without warm-up requests",
     "response_cache": "not supported; every request runs the model",
     "metric_tags": "not supported; metrics carry no extra labels",
     "model_metrics": "not supported; the default metrics are reported",
@@ -131,12 +130,14 @@ def translate(config: Message, where: str) -> ConfigDocument:
         if ort_params:
             # Explicit parameters win over what the optimization block implies.
             raw["parameters"] = {**ort_params, **raw.get("parameters", {})}
+    if config.model_warmup:
+        raw["model_warmup"] = [_warmup(t, w, i) for i, w in enumerate(config.model_warmup)]
     if config.model_transaction_policy.decoupled:
         t.reject("model_transaction_policy.decoupled", "decoupled models are not supported")
     handled = {
         "name", "platform", "backend", "max_batch_size", "input", "output", "version_policy",
         "dynamic_batching", "instance_group", "default_model_filename", "parameters",
-        "model_transaction_policy", "optimization", "ensemble_scheduling",
+        "model_transaction_policy", "optimization", "ensemble_scheduling", "model_warmup",
     }  # fmt: skip
     t.rest(config, "", handled, _REJECTED, _WARNED)
     return ConfigDocument(raw, where, tuple(t.warnings))
@@ -338,3 +339,27 @@ def _ensemble(t: _Translation, scheduling: Message) -> dict[str, Any]:
 
 
 _STEP_FIELDS = {"model_name", "model_version", "input_map", "output_map"}
+
+
+def _warmup(t: _Translation, sample: Message, index: int) -> dict[str, Any]:
+    path = f"model_warmup[{index}]"
+    inputs = {}
+    for name, given in sample.inputs.items():
+        entry: dict[str, Any] = {
+            "datatype": _msgs.DataType.Name(given.data_type),
+            "dims": list(given.dims),
+        }
+        source = given.WhichOneof("input_data_type")
+        if source is None:
+            t.reject(f"{path}.inputs[{name}]", "expected zero_data, random_data or input_data_file")
+        entry[source] = getattr(given, source)
+        inputs[name] = entry
+        t.rest(given, f"{path}.inputs[{name}].", {"data_type", "dims", source})
+    t.rest(sample, f"{path}.", {"name", "batch_size", "inputs", "count"})
+    # Triton: batch_size 0 (unset) on a model that does not batch, count 0 means once.
+    return {
+        "name": sample.name or f"warmup_{index}",
+        "batch_size": max(sample.batch_size, 1),
+        "count": max(sample.count, 1),
+        "inputs": inputs,
+    }

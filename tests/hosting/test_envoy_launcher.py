@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,11 +35,13 @@ def _config(tmp_path: Path, **overrides: object) -> Config:
 
 
 def test_a_launcher_starts_serves_drains_and_cleans_up(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
-    temp = tmp_path / "tmp"
-    temp.mkdir()
+    # A directory of our own, short enough for a socket path (tmp_path can be too long: then
+    # the launcher would choose /tmp, and this test could not see what it left there).
+    temp = Path(tempfile.mkdtemp(prefix="kp-test-", dir="/tmp"))
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    request.addfinalizer(lambda: shutil.rmtree(temp, ignore_errors=True))
     seen: list[Path] = []
     learn_port = envoy.listener_port
 
@@ -179,3 +182,12 @@ def test_run_reports_what_keeps_it_from_starting(
     assert envoy.run(_config(tmp_path, tls_cert=garbage, tls_key=garbage)) == 1
     monkeypatch.setitem(sys.modules, "pyvoy", None)
     assert envoy.run(_config(tmp_path)) == 2
+
+
+def test_a_socket_directory_too_deep_for_a_socket_path_falls_back_to_tmp(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", "/tmp/" + "d" * 90)
+    assert envoy._socket_parent() == "/tmp"
+    monkeypatch.setattr(tempfile, "tempdir", "/tmp/short")
+    assert envoy._socket_parent() == "/tmp/short"

@@ -38,6 +38,7 @@ from kernelport.core.repository import (
 from kernelport.core.reshape import ReshapedInstance, framework_config, has_reshape
 from kernelport.core.scheduler import DeviceScheduler, Discipline
 from kernelport.core.stats import ModelStats, ModelStatsSnapshot
+from kernelport.core.warmup import warm_up
 from kernelport.errors import ErrorCode, ServerError, invalid, not_found, unavailable
 from kernelport.types import InferRequest, InferResponse, RepositoryEntry
 
@@ -467,6 +468,7 @@ class ModelManager:
                 _default_scheduler(raw, completed)
                 config = parse_model_config(completed, where)
                 loaded[version] = await self._load_version(backend, config, version, path)
+                await warm_up(config, loaded[version].pool, source.path)
         except BaseException:
             for mv in loaded.values():
                 await mv.close()

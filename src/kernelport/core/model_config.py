@@ -22,6 +22,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _known_datatype(value: str) -> str:
+    """The V2 name of a datatype given as V2 ("FP32") or Triton config ("TYPE_FP32") name."""
+    try:
+        return datatype(value.upper()).name
+    except ServerError:
+        raise ValueError(
+            f"unknown datatype '{value}', expected one of {', '.join(DATATYPES)}"
+        ) from None
+
+
 class TensorConfig(_Strict):
     """An input or output. ``dims`` excludes the batch dimension when the model batches."""
 
@@ -35,12 +45,7 @@ class TensorConfig(_Strict):
     @field_validator("datatype")
     @classmethod
     def _known_datatype(cls, value: str) -> str:
-        try:
-            return datatype(value.upper()).name
-        except ServerError:
-            raise ValueError(
-                f"unknown datatype '{value}', expected one of {', '.join(DATATYPES)}"
-            ) from None
+        return _known_datatype(value)
 
     @field_validator("dims")
     @classmethod
@@ -126,6 +131,41 @@ class VersionPolicy(_Strict):
         if self.specific is not None:
             return [v for v in ordered if v in self.specific]
         return ordered[-(self.latest or 1) :]
+
+
+class WarmupInput(_Strict):
+    """One input of a warm-up sample: zeros, random values, or a file's raw bytes."""
+
+    datatype: str
+    dims: tuple[int, ...] = ()
+    zero_data: bool = False
+    random_data: bool = False
+    #: a file under the model's ``warmup/`` directory: the tensor's bytes, as the binary
+    #: tensor extension lays them out (BYTES: 4-byte little-endian length before each element)
+    input_data_file: str = ""
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, value: str) -> str:
+        return _known_datatype(value)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> WarmupInput:
+        sources = [self.zero_data, self.random_data, bool(self.input_data_file)]
+        if sum(sources) != 1:
+            raise ValueError("give exactly one of zero_data, random_data, input_data_file")
+        if any(d < 1 for d in self.dims):
+            raise ValueError(f"dims {list(self.dims)}: warm-up shapes are fixed sizes (>= 1)")
+        return self
+
+
+class Warmup(_Strict):
+    """Triton's ``model_warmup`` sample: run ``count`` times on every instance at load."""
+
+    name: str = Field(min_length=1)
+    batch_size: int = Field(default=1, ge=1)
+    count: int = Field(default=1, ge=1)
+    inputs: dict[str, WarmupInput] = Field(min_length=1)
 
 
 class EnsembleStep(_Strict):
@@ -222,6 +262,8 @@ class ModelConfig(_Strict):
     parameters: dict[str, Any] = Field(default_factory=dict)
     #: set for ensembles (backend "ensemble"): the steps, see ``core/ensemble.py``
     ensemble_scheduling: EnsembleScheduling | None = None
+    #: samples run on every instance before the model is ready (``core/warmup.py``)
+    model_warmup: tuple[Warmup, ...] = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -359,7 +401,7 @@ def triton_config(config: ModelConfig) -> dict[str, Any]:
         "cc_model_filenames": {},
         "metric_tags": {},
         "parameters": {k: {"string_value": str(v)} for k, v in config.parameters.items()},
-        "model_warmup": [],
+        "model_warmup": [_warmup(w) for w in config.model_warmup],
         "model_transaction_policy": {"decoupled": False},
     }
     if config.ensemble_scheduling is not None:
@@ -392,3 +434,23 @@ def triton_config(config: ModelConfig) -> dict[str, Any]:
             "priority_queue_policy": {},
         }
     return out
+
+
+def _warmup(sample: Warmup) -> dict[str, Any]:
+    inputs = {}
+    for name, given in sample.inputs.items():
+        entry: dict[str, Any] = {
+            "data_type": datatype(given.datatype).config_name,
+            "dims": list(given.dims),
+        }
+        if given.input_data_file:
+            entry["input_data_file"] = given.input_data_file
+        else:
+            entry["zero_data" if given.zero_data else "random_data"] = True
+        inputs[name] = entry
+    return {
+        "name": sample.name,
+        "batch_size": sample.batch_size,
+        "inputs": inputs,
+        "count": sample.count,
+    }

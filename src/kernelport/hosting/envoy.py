@@ -309,7 +309,8 @@ class Launcher:
                 tls.check()  # Envoy would refuse them too, but without naming the setting
         except RuntimeError as exc:
             raise StartupFailed(str(exc)) from None
-        self._private = tempfile.mkdtemp(prefix="kernelport-envoy-")  # 0700: the admin socket
+        # 0700: the admin socket's directory
+        self._private = tempfile.mkdtemp(prefix="kernelport-envoy-", dir=_socket_parent())
         admin_path = os.path.join(self._private, "admin.sock")
         ours, theirs = socket.socketpair()
         command = [
@@ -375,6 +376,14 @@ class Launcher:
             self._control.close()
         if self._private is not None:
             shutil.rmtree(self._private, ignore_errors=True)
+
+
+def _socket_parent() -> str:
+    """The temporary directory, unless a socket path under it would be too long for the
+    platform (108 bytes on Linux, 104 on macOS): then /tmp."""
+    parent = tempfile.gettempdir()
+    longest = len(os.path.join(parent, "kernelport-envoy-xxxxxxxx", "admin.sock").encode())
+    return parent if longest < 100 else "/tmp"
 
 
 def run(config: Config) -> int:
