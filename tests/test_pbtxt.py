@@ -75,7 +75,6 @@ def test_supported_fields_translate(tmp_path: Path) -> None:
         ('platform: "ensemble"', "ensemble_scheduling: an ensemble needs its steps"),
         ("ensemble_scheduling { step [ { model_name: \"a\" } ] }",
          'ensemble_scheduling: only an ensemble (platform: "ensemble") has steps'),
-        ("model_transaction_policy { decoupled: true }", "model_transaction_policy.decoupled"),
         ('batch_input [ { target_name: "B" } ]', "batch_input: "),
         ('model_operations { op_library_filename: "ops.so" }', "model_operations: "),
         ('input [ { name: "S" data_type: TYPE_INT64 dims: [1] is_shape_tensor: true } ]',

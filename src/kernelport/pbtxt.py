@@ -133,7 +133,7 @@ def translate(config: Message, where: str) -> ConfigDocument:
     if config.model_warmup:
         raw["model_warmup"] = [_warmup(t, w, i) for i, w in enumerate(config.model_warmup)]
     if config.model_transaction_policy.decoupled:
-        t.reject("model_transaction_policy.decoupled", "decoupled models are not supported")
+        raw["decoupled"] = True
     handled = {
         "name", "platform", "backend", "max_batch_size", "input", "output", "version_policy",
         "dynamic_batching", "instance_group", "default_model_filename", "parameters",

@@ -88,3 +88,11 @@ def test_ragged_buckets_need_one_variable_dimension() -> None:
     config = parse_model_config(raw, "m/model.yaml")
     assert config.dynamic_batching is not None
     assert config.dynamic_batching.ragged_buckets == {"X": (4, 8)}
+
+
+def test_a_decoupled_model_is_not_batched_dynamically() -> None:
+    raw = {"name": "d", "backend": "python", "max_batch_size": 2, "decoupled": True}
+    config = parse_model_config(raw, "d")
+    assert triton_config(config)["model_transaction_policy"] == {"decoupled": True}
+    with pytest.raises(ServerError, match="a decoupled model runs each request alone"):
+        parse_model_config({**raw, "dynamic_batching": {}}, "d")

@@ -8,6 +8,7 @@ instantiated with no arguments, then:
 ``execute(inputs) -> outputs``  dict of name -> numpy array, both ways; the whole batch when
                                 the model batches (first dim = rows)
 ``unload()``                    optional; called when the instance is unloaded or the server stops
+(decoupled models)              ``execute`` is a generator yielding each response's outputs
 ``preprocess(inputs)``          optional per-request hooks, exposed on the instance for the
 ``postprocess(outputs)``        server to run outside the batch
 ``config()``                    optional static/class method returning ``inputs``, ``outputs``
@@ -28,7 +29,7 @@ import sys
 import traceback
 import types
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +206,26 @@ class PythonInstance:
     def execute(self, inputs: Arrays) -> Arrays:
         """Call the user's ``execute`` with the batch and check what it returned."""
         return self._checked(self._user.execute(inputs), "execute", _rows(inputs, self._config))
+
+    def stream(self, inputs: Arrays) -> Iterator[Arrays]:
+        """A decoupled model's responses: the user's ``execute`` yields any number of dicts.
+
+        The caller closes the iterator to stop early (the user's generator sees
+        GeneratorExit at its ``yield``, so its ``finally`` blocks run)."""
+        produced = self._user.execute(inputs)
+        if not isinstance(produced, Iterator):
+            raise TypeError(
+                "a decoupled model's execute() must be a generator (yield each response's "
+                f"dict of outputs), got {type(produced).__name__}"
+            )
+        rows = _rows(inputs, self._config)
+        try:
+            for result in produced:
+                yield self._checked(result, "execute", rows)
+        finally:
+            close = getattr(produced, "close", None)
+            if close is not None:
+                close()
 
     def _checked(self, result: Any, method: str, rows: int | None) -> Arrays:
         if not isinstance(result, Mapping):

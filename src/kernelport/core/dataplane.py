@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from kernelport.core.backend import Arrays
 from kernelport.core.manager import ModelManager
 from kernelport.core.model_config import ModelConfig
 from kernelport.core.stats import ModelStatsSnapshot, failure_code
+from kernelport.core.streaming import Decoupled
 from kernelport.core.validation import requested_outputs, validate_inputs
 from kernelport.errors import ErrorCode, ServerError
 from kernelport.limits import Limits
@@ -151,6 +153,50 @@ class DataPlane:
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Validate, run (batched when the model batches) and return the requested outputs."""
+        self._admit()
+        self.in_flight += 1
+        try:
+            return await self._run(request)
+        finally:
+            self._left()
+
+    async def stream(self, request: InferRequest) -> AsyncGenerator[InferResponse, None]:
+        """Every response to ``request``: any number from a decoupled model, as the model
+        produces them; exactly one from any other model. Close it (``aclose``) to stop
+        early: the model's generator is closed too."""
+        model = self._manager.get(request.model_name, request.model_version)
+        streams = model.queue
+        if not isinstance(streams, Decoupled):
+            yield await self.infer(request)
+            return
+        self._admit()
+        started = time.perf_counter_ns()
+        config = model.config
+        model.acquire()
+        self.in_flight += 1
+        rows = 0
+        try:
+            inputs, rows = validate_inputs(config, request)
+            names = requested_outputs(config, request)
+            version = str(model.version)
+            async with contextlib.aclosing(streams.stream(inputs)) as produced:
+                async for arrays in produced:
+                    outputs = [self._output(config, name, arrays) for name in names]
+                    yield InferResponse(config.name, version, request.id, outputs)
+        except GeneratorExit:  # the consumer stopped listening: the client went away
+            model.stats.record_failure(time.perf_counter_ns() - started, "CANCELLED")
+            raise
+        except BaseException as exc:
+            model.stats.record_failure(time.perf_counter_ns() - started, failure_code(exc))
+            raise
+        else:
+            elapsed = time.perf_counter_ns() - started
+            model.stats.record_success(rows, elapsed, 0, 0, elapsed, 0)
+        finally:
+            model.release()
+            self._left()
+
+    def _admit(self) -> None:
         if not self.accepting:
             raise ServerError(ErrorCode.UNAVAILABLE, "server is shutting down: request refused")
         if self.in_flight >= self.limits.max_in_flight:
@@ -160,13 +206,11 @@ class DataPlane:
                 f"server is at its limit of {self.limits.max_in_flight} inference requests in "
                 "flight (--max-in-flight); retry later",
             )
-        self.in_flight += 1
-        try:
-            return await self._run(request)
-        finally:
-            self.in_flight -= 1
-            if self._drained is not None and not self.in_flight:
-                self._drained.set()
+
+    def _left(self) -> None:
+        self.in_flight -= 1
+        if self._drained is not None and not self.in_flight:
+            self._drained.set()
 
     async def _run(self, request: InferRequest) -> InferResponse:
         """One admitted request on its model (also each step of an ensemble)."""

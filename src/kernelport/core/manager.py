@@ -38,6 +38,7 @@ from kernelport.core.repository import (
 from kernelport.core.reshape import ReshapedInstance, framework_config, has_reshape
 from kernelport.core.scheduler import DeviceScheduler, Discipline
 from kernelport.core.stats import ModelStats, ModelStatsSnapshot
+from kernelport.core.streaming import Decoupled
 from kernelport.core.warmup import warm_up
 from kernelport.errors import ErrorCode, ServerError, invalid, not_found, unavailable
 from kernelport.types import InferRequest, InferResponse, RepositoryEntry
@@ -67,7 +68,7 @@ class ModelVersion:
     config: ModelConfig
     version: int
     pool: WorkerPool
-    queue: ModelQueue | Ensemble
+    queue: ModelQueue | Ensemble | Decoupled
     stats: ModelStats = field(default_factory=ModelStats)
     load_seconds: float = 0.0
     #: each instance's per-request hooks (Python models; empty when there are none); they
@@ -528,14 +529,18 @@ class ModelManager:
                 )
             pool = WorkerPool(workers, inline=config.backend != "python")
             hooks = pool.hooks(config.name)
+            streams = Decoupled(config, pool) if config.decoupled else None
         except BaseException:
             for worker in workers:
                 await asyncio.to_thread(worker.close)
             raise
         stats = ModelStats()
-        queue = ModelQueue(
-            config, pool, stats, self.device(config.instance_group[0].device), config.weight
-        )
+        queue: ModelQueue | Decoupled
+        if streams is not None:
+            queue = streams
+        else:
+            device = self.device(config.instance_group[0].device)
+            queue = ModelQueue(config, pool, stats, device, config.weight)
         return ModelVersion(config, version, pool, queue, stats, 0.0, hooks)
 
     def device(self, name: str) -> DeviceScheduler:

@@ -264,6 +264,9 @@ class ModelConfig(_Strict):
     ensemble_scheduling: EnsembleScheduling | None = None
     #: samples run on every instance before the model is ready (``core/warmup.py``)
     model_warmup: tuple[Warmup, ...] = ()
+    #: any number of responses per request (Triton's decoupled transaction policy): served
+    #: over gRPC streams and HTTP generate_stream, never batched (``core/streaming.py``)
+    decoupled: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -296,6 +299,8 @@ class ModelConfig(_Strict):
                 )
             except ValueError as exc:
                 raise ValueError(f"ensemble_scheduling: {exc}") from None
+        if self.decoupled and self.dynamic_batching is not None:
+            raise ValueError("a decoupled model runs each request alone: no dynamic_batching")
         batching = self.dynamic_batching
         if batching is not None:
             for name in batching.ragged_buckets:
@@ -402,7 +407,7 @@ def triton_config(config: ModelConfig) -> dict[str, Any]:
         "metric_tags": {},
         "parameters": {k: {"string_value": str(v)} for k, v in config.parameters.items()},
         "model_warmup": [_warmup(w) for w in config.model_warmup],
-        "model_transaction_policy": {"decoupled": False},
+        "model_transaction_policy": {"decoupled": config.decoupled},
     }
     if config.ensemble_scheduling is not None:
         out["ensemble_scheduling"] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,6 +25,7 @@ from kernelport.protocols.grpc.stats import statistics_response
 from kernelport.protocols.tls import TlsFiles
 from kernelport.schema import pb
 
+_STREAM_BACKLOG = 64  # answers of one ModelStreamInfer stream not yet written
 log = logging.getLogger("kernelport.grpc")
 msgs = pb.inference
 
@@ -117,16 +119,29 @@ class InferenceServicer:
         self, requests: AsyncIterator[Any], context: Any
     ) -> AsyncIterator[Any]:
         # Requests on one stream run concurrently; each answer carries its request's id.
-        done: asyncio.Queue[Any] = asyncio.Queue()
+        # Bounded: a client that reads slowly holds the models back (decoupled ones too).
+        done: asyncio.Queue[Any] = asyncio.Queue(maxsize=_STREAM_BACKLOG)
         pending: set[asyncio.Task[None]] = set()
 
         async def one(message: Any) -> None:
             try:
-                response = codec.encode_response(
-                    await self._dp.infer(codec.decode_request(message, self._dp.limits))
-                )
-                response.parameters["triton_final_response"].bool_param = True
-                await done.put(msgs.ModelStreamInferResponse(infer_response=response))
+                request = codec.decode_request(message, self._dp.limits)
+                # A decoupled model answers any number of times: none of its answers is known
+                # to be the last, so the end is an empty final answer, when the client asks.
+                many = self._dp.model_config(request.model_name, message.model_version).decoupled
+                version = message.model_version
+                async with contextlib.aclosing(self._dp.stream(request)) as responses:
+                    async for answer in responses:
+                        version = answer.model_version
+                        response = codec.encode_response(answer)
+                        response.parameters["triton_final_response"].bool_param = not many
+                        await done.put(msgs.ModelStreamInferResponse(infer_response=response))
+                if many and request.parameters.get("triton_enable_empty_final_response"):
+                    final = msgs.ModelInferResponse(
+                        id=message.id, model_name=message.model_name, model_version=version
+                    )
+                    final.parameters["triton_final_response"].bool_param = True
+                    await done.put(msgs.ModelStreamInferResponse(infer_response=final))
             except Exception as exc:
                 # Every failure is answered on the stream with the request's id; an escaping
                 # exception would leave the client waiting for an answer that never comes.
@@ -155,7 +170,7 @@ class InferenceServicer:
                     task.add_done_callback(pending.discard)
                 await asyncio.gather(*list(pending))
             finally:
-                done.put_nowait(None)  # the stream ends (``await read`` re-raises any failure)
+                await done.put(None)  # the stream ends (``await read`` re-raises any failure)
 
         read = asyncio.create_task(reader())
         try:

@@ -19,7 +19,7 @@ from kernelport.errors import ErrorCode, ServerError, invalid
 from kernelport.limits import Limits
 from kernelport.observability.telemetry import Telemetry, header_value
 from kernelport.protocols.http_timeouts import DISCONNECT_EXTENSION
-from kernelport.protocols.rest import codec
+from kernelport.protocols.rest import codec, generate
 from kernelport.protocols.rest.bodies import (
     accepted_encoding,
     ascii_number,
@@ -39,6 +39,7 @@ Headers = list[tuple[bytes, bytes]]
 RawHeaders = Mapping[bytes, bytes]  # as the ASGI scope gives them: lower-case names
 
 _HEADER_LENGTH = codec.HEADER_LENGTH.encode()
+_GENERATE_SUFFIXES = ("/generate", "/generate_stream")
 _INFER_PREFIX, _INFER_SUFFIX = "/v2/models/", "/infer"
 
 _JSON = [(b"content-type", b"application/json")]
@@ -97,6 +98,10 @@ class RestApp:
                 encoding = raw_encoding.decode("latin-1").strip().lower()
                 if encoding not in ("", "identity"):
                     body = await decompress(body, encoding, self._limits.max_inflated_bytes)
+            if method == "POST" and path.endswith(_GENERATE_SUFFIXES):
+                found = generate.ROUTE.match(path)
+                if found is not None:  # answered as it streams: no Response to send here
+                    return await generate.serve(self._dp, found, body, scope, receive, send)
             # Inference skips the route table: the hot path's only route, matched by hand.
             target = _infer_target(path) if method == "POST" else None
             if target is not None:
