@@ -134,6 +134,22 @@ def test_simple_inputs_and_outputs_in_shared_memory(client: Any, region: Region)
         assert list(result.get_response().raw_output_contents) == [b"", b""]
 
 
+def test_one_input_in_shared_memory_one_sent(client: Any, region: Region) -> None:
+    """gRPC: the raw contents belong to the inputs not in shm; HTTP: shm beside binary."""
+    m = client.module
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    b = np.full((1, 16), 7, dtype=np.int32)
+    name, key, handle = region(64)
+    shm.set_shared_memory_region(handle, [b])
+    client.register_system_shared_memory(name, key, 64)
+    for first_in_shm in (True, False):
+        sent = _input(m, "INPUT1" if first_in_shm else "INPUT0", a, "INT32")
+        in_shm = _shm_input(m, "INPUT0" if first_in_shm else "INPUT1", [1, 16], "INT32", name, 64)
+        result = client.infer("simple", [in_shm, sent] if first_in_shm else [sent, in_shm])
+        expected = b - a if first_in_shm else a - b
+        assert np.array_equal(result.as_numpy("OUTPUT1"), expected)
+
+
 def test_mixed_sources_on_the_mlp(client: Any, region: Region) -> None:
     """A batch of 3 from shared memory, its output returned normally, and the reverse."""
     m = client.module
@@ -361,3 +377,47 @@ def test_perf_analyzer_with_system_shared_memory(server: RunningServer, protocol
     assert _regions(server) == []  # it unregistered them all at exit
     leftovers = {n for n in set(os.listdir("/dev/shm")) - before if "INPUT0" in n or "OUTPUT0" in n}
     assert not leftovers
+
+
+# --- CUDA shared memory (only where a GPU exists) -------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not Path("/dev/nvidia0").exists(), reason="needs a CUDA device")
+def test_cuda_shared_memory_inputs_and_outputs(client: Any) -> None:
+    cudashm = pytest.importorskip("tritonclient.utils.cuda_shared_memory")
+    m = client.module
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    b = np.full((1, 16), 3, dtype=np.int32)
+    expected = client.infer(
+        "simple", [_input(m, "INPUT0", a, "INT32"), _input(m, "INPUT1", b, "INT32")]
+    )
+    tag = f"{os.getpid()}_{next(_names)}"
+    cuda_in = cudashm.create_shared_memory_region(f"in_{tag}", 128, 0)
+    cuda_out = cudashm.create_shared_memory_region(f"out_{tag}", 128, 0)
+    try:
+        cudashm.set_shared_memory_region(cuda_in, [a, b])
+        for region_name, handle in ((f"in_{tag}", cuda_in), (f"out_{tag}", cuda_out)):
+            client.register_cuda_shared_memory(region_name, cudashm.get_raw_handle(handle), 0, 128)
+        status = client.get_cuda_shared_memory_status()
+        count = len(status.regions) if m is grpcclient else len(status)
+        assert count == 2
+        inputs = [
+            _shm_input(m, "INPUT0", [1, 16], "INT32", f"in_{tag}", 64),
+            _shm_input(m, "INPUT1", [1, 16], "INT32", f"in_{tag}", 64, 64),
+        ]
+        outputs = [
+            _shm_output(m, "OUTPUT0", f"out_{tag}", 64),
+            _shm_output(m, "OUTPUT1", f"out_{tag}", 64, 64),
+        ]
+        client.infer("simple", inputs, outputs=outputs)
+        both = cudashm.get_contents_as_numpy(cuda_out, np.int32, [2, 16])
+        assert np.array_equal(both[0], expected.as_numpy("OUTPUT0")[0])
+        assert np.array_equal(both[1], expected.as_numpy("OUTPUT1")[0])
+        extensions = client.get_server_metadata()
+        names = extensions.extensions if m is grpcclient else extensions["extensions"]
+        assert "cuda_shared_memory" in names
+    finally:
+        client.unregister_cuda_shared_memory()
+        cudashm.destroy_shared_memory_region(cuda_in)
+        cudashm.destroy_shared_memory_region(cuda_out)
