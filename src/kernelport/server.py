@@ -144,6 +144,9 @@ class Server:
         if self.config.trace_level != "off":
             self.telemetry.tracing.start()  # a missing extra is a startup error, not a later one
         self._gpu.start()
+        # Probing CUDA (importing its bindings, asking the driver) once, off the loop, so the
+        # first server-metadata request does not pay for it.
+        await asyncio.to_thread(self.shared_memory.cuda_unavailable)
         if self._poller is not None:
             await self._poller.start()  # loads the repository, then watches it
         else:
