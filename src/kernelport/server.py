@@ -14,10 +14,12 @@ from typing import Any
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from kernelport.backends.cuda_ipc import CudaIpcOpener
 from kernelport.backends.registry import BackendRegistry
 from kernelport.config import Config, write_ports
 from kernelport.core.dataplane import DataPlane
 from kernelport.core.manager import ManagerSettings, ModelManager
+from kernelport.core.shm import SharedMemoryRegistry
 from kernelport.lifecycle.poller import RepositoryPoller
 from kernelport.limits import Limits
 from kernelport.observability import logging as log_setup
@@ -88,7 +90,8 @@ class Server:
             self._poller = RepositoryPoller(
                 self.manager, config.repository_poll_secs, config.repository_poll_debounce_secs
             )
-        self.dataplane = DataPlane(self.manager, __version__, Limits.of(config))
+        self.shared_memory = SharedMemoryRegistry(CudaIpcOpener())
+        self.dataplane = DataPlane(self.manager, __version__, Limits.of(config), self.shared_memory)
         self.dataplane.readiness = config.readiness
         tracing = Tracing(config.trace_level, config.trace_rate, config.trace_count,
                           config.trace_exporter, tracer_provider)  # fmt: skip
@@ -141,6 +144,9 @@ class Server:
         if self.config.trace_level != "off":
             self.telemetry.tracing.start()  # a missing extra is a startup error, not a later one
         self._gpu.start()
+        # Probing CUDA (importing its bindings, asking the driver) once, off the loop, so the
+        # first server-metadata request does not pay for it.
+        await asyncio.to_thread(self.shared_memory.cuda_unavailable)
         if self._poller is not None:
             await self._poller.start()  # loads the repository, then watches it
         else:
@@ -247,6 +253,7 @@ class Server:
                 await asyncio.wait_for(self.manager.close(), _UNLOAD_AFTER_DRAIN_S)
             except TimeoutError:
                 self.stuck = busy or self._busy_models() or ["unknown"]
+        self.shared_memory.close()  # unmaps the clients' regions; never unlinks them
         self._gpu.close()
         self.telemetry.close()
         log.info("stopped")

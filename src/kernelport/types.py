@@ -94,6 +94,15 @@ class RequestedOutput:
     parameters: Parameters = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class SharedMemoryRef:
+    """Where a tensor's bytes lie in a registered shared-memory region."""
+
+    region: str
+    byte_size: int
+    offset: int = 0
+
+
 @dataclass(slots=True)
 class InferRequest:
     """A decoded inference request, independent of the wire it came from."""
@@ -104,6 +113,9 @@ class InferRequest:
     inputs: list[Tensor] = field(default_factory=list)
     outputs: list[RequestedOutput] = field(default_factory=list)
     parameters: Parameters = field(default_factory=dict)
+    # Requested outputs to write into shared memory, by name; None (not an empty dict) when
+    # there are none, so the hot path pays one identity check per request.
+    shm_outputs: dict[str, SharedMemoryRef] | None = None
 
 
 @dataclass(slots=True)

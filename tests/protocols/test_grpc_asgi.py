@@ -144,7 +144,6 @@ async def test_a_wrong_shape_is_invalid_argument_with_the_request_id(app: GrpcAs
     [
         INFERENCE + "NoSuchMethod",
         "/no.such.Service/ServerLive",
-        INFERENCE + "SystemSharedMemoryRegister",  # declared, not implemented
     ],
 )
 async def test_unknown_methods_are_unimplemented(app: GrpcAsgiApp, path: str) -> None:

@@ -101,11 +101,11 @@ def test_typed_and_raw_contents_cannot_mix() -> None:
     assert _invalid(msg) == ("input 'y': contents must not be set when raw_input_contents is used")
 
 
-def test_shared_memory_inputs_are_refused() -> None:
+def test_shared_memory_inputs_need_a_byte_size() -> None:
     msg = _request()
     tensor = msg.inputs.add(name="x", datatype="FP32", shape=[1])
     tensor.parameters["shared_memory_region"].string_param = "r"
-    assert _invalid(msg) == "input 'x': shared memory inputs are not supported yet"
+    assert _invalid(msg) == "input 'x': shared_memory_region needs shared_memory_byte_size"
 
 
 def test_unknown_datatype_is_refused() -> None:

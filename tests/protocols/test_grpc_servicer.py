@@ -394,7 +394,7 @@ async def test_shared_memory(servicer: InferenceServicer, kind: str) -> None:
     response = await status(request_cls(), FakeContext())
     assert len(response.regions) == 0
     message = await _fails(status(request_cls(name="r0"), FakeContext()), grpc.StatusCode.NOT_FOUND)
-    assert message == "shared memory region 'r0' is not registered"
+    assert message == f"Unable to find {kind.lower()} shared memory region: 'r0'"
     unregister_cls = getattr(msgs, f"{kind}SharedMemoryUnregisterRequest")
     assert await unregister(unregister_cls(), FakeContext()) is not None
 

@@ -444,10 +444,12 @@ async def test_shared_memory_endpoints(client: httpx.AsyncClient, kind: str) -> 
     base = f"/v2/{kind}sharedmemory"
     assert (await client.get(f"{base}/status")).json() == []
     message = error(await client.get(f"{base}/region/r0/status"), 404)
-    assert message == "shared memory region 'r0' is not registered"
+    assert message == f"Unable to find {kind} shared memory region: 'r0'"
     assert (await client.post(f"{base}/unregister")).status_code == 200
-    message = error(await client.post(f"{base}/region/r0/register", json={}), 501)
-    assert message == "shared memory is not supported yet"
+    message = error(await client.post(f"{base}/region/r0/register", json={}), 400)
+    needs = "'key' and 'byte_size'" if kind == "system" else "'raw_handle': {'b64': <handle>}"
+    assert message.endswith(f"shared memory needs {needs}")
+    assert error(await client.post(f"{base}/status"), 405) == "Method Not Allowed"
 
 
 # --- the error table ------------------------------------------------------------------------

@@ -345,7 +345,7 @@ def test_a_header_length_cutting_the_json_is_invalid_json() -> None:
         ),
         (
             {"inputs": [_input(parameters={"shared_memory_region": "r"})]},
-            "input 'x': shared memory inputs are not supported yet",
+            "input 'x': shared_memory_region needs shared_memory_byte_size",
         ),
         ({"inputs": [], "outputs": {}}, "'outputs' must be a list of requested outputs"),
         ({"inputs": [], "outputs": [{}]}, "each requested output needs a 'name' string"),

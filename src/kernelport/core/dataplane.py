@@ -13,10 +13,11 @@ import numpy as np
 from kernelport.core.backend import Arrays
 from kernelport.core.manager import ModelManager
 from kernelport.core.model_config import ModelConfig
+from kernelport.core.shm import SharedMemoryRegistry, write_outputs
 from kernelport.core.stats import ModelStatsSnapshot, failure_code
 from kernelport.core.streaming import Decoupled
 from kernelport.core.validation import requested_outputs, validate_inputs
-from kernelport.errors import ErrorCode, ServerError
+from kernelport.errors import ErrorCode, ServerError, invalid
 from kernelport.limits import Limits
 from kernelport.types import (
     InferRequest,
@@ -37,16 +38,25 @@ EXTENSIONS = (
     "model_repository",
     "statistics",
     "parameters",
+    "system_shared_memory",
 )
 
 
 class DataPlane:
     """Everything a client can ask, independent of the wire."""
 
-    def __init__(self, manager: ModelManager, version: str, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        version: str,
+        limits: Limits | None = None,
+        shared_memory: SharedMemoryRegistry | None = None,
+    ) -> None:
         self._manager = manager
         self._version = version
         self.limits = limits if limits is not None else Limits()
+        # The front ends read shm inputs from it while decoding and manage its regions.
+        self.shared_memory = shared_memory if shared_memory is not None else SharedMemoryRegistry()
         self.accepting = True
         self.readiness = "all"  # "any": ready once at least one model is (Config.readiness)
         self.extra_extensions: tuple[str, ...] = ()  # wired in by the server (trace, logging)
@@ -78,7 +88,10 @@ class DataPlane:
         return True
 
     def server_metadata(self) -> ServerMetadata:
-        return ServerMetadata(SERVER_NAME, self._version, EXTENSIONS + self.extra_extensions)
+        extensions = EXTENSIONS + self.extra_extensions
+        if self.shared_memory.cuda_unavailable() is None:
+            extensions += ("cuda_shared_memory",)
+        return ServerMetadata(SERVER_NAME, self._version, extensions)
 
     def model_ready(self, name: str, version: str = "") -> bool:
         """False when the model exists but is not ready; NOT_FOUND when it is unknown and
@@ -176,6 +189,10 @@ class DataPlane:
         self.in_flight += 1
         rows = 0
         try:
+            if request.shm_outputs:  # every response would overwrite the one region
+                raise invalid(
+                    f"model '{config.name}' is decoupled: its outputs cannot go to shared memory"
+                )
             inputs, rows = validate_inputs(config, request)
             names = requested_outputs(config, request)
             version = str(model.version)
@@ -221,6 +238,9 @@ class DataPlane:
         try:
             inputs, rows = validate_inputs(config, request)
             names = requested_outputs(config, request)
+            shm_outputs = request.shm_outputs
+            # Output regions resolved before the model runs: a bad one costs no device time.
+            writers = self.shared_memory.writers(shm_outputs) if shm_outputs is not None else None
             hooks = model.next_hooks() if model.hooks else None
             if hooks is not None and hooks.preprocess is not None:
                 # Per-request hooks run on threads of their own, alongside batch execution.
@@ -235,6 +255,8 @@ class DataPlane:
             if hooks is not None and hooks.postprocess is not None:
                 arrays = await _hook(config.name, "postprocess", hooks.postprocess, arrays)
             outputs = [self._output(config, name, arrays) for name in names]
+            if writers is not None:
+                write_outputs(outputs, writers)
         except BaseException as exc:
             model.stats.record_failure(time.perf_counter_ns() - started, failure_code(exc))
             raise

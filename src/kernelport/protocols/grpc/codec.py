@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from kernelport.core import shm
 from kernelport.errors import invalid
 from kernelport.limits import Limits
 from kernelport.schema import pb
@@ -14,6 +15,7 @@ from kernelport.types import (
     InferResponse,
     Parameters,
     RequestedOutput,
+    SharedMemoryRef,
     Tensor,
     datatype,
     element_count,
@@ -73,7 +75,12 @@ def _typed(name: str, dtype_name: str, shape: tuple[int, ...], contents: Any, co
     return Tensor(name, dt.name, shape, array.reshape(shape))
 
 
-def decode_request(msg: Any, limits: Limits = _DEFAULT_LIMITS) -> InferRequest:
+def decode_request(
+    msg: Any,
+    limits: Limits = _DEFAULT_LIMITS,
+    regions: shm.SharedMemoryRegistry | None = None,
+) -> InferRequest:
+    """Raw inputs are views of the message's bytes; shared-memory ones of the regions named."""
     raw = msg.raw_input_contents
     inputs: list[Tensor] = []
     next_raw = 0
@@ -83,7 +90,21 @@ def decode_request(msg: Any, limits: Limits = _DEFAULT_LIMITS) -> InferRequest:
         count = element_count(name, shape, limits.max_tensor_elements)  # before any allocation
         tparams = parameters(tensor.parameters)
         if "shared_memory_region" in tparams:
-            raise invalid(f"input '{name}': shared memory inputs are not supported yet")
+            if tensor.HasField("contents"):
+                raise invalid(f"input '{name}': set either shared_memory_region or contents")
+            ref = shm.reference(tparams, "input", name)
+            if regions is None:
+                raise invalid(f"input '{name}': shared memory is not served here")
+            inputs.append(
+                tensor_from_buffer(
+                    name,
+                    tensor.datatype,
+                    shape,
+                    regions.read(ref, name),
+                    limits.max_tensor_elements,
+                )
+            )
+            continue
         if tensor.HasField("contents"):
             if raw:
                 raise invalid(
@@ -103,17 +124,44 @@ def decode_request(msg: Any, limits: Limits = _DEFAULT_LIMITS) -> InferRequest:
         raise invalid(
             f"raw_input_contents has {len(raw)} entries but only {next_raw} inputs use it"
         )
-    outputs = [RequestedOutput(o.name, parameters(o.parameters)) for o in msg.outputs]
+    outputs = []
+    shm_outputs: dict[str, SharedMemoryRef] | None = None
+    for o in msg.outputs:
+        oparams = parameters(o.parameters)
+        if "shared_memory_region" in oparams:
+            if shm_outputs is None:
+                shm_outputs = {}
+            shm_outputs[o.name] = shm.output_reference(oparams, o.name)
+        outputs.append(RequestedOutput(o.name, oparams))
     return InferRequest(
-        msg.model_name, msg.model_version, msg.id, inputs, outputs, parameters(msg.parameters)
+        msg.model_name,
+        msg.model_version,
+        msg.id,
+        inputs,
+        outputs,
+        parameters(msg.parameters),
+        shm_outputs,
     )
 
 
-def encode_response(response: InferResponse) -> Any:
+def encode_response(
+    response: InferResponse, shm_outputs: dict[str, SharedMemoryRef] | None = None
+) -> Any:
+    """``shm_outputs``: the request's outputs already written into shared memory."""
     out = pb.inference.ModelInferResponse(
         model_name=response.model_name, model_version=response.model_version, id=response.id
     )
     for tensor in response.outputs:
-        out.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        entry = out.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        if shm_outputs is not None and tensor.name in shm_outputs:
+            # The C++ client indexes raw_output_contents by output: an empty entry keeps
+            # the order; the parameters say where the bytes went.
+            ref = shm_outputs[tensor.name]
+            entry.parameters["shared_memory_region"].string_param = ref.region
+            entry.parameters["shared_memory_byte_size"].int64_param = ref.byte_size
+            if ref.offset:
+                entry.parameters["shared_memory_offset"].int64_param = ref.offset
+            out.raw_output_contents.append(b"")
+            continue
         out.raw_output_contents.append(bytes(tensor_bytes(tensor)))
     return out

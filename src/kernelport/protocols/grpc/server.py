@@ -16,7 +16,7 @@ from google.protobuf import json_format
 from kernelport.config import Config
 from kernelport.core.dataplane import DataPlane
 from kernelport.core.model_config import triton_config
-from kernelport.errors import ErrorCode, ServerError
+from kernelport.errors import ServerError
 from kernelport.observability.telemetry import Telemetry, header_value
 from kernelport.protocols.auth import UNAUTHENTICATED_MESSAGE, Auth
 from kernelport.protocols.grpc import codec, kernelport_v1, rpc
@@ -100,14 +100,14 @@ class InferenceServicer:
         call.identify(request.id)
         trace = call.trace
         try:
-            decoded = codec.decode_request(request, self._dp.limits)
+            decoded = codec.decode_request(request, self._dp.limits, self._dp.shared_memory)
             if trace is not None:
                 trace.carrier = _metadata(context)  # a client's W3C traceparent
                 trace.decoded()
             response = await self._dp.infer(decoded)
             if trace is not None:
                 trace.inferred(response)
-            out = codec.encode_response(response)
+            out = codec.encode_response(response, decoded.shm_outputs)
         except Exception as exc:
             error = call.failed(exc)
             context.set_trailing_metadata(_request_id_metadata(call.request_id))
@@ -125,7 +125,7 @@ class InferenceServicer:
 
         async def one(message: Any) -> None:
             try:
-                request = codec.decode_request(message, self._dp.limits)
+                request = codec.decode_request(message, self._dp.limits, self._dp.shared_memory)
                 # A decoupled model answers any number of times: none of its answers is known
                 # to be the last, so the end is an empty final answer, when the client asks.
                 many = self._dp.model_config(request.model_name, message.model_version).decoupled
@@ -133,7 +133,7 @@ class InferenceServicer:
                 async with contextlib.aclosing(self._dp.stream(request)) as responses:
                     async for answer in responses:
                         version = answer.model_version
-                        response = codec.encode_response(answer)
+                        response = codec.encode_response(answer, request.shm_outputs)
                         response.parameters["triton_final_response"].bool_param = not many
                         await done.put(msgs.ModelStreamInferResponse(infer_response=response))
                 if many and request.parameters.get("triton_enable_empty_final_response"):
@@ -237,23 +237,39 @@ class InferenceServicer:
         return out
 
     async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
-        if request.name:
-            raise ServerError(
-                ErrorCode.NOT_FOUND, f"shared memory region '{request.name}' is not registered"
+        out = msgs.SystemSharedMemoryStatusResponse()
+        for region in self._dp.shared_memory.system_status(request.name):
+            out.regions[region.name].CopyFrom(
+                msgs.SystemSharedMemoryStatusResponse.RegionStatus(**asdict(region))
             )
-        return msgs.SystemSharedMemoryStatusResponse()
+        return out
+
+    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        self._dp.shared_memory.register_system(
+            request.name, request.key, request.offset, request.byte_size
+        )
+        return msgs.SystemSharedMemoryRegisterResponse()
 
     async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        self._dp.shared_memory.unregister("system", request.name)
         return msgs.SystemSharedMemoryUnregisterResponse()
 
     async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
-        if request.name:
-            raise ServerError(
-                ErrorCode.NOT_FOUND, f"shared memory region '{request.name}' is not registered"
+        out = msgs.CudaSharedMemoryStatusResponse()
+        for region in self._dp.shared_memory.cuda_status(request.name):
+            out.regions[region.name].CopyFrom(
+                msgs.CudaSharedMemoryStatusResponse.RegionStatus(**asdict(region))
             )
-        return msgs.CudaSharedMemoryStatusResponse()
+        return out
+
+    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        self._dp.shared_memory.register_cuda(
+            request.name, request.raw_handle, request.device_id, request.byte_size
+        )
+        return msgs.CudaSharedMemoryRegisterResponse()
 
     async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        self._dp.shared_memory.unregister("cuda", request.name)
         return msgs.CudaSharedMemoryUnregisterResponse()
 
 

@@ -15,6 +15,7 @@ import orjson
 
 from kernelport.core.dataplane import DataPlane
 from kernelport.core.model_config import triton_config
+from kernelport.core.shm import Kind, SharedMemoryRegistry
 from kernelport.errors import ErrorCode, ServerError, invalid
 from kernelport.limits import Limits
 from kernelport.observability.telemetry import Telemetry, header_value
@@ -157,7 +158,14 @@ class RestApp:
             )
         match = _SHM.match(path)
         if match:
-            return _shared_memory(match["verb"], match["region"])
+            verb = match["verb"]
+            return _only(method, "GET" if verb == "status" else "POST") or _shared_memory(
+                dp.shared_memory,
+                "system" if match["kind"] == "system" else "cuda",
+                verb,
+                match["region"] or "",
+                body,
+            )
         return error_response(404, "Not Found")
 
     async def _model(
@@ -209,7 +217,9 @@ class RestApp:
                 header_length = ascii_number(raw_length)
                 if header_length is None:
                     raise invalid(f"Inference-Header-Content-Length '{raw_length}' is not a number")
-            request = codec.decode_request(body, header_length, model, version, self._limits)
+            request = codec.decode_request(
+                body, header_length, model, version, self._limits, self._dp.shared_memory
+            )
             # The body's id wins; the response body echoes only that one (Triton's semantics).
             context.identify(request.id)
             if trace is not None:
@@ -306,16 +316,32 @@ def _only(method: str, allowed: str) -> Response | None:
     return None if method == allowed else error_response(405, "Method Not Allowed")
 
 
-def _shared_memory(verb: str, region: str | None) -> Response:
-    # No region is ever registered: status lists none and unregister-all succeeds (perf_analyzer
-    # calls it for both kinds before it starts), while register reports the gap clearly.
+def _shared_memory(
+    regions: SharedMemoryRegistry, kind: Kind, verb: str, region: str, body: bytes
+) -> Response:
     if verb == "status":
-        if region:
-            return error_response(404, f"shared memory region '{region}' is not registered")
-        return json_response([])
+        if kind == "system":
+            return json_response([asdict(s) for s in regions.system_status(region)])
+        return json_response([asdict(s) for s in regions.cuda_status(region)])
     if verb == "unregister":
+        regions.unregister(kind, region)
         return Response(200)
-    return error_response(501, "shared memory is not supported yet")
+    if not region:
+        raise invalid("register needs a region name: /v2/<kind>sharedmemory/region/<name>/register")
+    obj = _settings_object(body)
+    if kind == "system":
+        if "key" not in obj or "byte_size" not in obj:
+            raise invalid("registering system shared memory needs 'key' and 'byte_size'")
+        regions.register_system(region, obj["key"], obj.get("offset", 0), obj["byte_size"])
+        return Response(200)
+    handle = obj.get("raw_handle")
+    if not isinstance(handle, dict) or not isinstance(handle.get("b64"), str):
+        raise invalid("registering CUDA shared memory needs 'raw_handle': {'b64': <handle>}")
+    if "byte_size" not in obj:
+        raise invalid("registering CUDA shared memory needs 'byte_size'")
+    raw_handle = _base64("raw_handle", handle["b64"])
+    regions.register_cuda(region, raw_handle, obj.get("device_id", 0), obj["byte_size"])
+    return Response(200)
 
 
 def _infer_target(path: str) -> tuple[str, str] | None:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from kernelport.core import shm
 from kernelport.errors import invalid
 from kernelport.limits import Limits
 from kernelport.types import (
@@ -15,6 +16,7 @@ from kernelport.types import (
     InferResponse,
     Parameters,
     RequestedOutput,
+    SharedMemoryRef,
     Tensor,
     datatype,
     element_count,
@@ -155,8 +157,10 @@ def decode_request(
     model_name: str,
     model_version: str,
     limits: Limits = _DEFAULT_LIMITS,
+    regions: shm.SharedMemoryRegistry | None = None,
 ) -> InferRequest:
-    """Decode a V2 infer body; binary tensors are views into ``body``."""
+    """Decode a V2 infer body; binary tensors are views into ``body``, shared-memory ones
+    views into the ``regions`` they name."""
     if header_length is None:
         header, binary = memoryview(body), memoryview(b"")
     else:
@@ -194,8 +198,8 @@ def decode_request(
                 f"shared_memory_region (got {', '.join(sources) or 'none'})"
             )
         if in_shm:
-            raise invalid(f"input '{name}': shared memory inputs are not supported yet")
-        if size is not None:
+            inputs.append(_shm_tensor(raw, shape, params, regions, limits))
+        elif size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise invalid(f"input '{name}': binary_data_size must be a non-negative integer")
             if offset + size > len(binary):
@@ -215,15 +219,20 @@ def decode_request(
     if offset != len(binary):
         raise invalid(f"unexpected {len(binary) - offset} bytes of binary data after the inputs")
     outputs = []
+    shm_outputs: dict[str, SharedMemoryRef] | None = None
     raw_outputs = obj.get("outputs")
     if raw_outputs is not None and not isinstance(raw_outputs, list):
         raise invalid("'outputs' must be a list of requested outputs")
     for raw in raw_outputs or []:
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
             raise invalid("each requested output needs a 'name' string")
-        outputs.append(
-            RequestedOutput(raw["name"], _parameters(raw.get("parameters"), "output", raw["name"]))
-        )
+        name = raw["name"]
+        params = _parameters(raw.get("parameters"), "output", name)
+        if "shared_memory_region" in params:
+            if shm_outputs is None:
+                shm_outputs = {}
+            shm_outputs[name] = shm.output_reference(params, name)
+        outputs.append(RequestedOutput(name, params))
     request_id = obj.get("id", "")
     return InferRequest(
         model_name,
@@ -232,16 +241,39 @@ def decode_request(
         inputs,
         outputs,
         _parameters(obj.get("parameters"), "request"),
+        shm_outputs,
     )
+
+
+def _shm_tensor(
+    raw: dict[str, Any],
+    shape: tuple[int, ...],
+    params: Parameters,
+    regions: shm.SharedMemoryRegistry | None,
+    limits: Limits,
+) -> Tensor:
+    name = raw["name"]
+    ref = shm.reference(params, "input", name)
+    if regions is None:
+        raise invalid(f"input '{name}': shared memory is not served here")
+    buffer = regions.read(ref, name)
+    return tensor_from_buffer(name, raw["datatype"], shape, buffer, limits.max_tensor_elements)
 
 
 def encode_response(request: InferRequest, response: InferResponse) -> tuple[bytes, int | None]:
     """Return (body, JSON header length or None when every output is JSON)."""
     binary_default = bool(request.parameters.get("binary_data_output", False))
     wanted = {o.name: o.parameters for o in request.outputs}
+    in_shm = request.shm_outputs
     chunks: list[bytes | memoryview] = []
     outputs: list[dict[str, Any]] = []
     for tensor in response.outputs:
+        if in_shm is not None and tensor.name in in_shm:
+            # Written into the client's region already; no parameters either, as the C++
+            # client refuses output parameters without binary_data_size.
+            shm_entry = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
+            outputs.append(shm_entry)
+            continue
         params = wanted.get(tensor.name)
         binary = bool(params.get("binary_data", False)) if params is not None else binary_default
         entry: dict[str, Any] = {
