@@ -36,7 +36,7 @@ def merge_stats(responses: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _add(a: Any, b: Any, key: str = "") -> Any:
-    if key in ("name", "version"):
+    if key in ("name", "version", "batch_size"):
         return a
     if isinstance(a, dict) and isinstance(b, dict):
         return {k: _add(a[k], b[k], k) if k in a and k in b else a.get(k, b.get(k)) for k in a | b}
