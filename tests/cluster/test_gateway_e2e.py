@@ -194,12 +194,10 @@ def test_a_model_ready_nowhere_is_unavailable(protocol: str, gateway: RunningSer
     assert caught.value.status() in ("503", "StatusCode.UNAVAILABLE")
 
 
-def test_bodies_over_the_limit_are_refused(
-    nodes: dict[str, RunningServer], tmp_path: Path
-) -> None:
+def test_bodies_over_the_limit_are_refused(nodes: dict[str, RunningServer], tmp_path: Path) -> None:
     with running_gateway(tmp_path, nodes, "--max-body-bytes", "1000") as gw:
         status_code, body = infer_json(gw.http_url, "ident", [0.0] * 400)
-        assert status_code == 413 and "larger than the limit of 1000 bytes" in body["error"]
+        assert status_code == 413 and "limit of 1000 bytes (--max-body-bytes)" in body["error"]
         channel = grpc.insecure_channel(gw.grpc_url)
         request = pb.inference.ModelInferRequest(model_name="ident")
         request.raw_input_contents.append(b"\x00" * 2000)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -67,10 +69,8 @@ def test_malformed_bytes_are_refused(data: bytes) -> None:
 
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_never_crash_it(data: bytes) -> None:
-    try:
+    with contextlib.suppress(Malformed):
         assert isinstance(string_field(data, 1), str)
-    except Malformed:
-        pass
 
 
 @given(st.text(max_size=50), st.integers(0, 200))

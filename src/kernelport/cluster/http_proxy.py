@@ -19,7 +19,7 @@ import orjson
 
 from kernelport.cluster.merge import merge_index, merge_stats
 from kernelport.cluster.nodes import Node, NodeTable, NotSent
-from kernelport.errors import ServerError, unavailable
+from kernelport.errors import ErrorCode, ServerError, unavailable
 from kernelport.protocols.rest.bodies import read_body
 from kernelport.protocols.rest.errors import HTTP_STATUS
 
@@ -81,8 +81,12 @@ class GatewayHttpApp:
             return
         method, path = scope["method"], scope["path"]
         try:
-            headers = dict(scope["headers"])
-            body = await read_body(receive, headers, self._max_body)
+            try:
+                body = await read_body(receive, dict(scope["headers"]), self._max_body)
+            except ServerError as exc:
+                if exc.code is ErrorCode.TOO_LARGE:  # named by the gateway's own flag
+                    exc.message = exc.message.replace("--max-request-bytes", "--max-body-bytes")
+                raise
             answer = await self._route(method, path, _target(scope), scope["headers"], body)
         except ServerError as exc:
             answer = _json({"error": exc.message}, HTTP_STATUS[exc.code])
