@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import yarl
 
 from kernelport.cluster.merge import merge_index, merge_stats
 from kernelport.cluster.nodes import Node, NodeTable, NotSent
@@ -147,8 +148,10 @@ class GatewayHttpApp:
         out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k not in _HOP]
         with self._table.in_flight(node):
             try:
+                # encoded: the client's own percent-encoding goes on as it came
+                url = yarl.URL(node.spec.http + target, encoded=True)
                 async with self._session.request(
-                    method, node.spec.http + target, data=body or None, headers=out,
+                    method, url, data=body or None, headers=out,
                     timeout=self._timeout, allow_redirects=False,
                 ) as resp:  # fmt: skip
                     data = await resp.read()
