@@ -214,3 +214,23 @@ def test_a_malformed_grpc_request_is_invalid_argument(gateway: RunningServer) ->
         with pytest.raises(grpc.RpcError) as caught:
             call(b"\x0a\x05ab", timeout=10)
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_lpt_packing_measures_costs_from_the_nodes_statistics(
+    nodes: dict[str, RunningServer], tmp_path: Path
+) -> None:
+    args = ("--policy", "lpt_packing", "--placement-interval", "0.2", "--health-interval", "0.1")
+    with running_gateway(tmp_path, nodes, *args) as gw:
+        placed = status(gw)["placement"]
+        assert set(LPT_COSTS) <= set(placed)  # every model has a node before any traffic
+
+        def measured() -> bool:
+            for _ in range(5):
+                assert infer_json(gw.http_url, "slow", [5.0])[0] == 200  # 5 ms each
+            return status(gw)["costs"]["slow"] > 0
+
+        wait_until(measured, what="a measured cost for 'slow'")
+        after = status(gw)
+        # one node serves 'slow' under its placement
+        assert after["placement"]["slow"] in ("a", "b")
+        assert after["costs"]["slow"] > after["costs"]["ident"]

@@ -238,7 +238,8 @@ class NodeTable:
                 continue
             sample = _compute_infer_ns(stats)
             for model, ns in sample.items():
-                delta = max(0, ns - node.infer_ns.get(model, 0))
+                # a node's first sample is only a baseline: its totals predate the gateway
+                delta = max(0, ns - node.infer_ns.get(model, ns))
                 totals[model] = totals.get(model, 0.0) + delta / 1e9 / elapsed
             node.infer_ns = sample
         self.measured = totals
