@@ -181,7 +181,10 @@ class GatewayGrpc(grpc.GenericRpcHandler):  # type: ignore[misc]
 
     def _every_node_first(self, method: str) -> Unary:
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            return (await self._every_node(method, request, context))[0]
+            answer = (await self._every_node(method, request, context))[0]
+            if "/RepositoryModel" in method:
+                await self._table.check_all()  # route by the new model states at once
+            return answer
 
         return forward
 
