@@ -12,12 +12,18 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic.fields import FieldInfo
 
-from kernelport.config import ENV_PREFIX, Config, choices
+from kernelport.config import ENV_PREFIX, Config, Settings, choices
 from kernelport.version import __version__
 
 # The few flags not spelled like their field: one key a flag reads better than "--api-keys".
 _FLAG_NAMES = {"api_keys": "--api-key"}
-_METAVARS = {"api_keys": "KEY", "load_model": "NAME", "model_repository": "PATH"}
+_METAVARS = {
+    "api_keys": "KEY",
+    "load_model": "NAME",
+    "model_repository": "PATH",
+    "model_cost": "NAME=COST",
+}
+_GATEWAY_PREFIX = "KERNELPORT_GATEWAY_"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,12 +43,29 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     for name, field in Config.model_fields.items():
-        _add_flag(serve, name, field)
+        _add_flag(serve, Config, name, field)
     serve.add_argument("--config", type=Path, metavar="FILE", help="YAML file of settings")
+    gateway = commands.add_parser(
+        "gateway",
+        help="one endpoint in front of several KernelPort nodes",
+        description=(
+            "Forward KServe V2 HTTP and gRPC requests to the nodes that serve each model, "
+            "by a routing policy, leaving out nodes that fail their health checks. Each "
+            f"option can also be set with an environment variable {_GATEWAY_PREFIX}<NAME> "
+            "or in a YAML --config file; flags win."
+        ),
+    )
+    from kernelport.cluster.settings import GatewayConfig
+
+    for name, field in GatewayConfig.model_fields.items():
+        _add_flag(gateway, GatewayConfig, name, field)
+    gateway.add_argument("--config", type=Path, metavar="FILE", help="YAML file of settings")
     return parser
 
 
-def _add_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
+def _add_flag(
+    parser: argparse.ArgumentParser, model: type[Settings], name: str, field: FieldInfo
+) -> None:
     """One flag for the Config field ``name``, all but its spelling derived from the field."""
     flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
     kind = _value_type(field.annotation)
@@ -55,9 +78,10 @@ def _add_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> N
     if get_origin(field.annotation) is tuple:
         options["action"] = "append"
     if get_origin(kind) is Literal:
-        options["choices"] = choices(Config, name)
+        options["choices"] = choices(model, name)
     else:
-        options["type"] = kind
+        # structured values (a node, a NAME=COST pair) arrive as text the field parses
+        options["type"] = kind if kind in (int, float, Path) else str
         options["metavar"] = _METAVARS.get(name) or _metavar(name, kind)
     parser.add_argument(flag, **options)
 
@@ -95,6 +119,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "gateway":
+        return _gateway(args)
     try:
         config = config_from_args(args)
     except (OSError, ValueError) as exc:
@@ -112,6 +138,34 @@ def main(argv: list[str] | None = None) -> int:
 
     async def run() -> int:
         return await Server(config).run()
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(run())
+    return uvloop.run(run())
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from kernelport.cluster.settings import MISSING_EXTRA, GatewayConfig
+
+    try:
+        from kernelport.cluster.gateway import Gateway
+    except ImportError as exc:
+        if exc.name != "aiohttp":
+            raise
+        print(f"kernelport gateway: {MISSING_EXTRA}", file=sys.stderr)
+        return 2
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    try:
+        config = GatewayConfig.load(args.config, overrides)
+        gateway = Gateway(config)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"kernelport gateway: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        return await gateway.run()
 
     try:
         import uvloop

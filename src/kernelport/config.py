@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Self, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -82,10 +82,60 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 _LIMITS = Limits()  # the request limits' defaults live with the limits themselves
 
 
-class Config(BaseModel):
-    """Every server setting. Each field is one CLI flag, one variable and one file key."""
+class Settings(BaseModel):
+    """A typed settings model read from defaults < YAML file < environment < overrides.
+
+    Each field is one CLI flag, one ``<env_prefix><NAME>`` variable and one file key.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+    env_prefix: ClassVar[str] = ENV_PREFIX
+
+    @classmethod
+    def load(
+        cls,
+        file: Path | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Self:
+        """Merge the config file, the environment and explicit overrides (highest first wins).
+
+        Overrides whose value is None are unset (a CLI flag not given).
+        """
+        values: dict[str, Any] = {}
+        if file is not None:
+            loaded = yaml.safe_load(file.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{file}: expected a mapping of setting names to values")
+            values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+        env = os.environ if environ is None else environ
+        for name in cls.model_fields:
+            raw = env.get(cls.env_prefix + name.upper())
+            if raw is not None:
+                values[name] = raw
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Self:
+        """A config from setting names to values (text as from the environment, or typed)."""
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as exc:
+            raise ValueError(_explain(cls, exc)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _choices_ignore_case(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {
+            k: v.lower() if isinstance(v, str) and choices(cls, k) else v for k, v in data.items()
+        }
+
+
+class Config(Settings):
+    """Every server setting. Each field is one CLI flag, one variable and one file key."""
 
     model_repository: Paths = Field(
         default_factory=lambda: (demo_repository(),),
@@ -236,48 +286,6 @@ class Config(BaseModel):
         description="PEM CA bundle: turns on mutual TLS (clients must present a certificate it "
         "signed)",
     )
-
-    @classmethod
-    def load(
-        cls,
-        file: Path | None = None,
-        overrides: Mapping[str, Any] | None = None,
-        environ: Mapping[str, str] | None = None,
-    ) -> Config:
-        """Merge the config file, the environment and explicit overrides (highest first wins).
-
-        Overrides whose value is None are unset (a CLI flag not given).
-        """
-        values: dict[str, Any] = {}
-        if file is not None:
-            loaded = yaml.safe_load(file.read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ValueError(f"{file}: expected a mapping of setting names to values")
-            values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
-        env = os.environ if environ is None else environ
-        for name in cls.model_fields:
-            raw = env.get(env_var(name))
-            if raw is not None:
-                values[name] = raw
-        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        return cls.from_mapping(values)
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> Config:
-        """A config from setting names to values (text as from the environment, or typed)."""
-        try:
-            return cls.model_validate(dict(values))
-        except ValidationError as exc:
-            raise ValueError(_explain(cls, exc)) from None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _choices_ignore_case(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        return {
-            k: v.lower() if isinstance(v, str) and choices(cls, k) else v for k, v in data.items()
-        }
 
     @field_validator("api_keys")
     @classmethod

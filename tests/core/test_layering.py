@@ -55,7 +55,10 @@ ALLOWED: dict[str, frozenset[str]] = {
         }
     ),
     "hosting": frozenset({"config", "server", "protocols", "observability"}),
-    "cli": frozenset({"config", "server", "version", "hosting", "observability"}),
+    "cluster": frozenset(
+        {"config", "errors", "limits", "observability", "protocols", "schema", "version"}
+    ),
+    "cli": frozenset({"config", "server", "version", "hosting", "observability", "cluster"}),
     "__main__": frozenset({"cli"}),
     ROOT: frozenset({"config", "server", "version"}),
 }

@@ -1,0 +1,162 @@
+"""Gateway(config): one KServe V2 endpoint over several KernelPort nodes.
+
+``startup()`` checks the nodes once, then listens on HTTP (KernelPort's own uvicorn and
+httptools stack, with its header timeout) and gRPC (grpc.aio, raw bytes); ``serve()`` runs
+until ``request_stop()``; ``shutdown()`` stops listening and closes the node connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import grpc
+import uvicorn
+
+from kernelport.cluster.grpc_proxy import GatewayGrpc
+from kernelport.cluster.http_proxy import GatewayHttpApp
+from kernelport.cluster.nodes import NodeTable
+from kernelport.cluster.settings import GatewayConfig
+from kernelport.config import write_ports
+from kernelport.observability import logging as log_setup
+from kernelport.protocols.http_timeouts import header_timeout_protocol
+from kernelport.version import __version__
+
+log = logging.getLogger("kernelport.gateway")
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the Gateway decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+class Gateway:
+    """Lifecycle tests can drive: ``startup()``, ``serve()`` (until stopped), ``shutdown()``."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self._stop = asyncio.Event()
+        self._poll: asyncio.Task[None] | None = None
+        self._serving: asyncio.Task[Any] | None = None
+        self._http: _Uvicorn | None = None
+        self._grpc_server: grpc.aio.Server | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._grpc: GatewayGrpc | None = None
+        self.table: NodeTable | None = None
+        self.http_port = 0
+        self.grpc_port = 0
+
+    async def startup(self) -> None:
+        config = self.config
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
+            auto_decompress=False,  # bodies pass through with their Content-Encoding
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        )
+        table = self.table = NodeTable(config, self._session)
+        await table.check_all()
+        self._poll = asyncio.create_task(table.run())
+        self._grpc = GatewayGrpc(table, __version__)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", config.max_body_bytes),
+                ("grpc.max_send_message_length", config.max_body_bytes),
+                ("grpc.so_reuseport", 0),
+                ("grpc.server_handshake_timeout_ms", int(config.http_header_timeout * 1000)),
+                ("grpc.max_connection_idle_ms", int(config.http_idle_timeout * 1000)),
+            ]
+        )
+        server.add_generic_rpc_handlers((self._grpc,))
+        host = config.host
+        address = f"[{host}]:{config.grpc_port}" if ":" in host else f"{host}:{config.grpc_port}"
+        self.grpc_port = int(server.add_insecure_port(address))
+        if self.grpc_port == 0:
+            raise RuntimeError(f"gRPC server cannot listen on {address}")
+        await server.start()
+        self._grpc_server = server
+        sock = _bind(host, config.http_port)
+        self.http_port = int(sock.getsockname()[1])
+        self._http = _Uvicorn(
+            uvicorn.Config(
+                GatewayHttpApp(table, self._session, __version__),
+                host=host,
+                port=self.http_port,
+                loop="none",
+                http=header_timeout_protocol(config.http_header_timeout),
+                lifespan="off",
+                log_config=None,
+                access_log=False,
+                proxy_headers=False,
+                timeout_keep_alive=config.http_idle_timeout,  # type: ignore[arg-type]
+                backlog=2048,
+            )
+        )
+        self._serving = asyncio.create_task(self._http.serve(sockets=[sock]))
+        while not self._http.started:
+            if self._serving.done():
+                raise RuntimeError("HTTP server stopped during startup")
+            await asyncio.sleep(0.005)
+        up = ", ".join(n.name for n in table.up_nodes()) or "none yet"
+        log.info("gateway listening: HTTP %s:%d, gRPC %s:%d; policy %s; nodes up: %s",
+                 host, self.http_port, host, self.grpc_port, config.policy, up)  # fmt: skip
+        if config.ports_file is not None:
+            write_ports(config.ports_file, {"http": self.http_port, "grpc": self.grpc_port})
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        await self._stop.wait()
+
+    async def shutdown(self) -> None:
+        if self._grpc_server is not None:
+            await self._grpc_server.stop(grace=2.0)
+        if self._http is not None:
+            self._http.should_exit = True
+        if self._poll is not None:
+            self._poll.cancel()
+        await asyncio.gather(
+            *(t for t in (self._poll, self._serving) if t is not None), return_exceptions=True
+        )
+        if self._grpc is not None:
+            await self._grpc.close()
+        if self._session is not None:
+            await self._session.close()
+        log.info("gateway stopped")
+
+    async def run(self) -> int:
+        """Start, serve until SIGINT/SIGTERM, shut down. Returns the process exit code."""
+        log_setup.configure(self.config.log_level, self.config.log_format)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.startup()
+        except Exception as exc:
+            log.error("gateway startup failed: %s", exc)
+            await self.shutdown()
+            return 1
+        await self.serve()
+        await self.shutdown()
+        return 0

@@ -1,0 +1,170 @@
+"""The gateway's settings: flags, ``KERNELPORT_GATEWAY_*`` variables and YAML keys.
+
+A node is ``NAME=http://HOST:PORT,grpc=HOST:PORT`` on the command line or in the
+environment (several separated by ";"), or a mapping ``{name, http, grpc}`` in the YAML file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+
+from kernelport.config import LogLevel, OptionalPath, Port, Settings
+from kernelport.limits import Limits
+
+MISSING_EXTRA = "the gateway needs aiohttp: pip install 'kernelport[gateway]'"
+Policy = Literal["round_robin", "least_outstanding", "lpt_packing"]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    """One node behind the gateway: where its HTTP and gRPC front ends listen."""
+
+    name: str
+    http: str  # base URL, e.g. http://127.0.0.1:8000
+    grpc: str  # host:port
+
+
+def parse_node(value: Any) -> NodeSpec:
+    """A node from ``NAME=http://HOST:PORT,grpc=HOST:PORT`` or ``{name, http, grpc}``."""
+    if isinstance(value, NodeSpec):
+        return value
+    if isinstance(value, dict):
+        fields = {str(k): str(v) for k, v in value.items()}
+        name, http, grpc = fields.get("name", ""), fields.get("http", ""), fields.get("grpc", "")
+    else:
+        text = str(value).strip()
+        name, _, rest = text.partition("=")
+        http, _, grpc_part = rest.partition(",")
+        key, _, grpc = grpc_part.partition("=")
+        if key.strip() != "grpc":
+            raise ValueError(f"node {text!r}: expected NAME=http://HOST:PORT,grpc=HOST:PORT")
+    name, http, grpc = name.strip(), http.strip().rstrip("/"), grpc.strip()
+    if not _NAME.match(name):
+        raise ValueError(f"node name {name!r}: letters, digits, '_', '.', '-' (at most 64)")
+    url = urlsplit(http)
+    if url.scheme != "http" or not url.hostname or url.port is None or url.path or url.query:
+        raise ValueError(f"node {name}: HTTP address {http!r} is not http://HOST:PORT")
+    host, sep, port = grpc.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"node {name}: gRPC address {grpc!r} is not HOST:PORT")
+    return NodeSpec(name, http, grpc)
+
+
+def _nodes(value: Any) -> Any:
+    if isinstance(value, str):
+        value = [v for v in value.split(";") if v.strip()]
+    if isinstance(value, list | tuple):
+        return tuple(parse_node(v) for v in value)
+    return value
+
+
+def _costs(value: Any) -> Any:
+    # NAME=COST pairs; the environment gives "a=1,b=2".
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if isinstance(value, dict):
+        value = [f"{k}={v}" for k, v in value.items()]
+    if not isinstance(value, list | tuple):
+        return value
+    pairs: list[tuple[str, float]] = []
+    for item in value:
+        if isinstance(item, tuple):
+            pairs.append(item)
+            continue
+        name, sep, cost = str(item).partition("=")
+        try:
+            pairs.append((name.strip(), float(cost)))
+        except ValueError:
+            raise ValueError(f"model cost {item!r}: expected NAME=SECONDS_PER_SECOND") from None
+        if not sep or not name.strip():
+            raise ValueError(f"model cost {item!r}: expected NAME=SECONDS_PER_SECOND")
+    return tuple(pairs)
+
+
+Nodes = Annotated[tuple[NodeSpec, ...], BeforeValidator(_nodes)]
+Costs = Annotated[tuple[tuple[str, float], ...], BeforeValidator(_costs)]
+
+
+class GatewayConfig(Settings):
+    """Every gateway setting. Each field is one CLI flag, one variable and one file key."""
+
+    env_prefix: ClassVar[str] = "KERNELPORT_GATEWAY_"
+
+    node: Nodes = Field(
+        (),
+        description="a node: NAME=http://HOST:PORT,grpc=HOST:PORT (repeatable; at least one; "
+        "also a 'node' list of {name, http, grpc} in the --config file)",
+    )
+    host: str = Field("0.0.0.0", description="address to listen on")
+    http_port: Port = Field(8000, description="KServe V2 HTTP port (0: any free port)")
+    grpc_port: Port = Field(8001, description="KServe V2 gRPC port (0: any free port)")
+    policy: Policy = Field(
+        "round_robin",
+        description="which node serves a model's request: round_robin (each of its nodes in "
+        "turn), least_outstanding (the node with fewest requests in flight from the gateway), "
+        "lpt_packing (each model placed on one node by cost, longest first, onto the least "
+        "loaded node)",
+    )
+    health_interval: float = Field(
+        1.0, gt=0, description="how often each node's readiness and models are checked"
+    )
+    health_failures: int = Field(
+        3, ge=1, description="consecutive unanswered checks that take a node out of routing"
+    )
+    placement_interval: float = Field(
+        10.0, gt=0, description="lpt_packing: how often placement is recomputed from costs"
+    )
+    model_cost: Costs = Field(
+        (),
+        description="lpt_packing: NAME=COST, a model's cost (execution seconds per second) "
+        "instead of the one measured from the nodes' statistics (repeatable)",
+    )
+    connect_timeout: float = Field(2.0, gt=0, description="connecting to a node")
+    response_timeout: float = Field(
+        60.0, gt=0, description="a node's answer, once the request is sent (gRPC: or the "
+        "client's deadline, whichever is sooner)"
+    )  # fmt: skip
+    max_body_bytes: int = Field(
+        Limits().max_request_bytes,
+        gt=0,
+        le=2**31 - 1,
+        description="largest HTTP body or gRPC message forwarded; 413 / RESOURCE_EXHAUSTED "
+        "above (256 MiB)",
+    )
+    http_header_timeout: float = Field(
+        10.0, gt=0, description="a connection that has not sent its request headers is closed"
+    )
+    http_idle_timeout: float = Field(
+        75.0, gt=0, description="an idle keep-alive connection is closed after this time"
+    )
+    log_level: LogLevel = Field("info", description="log threshold")
+    log_format: Literal["plain", "json"] = Field("plain", description="log line format")
+    ports_file: OptionalPath = Field(
+        None, description='once listening, write the ports as JSON {"http": N, "grpc": N}'
+    )
+
+    @field_validator("model_cost")
+    @classmethod
+    def _non_negative(cls, costs: tuple[tuple[str, float], ...]) -> tuple[tuple[str, float], ...]:
+        for name, cost in costs:
+            if not cost >= 0:
+                raise ValueError(f"model cost of {name!r} must be 0 or more")
+        return costs
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> GatewayConfig:
+        if not self.node:
+            raise ValueError("setting node: at least one node is needed (--node)")
+        names = [n.name for n in self.node]
+        if len(set(names)) != len(names):
+            raise ValueError("setting node: node names must be distinct")
+        return self
+
+    def costs(self) -> dict[str, float]:
+        return dict(self.model_cost)
