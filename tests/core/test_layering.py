@@ -55,6 +55,7 @@ ALLOWED: dict[str, frozenset[str]] = {
         }
     ),
     "hosting": frozenset({"config", "server", "protocols", "observability"}),
+    "worker": frozenset({"core", "errors", "types", "backends"}),
     "cli": frozenset({"config", "server", "version", "hosting", "observability"}),
     "__main__": frozenset({"cli"}),
     ROOT: frozenset({"config", "server", "version"}),
