@@ -123,7 +123,11 @@ class ProcessHost:
         command = [sys.executable, "-m", "kernelport.worker", str(theirs.fileno()),
                    str(self._arena.fd), str(os.getpid())]  # fmt: skip
         try:
-            self._proc = subprocess.Popen(command, pass_fds=(theirs.fileno(), self._arena.fd))
+            # A session of its own: a Ctrl-C meant for the server must not kill its workers
+            # mid-batch; the server stops them (and PR_SET_PDEATHSIG covers its death).
+            self._proc = subprocess.Popen(
+                command, pass_fds=(theirs.fileno(), self._arena.fd), start_new_session=True
+            )
         finally:
             theirs.close()
         ours.setblocking(False)
