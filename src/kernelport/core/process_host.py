@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -100,6 +101,7 @@ class ProcessHost:
         self._up_since = 0.0
         self._restart: asyncio.TimerHandle | None = None
         self._ever_up = False
+        self._watch: asyncio.Task[None] | None = None  # referenced: a task may be GC'd
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -219,7 +221,7 @@ class ProcessHost:
             rows = sum(p[name].shape[0] for p in parts) if len(parts) > 1 else None
             shapes[name] = first.shape if rows is None else (rows, *first.shape[1:])
             if first.dtype != np.object_:
-                total += _aligned(int(np.prod(shapes[name])) * first.dtype.itemsize)
+                total += _aligned(math.prod(shapes[name]) * first.dtype.itemsize)
         offset = self._inputs.alloc(total) if total else None
         assert self._arena is not None
         view = self._arena.view
@@ -231,8 +233,9 @@ class ProcessHost:
             first = parts[0][name]
             shape = shapes[name]
             if offset is not None and first.dtype != np.object_:
-                nbytes = int(np.prod(shape)) * first.dtype.itemsize
-                target = np.frombuffer(view, first.dtype, int(np.prod(shape)), at).reshape(shape)
+                count = math.prod(shape)
+                nbytes = count * first.dtype.itemsize
+                target = np.frombuffer(view, first.dtype, count, at).reshape(shape)
                 if len(parts) == 1:
                     np.copyto(target, first)
                 else:
@@ -400,7 +403,7 @@ class ProcessHost:
         self.up = False
         proc = self._proc
         assert proc is not None
-        self._loop.create_task(self._after_death(proc))
+        self._watch = self._loop.create_task(self._after_death(proc))
 
     async def _after_death(self, proc: subprocess.Popen[bytes]) -> None:
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 import json
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,18 +68,22 @@ def json_body(value: dict[str, Any]) -> bytes:
     return json.dumps(value).encode()
 
 
-def parse_frames(buffer: bytearray) -> Iterator[Frame]:
-    """Complete frames at the head of ``buffer``, consumed from it as they are yielded."""
+def parse_frames(buffer: bytearray) -> list[Frame]:
+    """The complete frames at the head of ``buffer``, removed from it (a partial one stays).
+
+    Each body is a copy of its own (writable: a model may write into inline inputs)."""
+    frames = []
     start = 0
     while len(buffer) - start >= FRAME.size:
         length, kind, batch, instance = FRAME.unpack_from(buffer, start)
         end = start + 4 + length
         if len(buffer) < end:
             break
-        body = memoryview(bytes(buffer[start + FRAME.size : end]))
+        body = memoryview(buffer[start + FRAME.size : end])
+        frames.append(Frame(Kind(kind), batch, instance, body))
         start = end
-        yield Frame(Kind(kind), batch, instance, body)
     del buffer[:start]
+    return frames
 
 
 def pack_refs(refs: list[TensorRef]) -> bytes:

@@ -83,14 +83,24 @@ def main(argv: list[str]) -> int:
     for index, instance in enumerate(instances):
         out_base = input_bytes + index * slot_bytes
         runners.append(_Runner(config, instance, index, channel, view, out_base, slot_bytes))
+    # One instance: its batches run on this thread (the server sends it one batch at a
+    # time), saving a thread hop per batch; several: each instance has a thread.
+    alone = runners[0] if len(runners) == 1 else None
+    for runner in runners if alone is None else ():
+        runner.start()
     while (batch := channel.next()) is not None:
-        if batch.kind is Kind.BATCH and batch.instance < len(runners):
+        if batch.kind is not Kind.BATCH or batch.instance >= len(runners):
+            continue
+        if alone is not None:
+            alone.handle(batch)
+        else:
             runners[batch.instance].jobs.put(batch)
     for runner in runners:
         runner.jobs.put(None)
     deadline = time.monotonic() + _UNLOAD_WAIT_S
     for runner in runners:
-        runner.thread.join(max(0.0, deadline - time.monotonic()))
+        if runner.thread.is_alive():
+            runner.thread.join(max(0.0, deadline - time.monotonic()))
         if not runner.thread.is_alive():
             _unload(runner.instance, config.name)
     sys.stdout.flush()
@@ -170,21 +180,27 @@ class _Runner:
         self.jobs: queue.SimpleQueue[Frame | None] = queue.SimpleQueue()
         name = f"{self.config.name}_{self.index}"
         self.thread = threading.Thread(target=self._serve, name=name, daemon=True)
+
+    def start(self) -> None:
         self.thread.start()
 
     def _serve(self) -> None:
         while (job := self.jobs.get()) is not None:
-            try:
-                parts = self._run(job)
-            except ServerError as exc:
-                parts = self._error(job, exc.code, exc.message)
-            except Exception as exc:
-                message = f"model '{self.config.name}' failed: {type(exc).__name__}: {exc}"
-                parts = self._error(job, ErrorCode.INTERNAL, message)
-            except BaseException as exc:  # e.g. SystemExit in user code: this thread lives on
-                message = f"model '{self.config.name}' failed: {type(exc).__name__}"
-                parts = self._error(job, ErrorCode.INTERNAL, message)
-            self.channel.send(parts)
+            self.handle(job)
+
+    def handle(self, job: Frame) -> None:
+        """Run one batch and send its reply; the model's errors become the reply."""
+        try:
+            parts = self._run(job)
+        except ServerError as exc:
+            parts = self._error(job, exc.code, exc.message)
+        except Exception as exc:
+            message = f"model '{self.config.name}' failed: {type(exc).__name__}: {exc}"
+            parts = self._error(job, ErrorCode.INTERNAL, message)
+        except BaseException as exc:  # e.g. SystemExit in user code: the worker lives on
+            message = f"model '{self.config.name}' failed: {type(exc).__name__}"
+            parts = self._error(job, ErrorCode.INTERNAL, message)
+        self.channel.send(parts)
 
     def _run(self, job: Frame) -> list[bytes]:
         refs, pos = unpack_refs(job.body)
