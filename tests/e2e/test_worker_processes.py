@@ -126,10 +126,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     forever = "threading.Event().wait()"
     _python_model(repo, "hang", ECHO.format(poison=forever), {"mode": "worker", "timeout_s": 1})
     _python_model(repo, "hooked", HOOKED, worker)
+    _python_model(repo, "pair", ECHO.format(poison="pass"), worker)
+    with open(repo / "pair" / "model.yaml", "a") as f:
+        f.write("instance_count: 2\n")
     _mlp(repo, "mlp_worker", "worker")
     _mlp(repo, "mlp_local", "in_process")
     with running_server(tmp_path_factory.mktemp("log"), repo) as running:
-        for model in ("echo", "steady", "hang", "mlp_worker", "mlp_local"):
+        for model in ("echo", "steady", "hang", "pair", "mlp_worker", "mlp_local"):
             _wait_for(lambda m=model: _answers_or_ready(running, m), 60, f"{model} ready")
         yield running
 
@@ -147,6 +150,27 @@ def test_a_python_model_in_a_worker_answers(server: RunningServer, protocol: str
     client = client_for(protocol, server)
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     np.testing.assert_array_equal(_infer(client, protocol, "echo", x), x * 2)
+
+
+def test_concurrent_requests_each_get_their_own_rows(server: RunningServer) -> None:
+    """Two instances in one worker process, batches in flight at once, inputs and outputs
+    sharing one arena: every caller gets exactly its own answer."""
+    wrong: list[int] = []
+
+    def call(i: int) -> None:
+        client = httpclient.InferenceServerClient(server.http_url)
+        for j in range(20):
+            x = np.full((1 + (i + j) % 3, 4), i * 100 + j, np.float32)
+            if not np.array_equal(_infer(client, "http", "pair", x), x * 2):
+                wrong.append(i)
+        client.close()
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
 
 
 def test_onnx_in_a_worker_gives_the_in_process_outputs(server: RunningServer) -> None:
