@@ -256,6 +256,12 @@ class Config(Settings):
         "Off by default: an uploaded model runs code (a model.py, a compiled library, pickle "
         "loading) with the server's rights",
     )
+    model_execution: Literal["auto", "in_process", "worker"] = Field(
+        "auto",
+        description="where model instances run unless a model's execution.mode says: "
+        "in_process (threads of the server), worker (a process per model version, restarted "
+        "when it dies), auto (in_process for now)",
+    )
     # Declared before api_keys so that the api_keys validator sees it.
     api_key_file: OptionalPath = Field(
         None,

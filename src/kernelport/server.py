@@ -81,6 +81,7 @@ class Server:
                 config.model_control_mode,
                 config.load_model,
                 config.allow_model_upload,
+                config.model_execution,
             ),
             BackendRegistry(),
             TritonConfigReader(),

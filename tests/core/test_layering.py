@@ -58,6 +58,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "cluster": frozenset(
         {"config", "errors", "limits", "observability", "protocols", "schema", "version"}
     ),
+    "worker": frozenset({"core", "errors", "types", "backends"}),
     "cli": frozenset({"config", "server", "version", "hosting", "observability", "cluster"}),
     "__main__": frozenset({"cli"}),
     ROOT: frozenset({"config", "server", "version"}),

@@ -23,7 +23,7 @@ from typing import Any
 
 from kernelport.core.backend import Arrays
 from kernelport.core.clock import Cancellable, Clock, LoopClock
-from kernelport.core.execution import BatchResult, Timings, Worker, WorkerPool
+from kernelport.core.execution import BatchResult, BatchRunner, Timings, WorkerPool
 from kernelport.core.fill import OVERLAP, ArrivalModel
 from kernelport.core.model_config import ModelConfig
 from kernelport.core.options import RequestOptions, request_options
@@ -233,6 +233,10 @@ class ModelQueue:
 
     # --- SlotClient --------------------------------------------------------------------
 
+    def wake(self) -> None:
+        """The workers can take batches again (a restarted worker process): start some."""
+        self._dispatch()
+
     def granted(self) -> None:
         """The device scheduler gave us the slot we waited for."""
         self._run_on_slot()
@@ -407,7 +411,9 @@ class ModelQueue:
         cost = self.cost.estimate(rows)
         return 0 < cost <= max(self._inline_ns, self._inline_alone_ns if alone else 0)
 
-    def _finish(self, batch: Batch, worker: Worker, future: asyncio.Future[BatchResult]) -> None:
+    def _finish(
+        self, batch: Batch, worker: BatchRunner, future: asyncio.Future[BatchResult]
+    ) -> None:
         self._running.discard(future)
         busy = 0
         try:

@@ -97,7 +97,7 @@ class DataPlane:
         """False when the model exists but is not ready; NOT_FOUND when it is unknown and
         INVALID_ARGUMENT when the name or version is malformed."""
         try:
-            self._manager.get(name, version)
+            found = self._manager.get(name, version)
         except ServerError as exc:
             if exc.code is ErrorCode.INVALID_ARGUMENT:
                 raise
@@ -105,7 +105,7 @@ class DataPlane:
             if exc.code is ErrorCode.NOT_FOUND and not self._manager.known(name):
                 raise
             return False
-        return True
+        return found.pool.available  # False while its worker process restarts
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
         model = self._manager.get(name, version)

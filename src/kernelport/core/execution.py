@@ -8,13 +8,16 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from kernelport.core.backend import Arrays, ModelInstance
+from kernelport.core.backend import Arrays, Backend, LoadContext, ModelInstance
 from kernelport.core.model_config import ModelConfig
+from kernelport.core.reshape import ReshapedInstance, framework_config, has_reshape
 from kernelport.errors import ErrorCode, ServerError, invalid
 
 Hook = Callable[[Arrays], Arrays]
@@ -59,6 +62,24 @@ class _Job:
     parts: list[Arrays]
     counts: list[int]
     config: ModelConfig
+
+
+class BatchRunner(Protocol):
+    """What the model queue hands batches to: a :class:`Worker` (a thread of the server)
+    or a ``ProcessWorker`` (an instance in a worker process)."""
+
+    instance: ModelInstance
+    name: str
+
+    def submit_batch(
+        self, parts: list[Arrays], counts: list[int], config: ModelConfig
+    ) -> asyncio.Future[BatchResult]: ...
+
+    def run_now(
+        self, parts: list[Arrays], counts: list[int], config: ModelConfig
+    ) -> asyncio.Future[BatchResult]: ...
+
+    def close(self) -> None: ...
 
 
 class Worker:
@@ -153,20 +174,32 @@ class WorkerPool:
     may block on purpose).
     """
 
-    def __init__(self, workers: list[Worker], inline: bool = False) -> None:
-        self.workers = workers
+    def __init__(self, workers: Sequence[BatchRunner], inline: bool = False) -> None:
+        self.workers = list(workers)
         self.inline = inline
-        self._idle: deque[Worker] = deque(workers)
+        self._idle: deque[BatchRunner] = deque(workers)
+        #: called when workers that were down can take batches again (the queue's wake)
+        self.on_available: Callable[[], None] = _nothing
 
     @property
     def idle_count(self) -> int:
         return len(self._idle)
 
-    def take_idle(self) -> Worker:
+    @property
+    def available(self) -> bool:
+        """Whether the workers can run batches now (False while a worker process restarts)."""
+        return True
+
+    @property
+    def restarts(self) -> int:
+        """How often a worker process was restarted (0 for in-process instances)."""
+        return 0
+
+    def take_idle(self) -> BatchRunner:
         """An idle worker; callers check ``idle_count`` first."""
         return self._idle.popleft()
 
-    def release(self, worker: Worker) -> None:
+    def release(self, worker: BatchRunner) -> None:
         self._idle.append(worker)
 
     def hooks(self, model: str) -> tuple[Hooks, ...]:
@@ -203,6 +236,35 @@ class WorkerPool:
     def close(self) -> None:
         for worker in self.workers:
             worker.close()
+
+
+async def load_in_process(
+    backend: Backend, config: ModelConfig, version: int, path: Path
+) -> WorkerPool:
+    """Load every instance of a model version here, each on a thread of its own."""
+    reshaped = has_reshape(config)
+    seen_by_backend = framework_config(config) if reshaped else config
+    workers: list[Worker] = []
+    try:
+        for group in config.instance_group:
+            for _ in range(group.count):
+                index = len(workers)
+                context = LoadContext(seen_by_backend, path, group.device, index)
+                instance: ModelInstance = await asyncio.to_thread(backend.load, context)
+                if reshaped:
+                    instance = ReshapedInstance(instance, config)
+                workers.append(Worker(instance, f"{config.name}_{version}_{index}"))
+        if not workers:
+            raise ServerError(ErrorCode.INVALID_ARGUMENT, f"model '{config.name}' has no instances")
+    except BaseException:
+        for worker in workers:
+            await asyncio.to_thread(worker.close)
+        raise
+    return WorkerPool(workers, inline=config.backend != "python")
+
+
+def _nothing() -> None:
+    pass
 
 
 def _settle(

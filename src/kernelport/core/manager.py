@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from kernelport.core.backend import Backend, LoadContext, ModelInstance
+from kernelport.core.backend import Backend
 from kernelport.core.batcher import ModelQueue
 from kernelport.core.ensemble import ENSEMBLE, Ensemble
-from kernelport.core.execution import Hooks, Worker, WorkerPool
-from kernelport.core.model_config import ModelConfig, parse_model_config
+from kernelport.core.execution import Hooks, WorkerPool, load_in_process
+from kernelport.core.model_config import ExecutionMode, ModelConfig, parse_model_config
 from kernelport.core.names import check_lookup_name, check_model_name, parse_version, shown
+from kernelport.core.process_pool import execution_plan, start_process_pool
 from kernelport.core.repository import (
     ConfigDocument,
     ConfigReader,
@@ -35,7 +36,6 @@ from kernelport.core.repository import (
     scan,
     stage_files,
 )
-from kernelport.core.reshape import ReshapedInstance, framework_config, has_reshape
 from kernelport.core.scheduler import DeviceScheduler, Discipline
 from kernelport.core.stats import ModelStats, ModelStatsSnapshot
 from kernelport.core.streaming import Decoupled
@@ -103,6 +103,7 @@ class ModelVersion:
             queue_depth=self.queue.queued,
             load_seconds=self.load_seconds,
             device_memory_bytes=self.pool.device_memory_bytes(),
+            worker_restarts=self.pool.restarts,
         )
 
     async def close(self) -> None:
@@ -137,6 +138,8 @@ class ManagerSettings:
     startup_models: tuple[str, ...] = ()  # explicit mode: loaded at start ("*" = all)
     #: whether a load request may bring files or a config override (they run code)
     allow_model_upload: bool = False
+    #: where instances run when a model's config does not say (``execution.mode``)
+    execution: ExecutionMode = "auto"
 
 
 class ModelManager:
@@ -203,9 +206,12 @@ class ModelManager:
         return [e.versions[v].snapshot() for e in self.entries() for v in sorted(e.versions)]
 
     def ready(self) -> bool:
-        """Every model asked for is ready (models unloaded on request do not count)."""
+        """Every model asked for is ready (models unloaded on request do not count), and
+        no worker process of theirs is down."""
         return all(
-            e.state is ModelState.READY or e.unloaded is not None for e in self._models.values()
+            (e.state is ModelState.READY and all(v.pool.available for v in e.versions.values()))
+            or e.unloaded is not None
+            for e in self._models.values()
         )
 
     async def index(self) -> list[RepositoryEntry]:
@@ -511,28 +517,16 @@ class ModelManager:
     async def _load_version(
         self, backend: Backend, config: ModelConfig, version: int, path: Path
     ) -> ModelVersion:
-        reshaped = has_reshape(config)
-        seen_by_backend = framework_config(config) if reshaped else config
-        workers: list[Worker] = []
+        plan = execution_plan(config, self._settings.execution)
+        if plan.mode == "worker":
+            pool: WorkerPool = await start_process_pool(config, version, path, plan)
+        else:
+            pool = await load_in_process(backend, config, version, path)
         try:
-            for group in config.instance_group:
-                for _ in range(group.count):
-                    index = len(workers)
-                    context = LoadContext(seen_by_backend, path, group.device, index)
-                    instance: ModelInstance = await asyncio.to_thread(backend.load, context)
-                    if reshaped:
-                        instance = ReshapedInstance(instance, config)
-                    workers.append(Worker(instance, f"{config.name}_{version}_{index}"))
-            if not workers:
-                raise ServerError(
-                    ErrorCode.INVALID_ARGUMENT, f"model '{config.name}' has no instances"
-                )
-            pool = WorkerPool(workers, inline=config.backend != "python")
             hooks = pool.hooks(config.name)
             streams = Decoupled(config, pool) if config.decoupled else None
         except BaseException:
-            for worker in workers:
-                await asyncio.to_thread(worker.close)
+            await asyncio.to_thread(pool.close)
             raise
         stats = ModelStats()
         queue: ModelQueue | Decoupled
@@ -541,6 +535,7 @@ class ModelManager:
         else:
             device = self.device(config.instance_group[0].device)
             queue = ModelQueue(config, pool, stats, device, config.weight)
+            pool.on_available = queue.wake
         return ModelVersion(config, version, pool, queue, stats, 0.0, hooks)
 
     def device(self, name: str) -> DeviceScheduler:

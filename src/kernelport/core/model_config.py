@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -115,6 +115,23 @@ class InstanceGroup(_Strict):
         if not _DEVICE.match(value):
             raise ValueError(f"device '{value}': expected 'cpu' or 'cuda:N'")
         return "cuda:0" if value == "cuda" else value
+
+
+ExecutionMode = Literal["auto", "in_process", "worker"]
+
+
+class Execution(_Strict):
+    """Where the model's instances run (KernelPort's own block; in a Triton config.pbtxt
+    the parameters ``KP_EXECUTION_MODE``, ``KP_EXECUTION_TIMEOUT_S`` and
+    ``KP_EXECUTION_ARENA_MB`` say the same)."""
+
+    #: in_process: threads of the server; worker: a process of its own per model version,
+    #: restarted when it dies; auto: the server's ``--model-execution``
+    mode: ExecutionMode = "auto"
+    #: worker mode: a batch running longer is declared stuck and its worker replaced
+    timeout_s: float | None = Field(default=None, gt=0)
+    #: worker mode: the shared memory between server and worker (half inputs, half outputs)
+    arena_mb: int = Field(default=64, ge=1, le=65536)
 
 
 class VersionPolicy(_Strict):
@@ -267,6 +284,7 @@ class ModelConfig(_Strict):
     #: any number of responses per request (Triton's decoupled transaction policy): served
     #: over gRPC streams and HTTP generate_stream, never batched (``core/streaming.py``)
     decoupled: bool = False
+    execution: Execution = Execution()
 
     @model_validator(mode="before")
     @classmethod

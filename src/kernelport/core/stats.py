@@ -132,6 +132,7 @@ class ModelStats:
         queue_depth: int = 0,
         load_seconds: float = 0.0,
         device_memory_bytes: int | None = None,
+        worker_restarts: int = 0,
     ) -> ModelStatsSnapshot:
         """The counters as they are now, copied: readers never see them move under them."""
         return ModelStatsSnapshot(
@@ -153,6 +154,7 @@ class ModelStats:
             queue_depth=queue_depth,
             load_seconds=load_seconds,
             device_memory_bytes=device_memory_bytes,
+            worker_restarts=worker_restarts,
         )
 
 
@@ -212,6 +214,7 @@ class ModelStatsSnapshot:
     queue_depth: int  # requests waiting in the batcher's queue
     load_seconds: float
     device_memory_bytes: int | None  # None: the backend's instances do not report it
+    worker_restarts: int = 0  # restarts of the version's worker process (worker mode)
 
 
 def failure_code(exc: BaseException) -> str:

@@ -154,8 +154,11 @@ class KernelPortCollector:
             "Device memory held by the version's instances (where the backend reports it)",
             labels=mv_labels,
         )
+        restarts = _counter("kernelport_worker_restarts_total",
+                            "Restarts of the version's worker process")  # fmt: skip
         for s, labels in loaded:
             values = list(labels.values())
+            restarts.add_sample(restarts.name, labels, s.worker_restarts)
             latency.add_metric(values, *_buckets(s.request_latency))
             queue_time.add_metric(values, *_buckets(s.queue_latency))
             batch.add_metric(values, *_batch_buckets(s))
@@ -180,7 +183,8 @@ class KernelPortCollector:
             "kernelport_requests_in_flight", "Inference requests accepted and not yet answered"
         )
         in_flight.add_metric([], self._in_flight())
-        yield from (latency, queue_time, batch, depth, rejected, load, memory, state, in_flight)
+        yield from (latency, queue_time, batch, depth, rejected, load, memory, state, in_flight,
+                   restarts)  # fmt: skip
 
 
 def _buckets(h: HistogramSnapshot) -> tuple[list[tuple[str, float]], float]:

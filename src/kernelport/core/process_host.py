@@ -1,0 +1,481 @@
+"""One worker process for one model version: start, feed, watch, restart, stop.
+
+The process is ``python -m kernelport.worker`` (a fresh interpreter, never a fork of the
+threaded server). It inherits two descriptors: its end of a socketpair (control messages,
+:mod:`kernelport.core.wire`) and the arena's memfd (:mod:`kernelport.core.arena`). Replies
+are read on the event loop (``add_reader``), so a batch's future resolves with no thread
+hop. The socket's EOF is the death signal: every batch the process held fails with
+UNAVAILABLE, and a new process is started after a backoff (0.1 s doubling to 5 s, back to
+0.1 s after a minute of health). A batch that outlives the model's execution timeout gets
+DEADLINE_EXCEEDED and its process is SIGKILLed, then restarted the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kernelport.core.arena import Allocator, Arena, ArenaLayout
+from kernelport.core.backend import Arrays
+from kernelport.core.execution import BatchResult, split_rows
+from kernelport.core.model_config import ModelConfig
+from kernelport.core.wire import (
+    Frame,
+    Kind,
+    TensorRef,
+    frame,
+    json_body,
+    pack_refs,
+    parse_frames,
+    read_arrays,
+    unpack_refs,
+    unpack_timing,
+)
+from kernelport.errors import ErrorCode, ServerError, unavailable
+from kernelport.types import serialize_bytes_tensor
+
+log = logging.getLogger("kernelport.workers")
+
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 5.0
+HEALTHY_AFTER_S = 60.0  # up this long: the next crash starts the backoff over
+STOP_GRACE_S = 5.0  # a stopping worker gets this long to unload before SIGKILL
+
+
+@dataclass(slots=True)
+class _InFlight:
+    future: asyncio.Future[BatchResult]
+    counts: list[int]
+    input_offset: int | None
+    input_ns: int
+    timer: asyncio.TimerHandle | None
+
+
+class ProcessHost:
+    """Owns the worker process of one model version and the batches it holds."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        path: Path,
+        devices: list[str],
+        timeout_s: float | None,
+        arena_bytes: int,
+    ) -> None:
+        self.config = config
+        self.up = False
+        self.restarts = 0
+        self.on_up: Callable[[], None] = lambda: None
+        self._path = path
+        self._devices = devices
+        self._timeout_s = timeout_s
+        self._layout = ArenaLayout.split(arena_bytes, len(devices))
+        self._loop = asyncio.get_running_loop()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._arena: Arena | None = None
+        self._inputs = Allocator(self._layout.input_bytes)
+        self._inbox = bytearray()
+        self._outbox = bytearray()
+        self._in_flight: dict[int, _InFlight] = {}
+        self._next_batch = 0
+        self._ready: asyncio.Future[list[list[str]]] | None = None
+        self._stopping = False
+        self._killed_for = ""  # why we killed the process (a stuck batch), for the others
+        self._backoff = BACKOFF_FIRST_S
+        self._up_since = 0.0
+        self._restart: asyncio.TimerHandle | None = None
+        self._ever_up = False
+        self._watch: asyncio.Task[None] | None = None  # referenced: a task may be GC'd
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> list[list[str]]:
+        """Start the process and wait until it loaded every instance: their hook names."""
+        self._spawn()
+        assert self._ready is not None
+        try:
+            hooks = await self._ready
+        except BaseException:
+            await asyncio.to_thread(self.stop)
+            raise
+        return hooks
+
+    def _spawn(self) -> None:
+        """Start a process (on the loop's thread: PR_SET_PDEATHSIG in the child is tied to
+        the thread that forked it, and this one lives as long as the server)."""
+        self._arena = Arena.create(self._layout.total)
+        self._inputs = Allocator(self._layout.input_bytes)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        command = [sys.executable, "-m", "kernelport.worker", str(theirs.fileno()),
+                   str(self._arena.fd), str(os.getpid())]  # fmt: skip
+        try:
+            # A session of its own: a Ctrl-C meant for the server must not kill its workers
+            # mid-batch; the server stops them (and PR_SET_PDEATHSIG covers its death).
+            self._proc = subprocess.Popen(
+                command, pass_fds=(theirs.fileno(), self._arena.fd), start_new_session=True
+            )
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+        self._inbox.clear()
+        self._outbox.clear()
+        self._ready = self._loop.create_future()
+        init = {
+            "config": self.config.model_dump(mode="json"),
+            "path": str(self._path),
+            "devices": self._devices,
+            "layout": [self._layout.input_bytes, self._layout.output_slot_bytes],
+        }
+        self._send(frame(Kind.INIT, 0, 0, json_body(init)))
+        self._loop.add_reader(ours.fileno(), self._on_readable)
+
+    def stop(self) -> None:
+        """Stop the process: EOF asks it to unload and exit; SIGKILL after a grace period.
+
+        Called on a thread (it waits for the process), after the queue has drained."""
+        self._stopping = True
+        self.up = False
+        proc, sock = self._proc, self._sock
+        if self._restart is not None:
+            self._loop.call_soon_threadsafe(self._restart.cancel)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+        if proc is not None:
+            try:
+                proc.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                log.warning("model '%s' worker did not stop in %ss: killed",
+                            self.config.name, STOP_GRACE_S)  # fmt: skip
+                proc.kill()
+                proc.wait()
+        try:
+            self._loop.call_soon_threadsafe(self._detach)
+        except RuntimeError:  # the loop is closed: nothing is watching the socket any more
+            self._close_channel()
+
+    def _detach(self) -> None:
+        if self._sock is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._loop.remove_writer(self._sock.fileno())
+        self._close_channel()
+        self._fail_all(unavailable(f"model '{self.config.name}' is unloading"))
+
+    def _close_channel(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None
+
+    # --- batches ---------------------------------------------------------------------------
+
+    def submit(
+        self, instance: int, parts: list[Arrays], counts: list[int], config: ModelConfig
+    ) -> asyncio.Future[BatchResult]:
+        future: asyncio.Future[BatchResult] = self._loop.create_future()
+        if not self.up or self._arena is None:
+            future.set_exception(unavailable(f"model '{config.name}' worker is restarting"))
+            return future
+        t0 = time.perf_counter_ns()
+        refs, tail, offset = self._place(parts, config)
+        batch = self._next_batch = (self._next_batch + 1) & 0xFFFFFFFF
+        timer = None
+        if self._timeout_s is not None:
+            timer = self._loop.call_later(self._timeout_s, self._stuck, batch)
+        input_ns = time.perf_counter_ns() - t0
+        self._in_flight[batch] = _InFlight(future, counts, offset, input_ns, timer)
+        self._send(frame(Kind.BATCH, batch, instance, pack_refs(refs), *tail))
+        return future
+
+    def _place(
+        self, parts: list[Arrays], config: ModelConfig
+    ) -> tuple[list[TensorRef], list[bytes], int | None]:
+        """Write the batch's concatenation straight into an arena slot (inline when the
+        arena is full or the batch is bigger than it, and for BYTES tensors)."""
+        if len(parts) > 1 and not config.batching:
+            raise AssertionError("only batching models run several requests at once")
+        names = list(parts[0])
+        shapes = {}
+        total = 0
+        for name in names:
+            first = parts[0][name]
+            rows = sum(p[name].shape[0] for p in parts) if len(parts) > 1 else None
+            shapes[name] = first.shape if rows is None else (rows, *first.shape[1:])
+            if first.dtype != np.object_:
+                total += _aligned(math.prod(shapes[name]) * first.dtype.itemsize)
+        offset = self._inputs.alloc(total) if total else None
+        assert self._arena is not None
+        view = self._arena.view
+        refs: list[TensorRef] = []
+        tail: list[bytes] = []
+        at = offset or 0
+        inline_at = 0
+        for name in names:
+            first = parts[0][name]
+            shape = shapes[name]
+            if offset is not None and first.dtype != np.object_:
+                count = math.prod(shape)
+                nbytes = count * first.dtype.itemsize
+                target = np.frombuffer(view, first.dtype, count, at).reshape(shape)
+                if len(parts) == 1:
+                    np.copyto(target, first)
+                else:
+                    np.concatenate([p[name] for p in parts], out=target)
+                refs.append(TensorRef(name, first.dtype.str, shape, False, at, nbytes))
+                at += _aligned(nbytes)
+                continue
+            joined = first if len(parts) == 1 else np.concatenate([p[name] for p in parts])
+            if joined.dtype == np.object_:
+                raw = serialize_bytes_tensor(joined)
+                dtype = "BYTES"
+            else:
+                raw = np.ascontiguousarray(joined).tobytes()
+                dtype = joined.dtype.str
+            refs.append(TensorRef(name, dtype, shape, True, inline_at, len(raw)))
+            tail.append(raw)
+            inline_at += len(raw)
+        return refs, tail, offset
+
+    def _stuck(self, batch: int) -> None:
+        job = self._in_flight.pop(batch, None)
+        if job is None or self._proc is None:
+            return
+        timeout = self._timeout_s
+        log.error(
+            "model '%s': a batch ran longer than the execution timeout (%ss): killing its "
+            "worker (pid %d)",
+            self.config.name,
+            timeout,
+            self._proc.pid,
+        )
+        self._release(job)
+        if not job.future.done():
+            job.future.set_exception(
+                ServerError(
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    f"model '{self.config.name}' did not finish a batch within its execution "
+                    f"timeout of {timeout:g}s; its worker was killed and is restarting",
+                )
+            )
+        self._killed_for = f"killed: a batch outlived the execution timeout of {timeout:g}s"
+        self.up = False
+        self._proc.kill()
+
+    def _release(self, job: _InFlight) -> None:
+        if job.timer is not None:
+            job.timer.cancel()
+        if job.input_offset is not None:
+            self._inputs.free(job.input_offset)
+
+    # --- the socket --------------------------------------------------------------------------
+
+    def _send(self, parts: list[bytes]) -> None:
+        """Send now when the socket takes it; queue the rest and send when it drains."""
+        if self._sock is None:
+            return
+        if self._outbox:
+            self._outbox += b"".join(parts)
+            return
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return  # the process is gone: its EOF is on the way to _on_readable
+        if sent < len(data):
+            self._outbox += data[sent:]
+            self._loop.add_writer(self._sock.fileno(), self._flush)
+
+    def _flush(self) -> None:
+        assert self._sock is not None
+        try:
+            sent = self._sock.send(self._outbox)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            sent = len(self._outbox)
+        del self._outbox[:sent]
+        if not self._outbox:
+            self._loop.remove_writer(self._sock.fileno())
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        while True:
+            try:
+                chunk = sock.recv(1 << 20)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                chunk = b""
+            if not chunk:
+                for message in parse_frames(self._inbox):
+                    self._handle(message)
+                self._on_eof()
+                return
+            self._inbox += chunk
+            if len(chunk) < 1 << 20:
+                break
+        for message in parse_frames(self._inbox):
+            self._handle(message)
+
+    def _handle(self, message: Frame) -> None:
+        if message.kind is Kind.RESULT:
+            job = self._in_flight.pop(message.batch, None)
+            if job is None:  # timed out already: its process is being killed
+                return
+            self._release(job)
+            if not job.future.done():
+                self._resolve(job, message.body)
+        elif message.kind is Kind.ERROR:
+            job = self._in_flight.pop(message.batch, None)
+            if job is not None:
+                self._release(job)
+                error = _json(message.body)
+                if not job.future.done():
+                    code = ErrorCode(error["code"])
+                    job.future.set_exception(ServerError(code, error["message"]))
+        elif message.kind is Kind.READY:
+            self._on_ready(_json(message.body)["hooks"])
+        elif message.kind is Kind.LOAD_FAILED:
+            error = _json(message.body)
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_exception(ServerError(ErrorCode(error["code"]), error["message"]))
+
+    def _resolve(self, job: _InFlight, body: memoryview) -> None:
+        t0 = time.perf_counter_ns()
+        try:
+            infer_ns, pos = unpack_timing(body)
+            refs, pos = unpack_refs(body, pos)
+            assert self._arena is not None
+            outputs = read_arrays(refs, self._arena.view, body[pos:], copy=True)
+            split = (
+                split_rows(outputs, job.counts, self.config.name)
+                if self.config.batching
+                else [outputs]
+            )
+        except ServerError as exc:
+            job.future.set_exception(exc)
+            return
+        output_ns = time.perf_counter_ns() - t0
+        job.future.set_result(BatchResult(split, job.input_ns, infer_ns, output_ns))
+
+    def _on_ready(self, hooks: list[list[str]]) -> None:
+        self.up = True
+        self._ever_up = True
+        self._up_since = time.monotonic()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(hooks)
+        if self.restarts:
+            assert self._proc is not None
+            log.info("model '%s' worker restarted (pid %d)", self.config.name, self._proc.pid)
+        self.on_up()
+
+    # --- death and restart ---------------------------------------------------------------------
+
+    def _on_eof(self) -> None:
+        assert self._sock is not None
+        self._loop.remove_reader(self._sock.fileno())
+        if self._outbox:
+            self._loop.remove_writer(self._sock.fileno())
+        if self._stopping:
+            return
+        self.up = False
+        proc = self._proc
+        assert proc is not None
+        self._watch = self._loop.create_task(self._after_death(proc))
+
+    async def _after_death(self, proc: subprocess.Popen[bytes]) -> None:
+        try:
+            code = await asyncio.to_thread(proc.wait, STOP_GRACE_S)
+        except subprocess.TimeoutExpired:  # it closed the socket but lives on: finish it
+            proc.kill()
+            code = await asyncio.to_thread(proc.wait)
+        if self._stopping:
+            return
+        how = self._killed_for or _exit_reason(code)
+        self._killed_for = ""
+        name = self.config.name
+        self._close_channel()
+        ready = self._ready
+        if ready is not None and not ready.done():
+            ready.set_exception(unavailable(f"model '{name}' worker exited ({how})"))
+        if not self._ever_up:  # the first load failed: the model fails to load, no restart
+            return
+        log.error("model '%s' worker (pid %d) died (%s); restarting", name, proc.pid, how)
+        self._fail_all(unavailable(f"model '{name}' worker died ({how}); restarting"))
+        if time.monotonic() - self._up_since >= HEALTHY_AFTER_S:
+            self._backoff = BACKOFF_FIRST_S
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+        self.restarts += 1
+        self._restart = self._loop.call_later(delay, self._respawn)
+
+    def _respawn(self) -> None:
+        self._restart = None
+        if self._stopping:
+            return
+        try:
+            self._spawn()
+        except OSError as exc:
+            log.error("model '%s' worker could not start: %s", self.config.name, exc)
+            self._restart = self._loop.call_later(self._backoff, self._respawn)
+            return
+        ready = self._ready
+        assert ready is not None
+        ready.add_done_callback(self._respawned)
+
+    def _respawned(self, ready: asyncio.Future[list[list[str]]]) -> None:
+        if ready.cancelled() or ready.exception() is None:
+            return
+        # A load that failed in the new process: it exits; its EOF schedules the next try.
+        log.error("model '%s' worker failed to load again: %s", self.config.name,
+                  ready.exception())  # fmt: skip
+
+    def _fail_all(self, error: ServerError) -> None:
+        jobs = list(self._in_flight.values())
+        self._in_flight.clear()
+        for job in jobs:
+            if job.timer is not None:
+                job.timer.cancel()
+            if not job.future.done():
+                job.future.set_exception(error)
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+def _json(body: memoryview) -> dict[str, Any]:
+    value = json.loads(bytes(body))
+    assert isinstance(value, dict)
+    return value
+
+
+def _aligned(n: int) -> int:
+    return (n + 63) // 64 * 64

@@ -1,0 +1,1 @@
+"""The worker process: model instances outside the server, fed through shared memory."""

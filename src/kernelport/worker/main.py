@@ -1,0 +1,222 @@
+"""The worker process's loop: load the instances, then run the batches the server sends.
+
+One thread per instance, as in the server; the main thread reads the control socket. EOF
+on it means the server is stopping (or gone): the instances are unloaded and the process
+exits. On Linux the process also asks the kernel for SIGKILL when its parent dies, so a
+stuck instance cannot keep it alive after a server crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import mmap
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kernelport.backends.registry import get_backend
+from kernelport.core.backend import LoadContext, ModelInstance
+from kernelport.core.execution import HOOKS
+from kernelport.core.model_config import ModelConfig
+from kernelport.core.reshape import ReshapedInstance, framework_config, has_reshape
+from kernelport.core.wire import (
+    FRAME,
+    Frame,
+    Kind,
+    frame,
+    json_body,
+    pack_refs,
+    pack_timing,
+    parse_frames,
+    place_arrays,
+    read_arrays,
+    unpack_refs,
+)
+from kernelport.errors import ErrorCode, ServerError
+
+log = logging.getLogger("kernelport.worker")
+
+_PR_SET_PDEATHSIG = 1
+_UNLOAD_WAIT_S = 3.0  # the server SIGKILLs after 5 s; instance threads get this long
+
+
+def main(argv: list[str]) -> int:
+    sock_fd, arena_fd, parent = (int(a) for a in argv[:3])
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s [worker %(process)d] %(message)s",
+    )
+    _die_with(parent)
+    channel = _Channel(socket.socket(fileno=sock_fd))
+    init_frame = channel.next()
+    if init_frame is None or init_frame.kind is not Kind.INIT:
+        return 2
+    init = json.loads(bytes(init_frame.body))
+    config = ModelConfig.model_validate(init["config"])
+    input_bytes, slot_bytes = init["layout"]
+    devices: list[str] = init["devices"]
+    arena = mmap.mmap(arena_fd, input_bytes + slot_bytes * len(devices))
+    view = memoryview(arena)
+    try:
+        instances = _load(config, Path(init["path"]), devices)
+    except BaseException as exc:  # the server reports it as the model's load failure
+        code = exc.code if isinstance(exc, ServerError) else ErrorCode.INVALID_ARGUMENT
+        message = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
+        channel.send(frame(Kind.LOAD_FAILED, 0, 0, json_body({"code": code.value,
+                                                              "message": message})))  # fmt: skip
+        return 1
+    hooks = [[h for h in HOOKS if callable(getattr(i, h, None))] for i in instances]
+    channel.send(frame(Kind.READY, 0, 0, json_body({"hooks": hooks})))
+    runners = []
+    for index, instance in enumerate(instances):
+        out_base = input_bytes + index * slot_bytes
+        runners.append(_Runner(config, instance, index, channel, view, out_base, slot_bytes))
+    # One instance: its batches run on this thread (the server sends it one batch at a
+    # time), saving a thread hop per batch; several: each instance has a thread.
+    alone = runners[0] if len(runners) == 1 else None
+    for runner in runners if alone is None else ():
+        runner.start()
+    while (batch := channel.next()) is not None:
+        if batch.kind is not Kind.BATCH or batch.instance >= len(runners):
+            continue
+        if alone is not None:
+            alone.handle(batch)
+        else:
+            runners[batch.instance].jobs.put(batch)
+    for runner in runners:
+        runner.jobs.put(None)
+    deadline = time.monotonic() + _UNLOAD_WAIT_S
+    for runner in runners:
+        if runner.thread.is_alive():
+            runner.thread.join(max(0.0, deadline - time.monotonic()))
+        if not runner.thread.is_alive():
+            _unload(runner.instance, config.name)
+    sys.stdout.flush()
+    os._exit(0)  # a stuck instance thread must not keep the process alive
+
+
+def _die_with(parent: int) -> None:
+    """SIGKILL when the server dies (Linux); the socket's EOF covers other platforms."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
+def _load(config: ModelConfig, path: Path, devices: list[str]) -> list[ModelInstance]:
+    backend = get_backend(config.backend)
+    reshaped = has_reshape(config)
+    seen = framework_config(config) if reshaped else config
+    instances: list[ModelInstance] = []
+    try:
+        for index, device in enumerate(devices):
+            instance: ModelInstance = backend.load(LoadContext(seen, path, device, index))
+            instances.append(ReshapedInstance(instance, config) if reshaped else instance)
+    except BaseException:
+        for instance in instances:
+            _unload(instance, config.name)
+        raise
+    return instances
+
+
+def _unload(instance: ModelInstance, model: str) -> None:
+    try:
+        instance.unload()
+    except Exception:
+        log.exception("model '%s': unload failed", model)
+
+
+class _Channel:
+    """The control socket: frames in on the main thread, out from any instance thread."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
+        self._sock = sock
+        self._inbox = bytearray()
+        self._frames: list[Frame] = []
+        self._lock = threading.Lock()
+
+    def next(self) -> Frame | None:
+        while not self._frames:
+            chunk = self._sock.recv(1 << 20)
+            if not chunk:
+                return None
+            self._inbox += chunk
+            if len(self._inbox) >= FRAME.size:
+                self._frames.extend(parse_frames(self._inbox))
+        return self._frames.pop(0)
+
+    def send(self, parts: list[bytes]) -> None:
+        data = b"".join(parts)
+        # OSError: the server is gone; the main thread sees EOF and exits
+        with self._lock, contextlib.suppress(OSError):
+            self._sock.sendall(data)
+
+
+@dataclass
+class _Runner:
+    config: ModelConfig
+    instance: ModelInstance
+    index: int
+    channel: _Channel
+    view: memoryview
+    out_base: int
+    out_bytes: int
+
+    def __post_init__(self) -> None:
+        self.jobs: queue.SimpleQueue[Frame | None] = queue.SimpleQueue()
+        name = f"{self.config.name}_{self.index}"
+        self.thread = threading.Thread(target=self._serve, name=name, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            self.handle(job)
+
+    def handle(self, job: Frame) -> None:
+        """Run one batch and send its reply; the model's errors become the reply."""
+        try:
+            parts = self._run(job)
+        except ServerError as exc:
+            parts = self._error(job, exc.code, exc.message)
+        except Exception as exc:
+            message = f"model '{self.config.name}' failed: {type(exc).__name__}: {exc}"
+            parts = self._error(job, ErrorCode.INTERNAL, message)
+        except BaseException as exc:  # e.g. SystemExit in user code: the worker lives on
+            message = f"model '{self.config.name}' failed: {type(exc).__name__}"
+            parts = self._error(job, ErrorCode.INTERNAL, message)
+        self.channel.send(parts)
+
+    def _run(self, job: Frame) -> list[bytes]:
+        refs, pos = unpack_refs(job.body)
+        inputs = read_arrays(refs, self.view, job.body[pos:], copy=False)
+        t0 = time.perf_counter_ns()
+        outputs = self.instance.execute(inputs)
+        infer_ns = time.perf_counter_ns() - t0
+        out = {name: _array(value) for name, value in outputs.items()}
+        placed, tail = place_arrays(out, self.view, self.out_base, self.out_bytes)
+        return frame(Kind.RESULT, job.batch, self.index, pack_timing(infer_ns),
+                     pack_refs(placed), *tail)  # fmt: skip
+
+    def _error(self, job: Frame, code: ErrorCode, message: str) -> list[bytes]:
+        body = json_body({"code": code.value, "message": message})
+        return frame(Kind.ERROR, job.batch, self.index, body)
+
+
+def _array(value: Any) -> Any:
+    return np.asarray(value)
