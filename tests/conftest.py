@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -44,6 +45,13 @@ class RunningServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    @property
+    def python_pid(self) -> int:
+        """The process that runs the server's Python: Envoy's when the server is hosted
+        there (the launcher logs it once listening), else the server process itself."""
+        found = re.search(r"\(Envoy, pid (\d+)\)", self.log())
+        return int(found[1]) if found else self.process.pid
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.process.poll() is None:

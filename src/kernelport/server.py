@@ -82,6 +82,7 @@ class Server:
                 config.load_model,
                 config.allow_model_upload,
                 config.model_execution,
+                embedded=config.grpc_transport == "envoy",
             ),
             BackendRegistry(),
             TritonConfigReader(),

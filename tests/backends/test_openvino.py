@@ -4,6 +4,7 @@ compared with OpenVINO's direct call; batching, metadata, config and load errors
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,8 @@ ov = pytest.importorskip("openvino")
 from kernelport.backends.openvino import OpenVinoBackend, model_file  # noqa: E402
 from kernelport.core.backend import LoadContext  # noqa: E402
 from kernelport.core.model_config import parse_model_config  # noqa: E402
-from kernelport.errors import ServerError  # noqa: E402
+from kernelport.core.process_pool import autocomplete_apart, execution_plan  # noqa: E402
+from kernelport.errors import ErrorCode, ServerError  # noqa: E402
 
 TRITON_PBTXT = """
 backend: "openvino"
@@ -137,6 +139,14 @@ def test_config_and_metadata_come_from_the_model(client: Any) -> None:
     assert (config["backend"], int(config["max_batch_size"])) == ("openvino", 8)
 
 
+def test_inside_envoy_openvino_runs_in_worker_processes(server: RunningServer) -> None:
+    # OpenVINO's CPU plugin crashes inside Envoy's process (its allocator): there, the
+    # server reads OpenVINO models in a subprocess and runs them in worker processes.
+    inside_envoy = os.environ.get("KERNELPORT_GRPC_TRANSPORT", "auto") != "grpcio"
+    moved = "backend 'openvino' runs in a worker process" in server.log()
+    assert moved == inside_envoy
+
+
 def test_a_broken_model_file_is_a_load_error_naming_it(client: Any) -> None:
     entry = index_of(client)["ov_broken"]
     assert entry["state"] == "UNAVAILABLE"
@@ -208,3 +218,26 @@ def test_load_errors_in_process(repo: Path, tmp_path: Path) -> None:
     bad = _config(max_batch_size=8, parameters={"NOT_A_PROPERTY": "1"})
     with pytest.raises(ServerError, match="OpenVINO cannot compile it"):
         OpenVinoBackend().load(LoadContext(bad, repo / "ov_ir" / "1", "cpu", 0))
+
+
+async def test_autocomplete_apart_reads_the_model_in_a_subprocess(repo: Path) -> None:
+    raw = {"backend": "openvino", "default_max_batch_size": 4}
+    path = repo / "ov_ir" / "1"
+    assert await autocomplete_apart("openvino", raw, path) == OpenVinoBackend().autocomplete(
+        raw, path
+    )
+    with pytest.raises(ServerError, match="OpenVINO cannot read it") as info:
+        await autocomplete_apart("openvino", raw, repo / "ov_broken" / "1")
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT
+    with pytest.raises(ServerError, match="unknown backend 'nope'"):
+        await autocomplete_apart("nope", raw, path)
+
+
+def test_a_backend_that_cannot_share_the_process_gets_a_worker() -> None:
+    auto = _config(max_batch_size=8)
+    assert execution_plan(auto, "auto", needs_own_process=True).mode == "worker"
+    assert execution_plan(auto, "in_process", needs_own_process=True).mode == "worker"
+    assert execution_plan(auto, "auto").mode == "in_process"
+    pinned = _config(max_batch_size=8, execution={"mode": "in_process"})
+    with pytest.raises(ServerError, match="cannot run inside the Envoy-hosted server's process"):
+        execution_plan(pinned, "auto", needs_own_process=True)

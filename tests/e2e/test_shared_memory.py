@@ -299,9 +299,9 @@ def test_the_server_unmaps_and_never_unlinks(tmp_path: Path, region: Region) -> 
     with running_server(tmp_path, None, wait_for="ready") as running:
         client = httpclient.InferenceServerClient(running.http_url)
         client.register_system_shared_memory(name, key, 64)
-        assert f"/dev/shm/{name}" in _maps(running.process.pid)
+        assert f"/dev/shm/{name}" in _maps(running.python_pid)
         client.unregister_system_shared_memory(name)
-        assert f"/dev/shm/{name}" not in _maps(running.process.pid)
+        assert f"/dev/shm/{name}" not in _maps(running.python_pid)
         client.register_system_shared_memory(name, key, 64)
         client.close()
         assert running.stop() == 0

@@ -85,6 +85,9 @@ class OpenVinoBackend:
 
     name = "openvino"
     platform = "openvino"
+    #: OpenVINO's CPU plugin and frontends crash inside Envoy's process (its allocator):
+    #: when the server runs embedded in Envoy, models of this backend get worker processes
+    embeddable = False
 
     def __init__(self) -> None:
         self._core = ov.Core()

@@ -14,6 +14,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "identity": ("kernelport.backends.identity:IdentityBackend", ""),
     "torch": ("kernelport.backends.torch:TorchBackend", "torch"),
     "python": ("kernelport.backends.python:PythonBackend", ""),
+    "openvino": ("kernelport.backends.openvino:OpenVinoBackend", "openvino"),
 }
 
 ALIASES = {
@@ -29,6 +30,7 @@ BY_FILENAME = {
     "model.pt": "torch",
     "model.pt2": "torch",
     "model.py": "python",
+    "model.xml": "openvino",
 }
 
 

@@ -45,6 +45,9 @@ class Backend(Protocol):
     name: str
     #: Triton's platform string for models of this backend ("" when it has none)
     platform: str
+    # Optional: ``embeddable = False`` says the runtime cannot share the server's process
+    # when the server runs embedded in another program (Envoy): its models then read their
+    # config and run in worker processes (see ``ManagerSettings.embedded``).
 
     def autocomplete(self, raw: dict[str, Any], version_path: Path) -> dict[str, Any]:
         """Fill what ``model.yaml`` left out (inputs, outputs, max_batch_size) from the model."""

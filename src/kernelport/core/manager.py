@@ -25,7 +25,7 @@ from kernelport.core.ensemble import ENSEMBLE, Ensemble
 from kernelport.core.execution import Hooks, WorkerPool, load_in_process
 from kernelport.core.model_config import ExecutionMode, ModelConfig, parse_model_config
 from kernelport.core.names import check_lookup_name, check_model_name, parse_version, shown
-from kernelport.core.process_pool import execution_plan, start_process_pool
+from kernelport.core.process_pool import autocomplete_apart, execution_plan, start_process_pool
 from kernelport.core.repository import (
     ConfigDocument,
     ConfigReader,
@@ -140,6 +140,10 @@ class ManagerSettings:
     allow_model_upload: bool = False
     #: where instances run when a model's config does not say (``execution.mode``)
     execution: ExecutionMode = "auto"
+    #: the server runs embedded in another program's process (Envoy's, with its own
+    #: allocator and libraries): backends that cannot share it (``Backend.embeddable``
+    #: False) get worker processes
+    embedded: bool = False
 
 
 class ModelManager:
@@ -470,7 +474,10 @@ class ModelManager:
         try:
             for version in chosen:
                 path = source.path / str(version)
-                completed = await asyncio.to_thread(backend.autocomplete, dict(raw), path)
+                if self._apart(backend):  # its runtime may crash on a broken file
+                    completed = await autocomplete_apart(backend.name, dict(raw), path)
+                else:
+                    completed = await asyncio.to_thread(backend.autocomplete, dict(raw), path)
                 completed.pop("default_max_batch_size", None)
                 _default_scheduler(raw, completed)
                 config = parse_model_config(completed, where)
@@ -517,7 +524,13 @@ class ModelManager:
     async def _load_version(
         self, backend: Backend, config: ModelConfig, version: int, path: Path
     ) -> ModelVersion:
-        plan = execution_plan(config, self._settings.execution)
+        apart = self._apart(backend)
+        plan = execution_plan(config, self._settings.execution, needs_own_process=apart)
+        if apart:
+            log.info(
+                "model '%s': backend '%s' runs in a worker process (its runtime cannot share "
+                "the Envoy-hosted server's process)", config.name, backend.name,
+            )  # fmt: skip
         if plan.mode == "worker":
             pool: WorkerPool = await start_process_pool(config, version, path, plan)
         else:
@@ -537,6 +550,11 @@ class ModelManager:
             queue = ModelQueue(config, pool, stats, device, config.weight)
             pool.on_available = queue.wake
         return ModelVersion(config, version, pool, queue, stats, 0.0, hooks)
+
+    def _apart(self, backend: Backend) -> bool:
+        """Whether ``backend``'s runtime must stay out of this process: its native libraries
+        clash with those of the program the server runs embedded in (Envoy)."""
+        return self._settings.embedded and not getattr(backend, "embeddable", True)
 
     def device(self, name: str) -> DeviceScheduler:
         """The scheduler arbitrating device ``name`` among the models placed on it."""

@@ -10,14 +10,17 @@ restarted process instead of failing.
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kernelport.core.backend import Arrays, ModelInstance
 from kernelport.core.execution import BatchResult, WorkerPool
 from kernelport.core.model_config import ExecutionMode, ModelConfig
 from kernelport.core.process_host import ProcessHost
-from kernelport.errors import invalid
+from kernelport.errors import ErrorCode, ServerError, invalid
 
 MODES = ("auto", "in_process", "worker")
 
@@ -31,19 +34,33 @@ class ExecutionPlan:
     arena_bytes: int
 
 
-def execution_plan(config: ModelConfig, server_default: ExecutionMode) -> ExecutionPlan:
+def execution_plan(
+    config: ModelConfig, server_default: ExecutionMode, needs_own_process: bool = False
+) -> ExecutionPlan:
     """The model's ``execution`` block, or its ``KP_EXECUTION_*`` parameters (config.pbtxt),
     over the server's default. ``auto`` is in-process for now, on every device; a GPU
-    default of ``worker`` belongs here once GPU workers are measured."""
+    default of ``worker`` belongs here once GPU workers are measured.
+
+    ``needs_own_process``: the backend's runtime cannot share the server's process (it
+    runs embedded in Envoy): ``auto`` means worker, and in_process is refused."""
     execution = config.execution
     params = config.parameters
     mode = str(params.get("KP_EXECUTION_MODE", execution.mode)).strip().lower()
     if mode not in MODES:
         raise invalid(f"model '{config.name}': execution mode '{mode}': expected one of {MODES}")
+    explicit = mode != "auto"
     if mode == "auto":
         mode = server_default
     if mode == "auto":
-        mode = "in_process"
+        mode = "worker" if needs_own_process else "in_process"
+    if mode == "in_process" and needs_own_process:
+        if explicit:
+            raise invalid(
+                f"model '{config.name}': backend '{config.backend}' cannot run inside the "
+                "Envoy-hosted server's process (its native libraries clash with Envoy's): "
+                "use execution mode worker (or auto), or --grpc-transport grpcio"
+            )
+        mode = "worker"
     timeout = _number(config, "KP_EXECUTION_TIMEOUT_S", execution.timeout_s)
     arena_mb = _number(config, "KP_EXECUTION_ARENA_MB", execution.arena_mb)
     assert arena_mb is not None
@@ -139,3 +156,40 @@ async def start_process_pool(
         )
     workers = [ProcessWorker(host, i, f"{config.name}_{version}_{i}") for i in range(len(devices))]
     return ProcessPool(host, workers)
+
+
+#: how long reading a model in a subprocess may take (large models are parsed whole)
+AUTOCOMPLETE_TIMEOUT_S = 600.0
+
+
+async def autocomplete_apart(backend: str, raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``backend``'s autocomplete run in a process of its own (``kernelport.worker.
+    autocomplete``): for runtimes that must not run in the server's process, where a crash
+    on a broken model file would take the server down."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kernelport.worker.autocomplete",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    request = json.dumps({"backend": backend, "raw": raw, "path": str(path)}).encode()
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(request), AUTOCOMPLETE_TIMEOUT_S)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise ServerError(
+            ErrorCode.UNAVAILABLE,
+            f"{path}: reading the model took over {AUTOCOMPLETE_TIMEOUT_S:g} s",
+        ) from None
+    try:
+        reply = json.loads(out)
+    except ValueError:
+        last = err.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        raise invalid(
+            f"{path}: backend '{backend}' could not read the model: its process exited with "
+            f"{proc.returncode} ({last[0][:200]})"
+        ) from None
+    if "error" in reply:
+        raise ServerError(ErrorCode(reply["error"]["code"]), reply["error"]["message"])
+    config: dict[str, Any] = reply["config"]
+    return config

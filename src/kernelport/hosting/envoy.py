@@ -22,6 +22,7 @@ launcher dies, the embedded server sees its control socket close and shuts down.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import http.client
 import importlib.util
 import json
@@ -325,8 +326,9 @@ class Launcher:
         env[CONTROL_FD_ENV] = str(theirs.fileno())
         with theirs:
             self._process = subprocess.Popen(
-                command, env=env, pass_fds=(theirs.fileno(),), start_new_session=True
-            )
+                command, env=env, pass_fds=(theirs.fileno(),), start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )  # fmt: skip
         self._control = _Control(ours)
         # The config travels over the socket: API keys never appear in argv or the environment.
         self._control.send({"config": json.loads(self.config.model_dump_json())})
@@ -376,6 +378,17 @@ class Launcher:
             self._control.close()
         if self._private is not None:
             shutil.rmtree(self._private, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In Envoy's process before it execs: the kernel kills it when the launcher dies, so
+    ``kill -9`` of the server takes Envoy (and, through theirs, the model workers) with it.
+    A launcher that merely exits first stops Envoy through the control socket as before."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _socket_parent() -> str:

@@ -104,7 +104,9 @@ def main(argv: list[str]) -> int:
         if not runner.thread.is_alive():
             _unload(runner.instance, config.name)
     sys.stdout.flush()
-    os._exit(0)  # a stuck instance thread must not keep the process alive
+    if any(runner.thread.is_alive() for runner in runners):
+        os._exit(0)  # a stuck instance thread must not keep the process alive
+    return 0  # a normal exit: atexit handlers run (coverage's, when tests measure us)
 
 
 def _die_with(parent: int) -> None:

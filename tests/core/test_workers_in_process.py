@@ -1,0 +1,161 @@
+"""Worker processes driven from this process: a ModelManager and DataPlane in the test, real
+``python -m kernelport.worker`` children. The same behaviour through real servers and
+tritonclient is in tests/e2e/test_worker_processes.py; here the server side (process host,
+pool, supervisor) runs where coverage sees it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import identity_config, process_alive, write_model
+
+from kernelport.backends.registry import BackendRegistry
+from kernelport.core.dataplane import DataPlane
+from kernelport.core.manager import ManagerSettings, ModelManager
+from kernelport.errors import ErrorCode, ServerError
+from kernelport.types import InferRequest, Tensor
+
+ECHO = """
+import os
+import time
+
+
+class Model:
+    def execute(self, inputs):
+        x = inputs["INPUT0"]
+        if x.size and x.flat[0] == -1:
+            os.abort()
+        if x.size and x.flat[0] == -2:
+            time.sleep(3600)
+        if x.size and x.flat[0] == -3:
+            raise ValueError("minus three")
+        return {"OUTPUT0": x * 2}
+"""
+
+
+def _python(repo: Path, name: str, execution: dict[str, Any], count: int = 1) -> None:
+    config = {
+        "backend": "python",
+        "max_batch_size": 8,
+        "dynamic_batching": {},
+        "instance_count": count,
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [4]}],
+        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [4]}],
+        "execution": execution,
+    }
+    write_model(repo, name, config, {"model.py": ECHO.encode()})
+
+
+@pytest.fixture
+async def dp(tmp_path: Path) -> AsyncIterator[DataPlane]:
+    repo = tmp_path / "repo"
+    _python(repo, "echo", {"mode": "worker"}, count=2)
+    _python(repo, "stuck", {"mode": "worker", "timeout_s": 1})
+    # a tiny arena: batches bigger than it travel inline in the control frames
+    _python(repo, "small", {"mode": "worker", "arena_mb": 1})
+    text = identity_config("BYTES", [1], max_batch_size=4, execution={"mode": "worker"})
+    write_model(repo, "text", text)
+    settings = ManagerSettings((repo,), control_mode="explicit", startup_models=("*",))
+    manager = ModelManager(settings, BackendRegistry())
+    await manager.load_initial()
+    try:
+        yield DataPlane(manager, "test")
+    finally:
+        await manager.close()
+
+
+def _request(model: str, x: np.ndarray[Any, Any]) -> InferRequest:
+    return InferRequest(model, inputs=[Tensor("INPUT0", "FP32", x.shape, x)])
+
+
+async def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"not within {timeout}s: {what}"
+        await asyncio.sleep(0.02)
+
+
+def _workers(dp: DataPlane, model: str) -> list[int]:
+    """The pid of the model's worker process (one per model version), if it is running."""
+    host = dp._manager.get(model).pool.host  # type: ignore[attr-defined]
+    proc = host._proc
+    return [proc.pid] if proc is not None and proc.poll() is None else []
+
+
+async def test_batches_run_in_the_worker_and_come_back(dp: DataPlane) -> None:
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    response = await dp.infer(_request("echo", x))
+    np.testing.assert_array_equal(response.outputs[0].data, x * 2)
+    # concurrent requests, batched, each gets its own rows back
+    rows = [np.full((1, 4), i, np.float32) for i in range(16)]
+    answers = await asyncio.gather(*(dp.infer(_request("echo", r)) for r in rows))
+    for r, answer in zip(rows, answers, strict=True):
+        np.testing.assert_array_equal(answer.outputs[0].data, r * 2)
+    # a batch larger than the arena travels inline
+    big = np.ones((8, 4), np.float32)
+    many = np.concatenate([big] * 2**13)  # 1 MiB of input: more than half the arena
+    response = await dp.infer(_request("small", many))
+    np.testing.assert_array_equal(response.outputs[0].data, many * 2)
+    text = np.array([[b"a"], [b"bc"]], dtype=object)
+    echoed = await dp.infer(InferRequest("text", inputs=[Tensor("INPUT0", "BYTES", (2, 1), text)]))
+    assert echoed.outputs[0].data.tolist() == [[b"a"], [b"bc"]]
+
+
+async def test_a_model_error_comes_back_with_its_message(dp: DataPlane) -> None:
+    with pytest.raises(ServerError, match="model 'echo' failed: ValueError: minus three"):
+        await dp.infer(_request("echo", np.full((1, 4), -3, np.float32)))
+    np.testing.assert_array_equal(
+        (await dp.infer(_request("echo", np.ones((1, 4), np.float32)))).outputs[0].data,
+        np.full((1, 4), 2, np.float32),
+    )
+
+
+async def test_a_worker_that_dies_fails_its_batch_and_comes_back(dp: DataPlane) -> None:
+    with pytest.raises(ServerError) as info:
+        await dp.infer(_request("echo", np.full((1, 4), -1, np.float32)))
+    assert info.value.code is ErrorCode.UNAVAILABLE
+    assert "worker died (signal SIGABRT)" in info.value.message
+    await _wait(lambda: dp.model_ready("echo"), 10, "echo ready again")
+    response = await dp.infer(_request("echo", np.ones((1, 4), np.float32)))
+    np.testing.assert_array_equal(response.outputs[0].data, np.full((1, 4), 2, np.float32))
+    assert dp.model_statistics("echo")[0].worker_restarts == 1
+
+
+async def test_a_killed_worker_is_replaced(dp: DataPlane) -> None:
+    [first] = _workers(dp, "small")
+    os.kill(first, signal.SIGKILL)
+    await _wait(lambda: _workers(dp, "small") not in ([], [first]), 10, "a new worker")
+    await _wait(lambda: dp.model_ready("small"), 10, "small ready again")
+    response = await dp.infer(_request("small", np.ones((1, 4), np.float32)))
+    assert response.outputs[0].data.tolist() == [[2, 2, 2, 2]]
+    assert not process_alive(first)
+
+
+async def test_a_stuck_batch_times_out_and_the_worker_is_replaced(dp: DataPlane) -> None:
+    with pytest.raises(ServerError) as info:
+        await dp.infer(_request("stuck", np.full((1, 4), -2, np.float32)))
+    assert info.value.code is ErrorCode.DEADLINE_EXCEEDED
+    assert "execution timeout of 1s" in info.value.message
+    await _wait(lambda: dp.model_ready("stuck"), 10, "stuck ready again")
+    response = await dp.infer(_request("stuck", np.ones((1, 4), np.float32)))
+    assert response.outputs[0].data.tolist() == [[2, 2, 2, 2]]
+
+
+async def test_closing_the_manager_stops_every_worker(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    _python(repo, "echo", {"mode": "worker"})
+    settings = ManagerSettings((repo,), control_mode="explicit", startup_models=("*",))
+    manager = ModelManager(settings, BackendRegistry())
+    await manager.load_initial()
+    dp = DataPlane(manager, "test")
+    pids = _workers(dp, "echo")
+    assert pids and all(process_alive(p) for p in pids)
+    await manager.close()
+    await _wait(lambda: not any(process_alive(p) for p in pids), 10, "workers gone")
