@@ -8,7 +8,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,9 +44,12 @@ class Timings:
 
 @dataclass(frozen=True, slots=True)
 class BatchResult:
-    """Each caller's outputs (views into the batch's) and where the batch's time went."""
+    """Each caller's outputs (views into the batch's) and where the batch's time went.
 
-    outputs: list[Arrays]
+    A caller's entry is a ``ServerError`` where the model failed that request alone
+    (Triton's ``execute(requests)`` answers each request: ``core/meta.py``)."""
+
+    outputs: Sequence[Arrays | ServerError]
     input_ns: int
     infer_ns: int
     output_ns: int

@@ -23,6 +23,7 @@ from kernelport.core.backend import Backend, LoadContext, ModelInstance
 from kernelport.core.batcher import ModelQueue
 from kernelport.core.ensemble import ENSEMBLE, Ensemble
 from kernelport.core.execution import Hooks, Worker, WorkerPool
+from kernelport.core.meta import Models, StreamCall, make_workers
 from kernelport.core.model_config import ModelConfig, parse_model_config
 from kernelport.core.names import check_lookup_name, check_model_name, parse_version, shown
 from kernelport.core.repository import (
@@ -159,6 +160,8 @@ class ModelManager:
         #: runs one request on a model as a client's would (validation, hooks, batcher,
         #: statistics): how ensemble steps call their models. Set by the DataPlane.
         self.compose: Callable[[InferRequest], Awaitable[InferResponse]] | None = None
+        #: the same for every response of a decoupled model (meta models' streams)
+        self.compose_stream: StreamCall | None = None
 
     @property
     def control_mode(self) -> ControlMode:
@@ -214,6 +217,8 @@ class ModelManager:
         out: list[RepositoryEntry] = []
         for name in sorted(set(self._sources) | set(self._models)):
             entry = self._models.get(name)
+            if entry is not None and entry.config is not None and entry.config.hidden:
+                continue  # hidden from clients (docs/composition.md)
             if entry is None:
                 out.append(RepositoryEntry(name, "", "", ""))
                 continue
@@ -468,6 +473,7 @@ class ModelManager:
                 completed.pop("default_max_batch_size", None)
                 _default_scheduler(raw, completed)
                 config = parse_model_config(completed, where)
+                self._check_calls(config, where)
                 loaded[version] = await self._load_version(backend, config, version, path)
                 await warm_up(config, loaded[version].pool, source.path)
         except BaseException:
@@ -486,7 +492,7 @@ class ModelManager:
         assert config.ensemble_scheduling is not None
         for index, step in enumerate(config.ensemble_scheduling.step):
             # Loaded or not, the model must exist: its readiness is judged per request.
-            if step.model_name not in self._sources and step.model_name not in self._models:
+            if not self._exists(step.model_name):
                 raise not_found(
                     f"{where}: ensemble_scheduling.step {index}: model '{step.model_name}' "
                     "is not in the model repository"
@@ -503,6 +509,26 @@ class ModelManager:
             loaded[version] = ModelVersion(config, version, WorkerPool([]), queue, stats)
         return loaded
 
+    def _exists(self, name: str) -> bool:
+        return name in self._sources or name in self._models
+
+    def _check_calls(self, config: ModelConfig, where: str) -> None:
+        for name in config.calls:  # loaded or not: readiness is judged per call, as for steps
+            if not self._exists(name):
+                raise not_found(f"{where}: calls: model '{name}' is not in the model repository")
+
+    def _models_handle(self, config: ModelConfig) -> Models | None:
+        if config.backend != "python":  # only Python models call models (BLS included)
+            return None
+        allowed = frozenset(config.calls) if config.calls else None
+        loop = asyncio.get_running_loop()
+        return Models(config.name, allowed, self._compose, self._compose_streams, loop)
+
+    def _compose_streams(self, request: InferRequest) -> Any:
+        if self.compose_stream is None:
+            raise unavailable("meta models need the data plane, which is not running")
+        return self.compose_stream(request)
+
     async def _compose(self, request: InferRequest) -> InferResponse:
         if self.compose is None:
             raise unavailable("ensembles need the data plane, which is not running")
@@ -514,15 +540,15 @@ class ModelManager:
         reshaped = has_reshape(config)
         seen_by_backend = framework_config(config) if reshaped else config
         workers: list[Worker] = []
+        models = self._models_handle(config)
         try:
-            for group in config.instance_group:
-                for _ in range(group.count):
-                    index = len(workers)
-                    context = LoadContext(seen_by_backend, path, group.device, index)
-                    instance: ModelInstance = await asyncio.to_thread(backend.load, context)
-                    if reshaped:
-                        instance = ReshapedInstance(instance, config)
-                    workers.append(Worker(instance, f"{config.name}_{version}_{index}"))
+            places = [g.device for g in config.instance_group for _ in range(g.count)]
+            for index, place in enumerate(places):
+                context = LoadContext(seen_by_backend, path, place, index, models)
+                instance: ModelInstance = await asyncio.to_thread(backend.load, context)
+                if reshaped:
+                    instance = ReshapedInstance(instance, config)
+                workers += make_workers(instance, f"{config.name}_{version}_{index}", config)
             if not workers:
                 raise ServerError(
                     ErrorCode.INVALID_ARGUMENT, f"model '{config.name}' has no instances"
