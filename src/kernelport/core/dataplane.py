@@ -101,7 +101,7 @@ class DataPlane:
         """False when the model exists but is not ready; NOT_FOUND when it is unknown and
         INVALID_ARGUMENT when the name or version is malformed."""
         try:
-            self._visible(name, version)
+            model = self._manager.get(name, version)
         except ServerError as exc:
             if exc.code is ErrorCode.INVALID_ARGUMENT:
                 raise
@@ -109,6 +109,8 @@ class DataPlane:
             if exc.code is ErrorCode.NOT_FOUND and not self._manager.known(name):
                 raise
             return False
+        if model.config.hidden:
+            raise _hidden(name)
         return True
 
     def _visible(self, name: str, version: str) -> ModelVersion:
