@@ -23,6 +23,7 @@ client naming the model and keeps serving.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import re
 import sys
@@ -35,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from kernelport.backends import triton_python
 from kernelport.core.backend import Arrays, LoadContext
 from kernelport.core.model_config import ModelConfig
 from kernelport.errors import ErrorCode, ServerError, invalid
@@ -84,7 +86,9 @@ def import_model_file(path: Path, tag: str) -> types.ModuleType:
     sys.modules[name] = module
     try:
         # compile+exec rather than the loader: no __pycache__ written into the repository.
-        code = compile(path.read_bytes(), str(path), "exec")
+        source = path.read_bytes()
+        triton_python.make_importable(source)
+        code = compile(source, str(path), "exec")
         exec(code, module.__dict__)
     except BaseException as exc:
         sys.modules.pop(name, None)
@@ -101,8 +105,9 @@ def forget_module(module: types.ModuleType) -> None:
 
 
 def find_model_class(module: types.ModuleType, path: Path) -> type:
-    """``Model`` if defined, else the one class defined in the module with an ``execute``."""
-    named = getattr(module, "Model", None)
+    """``Model`` if defined, else the one class defined in the module with an ``execute``
+    (``TritonPythonModel`` first: a Triton model file may define helper classes too)."""
+    named = getattr(module, "Model", None) or getattr(module, triton_python.CLASS_NAME, None)
     if named is not None:
         if not isinstance(named, type):
             raise invalid(f"{path}: 'Model' must be a class, not {type(named).__name__}")
@@ -167,7 +172,7 @@ class PythonBackend:
                 out[key] = value  # model.yaml wins wherever it says something
         return out
 
-    def load(self, context: LoadContext) -> PythonInstance:
+    def load(self, context: LoadContext) -> PythonInstance | triton_python.TritonPythonInstance:
         config = context.config
         if context.instance_index == 0:  # once per model load, not per instance
             for warning in parameter_warnings(config.parameters):
@@ -178,7 +183,11 @@ class PythonBackend:
         try:
             cls = find_model_class(module, path)
             try:
+                if cls.__name__ == triton_python.CLASS_NAME:
+                    return triton_python.load(module, context, path)
                 user = cls()
+                if config.calls:  # a meta model: the models it declared, before load()
+                    user.models = context.models
                 if callable(getattr(user, "load", None)):
                     user.load(config)
             except Exception as exc:
@@ -189,6 +198,8 @@ class PythonBackend:
         except BaseException:
             forget_module(module)
             raise
+        if inspect.iscoroutinefunction(user.execute):
+            return AsyncPythonInstance(user, module, config)
         has_pre = callable(getattr(user, "preprocess", None))
         has_post = callable(getattr(user, "postprocess", None))
         kind = _INSTANCE_TYPES[(has_pre, has_post)]
@@ -268,6 +279,32 @@ class PythonInstance:
         finally:
             forget_module(self._module)
             self._user = None
+
+
+class AsyncPythonInstance(PythonInstance):
+    """``async def execute(self, inputs)``: each batch a task on the event loop
+    (``core.meta.AsyncWorker``), so a meta model awaits its sub-models without a thread."""
+
+    is_async = True
+
+    async def execute_parts_async(self, parts: list[Arrays], counts: list[int]) -> list[Arrays]:
+        inputs = parts[0] if len(parts) == 1 else concat_rows(parts)
+        rows = _rows(inputs, self._config)
+        outputs = self._checked(await self._user.execute(inputs), "execute", rows)
+        if len(parts) == 1:
+            return [outputs]
+        bounds = np.cumsum([0, *counts])
+        return [
+            {name: array[bounds[i] : bounds[i + 1]] for name, array in outputs.items()}
+            for i in range(len(counts))
+        ]
+
+    def execute(self, inputs: Arrays) -> Arrays:
+        raise TypeError("execute() is a coroutine: it runs on the event loop")
+
+
+def concat_rows(parts: list[Arrays]) -> Arrays:
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 class _Preprocess(PythonInstance):

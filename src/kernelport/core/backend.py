@@ -25,6 +25,9 @@ class LoadContext:
     version_path: Path  # <repo>/<model>/<version>
     device: str  # "cpu" or "cuda:N"
     instance_index: int
+    #: a meta model's handle on the models it may call (``core.meta.Models``); None when the
+    #: model declares no calls and its backend does not call models
+    models: Any = None
 
 
 class ModelInstance(Protocol):

@@ -424,6 +424,9 @@ class ModelQueue:
                 batch.rows, result.input_ns, result.infer_ns, result.output_ns
             )
             for pending, outputs in zip(batch.requests, result.outputs, strict=True):
+                if isinstance(outputs, ServerError):  # the model failed this request alone
+                    self._resolve(pending, None, outputs)
+                    continue
                 timings = Timings(
                     batch.started_ns - pending.enqueued_ns,
                     result.input_ns,

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from kernelport.core.backend import Arrays
-from kernelport.core.manager import ModelManager
+from kernelport.core.manager import ModelManager, ModelVersion
 from kernelport.core.model_config import ModelConfig
+from kernelport.core.names import shown
 from kernelport.core.shm import SharedMemoryRegistry, write_outputs
 from kernelport.core.stats import ModelStatsSnapshot, failure_code
 from kernelport.core.streaming import Decoupled
@@ -62,7 +63,10 @@ class DataPlane:
         self.extra_extensions: tuple[str, ...] = ()  # wired in by the server (trace, logging)
         self.in_flight = 0  # requests inside infer(); drain() waits for none
         self._drained: asyncio.Event | None = None
-        manager.compose = self._run  # an ensemble's steps: admitted with their ensemble
+        # An ensemble's steps and a meta model's calls: admitted with their caller, and
+        # allowed to reach hidden models.
+        manager.compose = self._composed
+        manager.compose_stream = self._stream_composed
 
     # --- health and metadata ----------------------------------------------------------------
 
@@ -105,10 +109,19 @@ class DataPlane:
             if exc.code is ErrorCode.NOT_FOUND and not self._manager.known(name):
                 raise
             return False
+        if found.config.hidden:
+            raise _hidden(name)
         return found.pool.available  # False while its worker process restarts
 
-    def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
+    def _visible(self, name: str, version: str) -> ModelVersion:
+        """``ModelManager.get`` as clients see it: a hidden model is not found."""
         model = self._manager.get(name, version)
+        if model.config.hidden:
+            raise _hidden(name)
+        return model
+
+    def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
+        model = self._visible(name, version)
         config = model.config
         if version:
             versions: tuple[str, ...] = (str(model.version),)
@@ -127,14 +140,15 @@ class DataPlane:
         )
 
     def model_config(self, name: str, version: str = "") -> ModelConfig:
-        return self._manager.get(name, version).config
+        return self._visible(name, version).config
 
     def model_statistics(self, name: str = "", version: str = "") -> list[ModelStatsSnapshot]:
         """Statistics of the loaded versions asked for: all models, all versions of ``name``,
         or one version (NOT_FOUND / UNAVAILABLE as ``model_config``)."""
         if not name:
-            return self._manager.statistics()
-        model = self._manager.get(name, version)
+            hidden = {e.name for e in self._manager.entries() if e.config and e.config.hidden}
+            return [s for s in self._manager.statistics() if s.name not in hidden]
+        model = self._visible(name, version)
         if version:
             return [model.snapshot()]
         entry = next(e for e in self._manager.entries() if e.name == name)
@@ -177,16 +191,37 @@ class DataPlane:
         """Every response to ``request``: any number from a decoupled model, as the model
         produces them; exactly one from any other model. Close it (``aclose``) to stop
         early: the model's generator is closed too."""
-        model = self._manager.get(request.model_name, request.model_version)
-        streams = model.queue
-        if not isinstance(streams, Decoupled):
+        model = self._visible(request.model_name, request.model_version)
+        if not isinstance(model.queue, Decoupled):
             yield await self.infer(request)
             return
         self._admit()
+        self.in_flight += 1
+        try:
+            async with contextlib.aclosing(self._stream_run(model, request)) as responses:
+                async for response in responses:
+                    yield response
+        finally:
+            self._left()
+
+    async def _stream_composed(self, request: InferRequest) -> AsyncGenerator[InferResponse, None]:
+        """:meth:`stream` for a meta model's call: admitted with its caller."""
+        model = self._manager.get(request.model_name, request.model_version)
+        if not isinstance(model.queue, Decoupled):
+            yield await self._run(request, internal=True)
+            return
+        async with contextlib.aclosing(self._stream_run(model, request)) as responses:
+            async for response in responses:
+                yield response
+
+    async def _stream_run(
+        self, model: ModelVersion, request: InferRequest
+    ) -> AsyncGenerator[InferResponse, None]:
+        streams = model.queue
+        assert isinstance(streams, Decoupled)
         started = time.perf_counter_ns()
         config = model.config
         model.acquire()
-        self.in_flight += 1
         rows = 0
         try:
             if request.shm_outputs:  # every response would overwrite the one region
@@ -211,7 +246,6 @@ class DataPlane:
             model.stats.record_success(rows, elapsed, 0, 0, elapsed, 0)
         finally:
             model.release()
-            self._left()
 
     def _admit(self) -> None:
         if not self.accepting:
@@ -229,11 +263,17 @@ class DataPlane:
         if self._drained is not None and not self.in_flight:
             self._drained.set()
 
-    async def _run(self, request: InferRequest) -> InferResponse:
-        """One admitted request on its model (also each step of an ensemble)."""
+    async def _composed(self, request: InferRequest) -> InferResponse:
+        return await self._run(request, internal=True)
+
+    async def _run(self, request: InferRequest, internal: bool = False) -> InferResponse:
+        """One admitted request on its model (also each step of an ensemble, each call of a
+        meta model: ``internal``, which may reach hidden models)."""
         started = time.perf_counter_ns()
         model = self._manager.get(request.model_name, request.model_version)
         config = model.config
+        if config.hidden and not internal:  # the one test hiding costs the request path
+            raise _hidden(request.model_name)
         model.acquire()  # a reload or unload retires this version only after we finish
         try:
             inputs, rows = validate_inputs(config, request)
@@ -295,6 +335,11 @@ class DataPlane:
         if dt.name != "BYTES" and array.dtype != dt.numpy:
             array = array.astype(dt.numpy)
         return Tensor(name, dt.name, array.shape, array)  # numpy's shape: a tuple of ints
+
+
+def _hidden(name: str) -> ServerError:
+    # Worded as for a name the server never had: a client cannot tell a hidden model exists.
+    return ServerError(ErrorCode.NOT_FOUND, f"model '{shown(name)}' is not found")
 
 
 async def _hook(model: str, which: str, hook: Callable[[Arrays], Arrays], arrays: Arrays) -> Arrays:

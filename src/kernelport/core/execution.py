@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -47,9 +47,12 @@ class Timings:
 
 @dataclass(frozen=True, slots=True)
 class BatchResult:
-    """Each caller's outputs (views into the batch's) and where the batch's time went."""
+    """Each caller's outputs (views into the batch's) and where the batch's time went.
 
-    outputs: list[Arrays]
+    A caller's entry is a ``ServerError`` where the model failed that request alone
+    (Triton's ``execute(requests)`` answers each request: ``core/meta.py``)."""
+
+    outputs: Sequence[Arrays | ServerError]
     input_ns: int
     infer_ns: int
     output_ns: int
@@ -239,21 +242,30 @@ class WorkerPool:
 
 
 async def load_in_process(
-    backend: Backend, config: ModelConfig, version: int, path: Path
+    backend: Backend,
+    config: ModelConfig,
+    version: int,
+    path: Path,
+    models: Any = None,
+    make: Callable[[ModelInstance, str], list[Worker]] | None = None,
 ) -> WorkerPool:
-    """Load every instance of a model version here, each on a thread of its own."""
+    """Load every instance of a model version here, each on a thread of its own.
+
+    ``models``: the handle Python models call other models with (``core/meta.py``);
+    ``make``: the workers for one instance (async and batch-of-requests instances need
+    their own kinds); one plain ``Worker`` each by default."""
     reshaped = has_reshape(config)
     seen_by_backend = framework_config(config) if reshaped else config
     workers: list[Worker] = []
+    places = [g.device for g in config.instance_group for _ in range(g.count)]
     try:
-        for group in config.instance_group:
-            for _ in range(group.count):
-                index = len(workers)
-                context = LoadContext(seen_by_backend, path, group.device, index)
-                instance: ModelInstance = await asyncio.to_thread(backend.load, context)
-                if reshaped:
-                    instance = ReshapedInstance(instance, config)
-                workers.append(Worker(instance, f"{config.name}_{version}_{index}"))
+        for index, place in enumerate(places):
+            context = LoadContext(seen_by_backend, path, place, index, models)
+            instance: ModelInstance = await asyncio.to_thread(backend.load, context)
+            if reshaped:
+                instance = ReshapedInstance(instance, config)
+            name = f"{config.name}_{version}_{index}"
+            workers += make(instance, name) if make is not None else [Worker(instance, name)]
         if not workers:
             raise ServerError(ErrorCode.INVALID_ARGUMENT, f"model '{config.name}' has no instances")
     except BaseException:

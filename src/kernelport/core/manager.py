@@ -23,6 +23,7 @@ from kernelport.core.backend import Backend
 from kernelport.core.batcher import ModelQueue
 from kernelport.core.ensemble import ENSEMBLE, Ensemble
 from kernelport.core.execution import Hooks, WorkerPool, load_in_process
+from kernelport.core.meta import Models, StreamCall, make_workers
 from kernelport.core.model_config import ExecutionMode, ModelConfig, parse_model_config
 from kernelport.core.names import check_lookup_name, check_model_name, parse_version, shown
 from kernelport.core.process_pool import autocomplete_apart, execution_plan, start_process_pool
@@ -166,6 +167,8 @@ class ModelManager:
         #: runs one request on a model as a client's would (validation, hooks, batcher,
         #: statistics): how ensemble steps call their models. Set by the DataPlane.
         self.compose: Callable[[InferRequest], Awaitable[InferResponse]] | None = None
+        #: the same for every response of a decoupled model (meta models' streams)
+        self.compose_stream: StreamCall | None = None
 
     @property
     def control_mode(self) -> ControlMode:
@@ -224,6 +227,8 @@ class ModelManager:
         out: list[RepositoryEntry] = []
         for name in sorted(set(self._sources) | set(self._models)):
             entry = self._models.get(name)
+            if entry is not None and entry.config is not None and entry.config.hidden:
+                continue  # hidden from clients (docs/composition.md)
             if entry is None:
                 out.append(RepositoryEntry(name, "", "", ""))
                 continue
@@ -481,6 +486,7 @@ class ModelManager:
                 completed.pop("default_max_batch_size", None)
                 _default_scheduler(raw, completed)
                 config = parse_model_config(completed, where)
+                self._check_calls(config, where)
                 loaded[version] = await self._load_version(backend, config, version, path)
                 await warm_up(config, loaded[version].pool, source.path)
         except BaseException:
@@ -499,7 +505,7 @@ class ModelManager:
         assert config.ensemble_scheduling is not None
         for index, step in enumerate(config.ensemble_scheduling.step):
             # Loaded or not, the model must exist: its readiness is judged per request.
-            if step.model_name not in self._sources and step.model_name not in self._models:
+            if not self._exists(step.model_name):
                 raise not_found(
                     f"{where}: ensemble_scheduling.step {index}: model '{step.model_name}' "
                     "is not in the model repository"
@@ -515,6 +521,26 @@ class ModelManager:
             queue = Ensemble(config, self._compose)
             loaded[version] = ModelVersion(config, version, WorkerPool([]), queue, stats)
         return loaded
+
+    def _exists(self, name: str) -> bool:
+        return name in self._sources or name in self._models
+
+    def _check_calls(self, config: ModelConfig, where: str) -> None:
+        for name in config.calls:  # loaded or not: readiness is judged per call, as for steps
+            if not self._exists(name):
+                raise not_found(f"{where}: calls: model '{name}' is not in the model repository")
+
+    def _models_handle(self, config: ModelConfig) -> Models | None:
+        if config.backend != "python":  # only Python models call models (BLS included)
+            return None
+        allowed = frozenset(config.calls) if config.calls else None
+        loop = asyncio.get_running_loop()
+        return Models(config.name, allowed, self._compose, self._compose_streams, loop)
+
+    def _compose_streams(self, request: InferRequest) -> Any:
+        if self.compose_stream is None:
+            raise unavailable("meta models need the data plane, which is not running")
+        return self.compose_stream(request)
 
     async def _compose(self, request: InferRequest) -> InferResponse:
         if self.compose is None:
@@ -532,9 +558,18 @@ class ModelManager:
                 "the Envoy-hosted server's process)", config.name, backend.name,
             )  # fmt: skip
         if plan.mode == "worker":
+            if config.calls:
+                raise invalid(
+                    f"model '{config.name}' calls other models (calls: {list(config.calls)}), "
+                    "which needs the server's event loop: execution mode 'worker' cannot run it"
+                )
             pool: WorkerPool = await start_process_pool(config, version, path, plan)
         else:
-            pool = await load_in_process(backend, config, version, path)
+            models = self._models_handle(config)
+            pool = await load_in_process(
+                backend, config, version, path, models,
+                lambda instance, name: make_workers(instance, name, config),
+            )  # fmt: skip
         try:
             hooks = pool.hooks(config.name)
             streams = Decoupled(config, pool) if config.decoupled else None

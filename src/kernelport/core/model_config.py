@@ -285,6 +285,26 @@ class ModelConfig(_Strict):
     #: over gRPC streams and HTTP generate_stream, never batched (``core/streaming.py``)
     decoupled: bool = False
     execution: Execution = Execution()
+    #: the models this one calls in process (a meta model, ``core/meta.py``); each must be
+    #: in the repository when it loads. ``config.pbtxt``: parameter ``calls``, comma-separated
+    calls: tuple[str, ...] = ()
+    #: invisible to clients (NOT_FOUND), callable by meta models and ensembles; in
+    #: ``config.pbtxt``: parameter ``hidden`` "true"
+    hidden: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_parameters(cls, data: Any) -> Any:
+        # config.pbtxt has no field for them: Triton's parameters carry them, as strings.
+        params = data.get("parameters") if isinstance(data, dict) else None
+        if not isinstance(params, dict) or not {"calls", "hidden"} & params.keys():
+            return data
+        data = dict(data)
+        if "calls" in params and "calls" not in data:
+            data["calls"] = [c.strip() for c in str(params["calls"]).split(",") if c.strip()]
+        if "hidden" in params and "hidden" not in data:
+            data["hidden"] = str(params["hidden"]).strip().lower() in ("true", "1", "yes")
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -317,6 +337,8 @@ class ModelConfig(_Strict):
                 )
             except ValueError as exc:
                 raise ValueError(f"ensemble_scheduling: {exc}") from None
+        if self.name in self.calls:
+            raise ValueError("calls: a model cannot call itself")
         if self.decoupled and self.dynamic_batching is not None:
             raise ValueError("a decoupled model runs each request alone: no dynamic_batching")
         batching = self.dynamic_batching
