@@ -58,7 +58,10 @@ ALLOWED: dict[str, frozenset[str]] = {
     "cluster": frozenset(
         {"config", "errors", "limits", "observability", "protocols", "schema", "version"}
     ),
-    "cli": frozenset({"config", "server", "version", "hosting", "observability", "cluster"}),
+    "fetch": frozenset({"core"}),
+    "cli": frozenset(
+        {"config", "server", "version", "hosting", "observability", "cluster", "fetch"}
+    ),
     "__main__": frozenset({"cli"}),
     ROOT: frozenset({"config", "server", "version"}),
 }
