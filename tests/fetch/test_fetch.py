@@ -99,7 +99,7 @@ def test_checksum_mismatch_names_both_digests(tmp_path: Path, env: dict[str, str
 
 def test_missing_file(tmp_path: Path, env: dict[str, str]) -> None:
     spec = hf_model(files=[{"path": "nope.onnx"}])
-    with pytest.raises(FetchError, match="nope.onnx from hf:org/tiny@main: .*no such file"):
+    with pytest.raises(FetchError, match=r"nope\.onnx from hf:org/tiny@main: .*no such file"):
         fetch_manifest(manifest(tiny=spec), tmp_path / "repo", env, progress=False)
 
 

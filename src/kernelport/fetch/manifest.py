@@ -70,6 +70,13 @@ class FileSpec(BaseModel):
     def _path(cls, value: str) -> str:
         return safe_path(value, "file path")
 
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _quoted(cls, value: object) -> object:
+        if isinstance(value, int | float):  # YAML reads a digest of digits only as a number
+            raise ValueError("sha256 must be a quoted string (YAML read it as a number)")
+        return value
+
     @field_validator("sha256")
     @classmethod
     def _sha256(cls, value: str | None) -> str | None:
