@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import types
 from collections.abc import Mapping
@@ -45,6 +46,21 @@ def _parser() -> argparse.ArgumentParser:
     for name, field in Config.model_fields.items():
         _add_flag(serve, Config, name, field)
     serve.add_argument("--config", type=Path, metavar="FILE", help="YAML file of settings")
+    fetch = commands.add_parser(
+        "fetch",
+        help="fetch the models a manifest names into a model repository",
+        description=(
+            "Download the models a manifest names (Hugging Face repos, URLs or local paths), "
+            "check their sha256 and write them, with their serving config, into a model "
+            "repository. Hugging Face tokens come from HF_TOKEN or HUGGING_FACE_HUB_TOKEN; "
+            "HF_HUB_OFFLINE=1 uses the cache only; HF_ENDPOINT names a mirror."
+        ),
+    )
+    fetch.add_argument("manifest", type=Path, metavar="MANIFEST", help="the manifest (YAML)")
+    fetch.add_argument(
+        "--into", type=Path, required=True, metavar="REPO", help="model repository to write"
+    )
+    fetch.add_argument("--quiet", action="store_true", help="no progress bars or file lines")
     gateway = commands.add_parser(
         "gateway",
         help="one endpoint in front of several KernelPort nodes",
@@ -121,11 +137,20 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "gateway":
         return _gateway(args)
+    if args.command == "fetch":
+        return _fetch(args.manifest, args.into, quiet=args.quiet)
     try:
         config = config_from_args(args)
     except (OSError, ValueError) as exc:
         print(f"kernelport: {exc}", file=sys.stderr)
         return 2
+    if config.manifest is not None:
+        explicit = "model_repository" in config.model_fields_set
+        into = config.model_repository[0] if explicit else manifest_repository()
+        if _fetch(config.manifest, into, quiet=False):
+            return 2
+        repositories = config.model_repository if explicit else (into,)
+        config = config.model_copy(update={"model_repository": repositories, "manifest": None})
     if config.grpc_transport != "grpcio":
         from kernelport.hosting import envoy  # the server itself starts inside Envoy
         from kernelport.observability import logging as log_setup
@@ -144,6 +169,32 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         return asyncio.run(run())
     return uvloop.run(run())
+
+
+def manifest_repository() -> Path:
+    """Where ``serve --manifest`` writes its models without a --model-repository."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "kernelport" / "models"
+
+
+def _fetch(manifest: Path, into: Path, quiet: bool) -> int:
+    from kernelport.fetch import FetchError, ManifestError, fetch_manifest, load_manifest
+
+    def report(line: str) -> None:
+        if not quiet:
+            print(line, file=sys.stderr)
+
+    try:
+        fetched = fetch_manifest(load_manifest(manifest), into, progress=not quiet, report=report)
+    except (ManifestError, FetchError) as exc:
+        print(f"kernelport fetch: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"kernelport fetch: cannot write {into}: {exc}", file=sys.stderr)
+        return 2
+    for model in fetched:
+        report(f"{model.name}: ready in {model.directory}")
+    return 0
 
 
 def _gateway(args: argparse.Namespace) -> int:

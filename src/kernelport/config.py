@@ -141,6 +141,12 @@ class Config(Settings):
         default_factory=lambda: (demo_repository(),),
         description="model repository directory (repeatable; default: the bundled demo models)",
     )
+    manifest: OptionalPath = Field(
+        None,
+        description="fetch the models this manifest names (kernelport fetch) into the first "
+        "--model-repository, or, without one, into $XDG_CACHE_HOME/kernelport/models, and "
+        "serve that repository",
+    )
     host: str = Field("0.0.0.0", description="address to listen on")
     http_port: Port = Field(8000, description="KServe V2 HTTP port (0: any free port)")
     grpc_port: Port = Field(8001, description="KServe V2 gRPC port (0: any free port)")

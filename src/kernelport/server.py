@@ -32,6 +32,7 @@ from kernelport.pbtxt import TritonConfigReader
 from kernelport.protocols.auth import Auth, RequireKey, exposure_warning
 from kernelport.protocols.grpc.asgi import GrpcAsgiApp
 from kernelport.protocols.grpc.server import GrpcFrontEnd, InferenceServicer, KernelPortServicer
+from kernelport.protocols.grpc.standard import DEFAULT_POOL, StandardServices
 from kernelport.protocols.http_timeouts import header_timeout_protocol
 from kernelport.protocols.rest.app import RestApp
 from kernelport.protocols.tls import TlsFiles
@@ -105,8 +106,10 @@ class Server:
         self.registry.register(self._gpu)
         # With --grpc-transport envoy, Envoy owns the gRPC listener and calls grpc_app(); a
         # Server built in-process has no Envoy around it, so "auto" means grpcio here.
+        # grpc.health.v1 and reflection, on whichever transport serves gRPC
+        self.standard = StandardServices(self.dataplane.ready)
         self._grpc = (
-            GrpcFrontEnd(self.dataplane, config, self.telemetry)
+            GrpcFrontEnd(self.dataplane, config, self.telemetry, self.standard)
             if config.grpc_transport != "envoy"
             else None
         )
@@ -203,7 +206,13 @@ class Server:
             pb.INFERENCE_SERVICE: InferenceServicer(self.dataplane, self.telemetry),
             pb.KERNELPORT_SERVICE: KernelPortServicer(self.dataplane, self.telemetry),
         }
-        return GrpcAsgiApp(servicers, self.config.grpc_max_message_bytes, self._auth)
+        return GrpcAsgiApp(
+            servicers,
+            self.config.grpc_max_message_bytes,
+            self._auth,
+            self.standard.handlers(),
+            DEFAULT_POOL,
+        )
 
     def ports(self) -> dict[str, int]:
         """The ports listened on, by listener name (after ``startup``)."""
@@ -226,6 +235,7 @@ class Server:
         turns false) while the listeners stay open, and those in flight or queued may finish
         within ``drain_timeout`` seconds. Then the front ends close and the models unload.
         """
+        await self.standard.health.drain()  # NOT_SERVING before anything is refused
         if self._poller is not None:
             await self._poller.stop()  # no reload starts while we drain
         if self.dataplane.in_flight:
@@ -242,6 +252,7 @@ class Server:
             busy = self._busy_models()
             log.warning("drain gave up with %d requests in flight; models still busy: %s",
                         self.dataplane.in_flight, ", ".join(busy) or "none")  # fmt: skip
+        await self.standard.health.close()  # open Watch streams end, the listeners can close
         if self._grpc is not None:
             await self._grpc.stop(grace=5.0 if self.drained else 0)
         for server in self._http:

@@ -59,7 +59,10 @@ ALLOWED: dict[str, frozenset[str]] = {
         {"config", "errors", "limits", "observability", "protocols", "schema", "version"}
     ),
     "worker": frozenset({"core", "errors", "types", "backends"}),
-    "cli": frozenset({"config", "server", "version", "hosting", "observability", "cluster"}),
+    "fetch": frozenset({"core"}),
+    "cli": frozenset(
+        {"config", "server", "version", "hosting", "observability", "cluster", "fetch"}
+    ),
     "__main__": frozenset({"cli"}),
     ROOT: frozenset({"config", "server", "version"}),
 }

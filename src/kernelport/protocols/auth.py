@@ -19,7 +19,8 @@ AuthScope = Literal["all", "admin"]
 
 # Orchestrator probes stay open under every scope: a kubelet has no key to send.
 PROBE_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/healthz", "/readyz"})
-PROBE_RPCS = frozenset({"ServerLive", "ServerReady"})
+# Check and Watch: grpc.health.v1, the probe Kubernetes' gRPC probes speak.
+PROBE_RPCS = frozenset({"ServerLive", "ServerReady", "Check", "Watch"})
 
 # The admin surface (Triton's restricted-API categories model-repository, logging, trace and
 # shared-memory). Prefixes, so that every path the REST router sends there matches.

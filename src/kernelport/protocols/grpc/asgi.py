@@ -19,16 +19,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 
 from kernelport.errors import ErrorCode, ServerError
 from kernelport.protocols.auth import UNAUTHENTICATED_MESSAGE, Auth
 from kernelport.protocols.grpc import rpc, wire
 from kernelport.protocols.grpc.errors import GRPC_STATUS
 from kernelport.protocols.inflate import OFF_LOOP_BYTES
+from kernelport.schema.pb import POOL
 
 log = logging.getLogger("kernelport.grpc")
 
@@ -59,12 +61,15 @@ class _Disconnected(Exception):
 class CallContext:
     """The part of ``grpc.aio.ServicerContext`` the servicers use."""
 
-    __slots__ = ("_headers", "_metadata", "trailing")
+    __slots__ = ("_headers", "_metadata", "trailing", "written")
 
     def __init__(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
         self._headers = headers
         self._metadata: tuple[tuple[str, str | bytes], ...] | None = None
         self.trailing: tuple[tuple[str, str], ...] = ()
+        # A server-streaming handler that writes (``await context.write(m)``) rather than
+        # yields, as grpc.health.v1's Watch does: its messages, for the stream to send.
+        self.written: asyncio.Queue[Any] | None = None
 
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         if self._metadata is None:  # built only when a handler asks
@@ -86,6 +91,11 @@ class CallContext:
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
         raise _Abort(code, details)
 
+    async def write(self, message: Any) -> None:
+        if self.written is None:
+            raise RuntimeError("context.write() outside a server-streaming call")
+        await self.written.put(message)
+
 
 class _Route:
     __slots__ = ("guarded", "handler", "method", "name")
@@ -95,15 +105,30 @@ class _Route:
 
 
 class GrpcAsgiApp:
-    """Serves the servicers' RPCs (``{service: servicer}``) to an HTTP/2 ASGI server."""
+    """Serves the servicers' RPCs (``{service: servicer}``) to an HTTP/2 ASGI server.
 
-    def __init__(self, servicers: dict[str, object], max_message_bytes: int, auth: Auth) -> None:
+    ``handlers``: more services as ``{service: {rpc: behaviour}}``, with their descriptors
+    in ``pool`` (the standard health and reflection services, in protobuf's default pool).
+    """
+
+    def __init__(
+        self,
+        servicers: dict[str, object],
+        max_message_bytes: int,
+        auth: Auth,
+        handlers: Mapping[str, Mapping[str, Any]] | None = None,
+        pool: descriptor_pool.DescriptorPool = POOL,
+    ) -> None:
         self._limit = max_message_bytes
         self._auth = auth
         self._routes: dict[str, _Route] = {}
-        for service, servicer in servicers.items():
-            for name, method in rpc.methods(service).items():
-                handler = getattr(servicer, name, None)
+        services: list[tuple[str, Mapping[str, Any], descriptor_pool.DescriptorPool]] = [
+            (service, _behaviours(servicer), POOL) for service, servicer in servicers.items()
+        ]
+        services += [(service, impl, pool) for service, impl in (handlers or {}).items()]
+        for service, impl, where in services:
+            for name, method in rpc.methods(service, where).items():
+                handler = impl.get(name)
                 if handler is not None:  # the rest answer UNIMPLEMENTED, as grpcio does
                     guarded = auth.enabled and auth.protects_rpc(name)
                     self._routes[f"/{service}/{name}"] = _Route(name, handler, method, guarded)
@@ -145,7 +170,7 @@ class GrpcAsgiApp:
                     deadline = asyncio.get_running_loop().time() + wire.parse_timeout(timeout)
                 except ValueError as exc:
                     raise _Abort(grpc.StatusCode.INTERNAL, str(exc)) from None
-            if route.method.client_streaming:
+            if route.method.client_streaming or route.method.server_streaming:
                 await self._stream(route, context, deadline, encoding, receive, send)
             else:
                 await self._unary(route, context, deadline, encoding, receive, send)
@@ -159,26 +184,7 @@ class GrpcAsgiApp:
         self, route: _Route, context: CallContext, deadline: float | None,
         encoding: bytes | None, receive: Receive, send: Send,
     ) -> None:  # fmt: skip
-        deframer = wire.Deframer(self._limit)
-        messages: list[tuple[bool, memoryview]] = []
-        while True:
-            event = await receive()
-            if event["type"] == "http.disconnect":
-                raise _Disconnected
-            if body := event.get("body"):
-                messages += deframer.feed(body)
-            if not event.get("more_body"):
-                break
-        if len(messages) != 1 or deframer.pending:
-            raise _Abort(
-                grpc.StatusCode.INTERNAL,
-                f"a unary call takes one request message, got {len(messages)}"
-                + (" and part of another" if deframer.pending else ""),
-            )
-        compressed, data = messages[0]
-        if compressed:
-            data = memoryview(await self._inflate(data, encoding))
-        request = route.method.request.FromString(data)
+        request = await self._read_one(route, encoding, receive)
         task = asyncio.current_task()
         assert task is not None
         watch = _Watch(task, receive)
@@ -213,6 +219,29 @@ class GrpcAsgiApp:
             await send({"type": "http.response.body", "body": payload})
         await send({"type": "http.response.trailers", "headers": _OK_TRAILERS})
 
+    async def _read_one(self, route: _Route, encoding: bytes | None, receive: Receive) -> Any:
+        """The request message of a call whose client sends one (unary, server streaming)."""
+        deframer = wire.Deframer(self._limit)
+        messages: list[tuple[bool, memoryview]] = []
+        while True:
+            event = await receive()
+            if event["type"] == "http.disconnect":
+                raise _Disconnected
+            if body := event.get("body"):
+                messages += deframer.feed(body)
+            if not event.get("more_body"):
+                break
+        if len(messages) != 1 or deframer.pending:
+            raise _Abort(
+                grpc.StatusCode.INTERNAL,
+                f"a unary call takes one request message, got {len(messages)}"
+                + (" and part of another" if deframer.pending else ""),
+            )
+        compressed, data = messages[0]
+        if compressed:
+            data = memoryview(await self._inflate(data, encoding))
+        return route.method.request.FromString(data)
+
     async def _stream(
         self, route: _Route, context: CallContext, deadline: float | None,
         encoding: bytes | None, receive: Receive, send: Send,
@@ -242,9 +271,14 @@ class GrpcAsgiApp:
                     watch = _Watch(task, receive)
                     return
 
+        if route.method.client_streaming:
+            call = route.handler(requests(), context)
+        else:  # server streaming: one request, read before the response starts
+            call = route.handler(await self._read_one(route, encoding, receive), context)
+            watch = _Watch(task, receive)
+        responses = call if hasattr(call, "__anext__") else _written(call, context)
         await send({"type": "http.response.start", "status": 200, "headers": _START_HEADERS,
                     "trailers": True})  # fmt: skip
-        responses = route.handler(requests(), context)
         serialize = route.method.response.SerializeToString
         try:
             async with asyncio.timeout_at(deadline):
@@ -281,6 +315,31 @@ class GrpcAsgiApp:
         if len(data) <= OFF_LOOP_BYTES:
             return wire.inflate(data, encoding, self._limit)
         return await asyncio.to_thread(wire.inflate, data, encoding, self._limit)
+
+
+def _behaviours(servicer: object) -> dict[str, Any]:
+    return {name: getattr(servicer, name) for name in dir(servicer) if name[:1].isupper()}
+
+
+async def _written(call: Awaitable[None], context: CallContext) -> AsyncGenerator[Any, None]:
+    """The messages a handler writes with ``context.write``, until it returns."""
+    written: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)  # a write waits for the last send
+    context.written = written
+    task = asyncio.ensure_future(call)
+    try:
+        while True:
+            get = asyncio.ensure_future(written.get())
+            await asyncio.wait((get, task), return_when=asyncio.FIRST_COMPLETED)
+            if get.done():
+                yield get.result()
+                continue
+            get.cancel()
+            while not written.empty():
+                yield written.get_nowait()
+            await task  # its result, or its error for the trailers
+            return
+    finally:
+        task.cancel()
 
 
 class _Watch:

@@ -51,8 +51,12 @@ def decode(msg: Any, limits: Limits = _DEFAULT_LIMITS) -> InferRequest:
 
 
 def encode(response: InferResponse) -> Any:
+    # batched_us, "assembling the batch": concatenating the batch's inputs and splitting its
+    # outputs back per request, the work a batch costs beyond the model's own.
     out = pb.kernelport_v1.InferResponse(
-        queued_us=response.queue_ns // 1000, backend_us=response.compute_ns // 1000
+        queued_us=response.queue_ns // 1000,
+        batched_us=(response.compute_input_ns + response.compute_output_ns) // 1000,
+        backend_us=response.compute_ns // 1000,
     )
     for tensor in response.outputs:
         out.outputs.add(

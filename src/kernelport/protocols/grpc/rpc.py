@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import message_factory
+from google.protobuf import descriptor_pool, message_factory
 
 from kernelport.schema.pb import POOL
 
@@ -44,9 +44,16 @@ class Method:
     server_streaming: bool
 
 
-def methods(service_full_name: str) -> dict[str, Method]:
-    """``{rpc_name: Method}`` for every RPC the service declares (``KeyError``: no service)."""
-    service = POOL.FindServiceByName(service_full_name)
+def methods(
+    service_full_name: str, pool: descriptor_pool.DescriptorPool = POOL
+) -> dict[str, Method]:
+    """``{rpc_name: Method}`` for every RPC the service declares (``KeyError``: no service).
+
+    ``pool``: where the service is declared. kernelport's own services are in the private
+    ``POOL``; the standard ones (health, reflection) in protobuf's default pool, where their
+    packages' generated classes live, so the servicers' messages are the classes used here.
+    """
+    service = pool.FindServiceByName(service_full_name)
     return {
         name: Method(
             message_factory.GetMessageClass(method.input_type),
@@ -59,7 +66,9 @@ def methods(service_full_name: str) -> dict[str, Method]:
 
 
 def rpc_method_handlers(
-    service_full_name: str, impl: Mapping[str, Handler]
+    service_full_name: str,
+    impl: Mapping[str, Handler],
+    pool: descriptor_pool.DescriptorPool = POOL,
 ) -> dict[str, grpc.RpcMethodHandler]:
     """Build ``{rpc_name: RpcMethodHandler}`` for the implemented RPCs of a service.
 
@@ -68,7 +77,7 @@ def rpc_method_handlers(
     with UNIMPLEMENTED. Raises ``KeyError`` for an unknown service and
     ``ValueError`` for names in ``impl`` that the service does not declare.
     """
-    declared = methods(service_full_name)
+    declared = methods(service_full_name, pool)
     unknown = set(impl) - set(declared)
     if unknown:
         # A misspelt RPC name would otherwise silently serve UNIMPLEMENTED.
@@ -85,12 +94,16 @@ def rpc_method_handlers(
     return handlers
 
 
-def method_handlers(service_full_name: str, impl: Mapping[str, Handler]) -> grpc.GenericRpcHandler:
+def method_handlers(
+    service_full_name: str,
+    impl: Mapping[str, Handler],
+    pool: descriptor_pool.DescriptorPool = POOL,
+) -> grpc.GenericRpcHandler:
     """Return a ``grpc.GenericRpcHandler`` serving ``impl`` under ``service_full_name``.
 
     Pass it to ``server.add_generic_rpc_handlers((handler,))``. See
     ``rpc_method_handlers`` for how RPCs are typed and validated.
     """
     return grpc.method_handlers_generic_handler(
-        service_full_name, rpc_method_handlers(service_full_name, impl)
+        service_full_name, rpc_method_handlers(service_full_name, impl, pool)
     )

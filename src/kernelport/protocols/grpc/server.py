@@ -21,6 +21,7 @@ from kernelport.observability.telemetry import Telemetry, header_value
 from kernelport.protocols.auth import UNAUTHENTICATED_MESSAGE, Auth
 from kernelport.protocols.grpc import codec, kernelport_v1, rpc
 from kernelport.protocols.grpc.errors import GRPC_STATUS
+from kernelport.protocols.grpc.standard import DEFAULT_POOL, StandardServices
 from kernelport.protocols.grpc.stats import statistics_response
 from kernelport.protocols.tls import TlsFiles
 from kernelport.schema import pb
@@ -351,14 +352,34 @@ def _handlers(servicer: object, service: str, auth: Auth | None = None) -> grpc.
     return rpc.method_handlers(service, impl)
 
 
+def _standard_handlers(
+    standard: StandardServices, auth: Auth | None = None
+) -> list[grpc.GenericRpcHandler]:
+    """Health (always open: a probe) and reflection (guarded as any RPC under scope all)."""
+    out = []
+    for service, impl in standard.handlers().items():
+        if auth is not None:
+            impl = {
+                name: _guarded_stream(method, auth) if auth.protects_rpc(name) else method
+                for name, method in impl.items()
+            }
+        out.append(rpc.method_handlers(service, impl, DEFAULT_POOL))
+    return out
+
+
 class GrpcFrontEnd:
     """Owns the grpc.aio server; created in ``start`` so it binds to the running loop."""
 
     def __init__(
-        self, dataplane: DataPlane, config: Config, telemetry: Telemetry | None = None
+        self,
+        dataplane: DataPlane,
+        config: Config,
+        telemetry: Telemetry | None = None,
+        standard: StandardServices | None = None,
     ) -> None:
         self._dataplane = dataplane
         self._telemetry = telemetry if telemetry is not None else Telemetry()
+        self._standard = standard if standard is not None else StandardServices(dataplane.ready)
         self._limit = config.grpc_max_message_bytes
         self._auth = Auth(config.api_keys, config.auth_scope)
         self._tls = TlsFiles.from_config(config)
@@ -384,6 +405,7 @@ class GrpcFrontEnd:
             (
                 _handlers(InferenceServicer(dp, telemetry), pb.INFERENCE_SERVICE, self._auth),
                 _handlers(KernelPortServicer(dp, telemetry), pb.KERNELPORT_SERVICE, self._auth),
+                *_standard_handlers(self._standard, self._auth),
             )
         )
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -398,5 +420,6 @@ class GrpcFrontEnd:
         return bound
 
     async def stop(self, grace: float) -> None:
+        await self._standard.health.close()  # open Watch streams would hold the grace period
         if self._server is not None:
             await self._server.stop(grace)
