@@ -159,3 +159,22 @@ async def test_closing_the_manager_stops_every_worker(tmp_path: Path) -> None:
     assert pids and all(process_alive(p) for p in pids)
     await manager.close()
     await _wait(lambda: not any(process_alive(p) for p in pids), 10, "workers gone")
+
+
+async def test_a_decoupled_model_cannot_run_in_a_worker_yet(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    config = {
+        "backend": "python",
+        "decoupled": True,
+        "execution": {"mode": "worker"},
+        "inputs": [{"name": "N", "datatype": "INT32", "dims": [1]}],
+        "outputs": [{"name": "OUT", "datatype": "INT32", "dims": [1]}],
+    }
+    code = "class Model:\n    def execute(self, inputs):\n        yield inputs\n"
+    write_model(repo, "gen", config, {"model.py": code.encode()})
+    manager = ModelManager(ManagerSettings((repo,), control_mode="explicit"), BackendRegistry())
+    try:
+        with pytest.raises(ServerError, match="execution mode 'worker' is not supported for it"):
+            await manager.load("gen")
+    finally:
+        await manager.close()

@@ -85,6 +85,8 @@ def _number(config: ModelConfig, key: str, default: float | None) -> float | Non
 class RemoteInstance:
     """Stands for an instance living in the worker process: no hooks, no memory probe."""
 
+    remote = True  # what runs here cannot reach it (hooks, streams)
+
     def execute(self, inputs: Arrays) -> Arrays:
         raise AssertionError("a remote instance runs in its worker process")
 

@@ -47,6 +47,11 @@ class Decoupled:
         self.running = 0
         self._idle: asyncio.Queue[StreamingInstance] = asyncio.Queue()
         for worker in pool.workers:
+            if getattr(worker.instance, "remote", False):
+                raise invalid(
+                    f"model '{config.name}' is decoupled: its responses stream from the "
+                    "server's process, so execution mode 'worker' is not supported for it yet"
+                )
             if not callable(getattr(worker.instance, "stream", None)):
                 raise ServerError(
                     ErrorCode.INVALID_ARGUMENT,
