@@ -44,6 +44,15 @@ async def test_health(client: httpx.AsyncClient, dp: DataPlane) -> None:
     assert (await client.get("/v2/health/ready")).status_code == 400
 
 
+async def test_kubernetes_probe_aliases(client: httpx.AsyncClient, dp: DataPlane) -> None:
+    assert (await client.get("/healthz")).status_code == 200
+    assert (await client.get("/readyz/")).status_code == 200
+    dp.accepting = False  # draining: live, not ready (503, as on the metrics port)
+    assert (await client.get("/healthz")).status_code == 200
+    assert (await client.get("/readyz")).status_code == 503
+    assert error(await client.post("/readyz"), 405) == "Method Not Allowed"
+
+
 async def test_server_metadata(client: httpx.AsyncClient) -> None:
     response = await client.get("/v2")
     assert response.status_code == 200

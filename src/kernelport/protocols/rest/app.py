@@ -136,6 +136,12 @@ class RestApp:
             return _only(method, "GET") or Response(200 if dp.ready() else 400)
         if path == "/v2":
             return _only(method, "GET") or json_response(asdict(dp.server_metadata()))
+        # Kubernetes-style aliases, answered as on the metrics port (503 when not), so a
+        # probe can target the HTTP port of an image that does not expose the metrics one.
+        if path == "/healthz":
+            return _only(method, "GET") or Response(200 if dp.live() else 503)
+        if path == "/readyz":
+            return _only(method, "GET") or Response(200 if dp.ready() else 503)
         if path == "/v2/trace/setting":
             return self._trace_setting(method, "", body)
         if path == "/v2/logging":
