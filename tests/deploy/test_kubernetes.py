@@ -1,0 +1,191 @@
+"""The Helm chart and the KServe ServingRuntime, validated against the Kubernetes schemas.
+
+helm cannot be installed from the package registries these machines reach, so the chart is
+rendered by ``helm_subset`` (the Go-template subset the chart keeps to) and every document it
+produces is validated, strictly (unknown fields are errors), against the Kubernetes 1.37 schemas
+kubernetes-validate ships. Where a ``helm`` binary is on PATH, ``helm template`` and ``helm lint``
+run too. The ServingRuntime is a KServe custom resource: its fields are checked by hand against
+KServe's CRD (the fields it requires and the protocol names it accepts), and its container
+against the Kubernetes Container schema.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from deploy_files import DEPLOY, cli_flags, flag_names
+from helm_subset import Chart, TemplateError
+
+from kernelport.fetch import load_manifest
+
+K8S_VERSION = "1.37.0"
+CHART = DEPLOY / "helm" / "kernelport"
+MANIFEST = """models:
+  mlp:
+    hf: my-org/mlp
+    revision: main
+    files:
+      - path: model.onnx
+    model_yaml:
+      backend: onnxruntime
+"""
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "manifest": {
+        "models": {"manifest": MANIFEST, "hfTokenSecret": "hf-token"},
+        "extraArgs": ["--log-format=json", "--readiness=any"],
+        "resources": {"limits": {"nvidia.com/gpu": 1}},
+        "nodeSelector": {"nvidia.com/gpu.present": "true"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    },
+    "claim": {"models": {"existingClaim": "model-repository"}, "replicaCount": 3},
+}
+
+
+def _render(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    docs = Chart(CHART).render(values)
+    by_kind = {doc["kind"]: doc for doc in docs}
+    assert len(by_kind) == len(docs), "two documents of one kind"
+    return by_kind
+
+
+def _container(docs: dict[str, dict[str, Any]], name: str = "kernelport") -> dict[str, Any]:
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    found: dict[str, Any] = next(c for c in pod["containers"] if c["name"] == name)
+    return found
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=list(VALUE_SETS))
+def test_every_rendered_document_validates(values: dict[str, Any]) -> None:
+    docs = Chart(CHART).render(values)
+    assert docs
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=list(VALUE_SETS))
+def test_probes_and_ports(values: dict[str, Any]) -> None:
+    docs = _render(values)
+    container = _container(docs)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    args = container["args"]
+    assert f"--http-port={ports['http']}" in args and f"--grpc-port={ports['grpc']}" in args
+    assert f"--metrics-port={ports['metrics']}" in args
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    unknown = set(flag_names(args)) - cli_flags("serve")
+    assert not unknown, f"the chart passes flags kernelport serve lacks: {unknown}"
+    service = docs["Service"]["spec"]
+    pod_labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert service["selector"].items() <= pod_labels.items()
+    assert {p["targetPort"] for p in service["ports"]} == set(ports)
+    security = docs["Deployment"]["spec"]["template"]["spec"]["securityContext"]
+    assert security["runAsNonRoot"] and security["runAsUser"] != 0
+
+
+def test_the_demo_models_need_no_volume() -> None:
+    docs = _render({})
+    assert "ConfigMap" not in docs
+    assert not any(a.startswith("--model-repository") for a in _container(docs)["args"])
+    assert "volumes" not in docs["Deployment"]["spec"]["template"]["spec"]
+
+
+def test_a_manifest_is_fetched_by_an_init_container(tmp_path: Path) -> None:
+    docs = _render(VALUE_SETS["manifest"])
+    written = tmp_path / "manifest.yaml"
+    written.write_text(docs["ConfigMap"]["data"]["manifest.yaml"])
+    assert set(load_manifest(written).models) == {"mlp"}
+    fetch = _container_of(docs, "initContainers", "fetch")
+    command = fetch["command"]
+    assert command[:2] == ["kernelport", "fetch"]
+    assert set(flag_names(command)) <= cli_flags("fetch")
+    assert fetch["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "HF_TOKEN"}
+    mounts = {m["name"]: m["mountPath"] for m in fetch["volumeMounts"]}
+    assert command[2] == mounts["manifest"] + "/manifest.yaml"
+    assert command[command.index("--into") + 1] == mounts["models"]
+    server = _container(docs)
+    assert f"--model-repository={mounts['models']}" in server["args"]
+    assert server["args"][-2:] == ["--log-format=json", "--readiness=any"]
+
+
+def _container_of(docs: dict[str, dict[str, Any]], field: str, name: str) -> dict[str, Any]:
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    found: dict[str, Any] = next(c for c in pod[field] if c["name"] == name)
+    return found
+
+
+def test_an_existing_claim_is_mounted_read_only() -> None:
+    docs = _render(VALUE_SETS["claim"])
+    volumes = docs["Deployment"]["spec"]["template"]["spec"]["volumes"]
+    assert volumes == [{"name": "models", "persistentVolumeClaim": {"claimName": "model-repository"}}]
+    assert _container(docs)["volumeMounts"][0]["readOnly"] is True
+    assert docs["Deployment"]["spec"]["replicas"] == 3
+
+
+def test_the_subset_renderer_refuses_what_it_does_not_know(tmp_path: Path) -> None:
+    shutil.copytree(CHART, tmp_path / "chart")
+    template = tmp_path / "chart" / "templates" / "extra.yaml"
+    template.write_text("{{ range .Values.tolerations }}x{{ end }}\n")
+    with pytest.raises(TemplateError, match="not in the subset"):
+        Chart(tmp_path / "chart")
+    template.write_text("a: {{ .Values.no.such.value }}\n")
+    with pytest.raises(TemplateError, match="no value at .Values.no.such.value"):
+        Chart(tmp_path / "chart").render()
+
+
+@pytest.mark.skipif(shutil.which("helm") is None, reason="no helm binary (no package for it)")
+def test_helm_template_agrees() -> None:
+    subprocess.run(["helm", "lint", "--strict", str(CHART)], check=True, timeout=120)
+    out = subprocess.run(
+        ["helm", "template", "demo", str(CHART)], check=True, capture_output=True, timeout=120
+    ).stdout
+    rendered = [d for d in yaml.safe_load_all(out) if d]
+    assert sorted(rendered, key=str) == sorted(Chart(CHART).render(), key=str)
+
+
+# --- KServe ServingRuntime -------------------------------------------------------------------
+
+RUNTIME = yaml.safe_load((DEPLOY / "kserve" / "servingruntime.yaml").read_text())
+# KServe's constants for spec.protocolVersions
+KSERVE_PROTOCOLS = {"v1", "v2", "grpc-v1", "grpc-v2"}
+
+
+def test_serving_runtime_has_what_kserve_requires() -> None:
+    assert RUNTIME["apiVersion"] == "serving.kserve.io/v1alpha1"
+    assert RUNTIME["kind"] == "ServingRuntime"
+    assert RUNTIME["metadata"]["name"]
+    spec = RUNTIME["spec"]
+    assert set(spec) <= {"annotations", "supportedModelFormats", "protocolVersions", "containers"}
+    assert set(spec["protocolVersions"]) <= KSERVE_PROTOCOLS and "v2" in spec["protocolVersions"]
+    formats = {f["name"]: f for f in spec["supportedModelFormats"]}
+    assert {"onnx", "pytorch", "openvino_ir", "triton", "python"} <= set(formats)
+    for model_format in formats.values():
+        assert set(model_format) <= {"name", "version", "autoSelect", "priority"}
+        assert isinstance(model_format["autoSelect"], bool)
+        assert isinstance(model_format["version"], str)
+        if "priority" in model_format:  # KServe allows a priority only with autoSelect
+            assert model_format["autoSelect"] and model_format["priority"] >= 1
+
+
+def test_serving_runtime_container_is_a_valid_kubernetes_container() -> None:
+    (container,) = RUNTIME["spec"]["containers"]
+    assert container["name"] == "kserve-container"  # the name KServe merges its settings into
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "runtime"}}
+    pod["spec"] = {"containers": [container]}
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+    args = container["args"]
+    assert set(flag_names(args)) <= cli_flags("serve")
+    assert "--model-repository=/mnt/models" in args  # where KServe's storage initializer writes
+    http = next(a.split("=")[1] for a in args if a.startswith("--http-port="))
+    assert [p["containerPort"] for p in container["ports"]] == [int(http)]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": int(http)}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": int(http)}
+    metrics = next(a.split("=")[1] for a in args if a.startswith("--metrics-port="))
+    assert RUNTIME["spec"]["annotations"]["prometheus.kserve.io/port"] == metrics
