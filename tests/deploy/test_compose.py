@@ -53,7 +53,11 @@ def test_kernelport_flags_exist_and_match_the_ports() -> None:
     args = kernelport["command"]
     unknown = set(flag_names(args)) - cli_flags("serve")
     assert not unknown, f"compose.yaml passes flags kernelport serve lacks: {unknown}"
-    for flag, port in (("--http-port", "8000"), ("--grpc-port", "8001"), ("--metrics-port", "8002")):
+    for flag, port in (
+        ("--http-port", "8000"),
+        ("--grpc-port", "8001"),
+        ("--metrics-port", "8002"),
+    ):
         assert _flag_value(args, flag) == port
     assert _flag_value(args, "--model-repository") == "/models"
     assert "/models" in _binds(kernelport)

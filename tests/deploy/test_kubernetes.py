@@ -124,7 +124,9 @@ def _container_of(docs: dict[str, dict[str, Any]], field: str, name: str) -> dic
 def test_an_existing_claim_is_mounted_read_only() -> None:
     docs = _render(VALUE_SETS["claim"])
     volumes = docs["Deployment"]["spec"]["template"]["spec"]["volumes"]
-    assert volumes == [{"name": "models", "persistentVolumeClaim": {"claimName": "model-repository"}}]
+    assert volumes == [
+        {"name": "models", "persistentVolumeClaim": {"claimName": "model-repository"}}
+    ]
     assert _container(docs)["volumeMounts"][0]["readOnly"] is True
     assert docs["Deployment"]["spec"]["replicas"] == 3
 
@@ -136,7 +138,7 @@ def test_the_subset_renderer_refuses_what_it_does_not_know(tmp_path: Path) -> No
     with pytest.raises(TemplateError, match="not in the subset"):
         Chart(tmp_path / "chart")
     template.write_text("a: {{ .Values.no.such.value }}\n")
-    with pytest.raises(TemplateError, match="no value at .Values.no.such.value"):
+    with pytest.raises(TemplateError, match=r"no value at \.Values\.no\.such\.value"):
         Chart(tmp_path / "chart").render()
 
 
