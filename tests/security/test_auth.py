@@ -91,7 +91,7 @@ def inputs(module: Any) -> list[Any]:
 
 def test_probes_stay_open(server: RunningServer) -> None:
     base = f"http://{server.http_url}"
-    for path in ("/v2/health/live", "/v2/health/ready", "/v2/health/live/"):
+    for path in ("/v2/health/live", "/v2/health/ready", "/v2/health/live/", "/healthz", "/readyz"):
         assert http_call(base + path)[0] == 200, path
     for path in ("/healthz", "/readyz"):
         assert http_call(f"http://127.0.0.1:{server.metrics_port}{path}")[0] == 200, path
