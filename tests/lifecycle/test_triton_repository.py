@@ -104,8 +104,8 @@ parameters { key: "note" value: { string_value: "kept" } }
 REJECTED = {
     "stateful": (
         'platform: "onnxruntime_onnx"\nmax_batch_size: 4\n'
-        "sequence_batching { max_sequence_idle_microseconds: 5000000 }\n",
-        "config.pbtxt: sequence_batching: sequence batching (stateful models) is not supported",
+        "sequence_batching { state [ { input_name: \"S\" output_name: \"T\" } ] }\n",
+        "config.pbtxt: sequence_batching.state: implicit state is not supported",
     ),
     "pipeline": (
         'platform: "ensemble"\nmax_batch_size: 4\n'

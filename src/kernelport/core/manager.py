@@ -36,6 +36,7 @@ from kernelport.core.repository import (
     stage_files,
 )
 from kernelport.core.scheduler import DeviceScheduler
+from kernelport.core.sequences import Sequences
 from kernelport.core.stats import ModelStats, ModelStatsSnapshot
 from kernelport.core.streaming import Decoupled
 from kernelport.core.versions import (
@@ -483,12 +484,16 @@ class ModelManager:
             )  # fmt: skip
         try:
             hooks = pool.hooks(config.name)
-            streams = Decoupled(config, pool) if config.decoupled else None
+            streams: Decoupled | Sequences | None = None
+            if config.decoupled:
+                streams = Decoupled(config, pool)
+            elif config.sequence_batching is not None:
+                streams = Sequences(config, pool)
         except BaseException:
             await asyncio.to_thread(pool.close)
             raise
         stats = ModelStats()
-        queue: ModelQueue | Decoupled
+        queue: ModelQueue | Decoupled | Sequences
         if streams is not None:
             queue = streams
         else:

@@ -16,6 +16,7 @@ from kernelport.core.execution import Hooks, WorkerPool
 from kernelport.core.model_config import ExecutionMode, ModelConfig
 from kernelport.core.repository import ModelSource
 from kernelport.core.scheduler import Discipline
+from kernelport.core.sequences import Sequences
 from kernelport.core.stats import ModelStats, ModelStatsSnapshot
 from kernelport.core.streaming import Decoupled
 
@@ -42,7 +43,7 @@ class ModelVersion:
     config: ModelConfig
     version: int
     pool: WorkerPool
-    queue: ModelQueue | Ensemble | Decoupled
+    queue: ModelQueue | Ensemble | Decoupled | Sequences
     stats: ModelStats = field(default_factory=ModelStats)
     load_seconds: float = 0.0
     #: each instance's per-request hooks (Python models; empty when there are none); they
