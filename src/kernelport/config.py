@@ -268,6 +268,17 @@ class Config(Settings):
         "in_process (threads of the server), worker (a process per model version, restarted "
         "when it dies), auto (in_process for now)",
     )
+    host_memory_budget: int = Field(
+        0,
+        ge=0,
+        description="bytes the on_demand and lazy models on the CPU may hold at once; the "
+        "least recently used idle ones are evicted to load another (0: no budget)",
+    )
+    device_memory_budget: int = Field(
+        0,
+        ge=0,
+        description="the same per CUDA device, for on_demand and lazy models placed there",
+    )
     # Declared before api_keys so that the api_keys validator sees it.
     api_key_file: OptionalPath = Field(
         None,

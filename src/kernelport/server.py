@@ -84,6 +84,10 @@ class Server:
                 config.allow_model_upload,
                 config.model_execution,
                 embedded=config.grpc_transport == "envoy",
+                memory_budgets={
+                    "cpu": config.host_memory_budget,
+                    "cuda": config.device_memory_budget,
+                },
             ),
             BackendRegistry(),
             TritonConfigReader(),

@@ -34,7 +34,7 @@ class Model:
 """
 
 
-def _config(tag_type: str) -> dict[str, Any]:
+def _config(tag_type: str, idle_us: int = 60_000_000) -> dict[str, Any]:
     return {
         "backend": "python",
         "max_batch_size": 2,
@@ -42,7 +42,7 @@ def _config(tag_type: str) -> dict[str, Any]:
         "inputs": [{"name": "X", "datatype": "INT32", "dims": [1]}],
         "outputs": [{"name": "OUT", "datatype": "BYTES", "dims": [1]}],
         "sequence_batching": {
-            "max_sequence_idle_us": 1000,
+            "max_sequence_idle_us": idle_us,
             "control_inputs": [
                 {"name": "S", "kind": "start", "datatype": "FP32", "false_true": [0, 1]},
                 {"name": "E", "kind": "end", "datatype": "BOOL", "false_true": [0, 1]},
@@ -57,6 +57,8 @@ async def dp(tmp_path: Path) -> AsyncIterator[DataPlane]:
     repo = tmp_path / "repo"
     write_model(repo, "num", _config("INT64"), {"model.py": ECHO_CONTROLS.encode()})
     write_model(repo, "text", _config("BYTES"), {"model.py": ECHO_CONTROLS.encode()})
+    # idle after 1 ms: only the test that drives the clock uses it
+    write_model(repo, "brief", _config("INT64", 1000), {"model.py": ECHO_CONTROLS.encode()})
     settings = ManagerSettings((repo,), control_mode="explicit", startup_models=("*",))
     manager = ModelManager(settings, BackendRegistry())
     await manager.load_initial()
@@ -90,15 +92,15 @@ async def test_controls_flags_and_ids(dp: DataPlane) -> None:
 async def test_idle_sequences_are_released(dp: DataPlane, monkeypatch: pytest.MonkeyPatch) -> None:
     now = [10**12]
     monkeypatch.setattr(sequences.time, "monotonic_ns", lambda: now[0])
-    await _step(dp, "num", sequence_id=9, sequence_start=True)
-    queue = dp._manager.get("num").queue
+    await _step(dp, "brief", sequence_id=9, sequence_start=True)
+    queue = dp._manager.get("brief").queue
     assert isinstance(queue, sequences.Sequences) and queue.live == 1
     now[0] += 999_000  # just under the 1000 us idle limit
-    assert await _step(dp, "num", sequence_id=9) == "9:00"
+    assert await _step(dp, "brief", sequence_id=9) == "9:00"
     now[0] += 1_000_001
     assert queue.live == 0
     with pytest.raises(ServerError, match="idle longer than 1000 us"):
-        await _step(dp, "num", sequence_id=9)
+        await _step(dp, "brief", sequence_id=9)
 
 
 async def test_too_many_live_sequences_are_refused(
@@ -114,7 +116,7 @@ async def test_too_many_live_sequences_are_refused(
 
 
 def test_config_checks_and_rendering() -> None:
-    raw = {"name": "m", **_config("UINT64")}
+    raw = {"name": "m", **_config("UINT64", 1000)}
     rendered = triton_config(parse_model_config(raw, "m"))["sequence_batching"]
     assert rendered["max_sequence_idle_microseconds"] == 1000
     kinds = [(c["name"], c["control"][0]) for c in rendered["control_input"]]

@@ -104,7 +104,7 @@ parameters { key: "note" value: { string_value: "kept" } }
 REJECTED = {
     "stateful": (
         'platform: "onnxruntime_onnx"\nmax_batch_size: 4\n'
-        "sequence_batching { state [ { input_name: \"S\" output_name: \"T\" } ] }\n",
+        'sequence_batching { state [ { input_name: "S" output_name: "T" } ] }\n',
         "config.pbtxt: sequence_batching.state: implicit state is not supported",
     ),
     "pipeline": (

@@ -309,6 +309,10 @@ class ModelConfig(_Strict):
     ensemble_scheduling: EnsembleScheduling | None = None
     #: samples run on every instance before the model is ready (``core/warmup.py``)
     model_warmup: tuple[Warmup, ...] = ()
+    #: resident (loaded with the model, never evicted), on_demand (loaded with the model,
+    #: evictable under a memory budget) or lazy (loaded on first use); ``core/memory.py``.
+    #: config.pbtxt: parameter ``KP_RESIDENCY``
+    residency: Literal["resident", "on_demand", "lazy"] = "resident"
     #: stateful model: requests grouped by correlation id (``core/sequences.py``)
     sequence_batching: SequenceBatching | None = None
     #: any number of responses per request (Triton's decoupled transaction policy): served
@@ -327,11 +331,13 @@ class ModelConfig(_Strict):
     def _from_parameters(cls, data: Any) -> Any:
         # config.pbtxt has no field for them: Triton's parameters carry them, as strings.
         params = data.get("parameters") if isinstance(data, dict) else None
-        if not isinstance(params, dict) or not {"calls", "hidden"} & params.keys():
+        if not isinstance(params, dict) or not {"calls", "hidden", "KP_RESIDENCY"} & params.keys():
             return data
         data = dict(data)
         if "calls" in params and "calls" not in data:
             data["calls"] = [c.strip() for c in str(params["calls"]).split(",") if c.strip()]
+        if "KP_RESIDENCY" in params and "residency" not in data:
+            data["residency"] = str(params["KP_RESIDENCY"]).strip().lower()
         if "hidden" in params and "hidden" not in data:
             data["hidden"] = str(params["hidden"]).strip().lower() in ("true", "1", "yes")
         return data
@@ -369,6 +375,10 @@ class ModelConfig(_Strict):
                 raise ValueError(f"ensemble_scheduling: {exc}") from None
         if self.name in self.calls:
             raise ValueError("calls: a model cannot call itself")
+        if self.residency != "resident" and (self.decoupled or self.sequence_batching):
+            raise ValueError(
+                f"residency {self.residency}: decoupled and sequence models stay resident"
+            )
         if self.sequence_batching is not None:
             if self.dynamic_batching is not None or self.decoupled:
                 raise ValueError("a sequence model takes neither dynamic_batching nor decoupled")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -13,11 +14,12 @@ from kernelport.core.backend import Backend
 from kernelport.core.batcher import ModelQueue
 from kernelport.core.ensemble import Ensemble
 from kernelport.core.execution import Hooks, WorkerPool
+from kernelport.core.memory import OnDemandPool
 from kernelport.core.model_config import ExecutionMode, ModelConfig
 from kernelport.core.repository import ModelSource
 from kernelport.core.scheduler import Discipline
 from kernelport.core.sequences import Sequences
-from kernelport.core.stats import ModelStats, ModelStatsSnapshot
+from kernelport.core.stats import ModelStats, ModelStatsSnapshot, Residency
 from kernelport.core.streaming import Decoupled
 
 ControlMode = Literal["none", "explicit", "poll"]
@@ -79,6 +81,7 @@ class ModelVersion:
             load_seconds=self.load_seconds,
             device_memory_bytes=self.pool.device_memory_bytes(),
             worker_restarts=self.pool.restarts,
+            residency=_residency(self.config, self.pool),
         )
 
     async def close(self) -> None:
@@ -119,3 +122,11 @@ class ManagerSettings:
     #: allocator and libraries): backends that cannot share it (``Backend.embeddable``
     #: False) get worker processes
     embedded: bool = False
+    #: bytes on_demand / lazy models may hold per device ("cpu", "cuda" or "cuda:N"; 0: none)
+    memory_budgets: Mapping[str, int] = field(default_factory=dict)
+
+
+def _residency(config: ModelConfig, pool: WorkerPool) -> Residency | None:
+    if not isinstance(pool, OnDemandPool):
+        return None
+    return Residency(config.residency, pool.resident, pool.loads, pool.evictions, pool.size)
