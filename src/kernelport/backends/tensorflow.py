@@ -133,7 +133,8 @@ def read_signature(path: Path, params: dict[str, Any]) -> Signature:
     key = _param(params, "signature", "TF_SIGNATURE_DEF", default=DEFAULT_SIGNATURE)
     signatures = metas[0].signature_def
     if key not in signatures:
-        raise invalid(f"{path}: no signature '{key}' (found: {', '.join(sorted(signatures))})")
+        found = ", ".join(sorted(k for k in signatures if not k.startswith("__")))
+        raise invalid(f"{path}: no signature '{key}' (found: {found})")
     where = f"{path}: signature '{key}'"
     return Signature(
         _tensors(where, signatures[key].inputs), _tensors(where, signatures[key].outputs)
