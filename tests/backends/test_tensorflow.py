@@ -109,8 +109,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     repo = root / "repo"
     _write(repo, "tf_mlp", root / "mlp", "max_batch_size: 8\n", "model.yaml")  # backend inferred
     _write(repo, "tf_triton", root / "mlp", TRITON_PBTXT, "config.pbtxt")
-    _write(repo, "tf_double", root / "mlp", "backend: tensorflow\nparameters: {signature: double}\n",
-           "model.yaml")  # fmt: skip
+    double = "backend: tensorflow\nparameters: {signature: double}\n"
+    _write(repo, "tf_double", root / "mlp", double, "model.yaml")
     _write(repo, "tf_types", root / "identity", "backend: tensorflow_savedmodel\n", "model.yaml")
     _write(repo, "tf_keras", root / "keras", "backend: tensorflow\n", "model.yaml")
     broken = repo / "tf_broken" / "1" / "model.savedmodel"
@@ -222,8 +222,9 @@ def test_config_and_metadata_come_from_the_signature(client: Any) -> None:
 def test_a_broken_model_file_is_a_load_error_naming_it(client: Any) -> None:
     entry = index_of(client)["tf_broken"]
     assert entry["state"] == "UNAVAILABLE"
-    assert "tf_broken/1/model.savedmodel/saved_model.pb: TensorFlow cannot read it" in (
-        entry["reason"]
+    assert (
+        "tf_broken/1/model.savedmodel/saved_model.pb: TensorFlow cannot read it"
+        in (entry["reason"])
     )
 
 

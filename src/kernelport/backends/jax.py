@@ -183,7 +183,7 @@ class JaxBackend:
             ) from None
         if any(t.datatype in _WIDE for t in (*config.inputs, *config.outputs)):
             # Exported programs keep their own types; x64 only lets 64-bit arrays through.
-            jax.config.update("jax_enable_x64", True)
+            _config_update("jax_enable_x64", True)
         cache = cache_dir(context.version_path.parent, config)
         return JaxInstance(exported, config, device, cache)
 
@@ -246,7 +246,7 @@ class JaxInstance:
             return found
         sharding = jax.sharding.SingleDeviceSharding(self._device)
         structs = [
-            jax.ShapeDtypeStruct(shape, aval.dtype, sharding=sharding)
+            jax.ShapeDtypeStruct(shape, aval.dtype, sharding=sharding)  # type: ignore[no-untyped-call]
             for shape, aval in zip(shapes, self._exported.in_avals, strict=True)
         ]
         args, kwargs = tree_util.tree_unflatten(self._exported.in_tree, structs)
@@ -254,13 +254,16 @@ class JaxInstance:
             self._cache.mkdir(parents=True, exist_ok=True)
             compilation_cache.set_cache_dir(str(self._cache))
             compilation_cache.reset_cache()  # the directory is read when the cache starts
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-            jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+            # Cache every executable, however small or quick to compile (defaults: >1 s).
+            _config_update("jax_persistent_cache_min_compile_time_secs", 0)
+            _config_update("jax_persistent_cache_min_entry_size_bytes", 0)
             try:
                 compiled = self._call.lower(*args, **kwargs).compile()
             except Exception as exc:  # shape-constraint and XLA errors
                 first = str(exc).strip().splitlines()[0]
-                raise invalid(f"JAX cannot compile the program for shapes {shapes}: {first}") from None
+                raise invalid(
+                    f"JAX cannot compile the program for shapes {shapes}: {first}"
+                ) from None
         self._compiled[shapes] = compiled
         return compiled
 
@@ -281,6 +284,10 @@ class JaxInstance:
 
     def unload(self) -> None:
         self._compiled.clear()
+
+
+def _config_update(name: str, value: Any) -> None:
+    jax.config.update(name, value)  # type: ignore[no-untyped-call]
 
 
 def _pad(array: np.ndarray[Any, Any], rows: int) -> np.ndarray[Any, Any]:

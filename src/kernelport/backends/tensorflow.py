@@ -128,8 +128,8 @@ def read_signature(path: Path, params: dict[str, Any]) -> Signature:
     tags = set(_tags(params))
     metas = [m for m in saved.meta_graphs if set(m.meta_info_def.tags) == tags]
     if not metas:
-        found = [sorted(m.meta_info_def.tags) for m in saved.meta_graphs]
-        raise invalid(f"{path}: no meta graph tagged {sorted(tags)} (found: {found})")
+        tagged = [sorted(m.meta_info_def.tags) for m in saved.meta_graphs]
+        raise invalid(f"{path}: no meta graph tagged {sorted(tags)} (found: {tagged})")
     key = _param(params, "signature", "TF_SIGNATURE_DEF", default=DEFAULT_SIGNATURE)
     signatures = metas[0].signature_def
     if key not in signatures:
@@ -165,8 +165,10 @@ class TensorFlowBackend:
         skip = 1 if out["max_batch_size"] > 0 else 0
 
         def specs(items: list[_Tensor]) -> list[dict[str, Any]]:
-            return [{"name": t.key, "datatype": t.datatype, "dims": (t.dims or [])[skip:]}
-                    for t in items]
+            return [
+                {"name": t.key, "datatype": t.datatype, "dims": (t.dims or [])[skip:]}
+                for t in items
+            ]
 
         out.setdefault("inputs", specs(signature.inputs))
         out.setdefault("outputs", specs(signature.outputs))
