@@ -65,6 +65,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, program, config in (
         ("jax_mlp", export_mlp(), MLP_YAML),
         ("jax_int", export_positional(), "max_batch_size: 4\n"),  # backend from the file name
+        ("jax_worker", export_mlp(), "backend: jax\nexecution: {mode: worker}\n"),
     ):
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "1" / "model.jax_export").write_bytes(program.serialize())
@@ -107,6 +108,14 @@ def test_answers_equal_the_programs_own_call(client: Any, rows: int) -> None:
     x = np.random.default_rng(rows).standard_normal((rows, 4)).astype(np.float32)
     want = np.asarray(export_mlp().call({"X": x})["Y"])
     np.testing.assert_allclose(_infer(client, x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_worker_process_loads_the_backend_by_name(client: Any) -> None:
+    x = np.random.default_rng(9).standard_normal((3, 4)).astype(np.float32)
+    inp = _module(client).InferInput("X", [3, 4], "FP32")
+    inp.set_data_from_numpy(x)
+    got = client.infer("jax_worker", [inp]).as_numpy("Y")
+    np.testing.assert_allclose(got, np.asarray(export_mlp().call({"X": x})["Y"]), rtol=1e-6)
 
 
 def test_positional_integers_are_exact(client: Any) -> None:

@@ -281,6 +281,28 @@ def test_load_and_execute_in_process(built: dict[str, Any]) -> None:
         instance.unload()
 
 
+def test_bf16_in_process(tmp_path: Path) -> None:
+    # tritonclient has no numpy type for BF16: the backend is checked directly here.
+    import ml_dtypes
+
+    module = tf.Module()
+    module.serve = tf.function(
+        lambda X: {"Y": X * tf.constant(2, tf.bfloat16)},
+        [tf.TensorSpec([None, 2], tf.bfloat16, name="X")],
+    )
+    tf.saved_model.save(module, str(tmp_path / "1" / "model.savedmodel"),
+                        signatures={"serving_default": module.serve})  # fmt: skip
+    backend = TensorFlowBackend()
+    raw = backend.autocomplete({}, tmp_path / "1")
+    assert raw["inputs"] == [{"name": "X", "datatype": "BF16", "dims": [2]}]
+    instance = backend.load(LoadContext(_config(**raw), tmp_path / "1", "cpu", 0))
+    x = np.array([[1.5, -3.0], [0.25, 8.0]], ml_dtypes.bfloat16)
+    got = instance.execute({"X": x})["Y"]
+    assert got.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(got.astype(np.float32), x.astype(np.float32) * 2)
+    instance.unload()
+
+
 def test_thread_settings_make_a_session_of_its_own() -> None:
     proto = session_options(_config(parameters={"TF_NUM_INTRA_THREADS": "2"}), gpu=False)
     assert (proto.intra_op_parallelism_threads, proto.inter_op_parallelism_threads) == (2, 0)

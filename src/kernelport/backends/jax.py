@@ -58,6 +58,7 @@ _WIDE = {"INT64", "UINT64", "FP64"}
 # JAX's compilation cache directory is process-wide: compiles (rare, at load) take this lock
 # and point the cache at their model's directory first.
 _COMPILE_LOCK = threading.Lock()
+_cache_in_use: list[str] = [""]  # the directory the cache was last pointed at (under the lock)
 
 
 def model_file(version_path: Path, filename: str) -> Path:
@@ -252,11 +253,13 @@ class JaxInstance:
         args, kwargs = tree_util.tree_unflatten(self._exported.in_tree, structs)
         with _COMPILE_LOCK:
             self._cache.mkdir(parents=True, exist_ok=True)
-            compilation_cache.set_cache_dir(str(self._cache))
-            compilation_cache.reset_cache()  # the directory is read when the cache starts
-            # Cache every executable, however small or quick to compile (defaults: >1 s).
-            _config_update("jax_persistent_cache_min_compile_time_secs", 0)
-            _config_update("jax_persistent_cache_min_entry_size_bytes", 0)
+            if _cache_in_use[0] != str(self._cache):
+                compilation_cache.set_cache_dir(str(self._cache))
+                compilation_cache.reset_cache()  # the directory is read when the cache starts
+                # Cache every executable, however small or quick to compile (default: >1 s).
+                _config_update("jax_persistent_cache_min_compile_time_secs", 0)
+                _config_update("jax_persistent_cache_min_entry_size_bytes", 0)
+                _cache_in_use[0] = str(self._cache)
             try:
                 compiled = self._call.lower(*args, **kwargs).compile()
             except Exception as exc:  # shape-constraint and XLA errors
