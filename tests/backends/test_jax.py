@@ -302,3 +302,14 @@ def test_on_a_gpu(tmp_path: Path) -> None:
     want = np.asarray(program.call({"X": x})["Y"])
     np.testing.assert_allclose(instance.execute({"X": x})["Y"], want, rtol=1e-5, atol=1e-6)
     assert any((tmp_path / "m" / ".jax_cache").iterdir())
+
+
+def test_without_jax_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from kernelport.backends.registry import get_backend
+
+    monkeypatch.setitem(sys.modules, "jax", None)  # import jax -> ImportError
+    monkeypatch.delitem(sys.modules, "kernelport.backends.jax")
+    with pytest.raises(ServerError, match=r"pip install 'kernelport\[jax\]'"):
+        get_backend("jax")

@@ -350,3 +350,14 @@ def test_on_a_gpu(built: dict[str, Any]) -> None:
         np.testing.assert_allclose(instance.execute({"X": x})["Y"], want, rtol=1e-4, atol=1e-5)
     finally:
         instance.unload()
+
+
+def test_without_tensorflow_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from kernelport.backends.registry import get_backend
+
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # import tensorflow -> ImportError
+    monkeypatch.delitem(sys.modules, "kernelport.backends.tensorflow")
+    with pytest.raises(ServerError, match=r"pip install 'kernelport\[tensorflow\]'"):
+        get_backend("tensorflow_savedmodel")
