@@ -374,7 +374,8 @@ class ModelManager:
                 )
             raw["backend"] = guessed
         try:
-            backend = self._backends.get(str(raw["backend"]))
+            # Importing a framework can take seconds (TensorFlow): not on the event loop.
+            backend = await asyncio.to_thread(self._backends.get, str(raw["backend"]))
         except ServerError as exc:
             raise ServerError(exc.code, f"{where}: backend: {exc.message}") from None
         raw["backend"] = backend.name
