@@ -1,6 +1,6 @@
 """Sequence models in process: a ModelManager and DataPlane over a repository in tmp_path,
 the idle clock driven by the test (the same model through tritonclient:
-tests/e2e/test_sequences.py)."""
+tests/e2e/test_sequences_e2e.py)."""
 
 from __future__ import annotations
 
