@@ -85,7 +85,7 @@ def serve_command(ports_file: Path | None = None) -> list[str]:
 
 def _read_ports(path: Path) -> dict[str, int] | None:
     try:
-        return {k: int(v) for k, v in json.loads(path.read_text()).items()}
+        return {k: int(v) for k, v in json.loads(path.read_text()).items() if isinstance(v, int)}
     except FileNotFoundError:
         return None
 

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 
@@ -123,3 +124,44 @@ def perf_analyzer_path() -> Path:
             pytest.fail("perf_analyzer is not installed: run scripts/setup_perf_analyzer.sh")
         pytest.skip("perf_analyzer not installed (scripts/setup_perf_analyzer.sh)")
     return ROOT / "scripts" / "perf_analyzer"
+
+
+WIDTH = 8192  # hidden units: 2 x 4 x 8192 FP32 weights, 256 KiB per model
+
+
+def scaled_onnx(scale: float) -> bytes:
+    """OUTPUT0 = scale * INPUT0 (FP32 [-1, 4]) through a 4 -> 8192 -> 4 pair of MatMuls, so
+    the model carries 256 KiB of real weights."""
+    from onnx import TensorProto, helper
+
+    up = np.zeros((4, WIDTH), np.float32)
+    down = np.zeros((WIDTH, 4), np.float32)
+    for j in range(WIDTH):
+        up[j % 4, j] = 1.0
+        down[j, j % 4] = scale * 4 / WIDTH
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["INPUT0", "UP"], ["H"]),
+         helper.make_node("MatMul", ["H", "DOWN"], ["OUTPUT0"])],
+        "scaled",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, [-1, 4])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, [-1, 4])],
+        initializer=[
+            helper.make_tensor("UP", TensorProto.FLOAT, up.shape, up.ravel().tolist()),
+            helper.make_tensor("DOWN", TensorProto.FLOAT, down.shape, down.ravel().tolist()),
+        ],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def write_scaled(repo: Path, name: str, scale: float, residency: str) -> None:
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "1" / "model.onnx").write_bytes(scaled_onnx(scale))
+    # The whole config is given: a lazy model reads nothing at load (left out, inputs and
+    # outputs would be read from the model file then).
+    tensor = {"datatype": "FP32", "dims": [4]}
+    config = {"backend": "onnxruntime", "max_batch_size": 8, "residency": residency,
+              "inputs": [{"name": "INPUT0", **tensor}], "outputs": [{"name": "OUTPUT0", **tensor}],
+              "parameters": {"intra_op_threads": 1, "inter_op_threads": 1}}  # fmt: skip
+    (repo / name / "model.yaml").write_text(yaml.safe_dump(config))

@@ -71,7 +71,10 @@ def test_supported_fields_translate(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "field"),
     [
-        ("sequence_batching { }", "sequence_batching: sequence batching"),
+        ("sequence_batching { state [ { input_name: \"S\" output_name: \"T\" } ] }",
+         "sequence_batching.state: implicit state is not supported"),
+        ("sequence_batching { control_input [ { name: \"S\" control [ { } ] } ] }",
+         "sequence_batching.control_input[0].control[0]: expected int32_false_true"),
         ('platform: "ensemble"', "ensemble_scheduling: an ensemble needs its steps"),
         ("ensemble_scheduling { step [ { model_name: \"a\" } ] }",
          'ensemble_scheduling: only an ensemble (platform: "ensemble") has steps'),

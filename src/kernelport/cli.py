@@ -151,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         repositories = config.model_repository if explicit else (into,)
         config = config.model_copy(update={"model_repository": repositories, "manifest": None})
+    if config.frontends > 1:
+        from kernelport.hosting import frontends
+        from kernelport.observability import logging as log_setup
+
+        log_setup.configure(config.log_level, config.log_format)
+        return frontends.run(config)
     if config.grpc_transport != "grpcio":
         from kernelport.hosting import envoy  # the server itself starts inside Envoy
         from kernelport.observability import logging as log_setup

@@ -268,6 +268,29 @@ class Config(Settings):
         "in_process (threads of the server), worker (a process per model version, restarted "
         "when it dies), auto (in_process for now)",
     )
+    frontends: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="front-end processes serving the same HTTP and gRPC ports (SO_REUSEPORT), "
+        "each with its own models and metrics port, restarted when they die",
+    )
+    reuse_port: bool = Field(
+        False,
+        description="share the HTTP and gRPC ports with other processes (set by --frontends "
+        "for its front ends)",
+    )
+    host_memory_budget: int = Field(
+        0,
+        ge=0,
+        description="bytes the on_demand and lazy models on the CPU may hold at once; the "
+        "least recently used idle ones are evicted to load another (0: no budget)",
+    )
+    device_memory_budget: int = Field(
+        0,
+        ge=0,
+        description="the same per CUDA device, for on_demand and lazy models placed there",
+    )
     # Declared before api_keys so that the api_keys validator sees it.
     api_key_file: OptionalPath = Field(
         None,
@@ -398,7 +421,7 @@ def _explain(model: type[BaseModel], exc: ValidationError) -> str:
     return "; ".join(problems)
 
 
-def write_ports(path: Path, ports: dict[str, int]) -> None:
+def write_ports(path: Path, ports: Mapping[str, int | list[int]]) -> None:
     """Publish the bound ports (``ports_file``) atomically: a reader sees the whole file or
     none."""
     partial = path.with_name(path.name + ".partial")

@@ -29,7 +29,6 @@ _msgs = pb.inference
 
 # Fields whose absence would change answers or the request protocol: a load error.
 _REJECTED = {
-    "sequence_batching": "sequence batching (stateful models) is not supported",
     "batch_input": "batch inputs (ragged batching) are not supported",
     "batch_output": "batch outputs (ragged batching) are not supported",
     "model_operations": "custom operation libraries are not supported",
@@ -130,6 +129,8 @@ def translate(config: Message, where: str) -> ConfigDocument:
         if ort_params:
             # Explicit parameters win over what the optimization block implies.
             raw["parameters"] = {**ort_params, **raw.get("parameters", {})}
+    if config.HasField("sequence_batching"):
+        raw["sequence_batching"] = _sequence_batching(t, config.sequence_batching)
     if config.model_warmup:
         raw["model_warmup"] = [_warmup(t, w, i) for i, w in enumerate(config.model_warmup)]
     if config.model_transaction_policy.decoupled:
@@ -138,6 +139,7 @@ def translate(config: Message, where: str) -> ConfigDocument:
         "name", "platform", "backend", "max_batch_size", "input", "output", "version_policy",
         "dynamic_batching", "instance_group", "default_model_filename", "parameters",
         "model_transaction_policy", "optimization", "ensemble_scheduling", "model_warmup",
+        "sequence_batching",
     }  # fmt: skip
     t.rest(config, "", handled, _REJECTED, _WARNED)
     return ConfigDocument(raw, where, tuple(t.warnings))
@@ -363,3 +365,47 @@ def _warmup(t: _Translation, sample: Message, index: int) -> dict[str, Any]:
         "count": max(sample.count, 1),
         "inputs": inputs,
     }
+
+
+_CONTROL_KINDS = {
+    "CONTROL_SEQUENCE_START": "start",
+    "CONTROL_SEQUENCE_READY": "ready",
+    "CONTROL_SEQUENCE_END": "end",
+    "CONTROL_SEQUENCE_CORRID": "corrid",
+}
+
+
+def _sequence_batching(t: _Translation, seq: Message) -> dict[str, Any]:
+    path = "sequence_batching"
+    controls = []
+    for i, control_input in enumerate(seq.control_input):
+        for j, control in enumerate(control_input.control):
+            where = f"{path}.control_input[{i}].control[{j}]"
+            kind = _CONTROL_KINDS[_msgs.ModelSequenceBatching.Control.Kind.Name(control.kind)]
+            entry: dict[str, Any] = {"name": control_input.name, "kind": kind}
+            if kind == "corrid":
+                entry["datatype"] = _msgs.DataType.Name(control.data_type)
+            elif control.int32_false_true:
+                entry["datatype"], values = "INT32", list(control.int32_false_true)
+            elif control.fp32_false_true:
+                entry["datatype"], values = "FP32", list(control.fp32_false_true)
+            elif control.bool_false_true:
+                entry["datatype"], values = "BOOL", [int(v) for v in control.bool_false_true]
+            else:
+                t.reject(where, "expected int32_false_true, fp32_false_true or bool_false_true")
+            if kind != "corrid":
+                if len(values) != 2:
+                    t.reject(where, f"expected 2 values (false, true), got {len(values)}")
+                entry["false_true"] = values
+            controls.append(entry)
+    if seq.state:
+        t.reject(f"{path}.state", "implicit state is not supported: keep state in the model")
+    if seq.HasField("oldest"):
+        t.warn(f"{path}.oldest", "requests of different sequences are not batched together "
+               "yet; each request runs alone on its sequence's instance")  # fmt: skip
+    t.rest(seq, f"{path}.", {"max_sequence_idle_microseconds", "control_input", "direct",
+                             "oldest", "state"})  # fmt: skip
+    out: dict[str, Any] = {"control_inputs": controls}
+    if seq.max_sequence_idle_microseconds:
+        out["max_sequence_idle_us"] = seq.max_sequence_idle_microseconds
+    return out

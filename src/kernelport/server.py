@@ -53,10 +53,12 @@ class _EmbeddedUvicorn(uvicorn.Server):
         yield
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # one of several front ends on the same port (--frontends)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -84,6 +86,10 @@ class Server:
                 config.allow_model_upload,
                 config.model_execution,
                 embedded=config.grpc_transport == "envoy",
+                memory_budgets={
+                    "cpu": config.host_memory_budget,
+                    "cuda": config.device_memory_budget,
+                },
             ),
             BackendRegistry(),
             TritonConfigReader(),
@@ -168,7 +174,11 @@ class Server:
         apps = ((rest, self.config.http_port), (metrics, self.config.metrics_port))
         # Bind here, so a busy port is a clear startup error rather than uvicorn's sys.exit,
         # and so a configured port 0 becomes a known one before anything is announced.
-        sockets = [_bind(self.config.host, port) for _, port in apps]
+        # The HTTP port is shared by the front ends of --frontends; each has its own metrics.
+        sockets = [
+            _bind(self.config.host, self.config.http_port, self.config.reuse_port),
+            _bind(self.config.host, self.config.metrics_port),
+        ]
         self.http_port, self.metrics_port = (int(s.getsockname()[1]) for s in sockets)
         for (app, _), sock in zip(apps, sockets, strict=True):
             server = self._uvicorn(app, int(sock.getsockname()[1]))

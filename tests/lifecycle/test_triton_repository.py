@@ -104,8 +104,8 @@ parameters { key: "note" value: { string_value: "kept" } }
 REJECTED = {
     "stateful": (
         'platform: "onnxruntime_onnx"\nmax_batch_size: 4\n'
-        "sequence_batching { max_sequence_idle_microseconds: 5000000 }\n",
-        "config.pbtxt: sequence_batching: sequence batching (stateful models) is not supported",
+        'sequence_batching { state [ { input_name: "S" output_name: "T" } ] }\n',
+        "config.pbtxt: sequence_batching.state: implicit state is not supported",
     ),
     "pipeline": (
         'platform: "ensemble"\nmax_batch_size: 4\n'
@@ -117,9 +117,9 @@ REJECTED = {
         "config.pbtxt: (top level): ensemble_scheduling: step 0 (doubler) reads 'TYPO', which "
         "is neither an input of the ensemble nor an output of a step",
     ),
-    "savedmodel": (
-        'platform: "tensorflow_savedmodel"\nmax_batch_size: 4\n',
-        "config.pbtxt: backend: unknown backend 'tensorflow_savedmodel'",
+    "graphdef": (  # TensorFlow's frozen GraphDef, as opposed to SavedModels: not served
+        'platform: "tensorflow_graphdef"\nmax_batch_size: 4\n',
+        "config.pbtxt: backend: unknown backend 'tensorflow_graphdef'",
     ),
     "typo": (
         'platform: "onnxruntime_onnx"\nmax_batch_size: 4\n'

@@ -15,6 +15,8 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "torch": ("kernelport.backends.torch:TorchBackend", "torch"),
     "python": ("kernelport.backends.python:PythonBackend", ""),
     "openvino": ("kernelport.backends.openvino:OpenVinoBackend", "openvino"),
+    "tensorflow": ("kernelport.backends.tensorflow:TensorFlowBackend", "tensorflow"),
+    "jax": ("kernelport.backends.jax:JaxBackend", "jax"),
 }
 
 ALIASES = {
@@ -22,6 +24,7 @@ ALIASES = {
     "onnxruntime_onnx": "onnxruntime",
     "pytorch": "torch",
     "pytorch_libtorch": "torch",
+    "tensorflow_savedmodel": "tensorflow",
 }
 
 # default file in a version directory -> backend that loads it (when model.yaml names none)
@@ -31,6 +34,8 @@ BY_FILENAME = {
     "model.pt2": "torch",
     "model.py": "python",
     "model.xml": "openvino",
+    "model.savedmodel": "tensorflow",
+    "model.jax_export": "jax",
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 
 from kernelport.core.backend import Arrays
 from kernelport.core.manager import ModelManager, ModelVersion
+from kernelport.core.memory import OnDemandPool
 from kernelport.core.model_config import ModelConfig
 from kernelport.core.names import shown
 from kernelport.core.shm import SharedMemoryRegistry, write_outputs
@@ -290,8 +292,12 @@ class DataPlane:
                     inputs = await _hook(config.name, "preprocess", hooks.preprocess, inputs)
                 finally:
                     model.queue.announced -= 1
+            # A model loaded on first use: the wait for it counts as queue time.
+            waited = await model.pool.ensure() if isinstance(model.pool, OnDemandPool) else 0
             # Any row count: the queue splits what exceeds max_batch_size.
             arrays, timings = await model.queue.submit(inputs, rows, request.parameters)
+            if waited:
+                timings = dataclasses.replace(timings, queue_ns=timings.queue_ns + waited)
             if hooks is not None and hooks.postprocess is not None:
                 arrays = await _hook(config.name, "postprocess", hooks.postprocess, arrays)
             outputs = [self._output(config, name, arrays) for name in names]
@@ -302,6 +308,8 @@ class DataPlane:
             raise
         finally:
             model.release()
+            if isinstance(model.pool, OnDemandPool):
+                model.pool.settled()
         model.stats.record_success(
             rows,
             time.perf_counter_ns() - started,

@@ -21,6 +21,7 @@ from kernelport.core.backend import Backend
 from kernelport.core.batcher import ModelQueue
 from kernelport.core.ensemble import ENSEMBLE, Ensemble
 from kernelport.core.execution import WorkerPool, load_in_process
+from kernelport.core.memory import MemoryBudget, OnDemandPool, footprint
 from kernelport.core.meta import Models, StreamCall, make_workers
 from kernelport.core.model_config import ModelConfig, parse_model_config
 from kernelport.core.names import check_lookup_name, check_model_name, parse_version, shown
@@ -36,6 +37,7 @@ from kernelport.core.repository import (
     stage_files,
 )
 from kernelport.core.scheduler import DeviceScheduler
+from kernelport.core.sequences import Sequences
 from kernelport.core.stats import ModelStats, ModelStatsSnapshot
 from kernelport.core.streaming import Decoupled
 from kernelport.core.versions import (
@@ -75,6 +77,7 @@ class ModelManager:
         self._models: dict[str, ModelEntry] = {}
         self._sources: dict[str, ModelSource] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._budget = MemoryBudget(dict(settings.memory_budgets))
         #: runs one request on a model as a client's would (validation, hooks, batcher,
         #: statistics): how ensemble steps call their models. Set by the DataPlane.
         self.compose: Callable[[InferRequest], Awaitable[InferResponse]] | None = None
@@ -371,7 +374,8 @@ class ModelManager:
                 )
             raw["backend"] = guessed
         try:
-            backend = self._backends.get(str(raw["backend"]))
+            # Importing a framework can take seconds (TensorFlow): not on the event loop.
+            backend = await asyncio.to_thread(self._backends.get, str(raw["backend"]))
         except ServerError as exc:
             raise ServerError(exc.code, f"{where}: backend: {exc.message}") from None
         raw["backend"] = backend.name
@@ -399,7 +403,8 @@ class ModelManager:
                 config = parse_model_config(completed, where)
                 self._check_calls(config, where)
                 loaded[version] = await self._load_version(backend, config, version, path)
-                await warm_up(config, loaded[version].pool, source.path)
+                if not loaded[version].pool.on_demand:  # on-demand ones warm up as they load
+                    await warm_up(config, loaded[version].pool, source.path)
         except BaseException:
             for mv in loaded.values():
                 await mv.close()
@@ -468,34 +473,76 @@ class ModelManager:
                 "model '%s': backend '%s' runs in a worker process (its runtime cannot share "
                 "the Envoy-hosted server's process)", config.name, backend.name,
             )  # fmt: skip
-        if plan.mode == "worker":
-            if config.calls:
-                raise invalid(
-                    f"model '{config.name}' calls other models (calls: {list(config.calls)}), "
-                    "which needs the server's event loop: execution mode 'worker' cannot run it"
-                )
-            pool: WorkerPool = await start_process_pool(config, version, path, plan)
-        else:
+        if plan.mode == "worker" and config.calls:
+            raise invalid(
+                f"model '{config.name}' calls other models (calls: {list(config.calls)}), "
+                "which needs the server's event loop: execution mode 'worker' cannot run it"
+            )
+
+        async def build() -> WorkerPool:
+            if plan.mode == "worker":
+                return await start_process_pool(config, version, path, plan)
             models = self._models_handle(config)
-            pool = await load_in_process(
+            return await load_in_process(
                 backend, config, version, path, models,
                 lambda instance, name: make_workers(instance, name, config),
             )  # fmt: skip
+
+        pool: WorkerPool
+        if config.residency == "resident":
+            pool = await build()
+        else:
+            pool = await self._on_demand(config, path, build)
         try:
             hooks = pool.hooks(config.name)
-            streams = Decoupled(config, pool) if config.decoupled else None
+            streams: Decoupled | Sequences | None = None
+            if config.decoupled:
+                streams = Decoupled(config, pool)
+            elif config.sequence_batching is not None:
+                streams = Sequences(config, pool)
         except BaseException:
             await asyncio.to_thread(pool.close)
             raise
         stats = ModelStats()
-        queue: ModelQueue | Decoupled
+        queue: ModelQueue | Decoupled | Sequences
         if streams is not None:
             queue = streams
         else:
             device = self.device(config.instance_group[0].device)
             queue = ModelQueue(config, pool, stats, device, config.weight)
             pool.on_available = queue.wake
-        return ModelVersion(config, version, pool, queue, stats, 0.0, hooks)
+        loaded = ModelVersion(config, version, pool, queue, stats, 0.0, hooks)
+        if isinstance(pool, OnDemandPool):  # evictable only while nothing uses it
+            pool.busy = lambda: loaded.active > 0 or bool(loaded.queue.running)
+        return loaded
+
+    async def _on_demand(
+        self, config: ModelConfig, path: Path, build: Callable[[], Awaitable[WorkerPool]]
+    ) -> OnDemandPool:
+        """A version loaded on first use (lazy) or now (on_demand), evictable either way."""
+        count = sum(g.count for g in config.instance_group)
+        size = await asyncio.to_thread(footprint, path, count)
+
+        async def load() -> WorkerPool:
+            inner = await build()
+            try:
+                await warm_up(config, inner, path.parent)
+            except BaseException:
+                await asyncio.to_thread(inner.close)
+                raise
+            return inner
+
+        device = config.instance_group[0].device
+        pool = OnDemandPool(config.name, device, size, load, self._budget)
+        if config.residency == "on_demand":
+            try:
+                await pool.ensure()  # a broken model fails its load, not its first request
+            except ServerError as exc:
+                if exc.code is not ErrorCode.RESOURCE_EXHAUSTED:
+                    raise
+                # The budget is held by models loading or busy now: the first request loads it.
+                log.info("model '%s' is not resident yet: %s", config.name, exc.message)
+        return pool
 
     def _apart(self, backend: Backend) -> bool:
         """Whether ``backend``'s runtime must stay out of this process: its native libraries

@@ -133,6 +133,7 @@ class ModelStats:
         load_seconds: float = 0.0,
         device_memory_bytes: int | None = None,
         worker_restarts: int = 0,
+        residency: Residency | None = None,
     ) -> ModelStatsSnapshot:
         """The counters as they are now, copied: readers never see them move under them."""
         return ModelStatsSnapshot(
@@ -155,6 +156,7 @@ class ModelStats:
             load_seconds=load_seconds,
             device_memory_bytes=device_memory_bytes,
             worker_restarts=worker_restarts,
+            residency=residency,
         )
 
 
@@ -215,6 +217,18 @@ class ModelStatsSnapshot:
     load_seconds: float
     device_memory_bytes: int | None  # None: the backend's instances do not report it
     worker_restarts: int = 0  # restarts of the version's worker process (worker mode)
+    residency: Residency | None = None  # None: resident (loaded with the model, pinned)
+
+
+@dataclass(frozen=True, slots=True)
+class Residency:
+    """An on-demand or lazy model's residency now (``core/memory.py``)."""
+
+    mode: str  # on_demand | lazy
+    resident: bool
+    loads: int
+    evictions: int
+    bytes: int  # what it is charged against its device's budget
 
 
 def failure_code(exc: BaseException) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -13,10 +14,12 @@ from kernelport.core.backend import Backend
 from kernelport.core.batcher import ModelQueue
 from kernelport.core.ensemble import Ensemble
 from kernelport.core.execution import Hooks, WorkerPool
+from kernelport.core.memory import OnDemandPool
 from kernelport.core.model_config import ExecutionMode, ModelConfig
 from kernelport.core.repository import ModelSource
 from kernelport.core.scheduler import Discipline
-from kernelport.core.stats import ModelStats, ModelStatsSnapshot
+from kernelport.core.sequences import Sequences
+from kernelport.core.stats import ModelStats, ModelStatsSnapshot, Residency
 from kernelport.core.streaming import Decoupled
 
 ControlMode = Literal["none", "explicit", "poll"]
@@ -42,7 +45,7 @@ class ModelVersion:
     config: ModelConfig
     version: int
     pool: WorkerPool
-    queue: ModelQueue | Ensemble | Decoupled
+    queue: ModelQueue | Ensemble | Decoupled | Sequences
     stats: ModelStats = field(default_factory=ModelStats)
     load_seconds: float = 0.0
     #: each instance's per-request hooks (Python models; empty when there are none); they
@@ -78,6 +81,7 @@ class ModelVersion:
             load_seconds=self.load_seconds,
             device_memory_bytes=self.pool.device_memory_bytes(),
             worker_restarts=self.pool.restarts,
+            residency=_residency(self.config, self.pool),
         )
 
     async def close(self) -> None:
@@ -118,3 +122,11 @@ class ManagerSettings:
     #: allocator and libraries): backends that cannot share it (``Backend.embeddable``
     #: False) get worker processes
     embedded: bool = False
+    #: bytes on_demand / lazy models may hold per device ("cpu", "cuda" or "cuda:N"; 0: none)
+    memory_budgets: Mapping[str, int] = field(default_factory=dict)
+
+
+def _residency(config: ModelConfig, pool: WorkerPool) -> Residency | None:
+    if not isinstance(pool, OnDemandPool):
+        return None
+    return Residency(config.residency, pool.resident, pool.loads, pool.evictions, pool.size)

@@ -173,6 +173,9 @@ def envoy_config(config: Config, module: str, admin_path: str) -> dict[str, Any]
     listener = {
         "name": LISTENER,
         "address": {"socket_address": {"address": config.host, "port_value": config.grpc_port}},
+        # Shared only by the front ends of --frontends: otherwise a second server on the same
+        # port must fail, as it does on grpcio (Envoy's default on Linux is to share).
+        "enable_reuse_port": config.reuse_port,
         # Flow control per connection; messages stream through, so this bounds memory, not size.
         "per_connection_buffer_limit_bytes": 4 * 1024 * 1024,
         # A connection that sends nothing is closed after the header timeout, as grpcio's

@@ -156,6 +156,25 @@ class KernelPortCollector:
         )
         restarts = _counter("kernelport_worker_restarts_total",
                             "Restarts of the version's worker process")  # fmt: skip
+        resident = GaugeMetricFamily(
+            "kernelport_model_resident",
+            "1 while an on_demand or lazy version is loaded, 0 while it is evicted",
+            labels=mv_labels,
+        )
+        resident_bytes = GaugeMetricFamily(
+            "kernelport_model_resident_bytes",
+            "Bytes an on_demand or lazy version is charged against its device's budget "
+            "while loaded",
+            labels=mv_labels,
+        )
+        loads = _counter(
+            "kernelport_model_loads_total",
+            "Loads of an on_demand or lazy version (first use and after eviction)",
+        )
+        evictions = _counter(
+            "kernelport_model_evictions_total",
+            "Evictions of an on_demand or lazy version under its memory budget",
+        )
         for s, labels in loaded:
             values = list(labels.values())
             restarts.add_sample(restarts.name, labels, s.worker_restarts)
@@ -170,6 +189,12 @@ class KernelPortCollector:
             for reason, n in by_reason.items():
                 rejected.add_sample(rejected.name, {**labels, "reason": reason}, n)
             load.add_metric(values, s.load_seconds)
+            if s.residency is not None:
+                r = s.residency
+                resident.add_metric(values, 1 if r.resident else 0)
+                resident_bytes.add_metric(values, r.bytes if r.resident else 0)
+                loads.add_sample(loads.name, labels, r.loads)
+                evictions.add_sample(evictions.name, labels, r.evictions)
             if s.device_memory_bytes is not None:
                 memory.add_metric(values, s.device_memory_bytes)
         state = GaugeMetricFamily(
@@ -184,7 +209,7 @@ class KernelPortCollector:
         )
         in_flight.add_metric([], self._in_flight())
         yield from (latency, queue_time, batch, depth, rejected, load, memory, state, in_flight,
-                   restarts)  # fmt: skip
+                   restarts, resident, resident_bytes, loads, evictions)  # fmt: skip
 
 
 def _buckets(h: HistogramSnapshot) -> tuple[list[tuple[str, float]], float]:

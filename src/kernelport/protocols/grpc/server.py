@@ -388,6 +388,7 @@ class GrpcFrontEnd:
         self._handshake_ms = max(1, int(config.http_header_timeout * 1000))
         self._idle_ms = max(1, int(config.http_idle_timeout * 1000))
         self._server: grpc.aio.Server | None = None
+        self._reuse_port = config.reuse_port  # one of several front ends (--frontends)
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``port`` (0: any free port); returns the port bound."""
@@ -395,7 +396,7 @@ class GrpcFrontEnd:
             options=[
                 ("grpc.max_receive_message_length", self._limit),
                 ("grpc.max_send_message_length", self._limit),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if self._reuse_port else 0),
                 ("grpc.server_handshake_timeout_ms", self._handshake_ms),
                 ("grpc.max_connection_idle_ms", self._idle_ms),
             ]

@@ -1,0 +1,164 @@
+"""Sequence models (Triton's ``sequence_batching``): stateful models fed by correlation id.
+
+A client marks a request with ``sequence_id`` (a non-zero integer or a non-empty string)
+and, on the first and last request of a sequence, ``sequence_start`` / ``sequence_end``.
+``Sequences`` stands where a model's queue stands (``ModelVersion.queue``):
+
+- a sequence is bound to one instance at its start (the instance with the fewest live
+  sequences) and every request of it runs there, in the order it arrived, so a model may
+  keep each sequence's state in its instance, keyed by the correlation id;
+- the model's control inputs are filled per request: START and END from the flags, READY
+  true, CORRID the correlation id (Triton's ``control_input`` kinds);
+- a sequence ends with its END request, or when no request came for
+  ``max_sequence_idle_us``; a later request without START is refused.
+
+Requests of different sequences are not batched together yet: each runs alone on its
+instance (Triton's direct strategy would put them side by side in one batch).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kernelport.core.backend import Arrays
+from kernelport.core.execution import Timings, WorkerPool
+from kernelport.core.model_config import ModelConfig, SequenceControl
+from kernelport.errors import ServerError, invalid
+from kernelport.types import datatype
+
+#: a model's live sequences at most (each holds state in the model): new ones are refused
+MAX_SEQUENCES = 4096
+
+
+@dataclass(slots=True)
+class _Sequence:
+    worker: int
+    last_ns: int
+
+
+class Sequences:
+    """Binds sequences to instances and runs their requests in order."""
+
+    queued = 0
+    announced = 0
+
+    def __init__(self, config: ModelConfig, pool: WorkerPool) -> None:
+        assert config.sequence_batching is not None
+        if any(getattr(w.instance, "remote", False) for w in pool.workers):
+            raise invalid(
+                f"model '{config.name}' is a sequence model: its sequences are bound to "
+                "instances in the server process, so execution mode 'worker' is not "
+                "supported for it yet"
+            )
+        self.config = config
+        self._pool = pool
+        self._controls = config.sequence_batching.control_inputs
+        self._idle_ns = config.sequence_batching.max_sequence_idle_us * 1000
+        self._live: dict[int | str, _Sequence] = {}
+        self._load = [0] * len(pool.workers)  # live sequences per instance
+        self.running = 0
+
+    async def submit(
+        self, inputs: Arrays, rows: int, parameters: Mapping[str, Any] | None = None
+    ) -> tuple[Arrays, Timings]:
+        params = parameters or {}
+        key = _correlation_id(self.config.name, params.get("sequence_id"))
+        start = bool(params.get("sequence_start", False))
+        end = bool(params.get("sequence_end", False))
+        now = time.monotonic_ns()
+        self._expire(now)
+        sequence = self._live.get(key)
+        if start:
+            if sequence is not None:  # a restart of a live sequence: same instance, fresh
+                sequence.last_ns = now
+            else:
+                sequence = self._begin(key, now)
+        elif sequence is None:
+            raise invalid(
+                f"inference request for sequence {key!r} to model '{self.config.name}' must "
+                "specify the START flag on the first request of the sequence (or it was idle "
+                f"longer than {self.config.sequence_batching.max_sequence_idle_us} us)"  # type: ignore[union-attr]
+            )
+        sequence.last_ns = now
+        if end:  # released now: a request that follows must START again
+            self._release(key)
+        feed = dict(inputs)
+        for control in self._controls:
+            feed[control.name] = _control(control, start, end, key, rows, self.config.batching)
+        worker = self._pool.workers[sequence.worker]
+        self.running += 1
+        try:
+            result = await worker.submit_batch([feed], [rows], self.config)
+        finally:
+            self.running -= 1
+        timings = Timings(0, result.input_ns, result.infer_ns, result.output_ns, rows)
+        outputs = result.outputs[0]
+        if isinstance(outputs, ServerError):
+            raise outputs
+        return outputs, timings
+
+    def _begin(self, key: int | str, now: int) -> _Sequence:
+        if len(self._live) >= MAX_SEQUENCES:
+            raise invalid(
+                f"model '{self.config.name}' has {MAX_SEQUENCES} live sequences: end some "
+                "(sequence_end) before starting more"
+            )
+        worker = min(range(len(self._load)), key=self._load.__getitem__)
+        self._load[worker] += 1
+        sequence = _Sequence(worker, now)
+        self._live[key] = sequence
+        return sequence
+
+    def _release(self, key: int | str) -> None:
+        sequence = self._live.pop(key, None)
+        if sequence is not None:
+            self._load[sequence.worker] -= 1
+
+    def _expire(self, now: int) -> None:
+        stale = [k for k, s in self._live.items() if now - s.last_ns > self._idle_ns]
+        for key in stale:
+            self._release(key)
+
+    @property
+    def live(self) -> int:
+        """Sequences started and neither ended nor idle past the limit."""
+        self._expire(time.monotonic_ns())
+        return len(self._live)
+
+    async def close(self) -> None:
+        """The instances belong to the pool, which the model version closes."""
+
+
+def _correlation_id(model: str, value: Any) -> int | str:
+    if isinstance(value, bool) or value in (None, "", 0):
+        raise invalid(
+            f"inference request to model '{model}' must specify a non-zero or non-empty "
+            "correlation ID (parameter sequence_id)"
+        )
+    if isinstance(value, int | str):
+        return value
+    raise invalid(f"sequence_id must be an integer or a string, got {type(value).__name__}")
+
+
+def _control(
+    control: SequenceControl, start: bool, end: bool, key: int | str, rows: int, batching: bool
+) -> np.ndarray[Any, Any]:
+    dt = datatype(control.datatype)
+    shape = (rows, 1) if batching else (1,)
+    if control.kind == "corrid":
+        if dt.name == "BYTES":
+            array = np.empty(shape, dtype=np.object_)
+            array.fill(str(key).encode())
+            return array
+        if isinstance(key, str):
+            raise invalid(
+                f"control input '{control.name}' is {dt.name}: sequence_id must be an integer"
+            )
+        return np.full(shape, key, dtype=dt.numpy)
+    flag = {"start": start, "end": end, "ready": True}[control.kind]
+    return np.full(shape, control.false_true[int(flag)], dtype=dt.numpy)
