@@ -54,7 +54,7 @@ def bare(path: Path, processes: int, batch: int, seconds: float) -> float:
 
 
 def served(work: Path, instances: int, cli: argparse.Namespace, tag: str) -> float:
-    extra = f"instance_count: {instances}\nexecution:\n  mode: worker\n"
+    extra = f"instance_count: {instances}\nexecution:\n  mode: {cli.mode}\n"
     repo = build_repository(work / f"repo-{tag}", "conv", batching_delay_us=0, extra_yaml=extra)
     config = repo / "mlp" / "model.yaml"
     config.write_text(
@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--measurement-ms", type=int, default=4000)
+    ap.add_argument("--mode", default="worker", choices=["worker", "in_process"])
     cli = ap.parse_args()
     figures: dict[str, list[float]] = {k: [] for k in ("bare1", "bare2", "kp1", "kp2")}
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,8 +95,8 @@ def main() -> None:
     names = {
         "bare1": "bare ORT, 1 process",
         "bare2": "bare ORT, 2 processes",
-        "kp1": "KernelPort, 1 instance (worker)",
-        "kp2": "KernelPort, 2 instances (worker)",
+        "kp1": f"KernelPort, 1 instance ({cli.mode})",
+        "kp2": f"KernelPort, 2 instances ({cli.mode})",
     }
     for key, label in names.items():
         print(f"| {label} | {m[key]:.0f} | {', '.join(f'{v:.0f}' for v in figures[key])} |")
