@@ -401,8 +401,8 @@ def _sequence_batching(t: _Translation, seq: Message) -> dict[str, Any]:
     if seq.state:
         t.reject(f"{path}.state", "implicit state is not supported: keep state in the model")
     if seq.HasField("oldest"):
-        t.warn(f"{path}.oldest", "requests of different sequences are not batched together "
-               "yet; each request runs alone on its sequence's instance")  # fmt: skip
+        t.warn(f"{path}.oldest", "its settings are ignored: requests of different sequences "
+               "batch as they wait, one per sequence, up to max_batch_size")  # fmt: skip
     t.rest(seq, f"{path}.", {"max_sequence_idle_microseconds", "control_input", "direct",
                              "oldest", "state"})  # fmt: skip
     out: dict[str, Any] = {"control_inputs": controls}

@@ -4,6 +4,7 @@ tests/e2e/test_sequences_e2e.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,20 @@ class Model:
 """
 
 
+# Each row says its sequence and flags, and the rows of its batch.
+ROWS = """
+import numpy as np
+
+
+class Model:
+    def execute(self, inputs):
+        n = len(inputs["X"])
+        out = [f"{int(inputs['TAG'][r, 0])}:{int(inputs['S'][r, 0])}{int(inputs['E'][r, 0])}/{n}"
+               for r in range(n)]
+        return {"OUT": np.array([[o.encode()] for o in out], dtype=object)}
+"""
+
+
 def _config(tag_type: str, idle_us: int = 60_000_000) -> dict[str, Any]:
     return {
         "backend": "python",
@@ -57,6 +72,8 @@ async def dp(tmp_path: Path) -> AsyncIterator[DataPlane]:
     repo = tmp_path / "repo"
     write_model(repo, "num", _config("INT64"), {"model.py": ECHO_CONTROLS.encode()})
     write_model(repo, "text", _config("BYTES"), {"model.py": ECHO_CONTROLS.encode()})
+    single = {**_config("INT64"), "instance_count": 1, "max_batch_size": 8}
+    write_model(repo, "single", single, {"model.py": ROWS.encode()})
     # idle after 1 ms: only the test that drives the clock uses it
     write_model(repo, "brief", _config("INT64", 1000), {"model.py": ECHO_CONTROLS.encode()})
     settings = ManagerSettings((repo,), control_mode="explicit", startup_models=("*",))
@@ -130,3 +147,18 @@ def test_config_checks_and_rendering() -> None:
         parse_model_config(clash, "m")
     with pytest.raises(ServerError, match="takes neither dynamic_batching nor decoupled"):
         parse_model_config({**raw, "dynamic_batching": {}}, "m")
+
+
+async def test_requests_of_different_sequences_share_a_batch(dp: DataPlane) -> None:
+    # One instance: the first request runs alone; the four that arrive meanwhile (four
+    # sequences) run together, one row each; the second request of sequence 1 waits for
+    # the first, as its state must be updated first.
+    steps = [
+        _step(dp, "single", sequence_id=1, sequence_start=True),
+        *(_step(dp, "single", sequence_id=k, sequence_start=True) for k in (2, 3, 4, 5)),
+        _step(dp, "single", sequence_id=1, sequence_end=True),
+    ]
+    got = await asyncio.gather(*steps)
+    assert got == ["1:10/1", "2:10/5", "3:10/5", "4:10/5", "5:10/5", "1:01/5"]
+    sizes = [b.batch_size for b in dp.model_statistics("single")[0].batches]
+    assert sizes == [1, 5]

@@ -43,14 +43,17 @@ class Model:
         self.sums = {}
 
     def execute(self, inputs):
-        corrid = int(inputs["CORRID"][0, 0])
-        assert int(inputs["READY"][0, 0]) == 1
-        if int(inputs["START"][0, 0]):
-            self.sums[corrid] = 0
-        self.sums[corrid] += int(inputs["X"][0, 0])
-        out = np.array([[self.sums[corrid]]], np.int32)
-        if int(inputs["END"][0, 0]):
-            del self.sums[corrid]
+        # One row per sequence: a batch may hold requests of several sequences.
+        out = np.zeros((len(inputs["X"]), 1), np.int32)
+        for row in range(len(out)):
+            corrid = int(inputs["CORRID"][row, 0])
+            assert int(inputs["READY"][row, 0]) == 1
+            if int(inputs["START"][row, 0]):
+                self.sums[corrid] = 0
+            self.sums[corrid] += int(inputs["X"][row, 0])
+            out[row, 0] = self.sums[corrid]
+            if int(inputs["END"][row, 0]):
+                del self.sums[corrid]
         return {"SUM": out}
 """
 
@@ -98,8 +101,8 @@ def test_fifty_interleaved_sequences_match_each_alone(server: RunningServer) -> 
             client.close()
 
     threads = [
-        threading.Thread(target=drive, args=("http", ids[0::2])),
-        threading.Thread(target=drive, args=("grpc", ids[1::2])),
+        threading.Thread(target=drive, args=(protocol, ids[i::4]))
+        for i, protocol in enumerate(("http", "grpc", "http", "grpc"))
     ]
     for t in threads:
         t.start()

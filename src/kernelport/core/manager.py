@@ -493,17 +493,17 @@ class ModelManager:
             pool = await build()
         else:
             pool = await self._on_demand(config, path, build)
+        stats = ModelStats()
         try:
             hooks = pool.hooks(config.name)
             streams: Decoupled | Sequences | None = None
             if config.decoupled:
                 streams = Decoupled(config, pool)
             elif config.sequence_batching is not None:
-                streams = Sequences(config, pool)
+                streams = Sequences(config, pool, stats)
         except BaseException:
             await asyncio.to_thread(pool.close)
             raise
-        stats = ModelStats()
         queue: ModelQueue | Decoupled | Sequences
         if streams is not None:
             queue = streams

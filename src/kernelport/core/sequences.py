@@ -12,13 +12,17 @@ and, on the first and last request of a sequence, ``sequence_start`` / ``sequenc
 - a sequence ends with its END request, or when no request came for
   ``max_sequence_idle_us``; a later request without START is refused.
 
-Requests of different sequences are not batched together yet: each runs alone on its
-instance (Triton's direct strategy would put them side by side in one batch).
+Requests of different sequences bound to the same instance run together in one batch, one
+request per sequence (the oldest waiting), up to ``max_batch_size`` rows, with each row's
+control inputs its own; a sequence's next request waits for its previous one, as its state
+must be updated first (Triton's "oldest" strategy, one batch at a time per instance).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +32,8 @@ import numpy as np
 from kernelport.core.backend import Arrays
 from kernelport.core.execution import Timings, WorkerPool
 from kernelport.core.model_config import ModelConfig, SequenceControl
-from kernelport.errors import ServerError, invalid
+from kernelport.core.stats import ModelStats
+from kernelport.errors import ErrorCode, ServerError, invalid
 from kernelport.types import datatype
 
 #: a model's live sequences at most (each holds state in the model): new ones are refused
@@ -41,13 +46,21 @@ class _Sequence:
     last_ns: int
 
 
+@dataclass(slots=True)
+class _Job:
+    key: int | str
+    feed: Arrays
+    rows: int
+    done: asyncio.Future[tuple[Arrays, Timings]]
+    queued_ns: int
+
+
 class Sequences:
     """Binds sequences to instances and runs their requests in order."""
 
-    queued = 0
     announced = 0
 
-    def __init__(self, config: ModelConfig, pool: WorkerPool) -> None:
+    def __init__(self, config: ModelConfig, pool: WorkerPool, stats: ModelStats) -> None:
         assert config.sequence_batching is not None
         if any(getattr(w.instance, "remote", False) for w in pool.workers):
             raise invalid(
@@ -57,11 +70,15 @@ class Sequences:
             )
         self.config = config
         self._pool = pool
+        self._stats = stats
         self._controls = config.sequence_batching.control_inputs
         self._idle_ns = config.sequence_batching.max_sequence_idle_us * 1000
         self._live: dict[int | str, _Sequence] = {}
         self._load = [0] * len(pool.workers)  # live sequences per instance
+        self._waiting: list[deque[_Job]] = [deque() for _ in pool.workers]
+        self._busy = [False] * len(pool.workers)
         self.running = 0
+        self.queued = 0
 
     async def submit(
         self, inputs: Arrays, rows: int, parameters: Mapping[str, Any] | None = None
@@ -90,17 +107,74 @@ class Sequences:
         feed = dict(inputs)
         for control in self._controls:
             feed[control.name] = _control(control, start, end, key, rows, self.config.batching)
-        worker = self._pool.workers[sequence.worker]
+        job = _Job(key, feed, rows, asyncio.get_running_loop().create_future(), now)
+        self._waiting[sequence.worker].append(job)
+        self.queued += 1
+        self._dispatch(sequence.worker)
+        return await job.done
+
+    def _dispatch(self, index: int) -> None:
+        """Start the instance's next batch if it is idle: the oldest waiting request of each
+        sequence, up to max_batch_size rows (a sequence's next request waits for its
+        previous one: its state must be updated first)."""
+        if self._busy[index] or not self._waiting[index]:
+            return
+        limit = max(self.config.max_batch_size, 1)
+        taken: list[_Job] = []
+        keys: set[int | str] = set()
+        rows = 0
+        waiting = self._waiting[index]
+        for job in list(waiting):
+            if job.key in keys or job.done.cancelled():
+                if job.done.cancelled():
+                    waiting.remove(job)
+                    self.queued -= 1
+                continue
+            if taken and (not self.config.batching or rows + job.rows > limit):
+                break
+            taken.append(job)
+            keys.add(job.key)
+            rows += job.rows
+        if not taken:
+            return
+        for job in taken:
+            waiting.remove(job)
+        self.queued -= len(taken)
+        self._busy[index] = True
         self.running += 1
-        try:
-            result = await worker.submit_batch([feed], [rows], self.config)
-        finally:
-            self.running -= 1
-        timings = Timings(0, result.input_ns, result.infer_ns, result.output_ns, rows)
-        outputs = result.outputs[0]
-        if isinstance(outputs, ServerError):
-            raise outputs
-        return outputs, timings
+        batch = self._pool.workers[index].submit_batch(
+            [j.feed for j in taken], [j.rows for j in taken], self.config
+        )
+        batch.add_done_callback(lambda f: self._finished(index, taken, f))
+
+    def _finished(self, index: int, taken: list[_Job], batch: asyncio.Future[Any]) -> None:
+        self._busy[index] = False
+        self.running -= 1
+        error = batch.exception() if not batch.cancelled() else ServerError(
+            ErrorCode.UNAVAILABLE, f"model '{self.config.name}': the batch was cancelled"
+        )  # fmt: skip
+        now = time.monotonic_ns()
+        if error is None:
+            result = batch.result()
+            rows = sum(j.rows for j in taken)
+            self._stats.record_execution(rows, result.input_ns, result.infer_ns, result.output_ns)
+        for i, job in enumerate(taken):
+            if job.done.done():
+                continue
+            if error is not None:
+                job.done.set_exception(error)
+                continue
+            result = batch.result()
+            outputs = result.outputs[i]
+            if isinstance(outputs, ServerError):
+                job.done.set_exception(outputs)
+                continue
+            rows = sum(j.rows for j in taken)
+            timings = Timings(now - job.queued_ns - (result.input_ns + result.infer_ns
+                              + result.output_ns), result.input_ns, result.infer_ns,
+                              result.output_ns, rows)  # fmt: skip
+            job.done.set_result((outputs, timings))
+        self._dispatch(index)
 
     def _begin(self, key: int | str, now: int) -> _Sequence:
         if len(self._live) >= MAX_SEQUENCES:
