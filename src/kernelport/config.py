@@ -325,14 +325,7 @@ class Config(Settings):
     @field_validator("api_keys")
     @classmethod
     def _add_file_keys(cls, keys: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
-        file = info.data.get("api_key_file")
-        if file is not None:
-            keys = (*keys, *read_api_key_file(file))
-        for i, key in enumerate(keys, 1):
-            # A key travels in an HTTP header and gRPC metadata; the environment splits on ",".
-            if not key.isascii() or not key.isprintable() or any(c in key for c in " \t,"):
-                raise ValueError(f"key {i} must be printable ASCII without spaces or commas")
-        return tuple(dict.fromkeys(keys))
+        return api_keys(keys, info.data.get("api_key_file"))
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -353,6 +346,17 @@ def choices(model: type[BaseModel], name: str) -> tuple[str, ...]:
     if field is None or get_origin(field.annotation) is not Literal:
         return ()
     return tuple(str(c) for c in get_args(field.annotation))
+
+
+def api_keys(keys: tuple[str, ...], file: Path | None) -> tuple[str, ...]:
+    """The keys given plus those of ``file``, checked, without duplicates."""
+    if file is not None:
+        keys = (*keys, *read_api_key_file(file))
+    for i, key in enumerate(keys, 1):
+        # A key travels in an HTTP header and gRPC metadata; the environment splits on ",".
+        if not key.isascii() or not key.isprintable() or any(c in key for c in " \t,"):
+            raise ValueError(f"key {i} must be printable ASCII without spaces or commas")
+    return tuple(dict.fromkeys(keys))
 
 
 def read_api_key_file(path: Path) -> tuple[str, ...]:

@@ -25,6 +25,7 @@ from kernelport.cluster.nodes import NodeTable
 from kernelport.cluster.settings import GatewayConfig
 from kernelport.config import write_ports
 from kernelport.observability import logging as log_setup
+from kernelport.protocols.auth import Auth, RequireKey
 from kernelport.protocols.http_timeouts import header_timeout_protocol
 from kernelport.version import __version__
 
@@ -69,8 +70,11 @@ class Gateway:
 
     async def startup(self) -> None:
         config = self.config
+        node_auth = config.node_authorization()
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
+            # the gateway's own calls (health, index, statistics) to nodes that want a key
+            headers={"Authorization": node_auth} if node_auth is not None else None,
             auto_decompress=False,  # bodies pass through with their Content-Encoding
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         )
@@ -99,7 +103,7 @@ class Gateway:
         self.http_port = int(sock.getsockname()[1])
         self._http = _Uvicorn(
             uvicorn.Config(
-                GatewayHttpApp(table, self._session, __version__),
+                _with_keys(GatewayHttpApp(table, self._session, __version__), config),
                 host=host,
                 port=self.http_port,
                 loop="none",
@@ -160,3 +164,9 @@ class Gateway:
         await self.serve()
         await self.shutdown()
         return 0
+
+
+def _with_keys(app: Any, config: GatewayConfig) -> Any:
+    """The HTTP app behind the API-key check when the gateway has keys (probes stay open)."""
+    auth = Auth(config.api_keys, config.auth_scope)
+    return RequireKey(app, auth) if auth.enabled else app

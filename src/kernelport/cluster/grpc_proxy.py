@@ -21,7 +21,9 @@ from kernelport.cluster.merge import merge_index, merge_stats
 from kernelport.cluster.nodes import Node, NodeTable, NotSent
 from kernelport.cluster.wire import Malformed, string_field
 from kernelport.errors import ServerError, invalid, unavailable
+from kernelport.protocols.auth import Auth
 from kernelport.protocols.grpc.errors import GRPC_STATUS
+from kernelport.protocols.grpc.server import guarded, guarded_stream
 from kernelport.schema import pb
 
 log = logging.getLogger("kernelport.gateway")
@@ -79,6 +81,9 @@ class GatewayGrpc(grpc.GenericRpcHandler):  # type: ignore[misc]
         self._version = version
         self._channels: dict[str, grpc.aio.Channel] = {}
         config = table.config
+        auth = Auth(config.api_keys, config.auth_scope)
+        node_auth = config.node_authorization()
+        self._node_auth = ("authorization", node_auth) if node_auth is not None else None
         self._response_timeout = config.response_timeout
         self._options = [
             ("grpc.max_receive_message_length", config.max_body_bytes),
@@ -94,18 +99,29 @@ class GatewayGrpc(grpc.GenericRpcHandler):  # type: ignore[misc]
             _INFERENCE + "RepositoryIndex": self._index,
             _INFERENCE + "ModelStatistics": self._statistics,
         }
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
-        for method, behaviour in own.items():
-            self._handlers[method] = grpc.unary_unary_rpc_method_handler(_translated(behaviour))
+        unary: dict[str, Any] = {m: _translated(b) for m, b in own.items()}
         for method, number in _BY_MODEL.items():
-            forward = self._by_model(method, number)
-            self._handlers[method] = grpc.unary_unary_rpc_method_handler(_translated(forward))
+            unary[method] = _translated(self._by_model(method, number))
         for method in _EVERY_NODE:
-            forward = self._every_node_first(method)
-            self._handlers[method] = grpc.unary_unary_rpc_method_handler(_translated(forward))
+            unary[method] = _translated(self._every_node_first(method))
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        for method, handler in unary.items():
+            if auth.protects_rpc(method.rpartition("/")[2]):
+                handler = guarded(handler, auth)
+            self._handlers[method] = grpc.unary_unary_rpc_method_handler(handler)
+        stream = self._stream
+        if auth.protects_rpc("ModelStreamInfer"):
+            stream = guarded_stream(stream, auth)
         self._handlers[_INFERENCE + "ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
-            self._stream
+            stream
         )
+
+    def _outgoing(self, context: grpc.aio.ServicerContext) -> Metadata:
+        """The client's metadata for the node, with the gateway's key in place of its own."""
+        metadata = _call_metadata(context.invocation_metadata())
+        if self._node_auth is None:
+            return metadata
+        return (*(p for p in metadata if p[0] != "authorization"), self._node_auth)
 
     def service(self, handler_call_details: Any) -> grpc.RpcMethodHandler | None:
         return self._handlers.get(handler_call_details.method)
@@ -131,7 +147,7 @@ class GatewayGrpc(grpc.GenericRpcHandler):  # type: ignore[misc]
     ) -> bytes:
         call = self.channel(node).unary_unary(method)(
             request,
-            metadata=_call_metadata(context.invocation_metadata()),
+            metadata=self._outgoing(context),
             timeout=self._timeout(context),
         )
         with self._table.in_flight(node):
@@ -166,7 +182,7 @@ class GatewayGrpc(grpc.GenericRpcHandler):  # type: ignore[misc]
         calls = [
             self.channel(n).unary_unary(method)(
                 request,
-                metadata=_call_metadata(context.invocation_metadata()),
+                metadata=self._outgoing(context),
                 timeout=self._timeout(context),
             )
             for n in nodes
@@ -239,7 +255,7 @@ class GatewayGrpc(grpc.GenericRpcHandler):  # type: ignore[misc]
 
         call = self.channel(node).stream_stream(_INFERENCE + "ModelStreamInfer")(
             forwarded(),
-            metadata=_call_metadata(context.invocation_metadata()),
+            metadata=self._outgoing(context),
             timeout=self._timeout(context),
         )
         with self._table.in_flight(node):

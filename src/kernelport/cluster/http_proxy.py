@@ -69,6 +69,9 @@ class GatewayHttpApp:
         self._session = session
         self._version = version
         config = table.config
+        # The gateway's own key for the nodes replaces the client's (already checked here).
+        node_auth = config.node_authorization()
+        self._node_auth = ("Authorization", node_auth) if node_auth is not None else None
         self._max_body = config.max_body_bytes
         self._timeout = aiohttp.ClientTimeout(
             total=None,
@@ -146,6 +149,9 @@ class GatewayHttpApp:
         self, node: Node, method: str, target: str, headers: Headers, body: bytes
     ) -> Answer:
         out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k not in _HOP]
+        if self._node_auth is not None:
+            out = [(k, v) for k, v in out if k.lower() != "authorization"]
+            out.append(self._node_auth)
         with self._table.in_flight(node):
             try:
                 # encoded: the client's own percent-encoding goes on as it came

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
-from kernelport.config import LogLevel, OptionalPath, Port, Settings
+from kernelport.config import LogLevel, Names, OptionalPath, Port, Settings, api_keys
 from kernelport.limits import Limits
 
 MISSING_EXTRA = "the gateway needs aiohttp: pip install 'kernelport[gateway]'"
@@ -148,6 +148,40 @@ class GatewayConfig(Settings):
     ports_file: OptionalPath = Field(
         None, description='once listening, write the ports as JSON {"http": N, "grpc": N}'
     )
+    # Declared before api_keys so that the api_keys validator sees it.
+    api_key_file: OptionalPath = Field(
+        None,
+        description="API keys clients must present, one a line: 'Authorization: Bearer <key>' "
+        "(gRPC: 'authorization' metadata); health probes stay open",
+    )
+    api_keys: Names = Field(
+        (), repr=False, validate_default=True,
+        description="an API key clients must present (repeatable). No keys: no authentication",
+    )  # fmt: skip
+    auth_scope: Literal["all", "admin"] = Field(
+        "all",
+        description="with API keys: all protects every endpoint but the probes; admin only the "
+        "repository, logging, trace and shared-memory APIs",
+    )
+    node_api_key_file: OptionalPath = Field(
+        None,
+        description="a file whose first key the gateway presents to the nodes, for its own "
+        "calls and in place of the client's on forwarded requests (nodes with --api-key-file)",
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _add_file_keys(cls, keys: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        return api_keys(keys, info.data.get("api_key_file"))
+
+    def node_authorization(self) -> str | None:
+        """The Authorization value for the nodes, or None to pass the client's on."""
+        if self.node_api_key_file is None:
+            return None
+        keys = api_keys((), self.node_api_key_file)
+        if not keys:
+            raise ValueError(f"setting node_api_key_file: no key in {self.node_api_key_file}")
+        return f"Bearer {keys[0]}"
 
     @field_validator("model_cost")
     @classmethod

@@ -315,7 +315,7 @@ def _authorization(context: Any) -> str | None:
     return None
 
 
-def _guarded(handler: Handler, auth: Auth) -> Handler:
+def guarded(handler: Handler, auth: Auth) -> Handler:
     """Refuse the RPC with UNAUTHENTICATED unless its metadata carries a valid key."""
 
     @functools.wraps(handler)
@@ -327,7 +327,7 @@ def _guarded(handler: Handler, auth: Auth) -> Handler:
     return wrapped
 
 
-def _guarded_stream(handler: Callable[..., AsyncIterator[Any]], auth: Auth) -> Any:
+def guarded_stream(handler: Callable[..., AsyncIterator[Any]], auth: Auth) -> Any:
     @functools.wraps(handler)
     async def wrapped(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         if not auth.allows(_authorization(context)):
@@ -348,7 +348,7 @@ def _handlers(servicer: object, service: str, auth: Auth | None = None) -> grpc.
         impl[name] = method if streaming else _translating(method)
         # Guarding when the handlers are built leaves open RPCs (and an open server) untouched.
         if auth is not None and auth.protects_rpc(name):
-            impl[name] = (_guarded_stream if streaming else _guarded)(impl[name], auth)
+            impl[name] = (guarded_stream if streaming else guarded)(impl[name], auth)
     return rpc.method_handlers(service, impl)
 
 
@@ -360,7 +360,7 @@ def _standard_handlers(
     for service, impl in standard.handlers().items():
         if auth is not None:
             impl = {
-                name: _guarded_stream(method, auth) if auth.protects_rpc(name) else method
+                name: guarded_stream(method, auth) if auth.protects_rpc(name) else method
                 for name, method in impl.items()
             }
         out.append(rpc.method_handlers(service, impl, DEFAULT_POOL))
