@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -84,9 +85,14 @@ def node_up(gateway: RunningServer, name: str) -> bool:
 
 
 def start_gateway(
-    tmp_path: Path, nodes: dict[str, RunningServer], *args: str, timeout: float = 30
+    tmp_path: Path,
+    nodes: dict[str, RunningServer],
+    *args: str,
+    timeout: float = 30,
+    ready_context: str | None = None,
 ) -> RunningServer:
-    """``kernelport gateway`` on free ports in front of ``nodes``, polled until ready."""
+    """``kernelport gateway`` on free ports in front of ``nodes``, polled until ready
+    (over HTTPS, trusting the CA file ``ready_context``, when the gateway has TLS)."""
     ports_file = tmp_path / f"gateway-{time.monotonic_ns()}.json"
     log_path = ports_file.with_suffix(".log")
     cmd = [sys.executable, "-m", "kernelport", "gateway", "--host", "127.0.0.1",
@@ -111,7 +117,7 @@ def start_gateway(
     try:
         wait_until(listening, timeout, "gateway listening")
         assert gateway is not None
-        wait_until(lambda: _ready(gateway), timeout, "gateway ready")
+        wait_until(lambda: _ready(gateway, ready_context), timeout, "gateway ready")
     except BaseException:
         process.kill()
         process.wait()
@@ -119,9 +125,12 @@ def start_gateway(
     return gateway
 
 
-def _ready(gateway: RunningServer) -> bool:
+def _ready(gateway: RunningServer, ca: str | None = None) -> bool:
+    scheme = "https" if ca is not None else "http"
+    context = ssl.create_default_context(cafile=ca) if ca is not None else None
+    url = f"{scheme}://{gateway.http_url}/v2/health/ready"
     try:
-        with urllib.request.urlopen(f"http://{gateway.http_url}/v2/health/ready", timeout=1):
+        with urllib.request.urlopen(url, timeout=1, context=context):
             return True
     except (urllib.error.HTTPError, OSError):
         return False

@@ -4,6 +4,7 @@ client's, on forwarded requests and on the gateway's own health and index calls.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from conftest import running_server
-from gateway_nodes import node_repository, running_gateway
+from gateway_nodes import node_repository, running_gateway, start_gateway
+from tls_certs import make_certs
 from tritonclient.utils import InferenceServerException
 
 CLIENT_KEY = "client-key-1"
@@ -49,3 +51,28 @@ def test_clients_need_the_gateway_key_and_nodes_see_theirs(tmp_path: Path) -> No
                     assert _ident(client, module, good) == [0.0, 1.0, 2.0, 3.0]
                 finally:
                     client.close()
+
+
+def test_the_gateway_serves_https_and_grpc_over_tls(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is needed to make test certificates")
+    certs = make_certs(tmp_path)
+    with running_server(tmp_path, node_repository(tmp_path), "--readiness", "any") as node:
+        tls = ("--tls-cert", certs.server, "--tls-key", certs.server_key)
+        gateway = start_gateway(tmp_path, {"n1": node}, *tls, ready_context=certs.ca)
+        try:
+            secure_http = httpclient.InferenceServerClient(
+                gateway.http_url, ssl=True, ssl_options={"ca_certs": certs.ca}
+            )
+            secure_grpc = grpcclient.InferenceServerClient(
+                gateway.grpc_url, ssl=True, root_certificates=certs.ca
+            )
+            for client, module in ((secure_http, httpclient), (secure_grpc, grpcclient)):
+                assert _ident(client, module, None) == [0.0, 1.0, 2.0, 3.0]
+                client.close()
+            plain = httpclient.InferenceServerClient(gateway.http_url)
+            with pytest.raises(Exception):  # noqa: B017 - any failure: TLS is not optional
+                plain.is_server_live()
+            plain.close()
+        finally:
+            assert gateway.stop() == 0, gateway.log()

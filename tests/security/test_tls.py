@@ -12,7 +12,6 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from conftest import RunningServer, running_server, serve_command
 from helpers import identity_config, write_model
+from tls_certs import Certs, make_certs
 from tritonclient.utils import InferenceServerException
 
 from kernelport.cli import main
@@ -28,53 +28,11 @@ from kernelport.config import Config
 from kernelport.server import Server
 
 
-@dataclass(frozen=True)
-class Certs:
-    """PEM file names in ``dir``: ``certs.ca``, ``certs.server``, ``certs.server_key``, ..."""
-
-    dir: Path
-
-    def __getattr__(self, name: str) -> str:
-        stem, _, kind = name.rpartition("_")
-        return str(self.dir / (f"{stem}.key" if kind == "key" else f"{name}.pem"))
-
-
-EC = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
-
-
-def _openssl(cwd: Path, command: str) -> None:
-    # Every argument is free of spaces: the files are named relative to cwd.
-    subprocess.run(["openssl", *command.split()], cwd=cwd, check=True, capture_output=True)
-
-
-def _leaf(cwd: Path, name: str, extensions: str) -> None:
-    """A key and a certificate for ``name``, signed by the CA in ``cwd``."""
-    _openssl(cwd, f"req {EC} -keyout {name}.key -out {name}.csr -subj /CN={name}")
-    (cwd / f"{name}.ext").write_text(
-        f"{extensions}\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
-    )
-    _openssl(
-        cwd,
-        f"x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 "
-        f"-out {name}.pem -extfile {name}.ext",
-    )
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     if shutil.which("openssl") is None:
         pytest.skip("the openssl CLI is needed to make test certificates")
-    cwd = tmp_path_factory.mktemp("certs")
-    _openssl(
-        cwd,
-        f"req -x509 {EC} -keyout ca.key -out ca.pem -days 2 -subj /CN=kernelport-test-ca "
-        "-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign",
-    )
-    _leaf(cwd, "server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth")
-    _leaf(cwd, "client", "extendedKeyUsage=clientAuth")
-    _openssl(cwd, f"req -x509 {EC} -keyout rogue.key -out rogue.pem -days 2 -subj /CN=rogue")
-    return Certs(cwd)
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 KEY = "tls-and-key"

@@ -27,6 +27,7 @@ from kernelport.config import write_ports
 from kernelport.observability import logging as log_setup
 from kernelport.protocols.auth import Auth, RequireKey
 from kernelport.protocols.http_timeouts import header_timeout_protocol
+from kernelport.protocols.tls import TlsFiles
 from kernelport.version import __version__
 
 log = logging.getLogger("kernelport.gateway")
@@ -94,7 +95,16 @@ class Gateway:
         server.add_generic_rpc_handlers((self._grpc,))
         host = config.host
         address = f"[{host}]:{config.grpc_port}" if ":" in host else f"{host}:{config.grpc_port}"
-        self.grpc_port = int(server.add_insecure_port(address))
+        tls = (
+            TlsFiles(config.tls_cert, config.tls_key, config.tls_ca)
+            if config.tls_cert is not None and config.tls_key is not None
+            else None
+        )
+        if tls is not None:
+            tls.check()  # a missing or bad file stops startup with its setting named
+            self.grpc_port = int(server.add_secure_port(address, tls.grpc_credentials()))
+        else:
+            self.grpc_port = int(server.add_insecure_port(address))
         if self.grpc_port == 0:
             raise RuntimeError(f"gRPC server cannot listen on {address}")
         await server.start()
@@ -114,6 +124,7 @@ class Gateway:
                 proxy_headers=False,
                 timeout_keep_alive=config.http_idle_timeout,  # type: ignore[arg-type]
                 backlog=2048,
+                **(tls.uvicorn_options() if tls is not None else {}),
             )
         )
         self._serving = asyncio.create_task(self._http.serve(sockets=[sock]))

@@ -169,6 +169,16 @@ class GatewayConfig(Settings):
         "calls and in place of the client's on forwarded requests (nodes with --api-key-file)",
     )
 
+    tls_cert: OptionalPath = Field(
+        None, description="PEM certificate (chain) for the gateway's HTTPS and gRPC; needs "
+        "--tls-key"
+    )  # fmt: skip
+    tls_key: OptionalPath = Field(None, description="PEM private key of --tls-cert")
+    tls_ca: OptionalPath = Field(
+        None, description="PEM CA bundle: mutual TLS (clients must present a certificate it "
+        "signed)"
+    )  # fmt: skip
+
     @field_validator("api_keys")
     @classmethod
     def _add_file_keys(cls, keys: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
@@ -198,6 +208,10 @@ class GatewayConfig(Settings):
         names = [n.name for n in self.node]
         if len(set(names)) != len(names):
             raise ValueError("setting node: node names must be distinct")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("settings tls_cert and tls_key: give both or neither")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("setting tls_ca: mutual TLS needs tls_cert and tls_key as well")
         return self
 
     def costs(self) -> dict[str, float]:
