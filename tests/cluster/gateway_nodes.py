@@ -96,7 +96,8 @@ def start_gateway(
     ports_file = tmp_path / f"gateway-{time.monotonic_ns()}.json"
     log_path = ports_file.with_suffix(".log")
     cmd = [sys.executable, "-m", "kernelport", "gateway", "--host", "127.0.0.1",
-           "--http-port", "0", "--grpc-port", "0", "--ports-file", str(ports_file)]  # fmt: skip
+           "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
+           "--ports-file", str(ports_file)]  # fmt: skip
     for name, server in nodes.items():
         cmd += ["--node", node_arg(name, server)]
     with open(log_path, "wb") as log:
@@ -111,7 +112,7 @@ def start_gateway(
         if not ports_file.exists():
             return False
         ports = json.loads(ports_file.read_text())
-        gateway = RunningServer(process, ports["http"], ports["grpc"], 0, log_path)
+        gateway = RunningServer(process, ports["http"], ports["grpc"], ports["metrics"], log_path)
         return True
 
     try:

@@ -5,6 +5,7 @@ client's, on forwarded requests and on the gateway's own health and index calls.
 from __future__ import annotations
 
 import shutil
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +77,24 @@ def test_the_gateway_serves_https_and_grpc_over_tls(tmp_path: Path) -> None:
             plain.close()
         finally:
             assert gateway.stop() == 0, gateway.log()
+
+
+def test_the_gateway_exports_its_own_metrics(tmp_path: Path) -> None:
+    node_args = ("--readiness", "any")
+    with running_server(tmp_path, node_repository(tmp_path), *node_args) as node:
+        gateway = start_gateway(tmp_path, {"n1": node})
+        try:
+            client = httpclient.InferenceServerClient(gateway.http_url)
+            try:
+                for _ in range(3):
+                    _ident(client, httpclient, None)
+            finally:
+                client.close()
+            url = f"http://127.0.0.1:{gateway.metrics_port}/metrics"
+            with urllib.request.urlopen(url) as resp:
+                text = resp.read().decode()
+        finally:
+            assert gateway.stop() == 0, gateway.log()
+    assert 'kernelport_gateway_node_up{node="n1"} 1\n' in text
+    assert 'kernelport_gateway_forwarded_requests_total{node="n1"} 3\n' in text
+    assert "kernelport_gateway_retried_requests_total 0\n" in text

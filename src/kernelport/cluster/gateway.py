@@ -18,13 +18,16 @@ from typing import Any
 import aiohttp
 import grpc
 import uvicorn
+from prometheus_client import CollectorRegistry
 
 from kernelport.cluster.grpc_proxy import GatewayGrpc
 from kernelport.cluster.http_proxy import GatewayHttpApp
+from kernelport.cluster.metrics import GatewayCollector
 from kernelport.cluster.nodes import NodeTable
 from kernelport.cluster.settings import GatewayConfig
 from kernelport.config import write_ports
 from kernelport.observability import logging as log_setup
+from kernelport.observability.metrics_app import MetricsApp
 from kernelport.protocols.auth import Auth, RequireKey
 from kernelport.protocols.http_timeouts import header_timeout_protocol
 from kernelport.protocols.tls import TlsFiles
@@ -66,8 +69,11 @@ class Gateway:
         self._session: aiohttp.ClientSession | None = None
         self._grpc: GatewayGrpc | None = None
         self.table: NodeTable | None = None
+        self._metrics: _Uvicorn | None = None
+        self._metrics_serving: asyncio.Task[Any] | None = None
         self.http_port = 0
         self.grpc_port = 0
+        self.metrics_port = 0
 
     async def startup(self) -> None:
         config = self.config
@@ -132,11 +138,36 @@ class Gateway:
             if self._serving.done():
                 raise RuntimeError("HTTP server stopped during startup")
             await asyncio.sleep(0.005)
+        await self._start_metrics(table, tls)
         up = ", ".join(n.name for n in table.up_nodes()) or "none yet"
-        log.info("gateway listening: HTTP %s:%d, gRPC %s:%d; policy %s; nodes up: %s",
-                 host, self.http_port, host, self.grpc_port, config.policy, up)  # fmt: skip
+        log.info("gateway listening: HTTP %s:%d, gRPC %s:%d, metrics %s:%d; policy %s; nodes "
+                 "up: %s", host, self.http_port, host, self.grpc_port, host, self.metrics_port,
+                 config.policy, up)  # fmt: skip
         if config.ports_file is not None:
-            write_ports(config.ports_file, {"http": self.http_port, "grpc": self.grpc_port})
+            ports = {"http": self.http_port, "grpc": self.grpc_port, "metrics": self.metrics_port}
+            write_ports(config.ports_file, ports)
+
+    async def _start_metrics(self, table: NodeTable, tls: TlsFiles | None) -> None:
+        registry = CollectorRegistry(auto_describe=True)
+        registry.register(GatewayCollector(table))
+        app: Any = MetricsApp(registry, lambda: True, table.ready)
+        auth = Auth(self.config.api_keys, self.config.auth_scope)
+        if auth.enabled:
+            app = RequireKey(app, auth, metrics=True)
+        sock = _bind(self.config.host, self.config.metrics_port)
+        self.metrics_port = int(sock.getsockname()[1])
+        self._metrics = _Uvicorn(
+            uvicorn.Config(
+                app, host=self.config.host, port=self.metrics_port, loop="none",
+                lifespan="off", log_config=None, access_log=False,
+                **(tls.uvicorn_options() if tls is not None else {}),
+            )
+        )  # fmt: skip
+        self._metrics_serving = asyncio.create_task(self._metrics.serve(sockets=[sock]))
+        while not self._metrics.started:
+            if self._metrics_serving.done():
+                raise RuntimeError("metrics server stopped during startup")
+            await asyncio.sleep(0.005)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -147,12 +178,14 @@ class Gateway:
     async def shutdown(self) -> None:
         if self._grpc_server is not None:
             await self._grpc_server.stop(grace=2.0)
-        if self._http is not None:
-            self._http.should_exit = True
+        for http in (self._http, self._metrics):
+            if http is not None:
+                http.should_exit = True
         if self._poll is not None:
             self._poll.cancel()
         await asyncio.gather(
-            *(t for t in (self._poll, self._serving) if t is not None), return_exceptions=True
+            *(t for t in (self._poll, self._serving, self._metrics_serving) if t is not None),
+            return_exceptions=True,
         )
         if self._grpc is not None:
             await self._grpc.close()

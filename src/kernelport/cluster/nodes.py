@@ -42,6 +42,8 @@ class Node:
     known_models: frozenset[str] = frozenset()
     extensions: tuple[str, ...] | None = None
     outstanding: int = 0
+    forwarded: int = 0  # requests sent to it
+    removals: int = 0  # times taken out of routing
     infer_ns: dict[str, int] = field(default_factory=dict)  # last compute_infer sample
 
     @property
@@ -61,6 +63,7 @@ class NodeTable:
         self._costs_at = time.monotonic()
         self.measured: dict[str, float] = {}
         self.checked = asyncio.Event()  # set after the first round of checks
+        self.retried = 0  # requests sent again to another node (the first was unreachable)
 
     # ---- routing -------------------------------------------------------------------------
 
@@ -87,6 +90,7 @@ class NodeTable:
         except NotSent as exc:
             self.unreachable(node, str(exc))
             first = str(exc)
+        self.retried += 1
         try:
             retry = self.pick(model, exclude=frozenset({node.name}))
         except ServerError as exc:
@@ -113,6 +117,7 @@ class NodeTable:
 
     @contextmanager
     def in_flight(self, node: Node) -> Iterator[None]:
+        node.forwarded += 1
         node.outstanding += 1
         try:
             yield
@@ -123,6 +128,7 @@ class NodeTable:
         """A forwarded request could not connect: out of routing until it answers a check."""
         if node.up:
             node.up = False
+            node.removals += 1
             log.warning("node %s removed from routing: %s", node.name, reason)
             self._replace_placement()
 
@@ -181,6 +187,7 @@ class NodeTable:
             node.failures += 1
             if node.up and node.failures >= self.config.health_failures:
                 node.up = False
+                node.removals += 1
                 log.warning("node %s removed from routing: %d checks unanswered (%s)",
                             node.name, node.failures, _reason(exc))  # fmt: skip
             return
@@ -192,6 +199,7 @@ class NodeTable:
         )
         if ready != 200:
             if node.up:
+                node.removals += 1
                 log.warning("node %s removed from routing: not ready", node.name)
             node.up = False
         elif not node.up:

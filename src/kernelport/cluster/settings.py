@@ -104,6 +104,9 @@ class GatewayConfig(Settings):
     host: str = Field("0.0.0.0", description="address to listen on")
     http_port: Port = Field(8000, description="KServe V2 HTTP port (0: any free port)")
     grpc_port: Port = Field(8001, description="KServe V2 gRPC port (0: any free port)")
+    metrics_port: Port = Field(
+        8002, description="Prometheus metrics of the gateway (/metrics; 0: any free port)"
+    )
     policy: Policy = Field(
         "round_robin",
         description="which node serves a model's request: round_robin (each of its nodes in "
@@ -146,7 +149,8 @@ class GatewayConfig(Settings):
     log_level: LogLevel = Field("info", description="log threshold")
     log_format: Literal["plain", "json"] = Field("plain", description="log line format")
     ports_file: OptionalPath = Field(
-        None, description='once listening, write the ports as JSON {"http": N, "grpc": N}'
+        None,
+        description='once listening, write the ports as JSON {"http": N, "grpc": N, "metrics": N}',
     )
     # Declared before api_keys so that the api_keys validator sees it.
     api_key_file: OptionalPath = Field(
