@@ -133,3 +133,20 @@ async def test_a_model_over_the_whole_budget_and_a_broken_lazy_model(tmp_path: P
         assert dp.model_ready("broken")  # ready: it loads on demand
     finally:
         await manager.close()
+
+
+async def test_a_request_waits_for_a_load_no_longer_than_its_timeout(
+    plane: tuple[DataPlane, int],
+) -> None:
+    dp, _ = plane
+    cold = next(n for n, p in _pools(dp).items() if not p.resident)
+    x = np.ones((1, 4), np.float32)
+    hurried = InferRequest(
+        cold, inputs=[Tensor("INPUT0", "FP32", (1, 4), x)], parameters={"timeout": 1}
+    )
+    with pytest.raises(ServerError) as info:
+        await dp.infer(hurried)  # 1 us: the load cannot be done by then
+    assert info.value.code is ErrorCode.DEADLINE_EXCEEDED
+    assert "was still loading when the request's timeout of 1 us passed" in info.value.message
+    # the load went on for the requests that can wait
+    np.testing.assert_allclose(await _ask(dp, cold, x), x * (int(cold[1:]) + 1), rtol=1e-5)

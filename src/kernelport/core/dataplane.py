@@ -15,6 +15,7 @@ from kernelport.core.backend import Arrays
 from kernelport.core.manager import ModelManager, ModelVersion
 from kernelport.core.memory import OnDemandPool
 from kernelport.core.model_config import ModelConfig
+from kernelport.core.options import request_options
 from kernelport.core.names import shown
 from kernelport.core.shm import SharedMemoryRegistry, write_outputs
 from kernelport.core.stats import ModelStatsSnapshot, failure_code
@@ -293,7 +294,9 @@ class DataPlane:
                 finally:
                     model.queue.announced -= 1
             # A model loaded on first use: the wait for it counts as queue time.
-            waited = await model.pool.ensure() if isinstance(model.pool, OnDemandPool) else 0
+            waited = 0
+            if isinstance(model.pool, OnDemandPool):
+                waited = await _loaded(model.pool, config, request.parameters)
             # Any row count: the queue splits what exceeds max_batch_size.
             arrays, timings = await model.queue.submit(inputs, rows, request.parameters)
             if waited:
@@ -360,3 +363,20 @@ async def _hook(model: str, which: str, hook: Callable[[Arrays], Arrays], arrays
         raise ServerError(
             ErrorCode.INTERNAL, f"model '{model}' {which} failed: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+async def _loaded(pool: OnDemandPool, config: ModelConfig, parameters: Any) -> int:
+    """Wait for an on-demand model to be resident, no longer than the request's timeout
+    (its ``timeout`` parameter or the model's default queue timeout): the load is queue time.
+    The nanoseconds waited."""
+    options = request_options(parameters, config.dynamic_batching)
+    if not options.timeout_ns:
+        return await pool.ensure()
+    try:
+        return await asyncio.wait_for(pool.ensure(), options.timeout_ns / 1e9)
+    except TimeoutError:
+        raise ServerError(
+            ErrorCode.DEADLINE_EXCEEDED,
+            f"model '{config.name}' was still loading when the request's timeout of "
+            f"{options.timeout_ns // 1000} us passed",
+        ) from None
