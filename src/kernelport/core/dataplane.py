@@ -15,8 +15,8 @@ from kernelport.core.backend import Arrays
 from kernelport.core.manager import ModelManager, ModelVersion
 from kernelport.core.memory import OnDemandPool
 from kernelport.core.model_config import ModelConfig
-from kernelport.core.options import request_options
 from kernelport.core.names import shown
+from kernelport.core.options import request_options
 from kernelport.core.shm import SharedMemoryRegistry, write_outputs
 from kernelport.core.stats import ModelStatsSnapshot, failure_code
 from kernelport.core.streaming import Decoupled
