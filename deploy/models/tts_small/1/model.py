@@ -65,7 +65,9 @@ def _seedable(model_bytes: bytes) -> tuple[bytes, list[str]]:
         ]
         if shaped != out:
             for const, value in (("scale", scale), ("mean", mean)):
-                graph.initializer.append(helper.make_tensor(p + const, TensorProto.FLOAT, [], [value]))
+                graph.initializer.append(
+                    helper.make_tensor(p + const, TensorProto.FLOAT, [], [value])
+                )
             nodes += [
                 helper.make_node("Mul", [shaped, p + "scale"], [p + "scaled"]),
                 helper.make_node("Add", [p + "scaled", p + "mean"], [out]),
