@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         "--into", type=Path, required=True, metavar="REPO", help="model repository to write"
     )
     fetch.add_argument("--quiet", action="store_true", help="no progress bars or file lines")
+    _add_bench(commands)
     gateway = commands.add_parser(
         "gateway",
         help="one endpoint in front of several KernelPort nodes",
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         return _gateway(args)
     if args.command == "fetch":
         return _fetch(args.manifest, args.into, quiet=args.quiet)
+    if args.command == "bench":
+        return _bench(args)
     try:
         config = config_from_args(args)
     except (OSError, ValueError) as exc:
@@ -200,6 +203,92 @@ def _fetch(manifest: Path, into: Path, quiet: bool) -> int:
         return 2
     for model in fetched:
         report(f"{model.name}: ready in {model.directory}")
+    return 0
+
+
+def _add_bench(commands: Any) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="how fast a model serves, against its bare runtime",
+        description=(
+            "Run MODEL bare on its runtime, then through a `kernelport serve` it starts on "
+            "free ports, at a sweep of concurrencies over HTTP and gRPC (perf_analyzer when "
+            "installed: PA_VENV or ./.venv-pa or PATH; else a built-in tritonclient driver). "
+            "Prints throughput, p50/p99 and the server/bare ratio; writes results.json, "
+            "bench.png and bench.html into --out (the plot needs the 'bench' extra)."
+        ),
+    )
+    bench.add_argument("model", metavar="MODEL", help="the model to measure")
+    bench.add_argument(
+        "--model-repository",
+        type=Path,
+        metavar="PATH",
+        help="repository holding MODEL (default: the bundled demo repository)",
+    )
+    bench.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        metavar="N",
+        default=[1, 2, 4, 8, 16, 32],
+        help="(default: 1 2 4 8 16 32)",
+    )
+    bench.add_argument("--protocols", nargs="+", choices=["http", "grpc"], default=["http", "grpc"])
+    bench.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        default=Path("kernelport-bench"),
+        help="where the results go (default: ./kernelport-bench)",
+    )
+    bench.add_argument("--driver", choices=["auto", "perf_analyzer", "builtin"], default="auto")
+    bench.add_argument(
+        "--requests",
+        type=int,
+        default=200,
+        metavar="N",
+        help="perf_analyzer requests per count window (default: 200)",
+    )
+    bench.add_argument(
+        "--seconds",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="built-in driver: measured window per point (default: 1)",
+    )
+    bench.add_argument(
+        "--bare-seconds",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="bare runtime: timed window per batch size (default: 1)",
+    )
+    bench.add_argument("--no-plot", action="store_true", help="no PNG; the HTML has the table")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from kernelport.benchmark.command import DEMO_REPOSITORY, BenchOptions, run
+    from kernelport.benchmark.server import BenchError
+
+    options = BenchOptions(
+        model=args.model,
+        model_repository=args.model_repository or DEMO_REPOSITORY,
+        concurrency=tuple(args.concurrency),
+        protocols=tuple(args.protocols),
+        out=args.out,
+        driver=args.driver,
+        requests=args.requests,
+        seconds=args.seconds,
+        bare_seconds=args.bare_seconds,
+        plot=not args.no_plot,
+        progress=not args.quiet,
+    )
+    try:
+        run(options)
+    except (BenchError, RuntimeError, OSError) as exc:
+        print(f"kernelport bench: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

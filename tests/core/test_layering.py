@@ -60,8 +60,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     ),
     "worker": frozenset({"core", "errors", "types", "backends"}),
     "fetch": frozenset({"core"}),
+    "benchmark": frozenset({"types", "backends"}),
     "cli": frozenset(
-        {"config", "server", "version", "hosting", "observability", "cluster", "fetch"}
+        {"config", "server", "version", "hosting", "observability", "cluster", "fetch", "benchmark"}
     ),
     "__main__": frozenset({"cli"}),
     ROOT: frozenset({"config", "server", "version"}),
