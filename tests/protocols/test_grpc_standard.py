@@ -238,9 +238,9 @@ async def test_grpcio_guarded_reflection_refuses_without_a_key() -> None:
         async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
             raise grpc.RpcError(code)
 
-    from kernelport.protocols.grpc.server import _guarded_stream
+    from kernelport.protocols.grpc.server import guarded_stream
 
-    guarded = _guarded_stream(standard.reflection.ServerReflectionInfo, Auth(("k",), "all"))
+    guarded = guarded_stream(standard.reflection.ServerReflectionInfo, Auth(("k",), "all"))
 
     async def nothing() -> AsyncIterator[Any]:
         return
