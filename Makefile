@@ -12,7 +12,7 @@ TEST_WORKERS ?= auto
 # Installed on its own line, exactly pinned: this version has a local CPU wheel on our machines.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: serve test fuzz install install-test perf-analyzer lint bench demo-models clean
+.PHONY: serve test fuzz install install-test perf-analyzer browser lint bench demo-models clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,16 @@ serve: install
 perf-analyzer:
 	PYTHON=$(PYTHON) scripts/setup_perf_analyzer.sh
 
+# Headless Chromium for the check that `kernelport bench`'s page renders: the system's package
+# (Debian's chromium), installed when it is missing and apt is there to do it.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	{ command -v apt-get >/dev/null && \
+	  { apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update >/dev/null 2>&1 && \
+	      apt-get install -y --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
+	echo "browser: could not install chromium (the page check will fail: install it)"
+
 # Reports line coverage of src/kernelport; fails under [tool.coverage.report] fail_under.
 # The tests that reach a real server's gRPC port, run a second time with the other gRPC
 # transport (--grpc-transport; the first pass uses the default, auto: Envoy where pyvoy is
@@ -47,8 +57,8 @@ GRPC_TRANSPORT_TESTS ?= tests/e2e tests/batching/test_batching_e2e.py \
 	tests/observability/test_health_and_drain.py tests/lifecycle/test_model_control.py \
 	tests/backends/test_openvino.py tests/backends/test_tensorflow.py tests/backends/test_jax.py
 
-test: install-test perf-analyzer
-	KERNELPORT_REQUIRE_PERF_ANALYZER=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+test: install-test perf-analyzer browser
+	KERNELPORT_REQUIRE_PERF_ANALYZER=1 KERNELPORT_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
 		--cov=kernelport --cov-report=term
 	KERNELPORT_GRPC_TRANSPORT=$(OTHER_GRPC_TRANSPORT) KERNELPORT_REQUIRE_PERF_ANALYZER=1 \
 		$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -p no:cacheprovider \

@@ -7,6 +7,10 @@ import io
 from html.parser import HTMLParser
 from pathlib import Path
 
+from kernelport.benchmark import report
+from kernelport.benchmark.bare import BareResult
+from kernelport.benchmark.load import Point
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -61,3 +65,17 @@ def png_size(data: bytes) -> tuple[int, int]:
         image.verify()
     with Image.open(io.BytesIO(data)) as image:
         return image.size
+
+
+# Made-up measurements for the table, plot and page tests.
+BARE = [
+    BareResult(batch=1, calls_per_s=10_000, rows_per_s=10_000, p50_ms=0.1, p99_ms=0.2),
+    BareResult(batch=32, calls_per_s=2_000, rows_per_s=64_000, p50_ms=0.5, p99_ms=0.9),
+]
+POINTS = [
+    Point("http", 1, "builtin", infer_per_s=2_000, p50_ms=0.5, p99_ms=1.0),
+    Point("http", 4, "builtin", infer_per_s=5_000, p50_ms=0.8, p99_ms=2.0),
+    Point("grpc", 1, "builtin", infer_per_s=1_000, p50_ms=1.0, p99_ms=1.5),
+    Point("grpc", 4, "builtin", error="rc=99: connection refused"),
+]
+RESULTS = report.Results("mlp", "onnxruntime", BARE, POINTS)

@@ -6,25 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from page_checks import embedded_png, png_size, read_page
+from page_checks import POINTS, RESULTS, embedded_png, png_size, read_page
 
 from kernelport.benchmark import report
-from kernelport.benchmark.bare import BareResult
 from kernelport.benchmark.command import BenchOptions, run
-from kernelport.benchmark.load import Point
 from kernelport.benchmark.server import BenchError
-
-BARE = [
-    BareResult(batch=1, calls_per_s=10_000, rows_per_s=10_000, p50_ms=0.1, p99_ms=0.2),
-    BareResult(batch=32, calls_per_s=2_000, rows_per_s=64_000, p50_ms=0.5, p99_ms=0.9),
-]
-POINTS = [
-    Point("http", 1, "builtin", infer_per_s=2_000, p50_ms=0.5, p99_ms=1.0),
-    Point("http", 4, "builtin", infer_per_s=5_000, p50_ms=0.8, p99_ms=2.0),
-    Point("grpc", 1, "builtin", infer_per_s=1_000, p50_ms=1.0, p99_ms=1.5),
-    Point("grpc", 4, "builtin", error="rc=99: connection refused"),
-]
-RESULTS = report.Results("mlp", "onnxruntime", BARE, POINTS)
 
 
 def test_table_gives_each_point_its_ratio_to_bare_batch_one_and_best_batch() -> None:
