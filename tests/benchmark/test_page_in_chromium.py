@@ -1,6 +1,7 @@
 """The bench page opened in headless Chromium: it renders its table and its plot (the page is
 self-contained: a file:// URL with no network). Chromium comes from the system's packages
-(`make test` installs it where it can, and then requires it, as it does perf_analyzer)."""
+(`make test` installs it with apt when it is missing; without it the test skips, and fails
+only when KERNELPORT_REQUIRE_BROWSER=1)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def _browser() -> str:
         if found:
             return found
     if os.environ.get("KERNELPORT_REQUIRE_BROWSER") == "1":
-        pytest.fail("headless Chromium is not installed (make test installs it with apt)")
+        pytest.fail("headless Chromium is not installed (`make browser` installs it with apt)")
     pytest.skip("headless Chromium is not installed")
 
 
