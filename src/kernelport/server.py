@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
-import socket
-from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -34,6 +31,7 @@ from kernelport.protocols.grpc.asgi import GrpcAsgiApp
 from kernelport.protocols.grpc.server import GrpcFrontEnd, InferenceServicer, KernelPortServicer
 from kernelport.protocols.grpc.standard import DEFAULT_POOL, StandardServices
 from kernelport.protocols.http_timeouts import header_timeout_protocol
+from kernelport.protocols.listen import QuietUvicorn, bind
 from kernelport.protocols.rest.app import RestApp
 from kernelport.protocols.tls import TlsFiles
 from kernelport.schema import pb
@@ -43,29 +41,6 @@ log = logging.getLogger("kernelport.server")
 
 # After a drain that gave up, how long unloading may take before the process leaves anyway.
 _UNLOAD_AFTER_DRAIN_S = 2.0
-
-
-class _EmbeddedUvicorn(uvicorn.Server):
-    """uvicorn without its own signal handling: the Server decides when to stop."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:  # one of several front ends on the same port (--frontends)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.set_inheritable(True)
-    return sock
 
 
 class Server:
@@ -124,7 +99,7 @@ class Server:
         self._force = asyncio.Event()
         self.drained = True  # False once a shutdown gave up on requests still in flight
         self.stuck: list[str] = []  # models whose execution outlived the drain and the unload
-        self._http: list[_EmbeddedUvicorn] = []
+        self._http: list[QuietUvicorn] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
         # The ports actually listened on (a configured 0 means "any free port"): set by startup().
@@ -132,7 +107,7 @@ class Server:
         self.grpc_port = 0
         self.metrics_port = 0
 
-    def _uvicorn(self, app: Any, port: int) -> _EmbeddedUvicorn:
+    def _uvicorn(self, app: Any, port: int) -> QuietUvicorn:
         config = uvicorn.Config(
             app,
             host=self.config.host,
@@ -147,7 +122,7 @@ class Server:
             backlog=2048,
             **(self._tls.uvicorn_options() if self._tls is not None else {}),
         )
-        return _EmbeddedUvicorn(config)
+        return QuietUvicorn(config)
 
     async def startup(self) -> None:
         if self._tls is not None:
@@ -176,8 +151,8 @@ class Server:
         # and so a configured port 0 becomes a known one before anything is announced.
         # The HTTP port is shared by the front ends of --frontends; each has its own metrics.
         sockets = [
-            _bind(self.config.host, self.config.http_port, self.config.reuse_port),
-            _bind(self.config.host, self.config.metrics_port),
+            bind(self.config.host, self.config.http_port, self.config.reuse_port),
+            bind(self.config.host, self.config.metrics_port),
         ]
         self.http_port, self.metrics_port = (int(s.getsockname()[1]) for s in sockets)
         for (app, _), sock in zip(apps, sockets, strict=True):

@@ -8,11 +8,8 @@ until ``request_stop()``; ``shutdown()`` stops listening and closes the node con
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-import socket
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -30,30 +27,11 @@ from kernelport.observability import logging as log_setup
 from kernelport.observability.metrics_app import MetricsApp
 from kernelport.protocols.auth import Auth, RequireKey
 from kernelport.protocols.http_timeouts import header_timeout_protocol
+from kernelport.protocols.listen import QuietUvicorn, bind
 from kernelport.protocols.tls import TlsFiles
 from kernelport.version import __version__
 
 log = logging.getLogger("kernelport.gateway")
-
-
-class _Uvicorn(uvicorn.Server):
-    """uvicorn without its own signal handling: the Gateway decides when to stop."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    return sock
 
 
 class Gateway:
@@ -64,12 +42,12 @@ class Gateway:
         self._stop = asyncio.Event()
         self._poll: asyncio.Task[None] | None = None
         self._serving: asyncio.Task[Any] | None = None
-        self._http: _Uvicorn | None = None
+        self._http: QuietUvicorn | None = None
         self._grpc_server: grpc.aio.Server | None = None
         self._session: aiohttp.ClientSession | None = None
         self._grpc: GatewayGrpc | None = None
         self.table: NodeTable | None = None
-        self._metrics: _Uvicorn | None = None
+        self._metrics: QuietUvicorn | None = None
         self._metrics_serving: asyncio.Task[Any] | None = None
         self.http_port = 0
         self.grpc_port = 0
@@ -115,9 +93,9 @@ class Gateway:
             raise RuntimeError(f"gRPC server cannot listen on {address}")
         await server.start()
         self._grpc_server = server
-        sock = _bind(host, config.http_port)
+        sock = bind(host, config.http_port)
         self.http_port = int(sock.getsockname()[1])
-        self._http = _Uvicorn(
+        self._http = QuietUvicorn(
             uvicorn.Config(
                 _with_keys(GatewayHttpApp(table, self._session, __version__), config),
                 host=host,
@@ -154,9 +132,9 @@ class Gateway:
         auth = Auth(self.config.api_keys, self.config.auth_scope)
         if auth.enabled:
             app = RequireKey(app, auth, metrics=True)
-        sock = _bind(self.config.host, self.config.metrics_port)
+        sock = bind(self.config.host, self.config.metrics_port)
         self.metrics_port = int(sock.getsockname()[1])
-        self._metrics = _Uvicorn(
+        self._metrics = QuietUvicorn(
             uvicorn.Config(
                 app, host=self.config.host, port=self.metrics_port, loop="none",
                 lifespan="off", log_config=None, access_log=False,

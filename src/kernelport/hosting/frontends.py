@@ -16,7 +16,6 @@ import json
 import logging
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 
 from kernelport.config import Config, write_ports
+from kernelport.protocols.listen import bind
 
 log = logging.getLogger("kernelport.frontends")
 
@@ -35,19 +35,6 @@ _HEALTHY_S = 60.0  # up this long: the next death starts the backoff over
 #: settings the supervisor decides per front end
 _OWN = {"http_port", "grpc_port", "metrics_port", "ports_file", "frontends", "reuse_port",
         "config"}  # fmt: skip
-
-
-def _reserve(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    return sock  # bound, not listening: it holds the port and takes no connections
 
 
 class _Frontend:
@@ -87,7 +74,9 @@ def run(config: Config) -> int:
 
 
 def _run(config: Config, private: Path) -> int:
-    held = [_reserve(config.host, config.http_port), _reserve(config.host, config.grpc_port)]
+    # Bound, never listening: the ports are held, and the kernel hands connections only to
+    # the front ends that listen on them.
+    held = [bind(config.host, config.http_port, True), bind(config.host, config.grpc_port, True)]
     http, grpc = (int(s.getsockname()[1]) for s in held)
     settings = private / "config.json"
     settings.touch(mode=0o600)  # API keys may be in it
