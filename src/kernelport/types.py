@@ -67,12 +67,18 @@ def datatype(name: str) -> DataType:
 
 def datatype_of(array: np.ndarray[Any, Any]) -> DataType:
     """The V2 datatype of a numpy array (``S``/``U`` string arrays count as BYTES)."""
-    found = _BY_NUMPY.get(array.dtype)
+    found = datatype_of_dtype(array.dtype)
     if found is None:
         if array.dtype.kind in "SU":
             return DATATYPES["BYTES"]
         raise invalid(f"numpy dtype {array.dtype} has no V2 datatype")
     return found
+
+
+def datatype_of_dtype(dtype: Any) -> DataType | None:
+    """The V2 datatype of a numpy dtype (object: BYTES; bfloat16 from ml_dtypes: BF16), or
+    None when it has none (complex, structured...)."""
+    return _BY_NUMPY.get(np.dtype(dtype))
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,27 +32,13 @@ from jax.experimental.compilation_cache import compilation_cache
 from kernelport.core.backend import Arrays, LoadContext
 from kernelport.core.model_config import ModelConfig
 from kernelport.errors import ErrorCode, ServerError, invalid
+from kernelport.types import datatype_of_dtype
 
 log = logging.getLogger("kernelport.backends.jax")
 
 DEFAULT_FILE = "model.jax_export"
 CACHE_DIR = ".jax_cache"
 
-_JAX_TYPES = {
-    "bool": "BOOL",
-    "uint8": "UINT8",
-    "uint16": "UINT16",
-    "uint32": "UINT32",
-    "uint64": "UINT64",
-    "int8": "INT8",
-    "int16": "INT16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "float16": "FP16",
-    "bfloat16": "BF16",
-    "float32": "FP32",
-    "float64": "FP64",
-}
 _WIDE = {"INT64", "UINT64", "FP64"}
 
 # JAX's compilation cache directory is process-wide: compiles (rare, at load) take this lock
@@ -120,10 +106,10 @@ def _unique(names: list[str], what: str) -> list[str]:
 
 
 def _datatype(aval: Any, name: str) -> str:
-    dtype = np.dtype(aval.dtype).name
-    if dtype not in _JAX_TYPES:
-        raise invalid(f"tensor '{name}' has type {dtype}, not supported")
-    return _JAX_TYPES[dtype]
+    found = datatype_of_dtype(aval.dtype)
+    if found is None or found.name == "BYTES":  # JAX has no string arrays
+        raise invalid(f"tensor '{name}' has type {np.dtype(aval.dtype).name}, not supported")
+    return found.name
 
 
 def _dims(aval: Any) -> list[int]:

@@ -31,30 +31,12 @@ from tensorflow.core.protobuf import saved_model_pb2
 from kernelport.core.backend import Arrays, LoadContext
 from kernelport.core.model_config import ModelConfig
 from kernelport.errors import ErrorCode, ServerError, invalid
+from kernelport.types import datatype_of_dtype
 
 log = logging.getLogger("kernelport.backends.tensorflow")
 
 DEFAULT_FILE = "model.savedmodel"
 DEFAULT_SIGNATURE = "serving_default"
-
-# TensorFlow DataType names -> V2 datatypes (complex, quantized, resource and variant tensors
-# have no V2 datatype)
-_TF_TYPES = {
-    "bool": "BOOL",
-    "uint8": "UINT8",
-    "uint16": "UINT16",
-    "uint32": "UINT32",
-    "uint64": "UINT64",
-    "int8": "INT8",
-    "int16": "INT16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "float16": "FP16",
-    "bfloat16": "BF16",
-    "float32": "FP32",
-    "float64": "FP64",
-    "string": "BYTES",
-}
 
 
 def _param(config_params: dict[str, Any], *names: str, default: str = "") -> str:
@@ -101,16 +83,29 @@ class Signature:
     outputs: list[_Tensor]
 
 
+def _v2_type(enum: int) -> str | None:
+    """The V2 datatype of a TensorFlow DataType enum; None for those without one (complex,
+    quantized, resource and variant tensors)."""
+    if not enum:
+        return None
+    dtype = tf.dtypes.as_dtype(enum)
+    if dtype.is_quantized or not dtype.is_numpy_compatible:
+        return None
+    found = datatype_of_dtype(dtype.as_numpy_dtype)
+    return found.name if found is not None else None
+
+
 def _tensors(where: str, infos: Any) -> list[_Tensor]:
     out = []
     for key in sorted(infos):
         info = infos[key]
-        name = tf.dtypes.as_dtype(info.dtype).name if info.dtype else "invalid"
-        if name not in _TF_TYPES:
+        found = _v2_type(info.dtype)
+        if found is None:
+            name = tf.dtypes.as_dtype(info.dtype).name if info.dtype else "invalid"
             raise invalid(f"{where}: tensor '{key}' has type {name}, not supported")
         shape = info.tensor_shape
         dims = None if shape.unknown_rank else [int(d.size) for d in shape.dim]
-        out.append(_Tensor(key, info.name, _TF_TYPES[name], dims))
+        out.append(_Tensor(key, info.name, found, dims))
     return out
 
 
