@@ -125,10 +125,11 @@ class Sequences:
         rows = 0
         waiting = self._waiting[index]
         for job in list(waiting):
-            if job.key in keys or job.done.cancelled():
-                if job.done.cancelled():
-                    waiting.remove(job)
-                    self.queued -= 1
+            if job.done.cancelled():  # its client went away while it waited
+                waiting.remove(job)
+                self.queued -= 1
+                continue
+            if job.key in keys:  # its sequence's earlier request goes first
                 continue
             if taken and (not self.config.batching or rows + job.rows > limit):
                 break
@@ -153,26 +154,25 @@ class Sequences:
         error = batch.exception() if not batch.cancelled() else ServerError(
             ErrorCode.UNAVAILABLE, f"model '{self.config.name}': the batch was cancelled"
         )  # fmt: skip
+        if error is not None:
+            for job in taken:
+                if not job.done.done():
+                    job.done.set_exception(error)
+            self._dispatch(index)
+            return
+        result = batch.result()
+        rows = sum(j.rows for j in taken)
+        self._stats.record_execution(rows, result.input_ns, result.infer_ns, result.output_ns)
+        compute_ns = result.input_ns + result.infer_ns + result.output_ns
         now = time.monotonic_ns()
-        if error is None:
-            result = batch.result()
-            rows = sum(j.rows for j in taken)
-            self._stats.record_execution(rows, result.input_ns, result.infer_ns, result.output_ns)
-        for i, job in enumerate(taken):
+        for job, outputs in zip(taken, result.outputs, strict=True):
             if job.done.done():
                 continue
-            if error is not None:
-                job.done.set_exception(error)
-                continue
-            result = batch.result()
-            outputs = result.outputs[i]
             if isinstance(outputs, ServerError):
                 job.done.set_exception(outputs)
                 continue
-            rows = sum(j.rows for j in taken)
-            timings = Timings(now - job.queued_ns - (result.input_ns + result.infer_ns
-                              + result.output_ns), result.input_ns, result.infer_ns,
-                              result.output_ns, rows)  # fmt: skip
+            queue_ns = now - job.queued_ns - compute_ns
+            timings = Timings(queue_ns, result.input_ns, result.infer_ns, result.output_ns, rows)
             job.done.set_result((outputs, timings))
         self._dispatch(index)
 
