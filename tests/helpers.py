@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +166,36 @@ def write_scaled(repo: Path, name: str, scale: float, residency: str) -> None:
               "inputs": [{"name": "INPUT0", **tensor}], "outputs": [{"name": "OUTPUT0", **tensor}],
               "parameters": {"intra_op_threads": 1, "inter_op_threads": 1}}  # fmt: skip
     (repo / name / "model.yaml").write_text(yaml.safe_dump(config))
+
+
+def batch_sizes_after_a_burst(
+    server: Any, model: str, ask: Callable[[Any], object], clients: int = 8
+) -> list[int]:
+    """Release ``clients`` HTTP clients together, each calling ``ask(client)`` once, then the
+    batch sizes ``model`` ran (its statistics). Errors of any client are raised."""
+    import threading
+
+    import tritonclient.http as httpclient
+
+    start = threading.Barrier(clients)
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        client = httpclient.InferenceServerClient(server.http_url)
+        try:
+            start.wait()
+            ask(client)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=one) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    stats = httpclient.InferenceServerClient(server.http_url).get_inference_statistics(model)
+    return [int(b["batch_size"]) for b in stats["model_stats"][0]["batch_stats"]]

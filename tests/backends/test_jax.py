@@ -4,7 +4,6 @@ buckets, metadata, config, load errors, and the compilation cache surviving a re
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from conftest import RunningServer, running_server
-from helpers import client_for, index_of
+from helpers import batch_sizes_after_a_burst, client_for, index_of
 
 jax = pytest.importorskip("jax")
 
@@ -155,27 +154,9 @@ def test_a_broken_model_file_is_a_load_error_naming_it(client: Any) -> None:
 
 
 def test_concurrent_requests_batch(server: RunningServer) -> None:
-    start = threading.Barrier(8)
-    errors: list[BaseException] = []
-
-    def one() -> None:
-        client = httpclient.InferenceServerClient(server.http_url)
-        try:
-            start.wait()
-            _infer(client, np.ones((1, 4), np.float32))
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            client.close()
-
-    threads = [threading.Thread(target=one) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    stats = httpclient.InferenceServerClient(server.http_url).get_inference_statistics("jax_mlp")
-    sizes = [int(b["batch_size"]) for b in stats["model_stats"][0]["batch_stats"]]
+    sizes = batch_sizes_after_a_burst(
+        server, "jax_mlp", lambda c: _infer(c, np.ones((1, 4), np.float32))
+    )
     assert max(sizes) > 1, sizes
 
 

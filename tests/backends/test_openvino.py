@@ -5,7 +5,6 @@ compared with OpenVINO's direct call; batching, metadata, config and load errors
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from conftest import RunningServer, running_server
-from helpers import client_for, index_of
+from helpers import batch_sizes_after_a_burst, client_for, index_of
 
 ov = pytest.importorskip("openvino")
 
@@ -155,27 +154,9 @@ def test_a_broken_model_file_is_a_load_error_naming_it(client: Any) -> None:
 
 def test_concurrent_requests_batch(server: RunningServer) -> None:
     # ov_triton waits up to 20 ms for a batch to fill: 8 clients released together batch.
-    start = threading.Barrier(8)
-    errors: list[BaseException] = []
-
-    def one() -> None:
-        client = httpclient.InferenceServerClient(server.http_url)
-        try:
-            start.wait()
-            _infer(client, "ov_triton", np.ones((1, 4), np.float32))
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            client.close()
-
-    threads = [threading.Thread(target=one) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    stats = httpclient.InferenceServerClient(server.http_url).get_inference_statistics("ov_triton")
-    sizes = [int(b["batch_size"]) for b in stats["model_stats"][0]["batch_stats"]]
+    sizes = batch_sizes_after_a_burst(
+        server, "ov_triton", lambda c: _infer(c, "ov_triton", np.ones((1, 4), np.float32))
+    )
     assert max(sizes) > 1, sizes
 
 

@@ -5,7 +5,6 @@ metadata, config, a named signature, thread settings and load errors."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from conftest import RunningServer, running_server
-from helpers import client_for, index_of
+from helpers import batch_sizes_after_a_burst, client_for, index_of
 
 tf = pytest.importorskip("tensorflow")
 
@@ -236,27 +235,9 @@ def test_tensorflow_stays_in_process_on_both_transports(server: RunningServer) -
 
 def test_concurrent_requests_batch(server: RunningServer) -> None:
     # tf_triton waits up to 20 ms for a batch to fill: 8 clients released together batch.
-    start = threading.Barrier(8)
-    errors: list[BaseException] = []
-
-    def one() -> None:
-        client = httpclient.InferenceServerClient(server.http_url)
-        try:
-            start.wait()
-            _infer(client, "tf_triton", np.ones((1, 4), np.float32))
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            client.close()
-
-    threads = [threading.Thread(target=one) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    stats = httpclient.InferenceServerClient(server.http_url).get_inference_statistics("tf_triton")
-    sizes = [int(b["batch_size"]) for b in stats["model_stats"][0]["batch_stats"]]
+    sizes = batch_sizes_after_a_burst(
+        server, "tf_triton", lambda c: _infer(c, "tf_triton", np.ones((1, 4), np.float32))
+    )
     assert max(sizes) > 1, sizes
 
 
