@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from kernelport.backends.autocomplete import complete
 from kernelport.backends.ort_options import (
     parameter_warnings,
     providers,
@@ -64,25 +65,13 @@ class OnnxRuntimeBackend:
             return raw
         path = _model_file(version_path, raw.get("default_model_filename", ""))
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        ins = [(a.name, a.type, _dims(a.shape)) for a in session.get_inputs()]
-        outs = [(a.name, a.type, _dims(a.shape)) for a in session.get_outputs()]
-        out = dict(raw)
-        if "max_batch_size" not in raw:
-            # A model whose every tensor has a variable first dim can batch along it.
-            batchable = all(dims and dims[0] == -1 for _, _, dims in ins + outs)
-            out["max_batch_size"] = int(raw.get("default_max_batch_size", 4)) if batchable else 0
-        out.pop("default_max_batch_size", None)
-        skip = 1 if out["max_batch_size"] > 0 else 0
-
-        def specs(items: list[tuple[str, str, list[int]]]) -> list[dict[str, Any]]:
-            return [
-                {"name": name, "datatype": _ORT_TYPES.get(kind, kind), "dims": dims[skip:]}
-                for name, kind, dims in items
-            ]
-
-        out.setdefault("inputs", specs(ins))
-        out.setdefault("outputs", specs(outs))
-        return out
+        ins = [
+            (a.name, _ORT_TYPES.get(a.type, a.type), _dims(a.shape)) for a in session.get_inputs()
+        ]
+        outs = [
+            (a.name, _ORT_TYPES.get(a.type, a.type), _dims(a.shape)) for a in session.get_outputs()
+        ]
+        return complete(raw, ins, outs)
 
     def load(self, context: LoadContext) -> OnnxRuntimeInstance:
         config = context.config

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import openvino as ov
 
+from kernelport.backends.autocomplete import complete
 from kernelport.core.backend import Arrays, LoadContext
 from kernelport.core.model_config import ModelConfig
 from kernelport.errors import ErrorCode, ServerError, invalid
@@ -99,20 +100,7 @@ class OpenVinoBackend:
         model = _read(self._core, path)
         ins = [(p.get_any_name(), _datatype(p, path), _dims(p)) for p in model.inputs]
         outs = [(p.get_any_name(), _datatype(p, path), _dims(p)) for p in model.outputs]
-        out = dict(raw)
-        if "max_batch_size" not in raw:
-            # A model whose every tensor has a variable first dim can batch along it.
-            batchable = all(dims and dims[0] == -1 for _, _, dims in ins + outs)
-            out["max_batch_size"] = int(raw.get("default_max_batch_size", 4)) if batchable else 0
-        out.pop("default_max_batch_size", None)
-        skip = 1 if out["max_batch_size"] > 0 else 0
-
-        def specs(items: list[tuple[str, str, list[int]]]) -> list[dict[str, Any]]:
-            return [{"name": n, "datatype": t, "dims": d[skip:]} for n, t, d in items]
-
-        out.setdefault("inputs", specs(ins))
-        out.setdefault("outputs", specs(outs))
-        return out
+        return complete(raw, ins, outs)
 
     def load(self, context: LoadContext) -> OpenVinoInstance:
         config = context.config

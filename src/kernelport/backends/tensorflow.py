@@ -28,6 +28,7 @@ import tensorflow as tf
 from google.protobuf.message import DecodeError
 from tensorflow.core.protobuf import saved_model_pb2
 
+from kernelport.backends.autocomplete import complete
 from kernelport.core.backend import Arrays, LoadContext
 from kernelport.core.model_config import ModelConfig
 from kernelport.errors import ErrorCode, ServerError, invalid
@@ -151,23 +152,11 @@ class TensorFlowBackend:
         for t in every:
             if t.dims is None:
                 raise invalid(f"{path}: tensor '{t.key}' has an unknown rank: declare its dims")
-        out = dict(raw)
-        if "max_batch_size" not in raw:
-            # A signature whose every tensor has a variable first dim batches along it.
-            batchable = all(t.dims and t.dims[0] == -1 for t in every)
-            out["max_batch_size"] = int(raw.get("default_max_batch_size", 4)) if batchable else 0
-        out.pop("default_max_batch_size", None)
-        skip = 1 if out["max_batch_size"] > 0 else 0
-
-        def specs(items: list[_Tensor]) -> list[dict[str, Any]]:
-            return [
-                {"name": t.key, "datatype": t.datatype, "dims": (t.dims or [])[skip:]}
-                for t in items
-            ]
-
-        out.setdefault("inputs", specs(signature.inputs))
-        out.setdefault("outputs", specs(signature.outputs))
-        return out
+        return complete(
+            raw,
+            [(t.key, t.datatype, t.dims or []) for t in signature.inputs],
+            [(t.key, t.datatype, t.dims or []) for t in signature.outputs],
+        )
 
     def load(self, context: LoadContext) -> TensorFlowInstance:
         config = context.config
