@@ -40,7 +40,6 @@ Headers = list[tuple[bytes, bytes]]
 RawHeaders = Mapping[bytes, bytes]  # as the ASGI scope gives them: lower-case names
 
 _HEADER_LENGTH = codec.HEADER_LENGTH.encode()
-_GENERATE_SUFFIXES = ("/generate", "/generate_stream")
 _INFER_PREFIX, _INFER_SUFFIX = "/v2/models/", "/infer"
 
 _JSON = [(b"content-type", b"application/json")]
@@ -99,15 +98,14 @@ class RestApp:
                 encoding = raw_encoding.decode("latin-1").strip().lower()
                 if encoding not in ("", "identity"):
                     body = await decompress(body, encoding, self._limits.max_inflated_bytes)
-            if method == "POST" and path.endswith(_GENERATE_SUFFIXES):
-                found = generate.ROUTE.match(path)
-                if found is not None:  # answered as it streams: no Response to send here
-                    return await generate.serve(self._dp, found, body, scope, receive, send)
             # Inference skips the route table: the hot path's only route, matched by hand.
             target = _infer_target(path) if method == "POST" else None
             if target is not None:
                 work = self._infer(target[0], target[1], headers, body)
                 response = await _unless_disconnected(work, receive, scope)
+            elif method == "POST" and (found := generate.ROUTE.match(path)) is not None:
+                # answered as it streams: no Response to send here
+                return await generate.serve(self._dp, found, body, scope, receive, send)
             elif path.endswith(_INFER_SUFFIX):
                 route = self._route(method, path, headers, body)
                 response = await _unless_disconnected(route, receive, scope)
