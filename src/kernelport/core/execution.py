@@ -177,9 +177,6 @@ class WorkerPool:
     may block on purpose).
     """
 
-    #: loaded on first use (``core/memory.py``): the data plane calls ``ensure`` first
-    on_demand = False
-
     def __init__(self, workers: Sequence[BatchRunner], inline: bool = False) -> None:
         self.workers = list(workers)
         self.inline = inline

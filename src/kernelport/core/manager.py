@@ -403,7 +403,7 @@ class ModelManager:
                 config = parse_model_config(completed, where)
                 self._check_calls(config, where)
                 loaded[version] = await self._load_version(backend, config, version, path)
-                if not loaded[version].pool.on_demand:  # on-demand ones warm up as they load
+                if not isinstance(loaded[version].pool, OnDemandPool):  # they warm up as they load
                     await warm_up(config, loaded[version].pool, source.path)
         except BaseException:
             for mv in loaded.values():

@@ -51,8 +51,6 @@ class OnDemandPool(WorkerPool):
     request is queued) loads it.
     """
 
-    on_demand = True
-
     def __init__(
         self, name: str, device: str, size: int, loader: Loader, budget: MemoryBudget
     ) -> None:
