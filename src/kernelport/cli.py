@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     fetch.add_argument("--quiet", action="store_true", help="no progress bars or file lines")
     _add_bench(commands)
+    from kernelport.cluster.raycluster.commands import add_commands  # imports no Ray
+
+    add_commands(commands)
     gateway = commands.add_parser(
         "gateway",
         help="one endpoint in front of several KernelPort nodes",
@@ -138,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "gateway":
         return _gateway(args)
+    if args.command in ("cluster", "join"):
+        from kernelport.cluster.raycluster import commands as cluster
+
+        return cluster.run(args)
     if args.command == "fetch":
         return _fetch(args.manifest, args.into, quiet=args.quiet)
     if args.command == "bench":

@@ -103,6 +103,19 @@ class NodeTable:
             self.unreachable(retry, str(exc))
             raise unavailable(f"{first}; {exc}") from None
 
+    def add_node(self, spec: NodeSpec) -> Node:
+        """A node that joined (cluster mode): routed to after its first good check."""
+        node = self.nodes[spec.name] = Node(spec)
+        self._order.append(spec.name)
+        return node
+
+    def remove_node(self, name: str) -> None:
+        """A node that is gone for good (cluster mode): out of routing and placement now;
+        requests already sent to it end with its connection."""
+        if self.nodes.pop(name, None) is not None:
+            self._order.remove(name)
+            self._replace_placement()
+
     def up_nodes(self) -> list[Node]:
         return [self.nodes[n] for n in self._order if self.nodes[n].up]
 
