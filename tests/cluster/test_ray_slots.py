@@ -118,3 +118,16 @@ def test_join_without_a_head_fails_fast(tmp_path: Path) -> None:
         discovery_timeout=0.5, mdns_interface="127.0.0.1", log_level="warning",
     )  # fmt: skip
     assert commands.run(args) == 2
+
+
+def test_a_head_advertised_over_mdns_is_found_by_name() -> None:
+    from kernelport.cluster.raycluster.discovery import Advertiser, Head, find_head
+
+    name = f"unit-{os.getpid()}"
+    head = Head(name, "127.0.0.1:6399", "token", "http://127.0.0.1:1", "127.0.0.1:2")
+    advertiser = Advertiser(head, "127.0.0.1")
+    try:
+        assert find_head(name, 30, "127.0.0.1") == head
+        assert find_head(f"{name}-other", 0.5, "127.0.0.1") is None
+    finally:
+        advertiser.close()

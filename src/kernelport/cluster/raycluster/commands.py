@@ -135,7 +135,7 @@ def _join(args: argparse.Namespace) -> int:
     )  # fmt: skip
     # Same process group as this command: stopping or killing the group stops the node.
     process = start_ray(command, token, None, own_session=False)
-    signal.signal(signal.SIGTERM, lambda *_: stop_ray(process))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C
     log.info("joining %s (CPUs %s, GPUs %s)", address, args.num_cpus or "all",
              args.num_gpus if args.num_gpus is not None else "all")  # fmt: skip
     try:
@@ -143,6 +143,8 @@ def _join(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         stop_ray(process)
         return 0
+    finally:
+        stop_ray(process)
 
 
 async def _head(args: argparse.Namespace) -> int:
@@ -199,12 +201,10 @@ async def _head(args: argparse.Namespace) -> int:
         await controller.attach(gateway.table)
         if not args.no_advertise:
             gcs = str(ray.get_runtime_context().gcs_address)
-            here = gcs.rpartition(":")[0]
-            advertiser = Advertiser(
-                Head(args.cluster_name, gcs, "token" if token else "none",
-                     f"http://{here}:{gateway.http_port}", f"{here}:{gateway.grpc_port}"),
-                args.mdns_interface,
-            )  # fmt: skip
+            here = gcs.rpartition(":")[0] if args.host in ("0.0.0.0", "::") else args.host
+            head = Head(args.cluster_name, gcs, "token" if token else "none",
+                        f"http://{here}:{gateway.http_port}", f"{here}:{gateway.grpc_port}")  # fmt: skip
+            advertiser = Advertiser(head, args.mdns_interface)
         log.info("cluster '%s' serving: Ray %s, %d slots", args.cluster_name, address,
                  len(controller.slots))  # fmt: skip
         watching = asyncio.create_task(controller.run())
@@ -214,7 +214,7 @@ async def _head(args: argparse.Namespace) -> int:
         return 0
     finally:
         if advertiser is not None:
-            advertiser.close()
+            await asyncio.to_thread(advertiser.close)
         if gateway is not None:
             await gateway.shutdown()
         if controller is not None:

@@ -151,8 +151,12 @@ class ClusterController:
         wanted = self.settings.models or tuple(self.sizes)
         return [m for m in wanted if m in self.sizes]
 
-    async def place(self) -> None:
-        """Pack the models onto the slots (keeping those already placed) and load the new."""
+    async def place(self, rebalance: bool = False) -> None:
+        """Pack the models onto the slots (keeping those already placed) and load the new.
+
+        ``rebalance`` (new slots joined): a fresh packing replaces the kept one when it is
+        better (lower busiest-slot cost, then fewer models on the fullest slot); a moved model
+        is loaded on its new slot before it is unloaded from its old one."""
         costs_known = self.table.costs() if self.table is not None else {}
         costs = {m: costs_known.get(m, 0.0) for m in self.models()}
         names = sorted(self.slots)
@@ -161,10 +165,17 @@ class ClusterController:
             for n in names
         }
         result = pack(costs, self.sizes, free, names, keep=self.placement)
+        if rebalance:
+            fresh = pack(costs, self.sizes, free, names)
+            if not fresh.unplaced and _score(fresh.assignment, costs) < _score(
+                result.assignment, costs
+            ):
+                result = fresh
         if result.unplaced and result.unplaced != self.unplaced:
             log.warning("no slot has memory for: %s", ", ".join(result.unplaced))
         self.unplaced = result.unplaced
         moves = [(m, s) for m, s in result.assignment.items() if self.placement.get(m) != s]
+        old = {m: self.placement[m] for m, _ in moves if m in self.placement}
         self.placement = result.assignment
         loaded = await asyncio.gather(*(self._load(m, self.slots[s]) for m, s in moves))
         for (model, slot), ok in zip(moves, loaded, strict=True):
@@ -176,6 +187,9 @@ class ClusterController:
             log.info("placement: %s", ", ".join(f"{m}->{s}" for m, s in sorted(moves)))
             if self.table is not None:
                 await self.table.check_all()  # route to the new places now
+        for model, slot_name in old.items():
+            if self.placement.get(model) != slot_name and slot_name in self.slots:
+                await self._unload(model, self.slots[slot_name])
 
     async def _load(self, model: str, slot: Slot) -> bool:
         assert self._session is not None
@@ -190,6 +204,21 @@ class ClusterController:
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("loading %s on %s: %s", model, slot.name, exc)
         return False
+
+    async def _unload(self, model: str, slot: Slot) -> None:
+        assert self._session is not None
+        slot.models.discard(model)
+        if self.table is not None and slot.name in self.table.nodes:
+            # route elsewhere before the model goes, not after the next health check
+            node = self.table.nodes[slot.name]
+            node.ready_models = node.ready_models - {model}
+        url = f"{slot.spec.http}/v2/repository/models/{model}/unload"
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.settings.slot_start_timeout)
+            async with self._session.post(url, data=b"{}", timeout=timeout) as resp:
+                await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("unloading %s from %s: %s", model, slot.name, exc)
 
     # ---- liveness ------------------------------------------------------------------------------
 
@@ -240,7 +269,7 @@ class ClusterController:
                 new = await self.scan()
                 self.route(new)
                 if new or self.unplaced or len(self.placement) < len(self.models()):
-                    await self.place()
+                    await self.place(rebalance=bool(new))
                 next_scan = time.monotonic() + self.settings.scan_interval
             await asyncio.sleep(self.settings.heartbeat_interval)
 
@@ -275,3 +304,12 @@ class ClusterController:
         self.slots.clear()
         if self._session is not None:
             await self._session.close()
+
+
+def _score(assignment: Mapping[str, str], costs: Mapping[str, float]) -> tuple[float, int]:
+    load: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for model, slot in assignment.items():
+        load[slot] = load.get(slot, 0.0) + costs.get(model, 0.0)
+        count[slot] = count.get(slot, 0) + 1
+    return max(load.values(), default=0.0), max(count.values(), default=0)

@@ -7,9 +7,12 @@ judges liveness. The TXT record carries no secret, only whether one is needed (`
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 SERVICE_TYPE = "_kernelport._tcp.local."
 
@@ -34,7 +37,28 @@ def _zeroconf(interface: str | None) -> object:
 
 
 class Advertiser:
-    """Registers ``head`` on the LAN until ``close()``."""
+    """Registers ``head`` on the LAN until ``close()``, from a child process: zeroconf's
+    blocking API runs its own event loop thread, which a Ray driver's process starves."""
+
+    def __init__(self, head: Head, interface: str | None = None) -> None:
+        fields = {"head": asdict(head), "interface": interface}
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "kernelport.cluster.raycluster.discovery", json.dumps(fields)],
+            stdin=subprocess.PIPE,
+        )
+
+    def close(self) -> None:
+        assert self._process.stdin is not None
+        self._process.stdin.close()  # the child unregisters and exits
+        try:
+            self._process.wait(10)
+        except Exception:  # pragma: no cover - a child stuck in unregistering
+            self._process.kill()
+            self._process.wait()
+
+
+class _Registration:
+    """The registration itself (in the advertising child process)."""
 
     def __init__(self, head: Head, interface: str | None = None) -> None:
         from zeroconf import ServiceInfo
@@ -87,3 +111,16 @@ def find_head(cluster: str | None, timeout: float, interface: str | None = None)
         browser.cancel()
         zc.close()  # type: ignore[attr-defined]
     return found[0] if found else None
+
+
+def _advertise(argument: str) -> None:  # pragma: no cover - the advertising child process
+    fields = json.loads(argument)
+    registration = _Registration(Head(**fields["head"]), fields["interface"])
+    try:
+        sys.stdin.read()  # until the head closes our stdin (or exits)
+    finally:
+        registration.close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _advertise(sys.argv[1])

@@ -8,6 +8,7 @@ every Ray process on the machine by name.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -75,8 +76,15 @@ def start_ray(
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **auth_env(token)}
     out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(
-        command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=own_session
-    )
+        command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=own_session,
+        preexec_fn=_stop_with_parent,
+    )  # fmt: skip
+
+
+def _stop_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    # SIGTERM, not SIGKILL: ray start --block then stops the Ray processes it started
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def stop_ray(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
