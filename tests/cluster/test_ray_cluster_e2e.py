@@ -118,7 +118,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.join()
         # two slots (one per machine), each serving one of the two models
         wait_until(
-            lambda: sorted(len(m) for m in c.serving().values()) == [1, 1], 120,
+            lambda: sorted(len(m) for m in c.serving().values()) == [1, 1],
+            120,
             f"a model on each machine; {c.logs()}",
         )
         yield c
@@ -174,9 +175,7 @@ def test_a_killed_machine_never_hangs_a_request_and_its_model_moves(cluster: Clu
                 assert "503" in status or "UNAVAILABLE" in status, (status, exc.message())
                 outcomes.append("unavailable")
 
-    threads = [
-        threading.Thread(target=load, args=(p, m)) for p in ("http", "grpc") for m in MODELS
-    ]
+    threads = [threading.Thread(target=load, args=(p, m)) for p in ("http", "grpc") for m in MODELS]
     for thread in threads:
         thread.start()
     wait_until(lambda: outcomes.count("ok") >= 8, 30, "load running")

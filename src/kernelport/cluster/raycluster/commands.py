@@ -31,16 +31,29 @@ def _bytes(text: str) -> int:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--node-ip", help="this machine's address on the LAN (Ray's "
-                        "--node-ip-address; default: Ray's guess)")  # fmt: skip
+    parser.add_argument(
+        "--node-ip",
+        help="this machine's address on the LAN (Ray's --node-ip-address; default: Ray's guess)",
+    )
     parser.add_argument("--num-cpus", type=int, help="CPUs this machine gives the cluster")
     parser.add_argument("--num-gpus", type=int, help="GPUs this machine gives (default: all)")
-    parser.add_argument("--object-store-memory", type=_bytes, metavar="BYTES",
-                        help="Ray object store size (e.g. 80MB; default: Ray's, 30%% of RAM)")  # fmt: skip
-    parser.add_argument("--token-file", type=Path, help="the cluster's shared secret (Ray "
-                        "token authentication, RAY_AUTH_MODE=token; at least 16 characters)")  # fmt: skip
-    parser.add_argument("--cluster-name", default="kernelport",
-                        help="the name advertised (head) or looked for (join) over mDNS")  # fmt: skip
+    parser.add_argument(
+        "--object-store-memory",
+        type=_bytes,
+        metavar="BYTES",
+        help="Ray object store size (e.g. 80MB; default: Ray's, 30%% of RAM)",
+    )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        help="the cluster's shared secret (Ray "
+        "token authentication, RAY_AUTH_MODE=token; at least 16 characters)",
+    )
+    parser.add_argument(
+        "--cluster-name",
+        default="kernelport",
+        help="the name advertised (head) or looked for (join) over mDNS",
+    )
     parser.add_argument("--mdns-interface", help="the address mDNS uses (default: all)")
     parser.add_argument("--log-level", default="info")
 
@@ -122,22 +135,36 @@ def _join(args: argparse.Namespace) -> int:
     if address is None:
         head = find_head(args.cluster_name, args.discovery_timeout, args.mdns_interface)
         if head is None:
-            raise RuntimeError(f"no head of cluster '{args.cluster_name}' found over mDNS "
-                               f"within {args.discovery_timeout:g} s")  # fmt: skip
+            raise RuntimeError(
+                f"no head of cluster '{args.cluster_name}' found over mDNS "
+                f"within {args.discovery_timeout:g} s"
+            )
         if head.auth == "token" and token is None:
             raise RuntimeError(f"cluster '{head.cluster}' needs its token: --token-file")
         address = head.ray_address
-        log.info("found cluster '%s' over mDNS: Ray head %s, gateway %s", head.cluster,
-                 address, head.http)  # fmt: skip
+        log.info(
+            "found cluster '%s' over mDNS: Ray head %s, gateway %s",
+            head.cluster,
+            address,
+            head.http,
+        )
     command = ray_start_command(
-        head=False, address=address, node_ip=args.node_ip, num_cpus=args.num_cpus,
-        num_gpus=args.num_gpus, object_store_bytes=args.object_store_memory,
-    )  # fmt: skip
+        head=False,
+        address=address,
+        node_ip=args.node_ip,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        object_store_bytes=args.object_store_memory,
+    )
     # Same process group as this command: stopping or killing the group stops the node.
     process = start_ray(command, token, None, own_session=False)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C
-    log.info("joining %s (CPUs %s, GPUs %s)", address, args.num_cpus or "all",
-             args.num_gpus if args.num_gpus is not None else "all")  # fmt: skip
+    log.info(
+        "joining %s (CPUs %s, GPUs %s)",
+        address,
+        args.num_cpus or "all",
+        args.num_gpus if args.num_gpus is not None else "all",
+    )
     try:
         return process.wait()
     except KeyboardInterrupt:
@@ -168,10 +195,15 @@ async def _head(args: argparse.Namespace) -> int:
         temp_dir = args.temp_dir or tempfile.mkdtemp(prefix="kpray-")
         Path(temp_dir).mkdir(parents=True, exist_ok=True)
         command = ray_start_command(
-            head=True, port=args.ray_port, node_ip=args.node_ip, num_cpus=args.num_cpus,
-            num_gpus=args.num_gpus, object_store_bytes=args.object_store_memory,
-            temp_dir=temp_dir, system_config=HEAD_SYSTEM_CONFIG,
-        )  # fmt: skip
+            head=True,
+            port=args.ray_port,
+            node_ip=args.node_ip,
+            num_cpus=args.num_cpus,
+            num_gpus=args.num_gpus,
+            object_store_bytes=args.object_store_memory,
+            temp_dir=temp_dir,
+            system_config=HEAD_SYSTEM_CONFIG,
+        )
         process = start_ray(command, token, Path(temp_dir) / "ray-start.log")
         address = f"{args.node_ip or '127.0.0.1'}:{args.ray_port}"
     controller: ClusterController | None = None
@@ -183,18 +215,31 @@ async def _head(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await _connect(ray, address, process)
-        controller = ClusterController(ControllerSettings(
-            repository=str(Path(args.model_repository).resolve()), models=tuple(args.model),
-            cpus_per_slot=args.cpus_per_slot, heartbeat_interval=args.heartbeat_interval,
-        ))  # fmt: skip
+        controller = ClusterController(
+            ControllerSettings(
+                repository=str(Path(args.model_repository).resolve()),
+                models=tuple(args.model),
+                cpus_per_slot=args.cpus_per_slot,
+                heartbeat_interval=args.heartbeat_interval,
+            )
+        )
         slots = await controller.start()
         if not slots:
             raise RuntimeError("no Ray node has a free slot (CPUs or GPUs) for a KernelPort node")
-        config = GatewayConfig(
-            node=tuple(s.spec for s in slots), host=args.host, http_port=args.http_port,
-            grpc_port=args.grpc_port, metrics_port=args.metrics_port, policy="lpt_packing",
-            health_interval=1.0, ports_file=args.ports_file, log_level=args.log_level,
-        )  # fmt: skip
+        config = GatewayConfig.load(
+            None,
+            {
+                "node": tuple(s.spec for s in slots),
+                "host": args.host,
+                "http_port": args.http_port,
+                "grpc_port": args.grpc_port,
+                "metrics_port": args.metrics_port,
+                "policy": "lpt_packing",
+                "health_interval": 1.0,
+                "ports_file": args.ports_file,
+                "log_level": args.log_level,
+            },
+        )
         gateway = Gateway(config)
         await gateway.startup()
         assert gateway.table is not None
@@ -202,11 +247,20 @@ async def _head(args: argparse.Namespace) -> int:
         if not args.no_advertise:
             gcs = str(ray.get_runtime_context().gcs_address)
             here = gcs.rpartition(":")[0] if args.host in ("0.0.0.0", "::") else args.host
-            head = Head(args.cluster_name, gcs, "token" if token else "none",
-                        f"http://{here}:{gateway.http_port}", f"{here}:{gateway.grpc_port}")  # fmt: skip
+            head = Head(
+                args.cluster_name,
+                gcs,
+                "token" if token else "none",
+                f"http://{here}:{gateway.http_port}",
+                f"{here}:{gateway.grpc_port}",
+            )
             advertiser = Advertiser(head, args.mdns_interface)
-        log.info("cluster '%s' serving: Ray %s, %d slots", args.cluster_name, address,
-                 len(controller.slots))  # fmt: skip
+        log.info(
+            "cluster '%s' serving: Ray %s, %d slots",
+            args.cluster_name,
+            address,
+            len(controller.slots),
+        )
         watching = asyncio.create_task(controller.run())
         await stop.wait()
         watching.cancel()

@@ -81,7 +81,7 @@ class ClusterController:
         self._serial = 0
         self._starting: set[str] = set()  # Ray nodes with slots being started
         self.last_recovery_s: float | None = None
-        self._actor_class = ray.remote(NodeServer)
+        self._actor_class: Any = ray.remote(NodeServer)
 
     # ---- slots -------------------------------------------------------------------------------
 
@@ -105,10 +105,15 @@ class ClusterController:
         for slot in new:
             self.slots[slot.name] = slot
             self.sizes.update(slot.info["model_sizes"])
-            log.info("slot %s up on %s: HTTP %s, gRPC %s, %d MiB free%s", slot.name,
-                     slot.info["http"], slot.spec.http, slot.spec.grpc,
-                     slot.free_memory >> 20,
-                     f", GPU {slot.info['gpus']}" if slot.info["gpus"] else "")  # fmt: skip
+            log.info(
+                "slot %s up on %s: HTTP %s, gRPC %s, %d MiB free%s",
+                slot.name,
+                slot.info["http"],
+                slot.spec.http,
+                slot.spec.grpc,
+                slot.free_memory >> 20,
+                f", GPU {slot.info['gpus']}" if slot.info["gpus"] else "",
+            )
         return new
 
     async def _start(self, node_id: str, host: str, on_machine: int, gpu: bool) -> Slot | None:
@@ -248,8 +253,12 @@ class ClusterController:
             return
         began = time.monotonic()
         for slot, reason in dead:
-            log.warning("slot %s dropped (%s): re-placing %s", slot.name, reason,
-                        ", ".join(sorted(slot.models)) or "no models")  # fmt: skip
+            log.warning(
+                "slot %s dropped (%s): re-placing %s",
+                slot.name,
+                reason,
+                ", ".join(sorted(slot.models)) or "no models",
+            )
             del self.slots[slot.name]
             if self.table is not None:
                 self.table.remove_node(slot.name)
@@ -285,10 +294,15 @@ class ClusterController:
     def status(self) -> dict[str, Any]:
         return {
             "slots": {
-                n: {"http": s.spec.http, "grpc": s.spec.grpc, "ray_node": s.ray_node,
-                    "free_memory": s.free_memory, "models": sorted(s.models)}
+                n: {
+                    "http": s.spec.http,
+                    "grpc": s.spec.grpc,
+                    "ray_node": s.ray_node,
+                    "free_memory": s.free_memory,
+                    "models": sorted(s.models),
+                }
                 for n, s in sorted(self.slots.items())
-            },  # fmt: skip
+            },
             "placement": dict(sorted(self.placement.items())),
             "unplaced": list(self.unplaced),
             "last_recovery_s": self.last_recovery_s,

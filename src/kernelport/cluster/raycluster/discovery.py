@@ -71,9 +71,12 @@ class _Registration:
             addresses=[socket.inet_aton(host)],
             port=int(port),
             properties={
-                "cluster": head.cluster, "ray": head.ray_address, "auth": head.auth,
-                "http": head.http, "grpc": head.grpc,
-            },  # fmt: skip
+                "cluster": head.cluster,
+                "ray": head.ray_address,
+                "auth": head.auth,
+                "http": head.http,
+                "grpc": head.grpc,
+            },
             server=f"kernelport-{head.cluster}.local.",
         )
         self._zc.register_service(self._info)  # type: ignore[attr-defined]
@@ -98,8 +101,13 @@ def find_head(cluster: str | None, timeout: float, interface: str | None = None)
         if info is None:
             return
         props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
-        head = Head(props.get("cluster", ""), props.get("ray", ""), props.get("auth", "none"),
-                    props.get("http", ""), props.get("grpc", ""))  # fmt: skip
+        head = Head(
+            props.get("cluster", ""),
+            props.get("ray", ""),
+            props.get("auth", "none"),
+            props.get("http", ""),
+            props.get("grpc", ""),
+        )
         if head.ray_address and (cluster is None or head.cluster == cluster):
             found.append(head)
             done.set()
