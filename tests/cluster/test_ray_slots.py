@@ -131,3 +131,32 @@ def test_a_head_advertised_over_mdns_is_found_by_name() -> None:
         assert find_head(f"{name}-other", 0.5, "127.0.0.1") is None
     finally:
         advertiser.close()
+
+
+async def test_the_gateway_table_takes_and_drops_cluster_nodes() -> None:
+    import aiohttp
+
+    from kernelport.cluster.nodes import NodeTable
+    from kernelport.cluster.settings import GatewayConfig, parse_node
+
+    first = parse_node("a=http://127.0.0.1:1,grpc=127.0.0.1:2")
+    config = GatewayConfig.load(None, {"node": (first,), "policy": "lpt_packing"}, {})
+    async with aiohttp.ClientSession() as session:
+        table = NodeTable(config, session)
+        node = table.add_node(parse_node("b=http://127.0.0.1:3,grpc=127.0.0.1:4"))
+        node.up, node.ready_models = True, frozenset({"m"})
+        assert table.pick("m").name == "b"
+        table.remove_node("b")
+        table.remove_node("b")  # twice: nothing left to do
+        assert list(table.nodes) == ["a"]
+        with pytest.raises(Exception, match="not served"):
+            table.pick("m")
+
+
+def test_placement_score_prefers_the_lighter_busiest_slot() -> None:
+    from kernelport.cluster.raycluster.controller import _score
+
+    costs = {"a": 2.0, "b": 1.0}
+    assert _score({"a": "s1", "b": "s1"}, costs) == (3.0, 2)
+    assert _score({"a": "s1", "b": "s2"}, costs) == (2.0, 1)
+    assert _score({}, costs) == (0.0, 0)

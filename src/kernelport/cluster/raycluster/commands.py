@@ -79,6 +79,13 @@ def add_commands(commands: Any) -> None:
     head.add_argument("--grpc-port", type=int, default=8001)
     head.add_argument("--metrics-port", type=int, default=8002)
     head.add_argument("--ports-file", type=Path, help="the gateway's ports as JSON, once up")
+    head.add_argument(
+        "--gateway-config",
+        type=Path,
+        metavar="FILE",
+        help="YAML file of further gateway settings (API keys, TLS, timeouts: see "
+        "'kernelport gateway --help'); nodes, policy, address and ports are the cluster's",
+    )
     head.add_argument("--cpus-per-slot", type=float, default=1.0)
     head.add_argument("--heartbeat-interval", type=float, default=0.5)
     head.add_argument("--no-advertise", action="store_true", help="no mDNS advertisement")
@@ -227,7 +234,7 @@ async def _head(args: argparse.Namespace) -> int:
         if not slots:
             raise RuntimeError("no Ray node has a free slot (CPUs or GPUs) for a KernelPort node")
         config = GatewayConfig.load(
-            None,
+            args.gateway_config,
             {
                 "node": tuple(s.spec for s in slots),
                 "host": args.host,

@@ -79,7 +79,6 @@ class ClusterController:
         self.table: NodeTable | None = None
         self._session: aiohttp.ClientSession | None = None
         self._serial = 0
-        self._starting: set[str] = set()  # Ray nodes with slots being started
         self.last_recovery_s: float | None = None
         self._actor_class: Any = ray.remote(NodeServer)
 
@@ -91,17 +90,14 @@ class ClusterController:
         started: list[asyncio.Task[Slot | None]] = []
         for node in nodes:
             node_id = str(node["NodeID"])
-            if not node.get("Alive") or node_id in self._starting:
+            if not node.get("Alive"):
                 continue
             count, gpu = slots_wanted(node.get("Resources", {}), self.settings.cpus_per_slot)
             have = sum(1 for s in self.slots.values() if s.ray_node == node_id)
             host = str(node["NodeManagerAddress"])
             for _ in range(count - have):
                 started.append(asyncio.create_task(self._start(node_id, host, count, gpu)))
-            if count > have:
-                self._starting.add(node_id)
         new = [s for s in await asyncio.gather(*started) if s is not None]
-        self._starting.clear()
         for slot in new:
             self.slots[slot.name] = slot
             self.sizes.update(slot.info["model_sizes"])
