@@ -102,9 +102,9 @@ class ClusterController:
             self.slots[slot.name] = slot
             self.sizes.update(slot.info["model_sizes"])
             log.info(
-                "slot %s up on %s: HTTP %s, gRPC %s, %d MiB free%s",
+                "slot %s up on Ray node %s: HTTP %s, gRPC %s, %d MiB free%s",
                 slot.name,
-                slot.info["http"],
+                slot.ray_node[:8],
                 slot.spec.http,
                 slot.spec.grpc,
                 slot.free_memory >> 20,
@@ -182,6 +182,8 @@ class ClusterController:
         for (model, slot), ok in zip(moves, loaded, strict=True):
             if ok:
                 self.slots[slot].models.add(model)
+            elif model in old:
+                self.placement[model] = old[model]  # the move failed: it stays where it runs
             else:
                 self.placement.pop(model, None)  # tried again at the next scan
         if moves:
