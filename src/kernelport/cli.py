@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     fetch.add_argument("--quiet", action="store_true", help="no progress bars or file lines")
     _add_bench(commands)
+    from kernelport.pipeline.command import add_commands as add_pipeline_commands
+
+    add_pipeline_commands(commands)
     gateway = commands.add_parser(
         "gateway",
         help="one endpoint in front of several KernelPort nodes",
@@ -142,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fetch(args.manifest, args.into, quiet=args.quiet)
     if args.command == "bench":
         return _bench(args)
+    if args.command in ("plan", "profile"):
+        from kernelport.pipeline import command
+
+        return command.run(args)
     try:
         config = config_from_args(args)
     except (OSError, ValueError) as exc:
