@@ -17,6 +17,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "openvino": ("kernelport.backends.openvino:OpenVinoBackend", "openvino"),
     "tensorflow": ("kernelport.backends.tensorflow:TensorFlowBackend", "tensorflow"),
     "jax": ("kernelport.backends.jax:JaxBackend", "jax"),
+    "kernel": ("kernelport.backends.kernel:KernelBackend", "kernels"),
 }
 
 ALIASES = {
