@@ -212,7 +212,7 @@ class KernelBackend:
         except BaseException:
             forget_module(module)
             raise
-        warm = _flag(config, "warmup", not interpret)
+        warm = self._force_tune or _flag(config, "warmup", not interpret)
         try:
             warmed = instance.warmup() if warm else []
         except BaseException:
