@@ -318,7 +318,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     try:
-        from kernelport.backends.kernel_tune import tune
+        from kernelport.tune import tune
     except ImportError as exc:
         print(f"kernelport tune: {exc}; pip install 'kernelport[kernels]'", file=sys.stderr)
         return 2

@@ -61,8 +61,20 @@ ALLOWED: dict[str, frozenset[str]] = {
     "worker": frozenset({"core", "errors", "types", "backends"}),
     "fetch": frozenset({"core"}),
     "benchmark": frozenset({"types", "backends"}),
+    # kernelport tune: loads one model the way the manager would, outside a server
+    "tune": frozenset({"core", "errors", "backends", "pbtxt"}),
     "cli": frozenset(
-        {"config", "server", "version", "hosting", "observability", "cluster", "fetch", "benchmark"}
+        {
+            "config",
+            "server",
+            "version",
+            "hosting",
+            "observability",
+            "cluster",
+            "fetch",
+            "benchmark",
+            "tune",
+        }
     ),
     "__main__": frozenset({"cli"}),
     ROOT: frozenset({"config", "server", "version"}),

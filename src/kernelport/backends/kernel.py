@@ -23,7 +23,7 @@ instance's device (``self.device``, set before ``load``) and returns a dict of n
 Parameters: ``kernel_cache_dir`` (default ``<model>/.kernel_cache``, relative to the model
 directory), ``autotune`` (``false``: Helion's default config where the cache has none),
 ``warmup`` (default true on a GPU, false on CPU). ``kernelport tune`` fills the cache ahead
-of time (``kernel_tune``).
+of time (``kernelport.tune``).
 """
 
 from __future__ import annotations
