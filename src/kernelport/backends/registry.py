@@ -18,6 +18,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "tensorflow": ("kernelport.backends.tensorflow:TensorFlowBackend", "tensorflow"),
     "jax": ("kernelport.backends.jax:JaxBackend", "jax"),
     "kernel": ("kernelport.backends.kernel:KernelBackend", "kernels"),
+    "tensorrt": ("kernelport.backends.tensorrt:TensorRtBackend", "tensorrt"),
 }
 
 ALIASES = {
@@ -26,6 +27,7 @@ ALIASES = {
     "pytorch": "torch",
     "pytorch_libtorch": "torch",
     "tensorflow_savedmodel": "tensorflow",
+    "tensorrt_plan": "tensorrt",
 }
 
 # default file in a version directory -> backend that loads it (when model.yaml names none)
@@ -37,6 +39,7 @@ BY_FILENAME = {
     "model.xml": "openvino",
     "model.savedmodel": "tensorflow",
     "model.jax_export": "jax",
+    "model.plan": "tensorrt",
 }
 
 
