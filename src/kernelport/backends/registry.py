@@ -39,6 +39,8 @@ BY_FILENAME = {
     "model.xml": "openvino",
     "model.savedmodel": "tensorflow",
     "model.jax_export": "jax",
+    "model.mlir": "jax",
+    "model.mlirbc": "jax",
     "model.plan": "tensorrt",
 }
 
