@@ -223,7 +223,7 @@ def _write(tmp_path: Path, text: str, name: str = "model.mlir") -> Path:
 
 
 def test_module_errors(tmp_path: Path) -> None:
-    with pytest.raises(ServerError, match="model file not found: .*model.jax_export or model"):
+    with pytest.raises(ServerError, match=r"model file not found: .*model\.jax_export or model"):
         model_file(tmp_path, "")
     no_main = "module { func.func public @f(%a: tensor<2xf32>) -> tensor<2xf32> {\n"
     no_main += "  return %a : tensor<2xf32>\n} }"
@@ -250,7 +250,7 @@ def test_a_dynamic_non_batch_input_dim_compiles_per_shape(tmp_path: Path) -> Non
     text = (
         "module { func.func public @main(%a: tensor<2x?xf32>) -> tensor<2xf32> {\n"
         "  %z = stablehlo.constant dense<0.0> : tensor<f32>\n"
-        '  %s = stablehlo.reduce(%a init: %z) applies stablehlo.add across dimensions = [1]\n'
+        "  %s = stablehlo.reduce(%a init: %z) applies stablehlo.add across dimensions = [1]\n"
         "      : (tensor<2x?xf32>, tensor<f32>) -> tensor<2xf32>\n"
         "  return %s : tensor<2xf32>\n} }"
     )
