@@ -442,3 +442,28 @@ def test_on_a_gpu_tuning_runs_once_and_a_restart_reuses_it(
     finally:
         instance.unload()
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == entries
+
+
+def test_compiled_mode_wraps_each_tunable_helion_kernel(repo: Path, tmp_path: Path) -> None:
+    # What a GPU load does to the module, checked without launching anything.
+    version = repo / "kernel_add" / "1"
+    module = import_kernels(version / "model.py", "wrap", interpret=False)
+    config = _config(parameters={"kernel_cache_dir": str(tmp_path / "tuned")})
+    context = LoadContext(config, version, "cpu", 0)
+    tuned = KernelBackend()._prepare_kernels(module, config, context, torch.device("cpu"), False)
+    assert sorted(k.name for k in tuned) == ["add", "matmul"]
+    assert isinstance(module.add, TunedKernel)
+    assert module.add._cache.directory == tmp_path / "tuned"
+    ints = import_kernels(repo / "kernel_int" / "1" / "model.py", "wrap2", interpret=False)
+    assert KernelBackend()._prepare_kernels(ints, config, context, torch.device("cpu"), False) == []
+
+
+def test_tune_stops_before_loading_what_it_cannot_tune(
+    repo: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the GPU check
+    assert main(["tune", "kernel_int", "--model-repository", str(repo)]) == 1
+    assert "variable dims: no shapes to tune ahead of time" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert main(["tune", "kernel_add", "--model-repository", str(repo)]) == 2
+    assert "cuda:0" in capsys.readouterr().err
