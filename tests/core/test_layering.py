@@ -63,6 +63,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "worker": frozenset({"core", "errors", "types", "backends"}),
     "fetch": frozenset({"core"}),
     "benchmark": frozenset({"types", "backends"}),
+    # kernelport tune: loads one model the way the manager would, outside a server
+    "tune": frozenset({"core", "errors", "backends", "pbtxt"}),
     "cli": frozenset(
         {
             "config",
@@ -74,6 +76,7 @@ ALLOWED: dict[str, frozenset[str]] = {
             "fetch",
             "benchmark",
             "pipeline",
+            "tune",
         }
     ),
     "__main__": frozenset({"cli"}),
