@@ -18,9 +18,9 @@ from helpers import client_for
 
 pytest.importorskip("ray")
 
-from kernelport.backends.pipeline import PipelineBackend  # noqa: E402
-from kernelport.errors import ServerError  # noqa: E402
-from kernelport.pipeline.runtime import run_on_one_host  # noqa: E402
+from kernelport.backends.pipeline import PipelineBackend
+from kernelport.errors import ServerError
+from kernelport.pipeline.runtime import run_on_one_host
 
 WIDTH = 16
 BATCH = torch.export.Dim("batch", min=1, max=1024)
