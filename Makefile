@@ -56,6 +56,8 @@ GRPC_TRANSPORT_TESTS ?= tests/e2e tests/batching/test_batching_e2e.py \
 	tests/security/test_auth.py tests/security/test_shutdown.py \
 	tests/observability/test_health_and_drain.py tests/lifecycle/test_model_control.py \
 	tests/backends/test_openvino.py tests/backends/test_tensorflow.py tests/backends/test_jax.py \
+	tests/backends/test_pipeline_backend.py tests/backends/test_kernel.py \
+	tests/backends/test_stablehlo.py \
 	tests/cluster/test_ray_cluster_e2e.py tests/cluster/test_ray_netns_e2e.py
 
 test: install-test perf-analyzer browser

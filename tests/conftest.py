@@ -7,6 +7,7 @@ can race for a port.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import itertools
 import json
 import os
@@ -23,6 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# Test modules import TensorFlow at collection and torch.export later imports Triton: in that
+# order the two LLVM copies abort the process (see kernelport/backends/tensorflow.py).
+if importlib.util.find_spec("triton") is not None and importlib.util.find_spec("torch"):
+    import triton  # noqa: F401
 
 _launches = itertools.count()
 

@@ -62,6 +62,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     fetch.add_argument("--quiet", action="store_true", help="no progress bars or file lines")
     _add_bench(commands)
+    tune = commands.add_parser(
+        "tune",
+        help="autotune a kernel model's Helion kernels ahead of time (needs a GPU)",
+        description=(
+            "Load MODEL (backend kernel) on a GPU and run each of its batch buckets once, so "
+            "every Helion kernel configuration missing from the model's tuned-config cache is "
+            "autotuned and written there; a server loading the model later tunes nothing. "
+            "Exits 1 without tuning on a machine without a CUDA device."
+        ),
+    )
+    tune.add_argument("model", metavar="MODEL", help="the kernel model to tune")
+    tune.add_argument(
+        "--model-repository", type=Path, action="append", required=True, metavar="PATH"
+    )
+    tune.add_argument(
+        "--kernel-cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="write the tuned configs here (default: the model's parameter kernel_cache_dir, "
+        "else <model>/.kernel_cache); serve with that parameter pointing at it",
+    )
+    tune.add_argument("--device", default="cuda:0", help="(default: cuda:0)")
+    from kernelport.pipeline.command import add_commands as add_pipeline_commands
+
+    add_pipeline_commands(commands)
     from kernelport.cluster.raycluster.commands import add_commands  # imports no Ray
 
     add_commands(commands)
@@ -149,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fetch(args.manifest, args.into, quiet=args.quiet)
     if args.command == "bench":
         return _bench(args)
+    if args.command in ("plan", "profile"):
+        from kernelport.pipeline import command
+
+        return command.run(args)
+    if args.command == "tune":
+        return _tune(args)
     try:
         config = config_from_args(args)
     except (OSError, ValueError) as exc:
@@ -297,6 +328,22 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"kernelport bench: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    try:
+        from kernelport.tune import tune
+    except ImportError as exc:
+        print(f"kernelport tune: {exc}; pip install 'kernelport[kernels]'", file=sys.stderr)
+        return 2
+    return tune(
+        args.model,
+        list(args.model_repository),
+        args.kernel_cache_dir,
+        args.device,
+        sys.stdout,
+        sys.stderr,
+    )
 
 
 def _gateway(args: argparse.Namespace) -> int:

@@ -31,7 +31,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "config": frozenset({"limits"}),
     "schema": frozenset(),
     "core": frozenset({"errors", "types", "limits"}),
-    "backends": frozenset({"core", "errors", "types"}),
+    # pipeline: the partitioner and stage runtime, framework code but no server code
+    "pipeline": frozenset(),
+    "backends": frozenset({"core", "errors", "types", "pipeline"}),
     "pbtxt": frozenset({"core", "errors", "schema"}),
     "lifecycle": frozenset({"core", "errors"}),
     "observability": frozenset({"core", "errors", "types"}),
@@ -61,8 +63,21 @@ ALLOWED: dict[str, frozenset[str]] = {
     "worker": frozenset({"core", "errors", "types", "backends"}),
     "fetch": frozenset({"core"}),
     "benchmark": frozenset({"types", "backends"}),
+    # kernelport tune: loads one model the way the manager would, outside a server
+    "tune": frozenset({"core", "errors", "backends", "pbtxt"}),
     "cli": frozenset(
-        {"config", "server", "version", "hosting", "observability", "cluster", "fetch", "benchmark"}
+        {
+            "config",
+            "server",
+            "version",
+            "hosting",
+            "observability",
+            "cluster",
+            "fetch",
+            "benchmark",
+            "pipeline",
+            "tune",
+        }
     ),
     "__main__": frozenset({"cli"}),
     ROOT: frozenset({"config", "server", "version"}),

@@ -1,6 +1,7 @@
 """JAX backend: StableHLO programs serialized by ``jax.export`` (``Exported.serialize()``
 bytes in ``<version>/model.jax_export``), deserialized with ``jax.export.deserialize`` and
-run by XLA through ``jax.jit(exported.call)``.
+run by XLA through ``jax.jit(exported.call)``; and StableHLO modules in general
+(``model.mlir`` / ``model.mlirbc``, see ``stablehlo.py``), wrapped as such a program.
 
 Inputs, outputs and batching come from the program: tensor names from the argument and result
 pytrees (dict keys; ``INPUT__i`` / ``OUTPUT__i`` for bare positional arrays and tuples), and a
@@ -29,6 +30,7 @@ from jax import export as jax_export
 from jax import tree_util
 from jax.experimental.compilation_cache import compilation_cache
 
+from kernelport.backends import stablehlo
 from kernelport.core.backend import Arrays, LoadContext
 from kernelport.core.model_config import ModelConfig
 from kernelport.errors import ErrorCode, ServerError, invalid
@@ -48,13 +50,19 @@ _cache_in_use: list[str] = [""]  # the directory the cache was last pointed at (
 
 
 def model_file(version_path: Path, filename: str) -> Path:
-    path = version_path / (filename or DEFAULT_FILE)
-    if not path.is_file():
-        raise ServerError(ErrorCode.NOT_FOUND, f"model file not found: {path}")
-    return path
+    """The configured file, else model.jax_export, else a StableHLO model.mlir / .mlirbc."""
+    names = (filename,) if filename else (DEFAULT_FILE, *stablehlo.FILES)
+    for name in names:
+        if (version_path / name).is_file():
+            return version_path / name
+    wanted = filename or " or ".join((DEFAULT_FILE, *stablehlo.FILES))
+    raise ServerError(ErrorCode.NOT_FOUND, f"model file not found: {version_path}/{wanted}")
 
 
-def read_exported(path: Path) -> Any:
+def read_exported(path: Path, platform: str = "cpu") -> Any:
+    """A ``jax.export`` program, or a StableHLO module wrapped as one for ``platform``."""
+    if path.suffix in (".mlir", ".mlirbc"):
+        return stablehlo.as_exported(path, platform)
     try:
         return jax_export.deserialize(bytearray(path.read_bytes()))
     except Exception as exc:  # flatbuffer and version errors have no common type
@@ -154,8 +162,8 @@ class JaxBackend:
     def load(self, context: LoadContext) -> JaxInstance:
         config = context.config
         path = model_file(context.version_path, config.default_model_filename)
-        exported = read_exported(path)
         platform = "cpu" if context.device == "cpu" else "cuda"
+        exported = read_exported(path, platform)
         if platform not in exported.platforms:
             raise invalid(
                 f"{path}: exported for {', '.join(exported.platforms)}, "

@@ -17,6 +17,9 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "openvino": ("kernelport.backends.openvino:OpenVinoBackend", "openvino"),
     "tensorflow": ("kernelport.backends.tensorflow:TensorFlowBackend", "tensorflow"),
     "jax": ("kernelport.backends.jax:JaxBackend", "jax"),
+    "pipeline": ("kernelport.backends.pipeline:PipelineBackend", "cluster"),
+    "kernel": ("kernelport.backends.kernel:KernelBackend", "kernels"),
+    "tensorrt": ("kernelport.backends.tensorrt:TensorRtBackend", "tensorrt"),
 }
 
 ALIASES = {
@@ -25,6 +28,7 @@ ALIASES = {
     "pytorch": "torch",
     "pytorch_libtorch": "torch",
     "tensorflow_savedmodel": "tensorflow",
+    "tensorrt_plan": "tensorrt",
 }
 
 # default file in a version directory -> backend that loads it (when model.yaml names none)
@@ -36,6 +40,9 @@ BY_FILENAME = {
     "model.xml": "openvino",
     "model.savedmodel": "tensorflow",
     "model.jax_export": "jax",
+    "model.mlir": "jax",
+    "model.mlirbc": "jax",
+    "model.plan": "tensorrt",
 }
 
 

@@ -18,12 +18,21 @@ session threads of its own (Triton's ``TF_USE_PER_SESSION_THREADS``, also read).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# TensorFlow and Triton (imported by torch.export and torch.compile whenever it is installed)
+# each carry a copy of LLVM. If TensorFlow's registers its command-line options first, the
+# later Triton import aborts the whole process ("Option ... registered more than once"); the
+# other order is harmless. So a process that loads TensorFlow takes Triton first.
+if importlib.util.find_spec("triton") is not None:
+    import triton  # noqa: F401
+
 import tensorflow as tf
 from google.protobuf.message import DecodeError
 from tensorflow.core.protobuf import saved_model_pb2

@@ -272,7 +272,8 @@ async def load_in_process(
         for worker in workers:
             await asyncio.to_thread(worker.close)
         raise
-    return WorkerPool(workers, inline=config.backend != "python")
+    # User code (a Python or kernel model's execute) may block: never on the event loop.
+    return WorkerPool(workers, inline=config.backend not in ("python", "kernel"))
 
 
 def _nothing() -> None:

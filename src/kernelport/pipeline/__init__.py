@@ -1,0 +1,1 @@
+"""Pipeline parallelism: one model split into contiguous stages across devices or hosts."""

@@ -1,0 +1,142 @@
+"""Run a partitioned model: one Ray actor per stage, activations on Ray Compiled Graph channels.
+
+Each stage actor holds its contiguous range of blocks (``torch.export`` programs, shipped as
+bytes so no host needs the model files) and runs them on whatever arrives. The stages are
+chained once into a compiled graph; a batch is cut into micro-batches that are all submitted
+before the first is collected, so while stage 2 works on micro-batch 1, stage 1 already works
+on micro-batch 2. Ray is imported only here, so a single-machine server never loads it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kernelport.pipeline.compress import Mode, pack, unpack
+from kernelport.pipeline.partition import Plan
+from kernelport.pipeline.profile import BLOCK_GLOB
+
+MISSING_RAY = "pipeline-parallel models need Ray: pip install 'kernelport[cluster]'"
+
+
+def _map(value: Any, f: Any) -> Any:
+    return tuple(f(v) for v in value) if isinstance(value, tuple) else f(value)
+
+
+class StageWorker:
+    """One stage's blocks; made a Ray actor by ``Pipeline`` (so this module imports no Ray)."""
+
+    def __init__(
+        self, programs: Sequence[bytes], compression: Mode, last: bool, cores: Sequence[int]
+    ) -> None:
+        if cores:
+            os.sched_setaffinity(0, set(cores))
+        torch.set_num_threads(max(1, len(cores) or 1))
+        self.modules = [torch.export.load(io.BytesIO(p)).module() for p in programs]
+        self.compression: Mode = "none" if last else compression
+
+    def run(self, value: Any) -> Any:
+        x = _map(value, unpack)
+        with torch.inference_mode():
+            for module in self.modules:
+                x = module(*x) if isinstance(x, tuple) else module(x)
+        return _map(x, lambda t: pack(t, self.compression))
+
+    def node(self) -> str:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
+
+class Pipeline:
+    """A plan made real: ``run`` takes a batch and returns what the last block returns.
+
+    ``placement`` maps the plan's device names to Ray node ids (default: Ray places the
+    actors); ``cores`` pins each device's actor to CPU cores. ``run`` is serialised: one
+    batch's micro-batches at a time fill the pipeline.
+    """
+
+    def __init__(
+        self,
+        blocks_dir: Path,
+        plan: Plan,
+        *,
+        micro_batch: int,
+        compression: Mode = "none",
+        placement: Mapping[str, str] | None = None,
+        cores: Mapping[str, Sequence[int]] | None = None,
+        max_inflight: int = 16,
+    ) -> None:
+        try:
+            import ray
+            from ray.dag import InputNode
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        except ImportError as exc:
+            raise RuntimeError(MISSING_RAY) from exc
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch must be at least 1, got {micro_batch}")
+        files = sorted(blocks_dir.glob(BLOCK_GLOB))
+        self.micro_batch, self.max_inflight = micro_batch, max_inflight
+        self._lock = threading.Lock()
+        remote = ray.remote(num_cpus=0)(StageWorker)
+        self.actors: list[Any] = []
+        for i, stage in enumerate(plan.stages):
+            options: dict[str, Any] = {}
+            if placement is not None:
+                options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                    placement[stage.device], soft=False
+                )
+            programs = [files[b].read_bytes() for b in range(stage.start, stage.stop)]
+            last = i == len(plan.stages) - 1
+            pinned = list((cores or {}).get(stage.device, ()))
+            self.actors.append(
+                remote.options(**options).remote(programs, compression, last, pinned)
+            )
+        self.nodes = ray.get([a.node.remote() for a in self.actors])  # loaded, or raises
+        with InputNode() as source:
+            node: Any = source
+            for actor in self.actors:
+                node = actor.run.bind(node)
+        self._graph = node.experimental_compile(_max_inflight_executions=max_inflight)
+
+    def run(self, batch: torch.Tensor) -> Any:
+        parts = torch.split(batch, self.micro_batch)
+        with self._lock:
+            results: list[Any] = []
+            pending: list[Any] = []
+            for part in parts:
+                if len(pending) >= self.max_inflight:
+                    results.append(pending.pop(0).get())
+                pending.append(self._graph.execute(part.contiguous()))
+            results.extend(ref.get() for ref in pending)
+        if isinstance(results[0], tuple):
+            return tuple(torch.cat(column) for column in zip(*results, strict=True))
+        return torch.cat(results)
+
+    def close(self) -> None:
+        import ray
+
+        self._graph.teardown()
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+def run_on_one_host(blocks_dir: Path, batch: torch.Tensor, micro_batch: int) -> Any:
+    """The same blocks, the same micro-batches, in this process: what a pipeline must equal."""
+    modules = [torch.export.load(str(f)).module() for f in sorted(blocks_dir.glob(BLOCK_GLOB))]
+    outs = []
+    with torch.inference_mode():
+        for part in torch.split(batch, micro_batch):
+            x: Any = part
+            for module in modules:
+                x = module(*x) if isinstance(x, tuple) else module(x)
+            outs.append(x)
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(column) for column in zip(*outs, strict=True))
+    return torch.cat(outs)

@@ -1,0 +1,94 @@
+"""A partitioned model run by Ray actors, one per stage, on a real local Ray instance."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernelport.pipeline.partition import Block, Device, partition
+from kernelport.pipeline.profile import load_blocks, profile_blocks
+from kernelport.pipeline.runtime import Pipeline, run_on_one_host
+
+ray = pytest.importorskip("ray")
+
+WIDTH = 64
+BATCH = torch.export.Dim("batch", min=1, max=1024)
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=80 * 2**20,
+        log_to_driver=False,
+        _temp_dir=str(tmp_path_factory.mktemp("ray")),
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def eight_blocks(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(1)
+    x = torch.randn(4, WIDTH)
+    for i in range(8):
+        block = torch.nn.Sequential(torch.nn.Linear(WIDTH, WIDTH), torch.nn.GELU())
+        program = torch.export.export(block, (x,), dynamic_shapes=({0: BATCH},))
+        torch.export.save(program, str(directory / f"{i:03d}.pt2"))
+        x = block(x).detach()
+    return directory
+
+
+def two_host_plan(blocks_dir: Path) -> tuple[list[Block], object]:
+    blocks, example = load_blocks(blocks_dir)
+    measured = profile_blocks(blocks, example, "cpu", repeats=3)
+    weights = sum(b.weight_bytes for b in measured)
+    # Neither host holds every block: the plan must split.
+    hosts = [Device("a", "cpu", weights * 5 // 8), Device("b", "cpu", weights * 5 // 8)]
+    return measured, partition(measured, hosts)
+
+
+def test_a_two_stage_pipeline_gives_bit_identical_outputs(local_ray: None, tmp_path: Path) -> None:
+    blocks_dir = eight_blocks(tmp_path / "blocks")
+    _, plan = two_host_plan(blocks_dir)
+    assert len(plan.stages) == 2  # type: ignore[attr-defined]
+    pipeline = Pipeline(blocks_dir, plan, micro_batch=4)  # type: ignore[arg-type]
+    try:
+        batch = torch.randn(37, WIDTH)  # not a multiple of the micro-batch
+        out = pipeline.run(batch)
+        assert torch.equal(out, run_on_one_host(blocks_dir, batch, micro_batch=4))
+        again = torch.randn(5, WIDTH)
+        assert torch.equal(pipeline.run(again), run_on_one_host(blocks_dir, again, 4))
+    finally:
+        pipeline.close()
+
+
+def test_int8_activations_stay_close_and_fp16_closer(local_ray: None, tmp_path: Path) -> None:
+    blocks_dir = eight_blocks(tmp_path / "blocks")
+    _, plan = two_host_plan(blocks_dir)
+    batch = torch.randn(16, WIDTH)
+    exact = run_on_one_host(blocks_dir, batch, micro_batch=8)
+    errors = {}
+    for mode in ("fp16", "int8"):
+        pipeline = Pipeline(blocks_dir, plan, micro_batch=8, compression=mode)  # type: ignore[arg-type]
+        try:
+            errors[mode] = float((pipeline.run(batch) - exact).abs().max())
+        finally:
+            pipeline.close()
+    scale = float(exact.abs().max())
+    assert 0 < errors["fp16"] < errors["int8"] < 0.05 * scale, errors
+
+
+def test_bad_settings_are_refused(local_ray: None, tmp_path: Path) -> None:
+    blocks_dir = eight_blocks(tmp_path / "blocks")
+    _, plan = two_host_plan(blocks_dir)
+    with pytest.raises(ValueError, match="micro_batch must be at least 1, got 0"):
+        Pipeline(blocks_dir, plan, micro_batch=0)  # type: ignore[arg-type]
