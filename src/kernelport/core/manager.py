@@ -500,7 +500,7 @@ class ModelManager:
             if config.decoupled:
                 streams = Decoupled(config, pool)
             elif config.sequence_batching is not None:
-                streams = Sequences(config, pool, stats)
+                streams = Sequences(config, pool, stats, path.parent)
         except BaseException:
             await asyncio.to_thread(pool.close)
             raise
