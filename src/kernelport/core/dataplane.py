@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from kernelport.core.backend import Arrays
+from kernelport.core.backend import Arrays, RequestArrays
 from kernelport.core.manager import ModelManager, ModelVersion
 from kernelport.core.memory import OnDemandPool
 from kernelport.core.model_config import ModelConfig
@@ -232,6 +232,8 @@ class DataPlane:
                     f"model '{config.name}' is decoupled: its outputs cannot go to shared memory"
                 )
             inputs, rows = validate_inputs(config, request)
+            if config.backend == "python":
+                inputs = RequestArrays(inputs, request.id, request.parameters)
             names = requested_outputs(config, request)
             version = str(model.version)
             async with contextlib.aclosing(streams.stream(inputs)) as produced:
@@ -293,6 +295,8 @@ class DataPlane:
                     inputs = await _hook(config.name, "preprocess", hooks.preprocess, inputs)
                 finally:
                     model.queue.announced -= 1
+            if config.backend == "python":  # Triton models see request_id() and parameters()
+                inputs = RequestArrays(inputs, request.id, request.parameters)
             # A model loaded on first use: the wait for it counts as queue time.
             waited = 0
             if isinstance(model.pool, OnDemandPool):

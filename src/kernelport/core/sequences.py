@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from kernelport.core.backend import Arrays
+from kernelport.core.backend import Arrays, RequestArrays
 from kernelport.core.execution import Timings, WorkerPool
 from kernelport.core.model_config import ModelConfig
 from kernelport.core.sequence_config import SequenceControl, SequenceState
@@ -131,7 +131,7 @@ class Sequences:
         sequence.last_ns = now
         if end:  # released now: a request that follows must START again
             self._release(key)
-        feed = dict(inputs)
+        feed = inputs.carrying(inputs) if isinstance(inputs, RequestArrays) else dict(inputs)
         for control in self._controls:
             feed[control.name] = _control(control, start, end, key, rows, self.config.batching)
         future = asyncio.get_running_loop().create_future()
