@@ -13,7 +13,7 @@ import numpy as np
 
 from kernelport.core.backend import Arrays, RequestArrays
 from kernelport.core.manager import ModelManager, ModelVersion
-from kernelport.core.memory import OnDemandPool
+from kernelport.core.memory import Compaction, OnDemandPool
 from kernelport.core.model_config import ModelConfig
 from kernelport.core.names import shown
 from kernelport.core.options import request_options
@@ -174,6 +174,11 @@ class DataPlane:
         override and ``files`` (``file:<version>/<path>`` -> bytes) a model directory."""
         self._manager.require_explicit("load", name)
         await self._manager.load(name, config, files)
+
+    async def compact(self) -> list[Compaction]:
+        """Evict the idle on-demand and lazy models that are resident and load them again,
+        least recently used first, so freed memory coalesces (``MemoryBudget.compact``)."""
+        return await self._manager.compact()
 
     async def unload_model(self, name: str, unload_dependents: bool = False) -> None:
         self._manager.require_explicit("unload", name)

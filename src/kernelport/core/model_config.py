@@ -282,10 +282,11 @@ class ModelConfig(_Strict):
     ensemble_scheduling: EnsembleScheduling | None = None
     #: samples run on every instance before the model is ready (``core/warmup.py``)
     model_warmup: tuple[Warmup, ...] = ()
-    #: resident (loaded with the model, never evicted), on_demand (loaded with the model,
-    #: evictable under a memory budget) or lazy (loaded on first use); ``core/memory.py``.
+    #: resident (loaded with the model, never evicted), pinned (the same, charged against
+    #: the device's budget), on_demand (loaded with the model, evictable under a memory
+    #: budget) or lazy (loaded on first use); ``core/memory.py``.
     #: config.pbtxt: parameter ``KP_RESIDENCY``
-    residency: Literal["resident", "on_demand", "lazy"] = "resident"
+    residency: Literal["resident", "pinned", "on_demand", "lazy"] = "resident"
     #: stateful model: requests grouped by correlation id (``core/sequences.py``)
     sequence_batching: SequenceBatching | None = None
     #: any number of responses per request (Triton's decoupled transaction policy): served
@@ -348,7 +349,7 @@ class ModelConfig(_Strict):
                 raise ValueError(f"ensemble_scheduling: {exc}") from None
         if self.name in self.calls:
             raise ValueError("calls: a model cannot call itself")
-        if self.residency != "resident" and (self.decoupled or self.sequence_batching):
+        if self.residency in ("on_demand", "lazy") and (self.decoupled or self.sequence_batching):
             raise ValueError(
                 f"residency {self.residency}: decoupled and sequence models stay resident"
             )
