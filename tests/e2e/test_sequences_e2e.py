@@ -69,6 +69,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     (repo / "state" / "1").mkdir(parents=True)
     (repo / "state" / "config.pbtxt").write_text(STATE_ACCUMULATOR_PBTXT)
     (repo / "state" / "1" / "model.onnx").write_bytes(onnx_accumulator())
+    # the same in a worker process
+    worker = 'parameters { key: "KP_EXECUTION_MODE" value: { string_value: "worker" } }\n'
+    (repo / "state_worker" / "1").mkdir(parents=True)
+    (repo / "state_worker" / "config.pbtxt").write_text(STATE_ACCUMULATOR_PBTXT + worker)
+    (repo / "state_worker" / "1" / "model.onnx").write_bytes(onnx_accumulator())
     with running_server(repo, repo) as running:
         yield running
 
@@ -139,13 +144,13 @@ def test_sequence_errors(server: RunningServer, protocol: str) -> None:
         client.close()
 
 
-def _state_step(client: Any, corrid: int, value: float, start: bool, end: bool) -> float:
+def _state_step(
+    client: Any, corrid: int, value: float, start: bool, end: bool, model: str = "state"
+) -> float:
     module = grpcclient if isinstance(client, grpcclient.InferenceServerClient) else httpclient
     inp = module.InferInput("INPUT", [1, 1], "FP32")
     inp.set_data_from_numpy(np.array([[value]], np.float32))
-    result = client.infer(
-        "state", [inp], sequence_id=corrid, sequence_start=start, sequence_end=end
-    )
+    result = client.infer(model, [inp], sequence_id=corrid, sequence_start=start, sequence_end=end)
     return float(result.as_numpy("OUTPUT")[0, 0])
 
 
@@ -205,5 +210,24 @@ def test_implicit_state_is_hidden_from_metadata(server: RunningServer, protocol:
         config = config.get("config", config)
         state = config["sequence_batching"]["state"][0]
         assert (state["input_name"], state["output_name"]) == ("ACC_IN", "ACC_OUT")
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_implicit_state_in_a_worker_process(server: RunningServer, protocol: str) -> None:
+    client = client_for(protocol, server)
+    try:
+        ids = list(range(100, 110))
+        got: dict[int, list[float]] = {i: [] for i in ids}
+        for step in range(max(len(sequence_values(i)) for i in ids)):
+            for corrid in ids:  # interleaved: one request of each live sequence per round
+                values = sequence_values(corrid)
+                if step < len(values):
+                    start, end = step == 0, step == len(values) - 1
+                    value = _state_step(client, corrid, values[step], start, end, "state_worker")
+                    got[corrid].append(value)
+        for corrid in ids:
+            assert got[corrid] == list(np.cumsum(sequence_values(corrid))), corrid
     finally:
         client.close()

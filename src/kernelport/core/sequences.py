@@ -23,6 +23,11 @@ request is fed its sequence's state (the initial state on START) as each state's
 the model's ``output_name`` output becomes the next state and is not returned to the
 client. Each row of a batch carries its own sequence's state. The state goes with the
 sequence: dropped after its END request and when it is idle too long.
+
+In a worker process (``execution: {mode: worker}``) each sequence is bound to one of the
+process's instances the same way. The process dies with any state its model kept: a
+sequence started before a restart is refused (UNAVAILABLE, START it again) unless its state
+is implicit, which the server holds.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ MAX_SEQUENCES = 4096
 class _Sequence:
     worker: int
     last_ns: int
+    #: the pool's worker-process restarts when it started (a restart loses model-kept state)
+    restarts: int = 0
     #: implicit state: state input name -> the array its last request left (None: initial)
     state: Arrays | None = None
 
@@ -82,12 +89,6 @@ class Sequences:
         model_dir: Path | None = None,
     ) -> None:
         assert config.sequence_batching is not None
-        if any(getattr(w.instance, "remote", False) for w in pool.workers):
-            raise invalid(
-                f"model '{config.name}' is a sequence model: its sequences are bound to "
-                "instances in the server process, so execution mode 'worker' is not "
-                "supported for it yet"
-            )
         self.config = config
         self._pool = pool
         self._stats = stats
@@ -114,7 +115,7 @@ class Sequences:
         sequence = self._live.get(key)
         if start:
             if sequence is not None:  # a restart of a live sequence: same instance, fresh
-                sequence.last_ns = now
+                sequence.last_ns, sequence.restarts = now, self._pool.restarts
             else:
                 sequence = self._begin(key, now)
         elif sequence is None:
@@ -122,6 +123,13 @@ class Sequences:
                 f"inference request for sequence {key!r} to model '{self.config.name}' must "
                 "specify the START flag on the first request of the sequence (or it was idle "
                 f"longer than {self.config.sequence_batching.max_sequence_idle_us} us)"  # type: ignore[union-attr]
+            )
+        elif sequence.restarts != self._pool.restarts and not self._states:
+            self._release(key)  # its instance's process died: the state it kept is gone
+            raise ServerError(
+                ErrorCode.UNAVAILABLE,
+                f"sequence {key!r} of model '{self.config.name}' lost its state: the model's "
+                "worker process restarted since the sequence started; START it again",
             )
         if self._states and self.config.batching and rows != 1:
             raise invalid(
@@ -245,7 +253,7 @@ class Sequences:
             )
         worker = min(range(len(self._load)), key=self._load.__getitem__)
         self._load[worker] += 1
-        sequence = _Sequence(worker, now)
+        sequence = _Sequence(worker, now, self._pool.restarts)
         self._live[key] = sequence
         return sequence
 
