@@ -1,6 +1,6 @@
 """Sequence models in worker processes (``execution: {mode: worker}``), driven from this
 process: model-kept state (a Python accumulator) and implicit state (ONNX), and what a
-worker restart does to each."""
+worker restart does to each; and the models worker mode refuses at load (meta models)."""
 
 from __future__ import annotations
 
@@ -137,3 +137,19 @@ async def test_implicit_state_outlives_a_worker_restart(dp: DataPlane) -> None:
     assert await _step(dp, "state", 6, 2.0, sequence_start=True) == 2.0
     await _restarted(dp, "state")
     assert await _step(dp, "state", 6, 3.0, sequence_end=True) == 5.0
+
+
+async def test_a_meta_model_is_refused_in_a_worker(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    tensors = [{"name": "X", "datatype": "FP32", "dims": [1]}]
+    plain = {"backend": "python", "inputs": tensors, "outputs": tensors}
+    code = "class Model:\n    def execute(self, inputs):\n        return inputs\n"
+    write_model(repo, "sub", plain, {"model.py": code.encode()})
+    meta = {**plain, "calls": ["sub"], "execution": {"mode": "worker"}}
+    write_model(repo, "meta", meta, {"model.py": code.encode()})
+    manager = ModelManager(ManagerSettings((repo,), control_mode="explicit"), BackendRegistry())
+    try:
+        with pytest.raises(ServerError, match="execution mode 'worker' cannot run it"):
+            await manager.load("meta")
+    finally:
+        await manager.close()
