@@ -24,12 +24,14 @@ A budget may size itself (``auto``, ``core/memory_probe.py``): the memory availa
 server started, less a 10% margin, the largest scratch any model needed in its probe run,
 and the bytes of the resident (uncharged) models on the device. ``compact`` evicts every
 idle evictable model and loads them again, least recently used first, so the allocator can
-coalesce what they held (ONNX Runtime's arenas are released with their sessions).
+coalesce what they held (ONNX Runtime's arenas are released with their sessions; on the CPU
+the C heap's free pages then go back to the system, ``malloc_trim``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import time
@@ -65,6 +67,16 @@ def process_rss() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``): what the
+    evicted sessions freed would otherwise stay in the process, counted in its RSS."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to trim this way
+        return
+    libc.malloc_trim(0)
 
 
 class OnDemandPool(WorkerPool):
@@ -286,6 +298,8 @@ class MemoryBudget:
                 for pool in moved:
                     self.forget(pool)
                     await asyncio.to_thread(pool.evict)
+            if device == "cpu" and moved:
+                await asyncio.to_thread(_trim_heap)
             failed = []
             for pool in moved:
                 try:
