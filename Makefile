@@ -12,7 +12,7 @@ TEST_WORKERS ?= auto
 # Installed on its own line, exactly pinned: this version has a local CPU wheel on our machines.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: serve test fuzz install install-test perf-analyzer browser lint bench demo-models clean
+.PHONY: serve test fuzz install install-test perf-analyzer browser kserve lint bench demo-models clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,16 @@ serve: install
 
 perf-analyzer:
 	PYTHON=$(PYTHON) scripts/setup_perf_analyzer.sh
+
+# KServe's own generated models, to check the ServingRuntime against (tests/deploy): a venv of
+# its own, since kserve pins an older psutil than Ray needs.
+KSERVE_VENV ?= .venv-kserve
+kserve: $(KSERVE_VENV)/.installed
+
+$(KSERVE_VENV)/.installed:
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/python -m pip install -q --disable-pip-version-check kserve==0.21.0
+	touch $@
 
 # Headless Chromium for the check that `kernelport bench`'s page renders: the system's package
 # (Debian's chromium), installed when it is missing and apt is there to do it.
@@ -60,8 +70,8 @@ GRPC_TRANSPORT_TESTS ?= tests/e2e tests/batching/test_batching_e2e.py \
 	tests/backends/test_stablehlo.py \
 	tests/cluster/test_ray_cluster_e2e.py tests/cluster/test_ray_netns_e2e.py
 
-test: install-test perf-analyzer browser
-	KERNELPORT_REQUIRE_PERF_ANALYZER=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+test: install-test perf-analyzer browser kserve
+	KERNELPORT_REQUIRE_PERF_ANALYZER=1 KSERVE_PYTHON=$(KSERVE_VENV)/bin/python $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
 		--cov=kernelport --cov-report=term
 	KERNELPORT_GRPC_TRANSPORT=$(OTHER_GRPC_TRANSPORT) KERNELPORT_REQUIRE_PERF_ANALYZER=1 \
 		$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -p no:cacheprovider \
@@ -85,4 +95,4 @@ demo-models: install-test
 	$(BIN)/python scripts/make_demo_models.py
 
 clean:
-	rm -rf $(VENV) .venv-pa build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-pa $(KSERVE_VENV) build dist src/*.egg-info .pytest_cache

@@ -1,6 +1,8 @@
 """The server over each framework's bare runtime, as ratios, on one model: the `mlp` preset
 (FP32 512x3, bench/make_models.py) as ONNX (ONNX Runtime), as a TensorFlow SavedModel and as
-a jax.export program, with the same weights.
+a jax.export program, as a bare StableHLO module (`model.mlir`, the same program's text), as an
+OpenVINO model (the ONNX file read by OpenVINO) and as a torch.export program, with the same
+weights.
 
     scripts/setup_perf_analyzer.sh                      # once
     .venv/bin/python bench/bench_frameworks.py [--rounds 2] [--frameworks onnxruntime jax]
@@ -18,6 +20,7 @@ spread (min-max), and writes bench/out/frameworks-<timestamp>.json.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -32,6 +35,11 @@ from typing import Any
 
 import numpy as np
 import onnx
+
+# TensorFlow's bare run comes before torch.export's Triton import: take Triton first (see
+# kernelport/backends/tensorflow.py for why the other order aborts).
+if importlib.util.find_spec("triton") is not None:
+    import triton  # noqa: F401
 from bench_server import (  # bench/ is sys.path[0] when run as a script
     OUT_DIR,
     free_ports,
@@ -49,7 +57,14 @@ SHAPE = (512,)
 MODEL_YAML = {
     "tensorflow": "backend: tensorflow\nparameters: {intra_op_threads: 1, inter_op_threads: 1}\n",
     "jax": "backend: jax\n",
+    "stablehlo": "backend: jax\n",
+    "openvino": "backend: openvino\nparameters: {INFERENCE_NUM_THREADS: '1'}\n",
+    "torch": "backend: torch\n"
+    "parameters: {INTRA_OP_THREAD_COUNT: '1', INTER_OP_THREAD_COUNT: '1'}\n",
 }
+# Input names: a bare StableHLO module names its tensors by position; torch by argument name
+NAMES = {"stablehlo": ("INPUT__0",), "torch": ("input",)}  # nn.Sequential.forward(input)
+FRAMEWORKS = ["onnxruntime", "tensorflow", "jax", "stablehlo", "openvino", "torch"]
 COMMON_YAML = "max_batch_size: 128\ndynamic_batching:\n  max_queue_delay_us: 0\n"
 
 
@@ -92,19 +107,55 @@ def save_jax(path: Path, layers: list[Any]) -> None:
     path.write_bytes(export.export(jax.jit(forward))(spec).serialize())
 
 
+def save_stablehlo(path: Path, layers: list[Any]) -> None:
+    import jax
+    from jax import export
+
+    def forward(x: Any) -> Any:
+        for i, (w, b) in enumerate(layers):
+            x = x @ w + b
+            x = jax.nn.relu(x) if i < len(layers) - 1 else x
+        return x
+
+    (batch,) = export.symbolic_shape("b")
+    spec = jax.ShapeDtypeStruct((batch, *SHAPE), np.float32)
+    path.write_text(export.export(jax.jit(forward))(spec).mlir_module())
+
+
+def save_torch(path: Path, layers: list[Any]) -> None:
+    import torch
+
+    linears = []
+    for w, b in layers:
+        linear = torch.nn.Linear(*w.shape)
+        linear.weight.data = torch.from_numpy(w.T.copy())
+        linear.bias.data = torch.from_numpy(b.copy())
+        linears += [linear, torch.nn.ReLU()]
+    module = torch.nn.Sequential(*linears[:-1]).eval()
+    dim = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(module, (torch.zeros(2, *SHAPE),), dynamic_shapes=({0: dim},))
+    torch.export.save(program, str(path))
+
+
 def build(root: Path, framework: str) -> Path:
     repo = root / framework
     build_repository(repo, "mlp", batching_delay_us=0)
     if framework == "onnxruntime":
         return repo
-    layers = mlp_weights(repo)
     version = repo / "mlp" / "1"
+    (repo / "mlp" / "model.yaml").write_text(MODEL_YAML[framework] + COMMON_YAML)
+    if framework == "openvino":
+        return repo  # OpenVINO reads the same model.onnx
+    layers = mlp_weights(repo)
     (version / "model.onnx").unlink()
     if framework == "tensorflow":
         save_tensorflow(version / "model.savedmodel", layers)
+    elif framework == "stablehlo":
+        save_stablehlo(version / "model.mlir", layers)
+    elif framework == "torch":
+        save_torch(version / "model.pt2", layers)
     else:
         save_jax(version / "model.jax_export", layers)
-    (repo / "mlp" / "model.yaml").write_text(MODEL_YAML[framework] + COMMON_YAML)
     return repo
 
 
@@ -133,9 +184,35 @@ def bare_call(framework: str, repo: Path, batch: int) -> Callable[[np.ndarray[An
         sig = meta.signature_def["serving_default"]
         fn = sess.make_callable([sig.outputs["OUTPUT0"].name], [sig.inputs["INPUT0"].name])
         return lambda x: fn(x)
+    if framework == "openvino":
+        import openvino as ov
+
+        compiled_ov = ov.Core().compile_model(
+            str(version / "model.onnx"), "CPU", {"INFERENCE_NUM_THREADS": 1}
+        )
+        request = compiled_ov.create_infer_request()
+        return lambda x: request.infer({"INPUT0": x})
+    if framework == "torch":
+        import torch
+
+        torch.set_num_threads(1)
+        module = torch.export.load(str(version / "model.pt2")).module()
+
+        def call(x: np.ndarray[Any, Any]) -> Any:
+            with torch.inference_mode():
+                return module(torch.from_numpy(x)).numpy()
+
+        return call
     import jax
     from jax import export
 
+    if framework == "stablehlo":
+        from kernelport.backends.stablehlo import as_exported
+
+        module = as_exported(version / "model.mlir", "cpu")
+        one = jax.ShapeDtypeStruct((batch, *SHAPE), np.float32)
+        compiled_shlo = jax.jit(module.call).lower(one).compile()
+        return lambda x: np.asarray(compiled_shlo(x))
     program = export.deserialize(bytearray((version / "model.jax_export").read_bytes()))
     spec = {"INPUT0": jax.ShapeDtypeStruct((batch, *SHAPE), np.float32)}
     compiled = jax.jit(program.call).lower(spec).compile()
@@ -189,7 +266,7 @@ def served(repo: Path, work: Path, args: argparse.Namespace) -> dict[int, float]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     add = ap.add_argument
-    add("--frameworks", nargs="+", default=["onnxruntime", "tensorflow", "jax"])
+    add("--frameworks", nargs="+", default=FRAMEWORKS, choices=FRAMEWORKS)
     add("--rounds", type=int, default=2)
     add("--protocol", choices=["http", "grpc"], default="http")
     add("--python", default=sys.executable)
@@ -213,6 +290,9 @@ def main() -> None:
                 work = root / f"work-{framework}-{r}"
                 work.mkdir()
                 write_pa_input(work / "pa_input.json", SHAPE)
+                name = NAMES.get(framework, ("INPUT0",))[0]
+                text = (work / "pa_input.json").read_text().replace('"INPUT0"', f'"{name}"')
+                (work / "pa_input.json").write_text(text)
                 rows = bare(framework, repos[framework], args)
                 server = served(repos[framework], work, args)
                 point = {

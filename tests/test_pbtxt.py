@@ -72,7 +72,7 @@ def test_supported_fields_translate(tmp_path: Path) -> None:
     ("text", "field"),
     [
         ("sequence_batching { state [ { input_name: \"S\" output_name: \"T\" } ] }",
-         "sequence_batching.state: implicit state is not supported"),
+         "sequence_batching.state[0]: a state needs its data_type and dims"),
         ("sequence_batching { control_input [ { name: \"S\" control [ { } ] } ] }",
          "sequence_batching.control_input[0].control[0]: expected int32_false_true"),
         ('platform: "ensemble"', "ensemble_scheduling: an ensemble needs its steps"),

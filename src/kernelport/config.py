@@ -283,13 +283,23 @@ class Config(Settings):
     host_memory_budget: int = Field(
         0,
         ge=0,
-        description="bytes the on_demand and lazy models on the CPU may hold at once; the "
-        "least recently used idle ones are evicted to load another (0: no budget)",
+        description="bytes the on_demand, lazy and pinned models on the CPU may hold at once; "
+        "the least recently used idle ones are evicted to load another (0: no budget)",
     )
     device_memory_budget: int = Field(
         0,
         ge=0,
-        description="the same per CUDA device, for on_demand and lazy models placed there",
+        description="the same per CUDA device, for the models placed there",
+    )
+    host_memory_budget_auto: Flag = Field(
+        False,
+        description="size the host budget itself: the memory available at start less a 10% "
+        "margin, the largest scratch a model needed in its probe run at load and the resident "
+        "models' bytes (--host-memory-budget, if given, caps it)",
+    )
+    device_memory_budget_auto: Flag = Field(
+        False,
+        description="the same per CUDA device, from the free memory NVML reports at start",
     )
     # Declared before api_keys so that the api_keys validator sees it.
     api_key_file: OptionalPath = Field(

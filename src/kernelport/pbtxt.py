@@ -398,14 +398,39 @@ def _sequence_batching(t: _Translation, seq: Message) -> dict[str, Any]:
                     t.reject(where, f"expected 2 values (false, true), got {len(values)}")
                 entry["false_true"] = values
             controls.append(entry)
-    if seq.state:
-        t.reject(f"{path}.state", "implicit state is not supported: keep state in the model")
+    states = [_state(t, f"{path}.state[{i}]", state) for i, state in enumerate(seq.state)]
     if seq.HasField("oldest"):
         t.warn(f"{path}.oldest", "its settings are ignored: requests of different sequences "
                "batch as they wait, one per sequence, up to max_batch_size")  # fmt: skip
     t.rest(seq, f"{path}.", {"max_sequence_idle_microseconds", "control_input", "direct",
                              "oldest", "state"})  # fmt: skip
     out: dict[str, Any] = {"control_inputs": controls}
+    if states:
+        out["states"] = states
     if seq.max_sequence_idle_microseconds:
         out["max_sequence_idle_us"] = seq.max_sequence_idle_microseconds
+    return out
+
+
+def _state(t: _Translation, where: str, state: Message) -> dict[str, Any]:
+    if not state.data_type:
+        t.reject(where, "a state needs its data_type and dims")
+    dtype = _msgs.DataType.Name(state.data_type)
+    out: dict[str, Any] = {
+        "input_name": state.input_name,
+        "output_name": state.output_name,
+        "datatype": dtype,
+        "dims": list(state.dims),
+    }
+    if len(state.initial_state) > 1:
+        t.reject(f"{where}.initial_state", "only one initial_state is supported (as in Triton)")
+    for start in state.initial_state:
+        if start.data_type and _msgs.DataType.Name(start.data_type) != dtype:
+            t.reject(f"{where}.initial_state", f"data_type must be the state's ({dtype})")
+        initial: dict[str, Any] = {"name": start.name, "dims": list(start.dims)}
+        if start.WhichOneof("state_data") == "data_file":
+            initial["data_file"] = start.data_file
+        out["initial_state"] = initial
+    if state.use_growable_memory:
+        t.warn(f"{where}.use_growable_memory", "ignored: each state is an array of its own")
     return out

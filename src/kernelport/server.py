@@ -16,11 +16,12 @@ from kernelport.backends.registry import BackendRegistry
 from kernelport.config import Config, write_ports
 from kernelport.core.dataplane import DataPlane
 from kernelport.core.manager import ManagerSettings, ModelManager
+from kernelport.core.memory_probe import available_host_memory
 from kernelport.core.shm import SharedMemoryRegistry
 from kernelport.lifecycle.poller import RepositoryPoller
 from kernelport.limits import Limits
 from kernelport.observability import logging as log_setup
-from kernelport.observability.gpu import GpuCollector
+from kernelport.observability.gpu import GpuCollector, free_device_memory
 from kernelport.observability.metrics import KernelPortCollector
 from kernelport.observability.metrics_app import MetricsApp
 from kernelport.observability.telemetry import Telemetry
@@ -65,6 +66,9 @@ class Server:
                     "cpu": config.host_memory_budget,
                     "cuda": config.device_memory_budget,
                 },
+                memory_available=available_memory(
+                    config.host_memory_budget_auto, config.device_memory_budget_auto
+                ),
             ),
             BackendRegistry(),
             TritonConfigReader(),
@@ -288,3 +292,22 @@ class Server:
             for entry in self.manager.entries()
             if any(mv.active or mv.queue.running for mv in entry.versions.values())
         )
+
+
+def available_memory(host: bool, device: bool) -> dict[str, int]:
+    """The bytes available now where a budget sizes itself ("cpu", "cuda:N")."""
+    available: dict[str, int] = {}
+    if host:
+        free = available_host_memory()
+        if free is None:
+            log.warning("--host-memory-budget-auto: /proc/meminfo unreadable: not sized")
+        else:
+            available["cpu"] = free
+    if device:
+        gpus = free_device_memory()
+        if not gpus:
+            log.warning("--device-memory-budget-auto: NVML reports no GPU: not sized")
+        available.update(gpus)
+    for where, free in available.items():
+        log.info("memory budget on %s sizes itself from %d bytes available", where, free)
+    return available

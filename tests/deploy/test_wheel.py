@@ -78,6 +78,8 @@ def test_wheel_contents_and_extras(dist: Path) -> None:
     }
     backend_extras = {extra for _, extra in BACKENDS.values() if extra}
     assert backend_extras | {"fetch", "gateway", "tracing"} <= extras
+    # the names issue 16 and the seed give the extras
+    assert {"onnx", "torch", "tf", "jax", "openvino", "tensorrt", "cluster", "fetch"} <= extras
 
 
 def test_the_installed_wheel_serves_the_demo_models(dist: Path, tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Sequence models (Triton's sequence_batching) from a config.pbtxt written as Triton's docs
 write it: a Python accumulator keeps each sequence's running sum in its instance, keyed by
 the correlation id the server passes in CORRID. 50 sequences interleaved over tritonclient
-(HTTP and gRPC, concurrently) give the answers each sequence gives alone."""
+(HTTP and gRPC, concurrently) give the answers each sequence gives alone. The same with
+implicit state: an ONNX accumulator whose running sum the server keeps per sequence."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from conftest import RunningServer, running_server
 from helpers import client_for
+from sequence_models import STATE_ACCUMULATOR_PBTXT, onnx_accumulator, sequence_values
 from tritonclient.utils import InferenceServerException
 
 ACCUMULATOR_PBTXT = """
@@ -64,6 +66,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     (repo / "acc" / "1").mkdir(parents=True)
     (repo / "acc" / "config.pbtxt").write_text(ACCUMULATOR_PBTXT)
     (repo / "acc" / "1" / "model.py").write_text(ACCUMULATOR_PY)
+    (repo / "state" / "1").mkdir(parents=True)
+    (repo / "state" / "config.pbtxt").write_text(STATE_ACCUMULATOR_PBTXT)
+    (repo / "state" / "1" / "model.onnx").write_bytes(onnx_accumulator())
+    # the same in a worker process
+    worker = 'parameters { key: "KP_EXECUTION_MODE" value: { string_value: "worker" } }\n'
+    (repo / "state_worker" / "1").mkdir(parents=True)
+    (repo / "state_worker" / "config.pbtxt").write_text(STATE_ACCUMULATOR_PBTXT + worker)
+    (repo / "state_worker" / "1" / "model.onnx").write_bytes(onnx_accumulator())
     with running_server(repo, repo) as running:
         yield running
 
@@ -130,5 +140,94 @@ def test_sequence_errors(server: RunningServer, protocol: str) -> None:
         assert config["sequence_batching"]["max_sequence_idle_microseconds"] in (
             60000000, "60000000"
         )  # fmt: skip
+    finally:
+        client.close()
+
+
+def _state_step(
+    client: Any, corrid: int, value: float, start: bool, end: bool, model: str = "state"
+) -> float:
+    module = grpcclient if isinstance(client, grpcclient.InferenceServerClient) else httpclient
+    inp = module.InferInput("INPUT", [1, 1], "FP32")
+    inp.set_data_from_numpy(np.array([[value]], np.float32))
+    result = client.infer(model, [inp], sequence_id=corrid, sequence_start=start, sequence_end=end)
+    return float(result.as_numpy("OUTPUT")[0, 0])
+
+
+def test_implicit_state_over_fifty_interleaved_sequences(server: RunningServer) -> None:
+    ids = list(range(1, 51))
+    got: dict[int, list[float]] = {i: [] for i in ids}
+    errors: list[BaseException] = []
+
+    def drive(protocol: str, mine: list[int]) -> None:
+        client = client_for(protocol, server)
+        try:
+            for step in range(max(len(sequence_values(i)) for i in mine)):
+                for corrid in mine:  # one request of each live sequence per round
+                    values = sequence_values(corrid)
+                    if step < len(values):
+                        start, end = step == 0, step == len(values) - 1
+                        got[corrid].append(_state_step(client, corrid, values[step], start, end))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            client.close()
+
+    threads = [
+        threading.Thread(target=drive, args=(protocol, ids[i::4]))
+        for i, protocol in enumerate(("http", "grpc", "http", "grpc"))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:2]
+    alone = {}
+    client = client_for("http", server)
+    try:  # each sequence by itself, after the others: the same answers
+        for corrid in ids[:10]:
+            values = sequence_values(corrid)
+            alone[corrid] = [
+                _state_step(client, corrid, v, i == 0, i == len(values) - 1)
+                for i, v in enumerate(values)
+            ]
+    finally:
+        client.close()
+    for corrid in ids:
+        assert got[corrid] == list(np.cumsum(sequence_values(corrid))), corrid
+        assert corrid not in alone or alone[corrid] == got[corrid]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_implicit_state_is_hidden_from_metadata(server: RunningServer, protocol: str) -> None:
+    client = client_for(protocol, server)
+    try:
+        kw = {"as_json": True} if protocol == "grpc" else {}
+        meta = client.get_model_metadata("state", **kw)
+        assert [t["name"] for t in meta["inputs"]] == ["INPUT"]
+        assert [t["name"] for t in meta["outputs"]] == ["OUTPUT"]
+        config = client.get_model_config("state", **kw)
+        config = config.get("config", config)
+        state = config["sequence_batching"]["state"][0]
+        assert (state["input_name"], state["output_name"]) == ("ACC_IN", "ACC_OUT")
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_implicit_state_in_a_worker_process(server: RunningServer, protocol: str) -> None:
+    client = client_for(protocol, server)
+    try:
+        ids = list(range(100, 110))
+        got: dict[int, list[float]] = {i: [] for i in ids}
+        for step in range(max(len(sequence_values(i)) for i in ids)):
+            for corrid in ids:  # interleaved: one request of each live sequence per round
+                values = sequence_values(corrid)
+                if step < len(values):
+                    start, end = step == 0, step == len(values) - 1
+                    value = _state_step(client, corrid, values[step], start, end, "state_worker")
+                    got[corrid].append(value)
+        for corrid in ids:
+            assert got[corrid] == list(np.cumsum(sequence_values(corrid))), corrid
     finally:
         client.close()

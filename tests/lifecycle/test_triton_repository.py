@@ -105,7 +105,7 @@ REJECTED = {
     "stateful": (
         'platform: "onnxruntime_onnx"\nmax_batch_size: 4\n'
         'sequence_batching { state [ { input_name: "S" output_name: "T" } ] }\n',
-        "config.pbtxt: sequence_batching.state: implicit state is not supported",
+        "config.pbtxt: sequence_batching.state[0]: a state needs its data_type and dims",
     ),
     "pipeline": (
         'platform: "ensemble"\nmax_batch_size: 4\n'

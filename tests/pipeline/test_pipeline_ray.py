@@ -49,7 +49,7 @@ def eight_blocks(directory: Path) -> Path:
 
 def two_host_plan(blocks_dir: Path) -> tuple[list[Block], object]:
     blocks, example = load_blocks(blocks_dir)
-    measured = profile_blocks(blocks, example, "cpu", repeats=3)
+    measured = profile_blocks(blocks, example, "cpu", repeats=3, min_seconds=0)
     weights = sum(b.weight_bytes for b in measured)
     # Neither host holds every block: the plan must split.
     hosts = [Device("a", "cpu", weights * 5 // 8), Device("b", "cpu", weights * 5 // 8)]
@@ -68,7 +68,8 @@ def test_a_two_stage_pipeline_gives_bit_identical_outputs(local_ray: None, tmp_p
         again = torch.randn(5, WIDTH)
         assert torch.equal(pipeline.run(again), run_on_one_host(blocks_dir, again, 4))
     finally:
-        pipeline.close()
+        measured = pipeline.close()
+    assert len(measured) == 2 and all(t > 0 for t in measured)  # each stage timed its runs
 
 
 def test_int8_activations_stay_close_and_fp16_closer(local_ray: None, tmp_path: Path) -> None:

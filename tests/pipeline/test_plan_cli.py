@@ -43,6 +43,7 @@ def test_profile_records_each_blocks_time_weights_and_activation_and_plan_reads_
     modules = export_blocks(tmp_path / "blocks")
     plan_file = tmp_path / "plan.yaml"
     args = ["profile", str(tmp_path / "blocks"), "--plan", str(plan_file), "--repeats", "3"]
+    args += ["--seconds", "0"]
     assert main([*args, "--kind", "cpu"]) == 0
     assert main([*args, "--kind", "other"]) == 0  # a second kind merges, the first stays
     blocks, devices = read_plan_file(plan_file)
@@ -105,6 +106,6 @@ def test_errors_name_the_file_and_what_is_wrong(
     assert "tiny 10" in capsys.readouterr().err
     export_blocks(tmp_path / "blocks", n=2)
     blocks, example = load_blocks(tmp_path / "blocks")
-    measured = profile_blocks(blocks, example, "cpu", repeats=1)
+    measured = profile_blocks(blocks, example, "cpu", repeats=1, min_seconds=0)
     with pytest.raises(PartitionError, match="profiles a different model"):
         merge_profile(no_fit, measured)  # its one block is named b0, these 000 and 001

@@ -84,7 +84,10 @@ class OnnxRuntimeBackend:
             sess_options=session_options(config.parameters),
             providers=providers(context.device, config.parameters),
         )
-        instance = OnnxRuntimeInstance(session, [t.name for t in config.outputs])
+        names = [t.name for t in config.outputs]
+        if config.sequence_batching is not None:  # implicit state: the server keeps it
+            names += [s.output_name for s in config.sequence_batching.states]
+        instance = OnnxRuntimeInstance(session, names)
         instance.run_options = run_options(config.parameters)
         return instance
 

@@ -95,7 +95,7 @@ class PipelineBackend:
             if not blocks:
                 kind = str(params.get("profile_kind", "cpu"))
                 loaded, example = load_blocks(path / BLOCKS_DIR)
-                blocks = profile_blocks(loaded, example, kind, repeats=5)
+                blocks = profile_blocks(loaded, example, kind, repeats=5, min_seconds=0.05)
             plan = partition(blocks, devices)
         except PartitionError as exc:
             raise invalid(f"pipeline model {config.name}: {exc}") from exc

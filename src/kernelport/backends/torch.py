@@ -404,7 +404,7 @@ class TorchBackend:
             warmed or "none", f"; CUDA graphs for {runner.graph_buckets}" if params.cuda_graphs
             else "",
         )  # fmt: skip
-        return TorchInstance(runner, params.cache_cleaning and device.type == "cuda")
+        return TorchInstance(runner, params.cache_cleaning and device.type == "cuda", device)
 
 
 def _buckets(config: ModelConfig) -> tuple[int, ...]:
@@ -415,9 +415,26 @@ def _buckets(config: ModelConfig) -> tuple[int, ...]:
 class TorchInstance:
     """One loaded model on one device; ``execute`` runs a whole batch."""
 
-    def __init__(self, runner: DeviceRunner, clean_cache: bool = False) -> None:
+    def __init__(
+        self, runner: DeviceRunner, clean_cache: bool = False, device: torch.device | None = None
+    ) -> None:
         self._runner = runner
         self._clean_cache = clean_cache
+        self._device = device
+
+    def memory_mark(self) -> int | None:
+        """Bytes allocated on the CUDA device now, its peak reset (a self-sizing budget's
+        probe, ``core/memory_probe.py``); None on the CPU."""
+        if self._device is None or self._device.type != "cuda":
+            return None
+        torch.cuda.reset_peak_memory_stats(self._device)
+        return int(torch.cuda.memory_allocated(self._device))
+
+    def memory_peak(self) -> int | None:
+        """The most allocated on the device since ``memory_mark``."""
+        if self._device is None or self._device.type != "cuda":
+            return None
+        return int(torch.cuda.max_memory_allocated(self._device))
 
     def execute(self, inputs: Arrays) -> Arrays:
         try:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kernelport.backends import triton_python_backend_utils as pb
-from kernelport.core.backend import Arrays, LoadContext
+from kernelport.core.backend import Arrays, LoadContext, RequestArrays
 from kernelport.core.model_config import ModelConfig, triton_config
 from kernelport.errors import ErrorCode, ServerError
 
@@ -30,6 +30,11 @@ log = logging.getLogger("kernelport.backends.python")
 
 MODULE_NAME = "triton_python_backend_utils"
 CLASS_NAME = "TritonPythonModel"
+
+#: request parameters Triton's front ends consume (flags, options): not in ``parameters()``
+RESERVED_PARAMETERS = frozenset(
+    {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output"}
+)
 
 
 def make_importable(source: bytes) -> None:
@@ -84,14 +89,26 @@ class TritonPythonInstance:
         self._outputs = [t.name for t in config.outputs]
 
     def _requests(self, parts: list[Arrays]) -> list[pb.InferenceRequest]:
-        return [
-            pb.InferenceRequest(
-                self._config.name,
-                self._outputs,
-                [pb.Tensor(name, array) for name, array in inputs.items()],
-            )
-            for inputs in parts
-        ]
+        return [self._request(inputs) for inputs in parts]
+
+    def _request(self, inputs: Arrays) -> pb.InferenceRequest:
+        given = inputs.parameters if isinstance(inputs, RequestArrays) else {}
+        flags = 0
+        if given.get("sequence_start"):
+            flags |= pb.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
+        if given.get("sequence_end"):
+            flags |= pb.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
+        timeout = given.get("timeout", 0)
+        return pb.InferenceRequest(
+            self._config.name,
+            self._outputs,
+            [pb.Tensor(name, array) for name, array in inputs.items()],
+            correlation_id=given.get("sequence_id") or 0,
+            request_id=inputs.request_id if isinstance(inputs, RequestArrays) else "",
+            flags=flags,
+            timeout=timeout if isinstance(timeout, int) else 0,
+            parameters={k: v for k, v in given.items() if k not in RESERVED_PARAMETERS},
+        )
 
     def _answers(self, responses: Any, count: int) -> list[Arrays | ServerError]:
         if not isinstance(responses, list | tuple) or len(responses) != count:

@@ -6,6 +6,7 @@ Core defines it and backends implement it, so backends import core and core neve
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,6 +16,23 @@ import numpy as np
 from kernelport.core.model_config import ModelConfig
 
 Arrays = dict[str, np.ndarray[Any, Any]]
+
+
+class RequestArrays(dict[str, np.ndarray[Any, Any]]):
+    """A request's inputs with its id and parameters, for backends that show their model each
+    request (Triton's Python backend: ``request_id()``, ``parameters()``). The batcher hands
+    this very dict to the instance as the request's part of the batch."""
+
+    __slots__ = ("parameters", "request_id")
+
+    def __init__(self, inputs: Arrays, request_id: str, parameters: Mapping[str, Any]) -> None:
+        super().__init__(inputs)
+        self.request_id = request_id
+        self.parameters = parameters
+
+    def carrying(self, inputs: Arrays) -> RequestArrays:
+        """``inputs`` with this request's id and parameters."""
+        return RequestArrays(inputs, self.request_id, self.parameters)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from kernelport.core.backend import Arrays
+from kernelport.core.backend import Arrays, RequestArrays
 from kernelport.core.manager import ModelManager, ModelVersion
-from kernelport.core.memory import OnDemandPool
+from kernelport.core.memory import Compaction, OnDemandPool
 from kernelport.core.model_config import ModelConfig
 from kernelport.core.names import shown
 from kernelport.core.options import request_options
@@ -175,6 +175,11 @@ class DataPlane:
         self._manager.require_explicit("load", name)
         await self._manager.load(name, config, files)
 
+    async def compact(self) -> list[Compaction]:
+        """Evict the idle on-demand and lazy models that are resident and load them again,
+        least recently used first, so freed memory coalesces (``MemoryBudget.compact``)."""
+        return await self._manager.compact()
+
     async def unload_model(self, name: str, unload_dependents: bool = False) -> None:
         self._manager.require_explicit("unload", name)
         await self._manager.unload(name, unload_dependents)
@@ -232,6 +237,8 @@ class DataPlane:
                     f"model '{config.name}' is decoupled: its outputs cannot go to shared memory"
                 )
             inputs, rows = validate_inputs(config, request)
+            if config.backend == "python":
+                inputs = RequestArrays(inputs, request.id, request.parameters)
             names = requested_outputs(config, request)
             version = str(model.version)
             async with contextlib.aclosing(streams.stream(inputs)) as produced:
@@ -293,6 +300,8 @@ class DataPlane:
                     inputs = await _hook(config.name, "preprocess", hooks.preprocess, inputs)
                 finally:
                     model.queue.announced -= 1
+            if config.backend == "python":  # Triton models see request_id() and parameters()
+                inputs = RequestArrays(inputs, request.id, request.parameters)
             # A model loaded on first use: the wait for it counts as queue time.
             waited = 0
             if isinstance(model.pool, OnDemandPool):

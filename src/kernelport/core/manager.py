@@ -21,7 +21,8 @@ from kernelport.core.backend import Backend
 from kernelport.core.batcher import ModelQueue
 from kernelport.core.ensemble import ENSEMBLE, Ensemble
 from kernelport.core.execution import WorkerPool, load_in_process
-from kernelport.core.memory import MemoryBudget, OnDemandPool, footprint
+from kernelport.core.memory import Compaction, MemoryBudget, OnDemandPool, footprint
+from kernelport.core.memory_probe import VersionMemory
 from kernelport.core.meta import Models, StreamCall, make_workers
 from kernelport.core.model_config import ModelConfig, parse_model_config
 from kernelport.core.names import check_lookup_name, check_model_name, parse_version, shown
@@ -77,7 +78,7 @@ class ModelManager:
         self._models: dict[str, ModelEntry] = {}
         self._sources: dict[str, ModelSource] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._budget = MemoryBudget(dict(settings.memory_budgets))
+        self._budget = MemoryBudget(settings.memory_budgets, settings.memory_available)
         #: runs one request on a model as a client's would (validation, hooks, batcher,
         #: statistics): how ensemble steps call their models. Set by the DataPlane.
         self.compose: Callable[[InferRequest], Awaitable[InferResponse]] | None = None
@@ -479,20 +480,30 @@ class ModelManager:
                 "which needs the server's event loop: execution mode 'worker' cannot run it"
             )
 
+        held = VersionMemory(self._budget, config, path)
+        await held.pin()  # a pinned version's bytes are held before its weights load
+
         async def build() -> WorkerPool:
+            built: WorkerPool
             if plan.mode == "worker":
-                return await start_process_pool(config, version, path, plan)
-            models = self._models_handle(config)
-            return await load_in_process(
-                backend, config, version, path, models,
-                lambda instance, name: make_workers(instance, name, config),
-            )  # fmt: skip
+                built = await start_process_pool(config, version, path, plan)
+            else:
+                built = await load_in_process(
+                    backend, config, version, path, self._models_handle(config),
+                    lambda instance, name: make_workers(instance, name, config),
+                )  # fmt: skip
+            await held.built(built)
+            return built
 
         pool: WorkerPool
-        if config.residency == "resident":
-            pool = await build()
-        else:
-            pool = await self._on_demand(config, path, build)
+        try:
+            if config.residency in ("resident", "pinned"):
+                pool = await build()
+            else:
+                pool = await self._on_demand(config, path, build)
+        except BaseException:
+            held.release()
+            raise
         stats = ModelStats()
         try:
             hooks = pool.hooks(config.name)
@@ -500,9 +511,10 @@ class ModelManager:
             if config.decoupled:
                 streams = Decoupled(config, pool)
             elif config.sequence_batching is not None:
-                streams = Sequences(config, pool, stats)
+                streams = Sequences(config, pool, stats, path.parent)
         except BaseException:
             await asyncio.to_thread(pool.close)
+            held.release()
             raise
         queue: ModelQueue | Decoupled | Sequences
         if streams is not None:
@@ -512,6 +524,7 @@ class ModelManager:
             queue = ModelQueue(config, pool, stats, device, config.weight)
             pool.on_available = queue.wake
         loaded = ModelVersion(config, version, pool, queue, stats, 0.0, hooks)
+        loaded.on_closed, loaded.pinned_bytes = held.release, held.pinned_bytes
         if isinstance(pool, OnDemandPool):  # evictable only while nothing uses it
             pool.busy = lambda: loaded.active > 0 or bool(loaded.queue.running)
         return loaded
@@ -548,6 +561,10 @@ class ModelManager:
         """Whether ``backend``'s runtime must stay out of this process: its native libraries
         clash with those of the program the server runs embedded in (Envoy)."""
         return self._settings.embedded and not getattr(backend, "embeddable", True)
+
+    async def compact(self) -> list[Compaction]:
+        """Evict the idle evictable models and load them again (``MemoryBudget.compact``)."""
+        return await self._budget.compact()
 
     def device(self, name: str) -> DeviceScheduler:
         """The scheduler arbitrating device ``name`` among the models placed on it."""

@@ -6,7 +6,11 @@ Per model, ``residency`` (model.yaml; ``KP_RESIDENCY`` in a config.pbtxt):
 - ``resident`` (default): loaded with the model, never evicted (pinned);
 - ``on_demand``: loaded with the model (so a broken one fails at load), evictable; an
   evicted model is loaded again by its next request;
-- ``lazy``: nothing is read until the first request; evictable after.
+- ``lazy``: nothing is read until the first request; evictable after;
+- ``pinned``: loaded with the model, never evicted, and charged against its device's budget
+  for life (ReactantServer's device-pinned models: the budget covers them, so what is left
+  for the evictable ones shrinks by their bytes; a pinned model that does not fit fails its
+  load). ``resident`` models are not charged: the budget is sized to what they leave.
 
 A budget per device (``--host-memory-budget`` for CPU models, ``--device-memory-budget`` for
 CUDA devices; 0: none) bounds the bytes of the evictable models resident on it; a model
@@ -15,15 +19,25 @@ it). Loading a model evicts the least recently used idle ones on its device unti
 if the busy ones alone leave no room, the request fails with RESOURCE_EXHAUSTED naming the
 budget. Requests that arrive while their model loads wait for it (their wait counts as queue
 time); a failed load fails those requests, and the next request tries again.
+
+A budget may size itself (``auto``, ``core/memory_probe.py``): the memory available when the
+server started, less a 10% margin, the largest scratch any model needed in its probe run,
+and the bytes of the resident (uncharged) models on the device. ``compact`` evicts every
+idle evictable model and loads them again, least recently used first, so the allocator can
+coalesce what they held (ONNX Runtime's arenas are released with their sessions; on the CPU
+the C heap's free pages then go back to the system, ``malloc_trim``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from kernelport.core.execution import BatchRunner, Hooks, WorkerPool
@@ -35,12 +49,34 @@ Loader = Callable[[], Awaitable[WorkerPool]]
 
 #: how long a load may wait for busy models to become idle and make room
 ROOM_WAIT_S = 60.0
+#: an ``auto`` budget leaves this share of the available memory unused (Reactant's wiggle)
+AUTO_MARGIN = 0.1
 
 
 def footprint(version_path: Path, instances: int) -> int:
     """The bytes a model version is charged: its files, once per instance."""
     files = sum(p.stat().st_size for p in version_path.rglob("*") if p.is_file())
     return files * max(1, instances)
+
+
+def process_rss() -> int | None:
+    """The process's resident set now, in bytes (None where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``): what the
+    evicted sessions freed would otherwise stay in the process, counted in its RSS."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to trim this way
+        return
+    libc.malloc_trim(0)
 
 
 class OnDemandPool(WorkerPool):
@@ -161,30 +197,136 @@ class OnDemandPool(WorkerPool):
             inner.close()
 
 
-class MemoryBudget:
-    """The bytes of evictable models resident per device, and their use order (LRU)."""
+@dataclass(eq=False, slots=True)
+class PinnedCharge:
+    """A pinned model version's bytes, held against its device's budget while it is loaded."""
 
-    def __init__(self, budgets: dict[str, int]) -> None:
+    name: str
+    device: str
+    size: int
+    #: never evicted: the budget's eviction pass skips it
+    resident = False
+
+
+@dataclass(frozen=True, slots=True)
+class Compaction:
+    """What one ``compact`` did on one device."""
+
+    device: str
+    models: tuple[str, ...]  # evicted and loaded again, in that order
+    failed: tuple[str, ...]  # evicted, and their load failed (their next request retries)
+    budget_bytes: int | None
+    resident_bytes_before: int
+    resident_bytes_after: int
+    #: the process's resident set (CPU) before and after, where it can be read
+    process_bytes_before: int | None
+    process_bytes_after: int | None
+
+
+@dataclass(slots=True)
+class _Outside:
+    device: str
+    resident_bytes: int  # a resident model's footprint, outside the budget
+    scratch_bytes: int  # the most its probe run needed beyond its weights
+
+
+class MemoryBudget:
+    """The bytes of evictable (and pinned) models resident per device, and their use order
+    (LRU). ``auto``: devices or kinds ("cpu", "cuda") whose budget is derived from the
+    memory available at start (bytes) rather than given."""
+
+    def __init__(self, budgets: Mapping[str, int], auto: Mapping[str, int] | None = None) -> None:
         self._budgets = {device: b for device, b in budgets.items() if b > 0}
-        self._order: OrderedDict[int, OnDemandPool] = OrderedDict()  # least recent first
+        self._auto = dict(auto or {})
+        self._order: OrderedDict[int, OnDemandPool | PinnedCharge] = OrderedDict()  # LRU first
+        self._outside: dict[object, _Outside] = {}
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
+        self.compactions = 0
 
     def used(self, device: str) -> int:
         return sum(p.size for p in self._order.values() if p.device == device)
 
     def limit(self, device: str) -> int | None:
         kind = "cpu" if device == "cpu" else "cuda"
-        return self._budgets.get(device, self._budgets.get(kind))
+        given = self._budgets.get(device, self._budgets.get(kind))
+        available = self._auto.get(device, self._auto.get(kind))
+        if available is None:
+            return given
+        outside = [o for o in self._outside.values() if o.device == device]
+        scratch = max((o.scratch_bytes for o in outside), default=0)
+        resident = sum(o.resident_bytes for o in outside)
+        derived = max(0, int(available * (1 - AUTO_MARGIN)) - scratch - resident)
+        return derived if given is None else min(given, derived)  # a given budget caps it
+
+    def sizes_itself(self, device: str) -> bool:
+        """Whether ``device``'s budget is ``auto`` (models loaded there are probed)."""
+        kind = "cpu" if device == "cpu" else "cuda"
+        return device in self._auto or kind in self._auto
+
+    def account(self, token: object, device: str, resident_bytes: int, scratch: int) -> None:
+        """What a model version takes outside the budget (an ``auto`` budget shrinks by it)
+        until :meth:`release`; ``token`` identifies the version."""
+        self._outside[token] = _Outside(device, resident_bytes, scratch)
+
+    def release(self, token: object) -> None:
+        self._outside.pop(token, None)
+        self.changed()
 
     def pools(self) -> Sequence[OnDemandPool]:
-        return list(self._order.values())
+        return [p for p in self._order.values() if isinstance(p, OnDemandPool)]
+
+    async def pin(self, charge: PinnedCharge) -> None:
+        """Hold ``charge`` against its device's budget, evicting idle models for it."""
+        await self.make_room(charge)
+        log.info(
+            "model '%s' pinned (%d bytes of the %s budget)", charge.name, charge.size, charge.device
+        )
+
+    async def compact(self) -> list[Compaction]:
+        """Evict every idle evictable model that is resident, then load them again in LRU
+        order (so the most recently used ends most recent), one device at a time."""
+        reports = []
+        devices = sorted({p.device for p in self.pools()})
+        for device in devices:
+            before_process = process_rss() if device == "cpu" else None
+            before = self.used(device)
+            async with self._lock:
+                moved = [
+                    p for p in self.pools() if p.device == device and p.resident and not p.busy()
+                ]
+                for pool in moved:
+                    self.forget(pool)
+                    await asyncio.to_thread(pool.evict)
+            if device == "cpu" and moved:
+                await asyncio.to_thread(_trim_heap)
+            failed = []
+            for pool in moved:
+                try:
+                    await pool.ensure()
+                except ServerError as exc:
+                    log.warning("compaction: model '%s' did not load again: %s", pool.name, exc)
+                    failed.append(pool.name)
+            self.compactions += 1
+            report = Compaction(
+                device,
+                tuple(p.name for p in moved),
+                tuple(failed),
+                self.limit(device),
+                before,
+                self.used(device),
+                before_process,
+                process_rss() if device == "cpu" else None,
+            )
+            log.info("memory compacted on %s: %s", device, report)
+            reports.append(report)
+        return reports
 
     def touch(self, pool: OnDemandPool) -> None:
         if id(pool) in self._order:
             self._order.move_to_end(id(pool))
 
-    def forget(self, pool: OnDemandPool) -> None:
+    def forget(self, pool: OnDemandPool | PinnedCharge) -> None:
         if self._order.pop(id(pool), None) is not None:
             self.changed()
 
@@ -193,7 +335,7 @@ class MemoryBudget:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def make_room(self, pool: OnDemandPool) -> None:
+    async def make_room(self, pool: OnDemandPool | PinnedCharge) -> None:
         """Evict least recently used idle models on ``pool``'s device until it fits, then
         count it as resident (before it loads: concurrent loads cannot overcommit). While
         the models holding the budget are busy or loading, wait for one to become idle, up
@@ -225,10 +367,12 @@ class MemoryBudget:
                     "or loading",
                 ) from None
 
-    async def _evict_for(self, pool: OnDemandPool, limit: int) -> bool:
+    async def _evict_for(self, pool: OnDemandPool | PinnedCharge, limit: int) -> bool:
         for other in list(self._order.values()):
             if self.used(pool.device) + pool.size <= limit:
                 break
+            if not isinstance(other, OnDemandPool):
+                continue  # pinned: held for the model's life
             if other.device == pool.device and other.resident and not other.busy():
                 self.forget(other)
                 await asyncio.to_thread(other.evict)

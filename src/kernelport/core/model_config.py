@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kernelport.core.sequence_config import SequenceBatching, render_sequence_batching
 from kernelport.errors import ServerError, invalid
 from kernelport.types import DATATYPES, datatype
 
@@ -185,34 +186,6 @@ class Warmup(_Strict):
     inputs: dict[str, WarmupInput] = Field(min_length=1)
 
 
-SequenceControlKind = Literal["start", "end", "ready", "corrid"]
-
-
-class SequenceControl(_Strict):
-    """One control input the server fills for a sequence model (Triton's control_input)."""
-
-    name: str = Field(min_length=1)
-    kind: SequenceControlKind
-    datatype: str = "INT32"
-    #: the values for false and true (start, end, ready); unused for corrid
-    false_true: tuple[float, float] = (0, 1)
-
-    @field_validator("datatype")
-    @classmethod
-    def _known_datatype(cls, value: str) -> str:
-        return _known_datatype(value)
-
-
-class SequenceBatching(_Strict):
-    """Triton's ``sequence_batching``: stateful models. Each sequence (correlation id) is bound
-    to one instance from its start to its end, its requests run there in order, and the
-    model is told where each request stands through its control inputs."""
-
-    #: a sequence with no request for this long is released (Triton's default: 1 s)
-    max_sequence_idle_us: int = Field(default=1_000_000, ge=1)
-    control_inputs: tuple[SequenceControl, ...] = ()
-
-
 class EnsembleStep(_Strict):
     """One step of an ensemble: which model runs, and how tensors map in and out of it."""
 
@@ -309,10 +282,11 @@ class ModelConfig(_Strict):
     ensemble_scheduling: EnsembleScheduling | None = None
     #: samples run on every instance before the model is ready (``core/warmup.py``)
     model_warmup: tuple[Warmup, ...] = ()
-    #: resident (loaded with the model, never evicted), on_demand (loaded with the model,
-    #: evictable under a memory budget) or lazy (loaded on first use); ``core/memory.py``.
+    #: resident (loaded with the model, never evicted), pinned (the same, charged against
+    #: the device's budget), on_demand (loaded with the model, evictable under a memory
+    #: budget) or lazy (loaded on first use); ``core/memory.py``.
     #: config.pbtxt: parameter ``KP_RESIDENCY``
-    residency: Literal["resident", "on_demand", "lazy"] = "resident"
+    residency: Literal["resident", "pinned", "on_demand", "lazy"] = "resident"
     #: stateful model: requests grouped by correlation id (``core/sequences.py``)
     sequence_batching: SequenceBatching | None = None
     #: any number of responses per request (Triton's decoupled transaction policy): served
@@ -375,20 +349,16 @@ class ModelConfig(_Strict):
                 raise ValueError(f"ensemble_scheduling: {exc}") from None
         if self.name in self.calls:
             raise ValueError("calls: a model cannot call itself")
-        if self.residency != "resident" and (self.decoupled or self.sequence_batching):
+        if self.residency in ("on_demand", "lazy") and (self.decoupled or self.sequence_batching):
             raise ValueError(
                 f"residency {self.residency}: decoupled and sequence models stay resident"
             )
         if self.sequence_batching is not None:
             if self.dynamic_batching is not None or self.decoupled:
                 raise ValueError("a sequence model takes neither dynamic_batching nor decoupled")
-            names = [c.name for c in self.sequence_batching.control_inputs]
-            clash = sorted(set(names) & {t.name for t in self.inputs})
-            if clash or len(set(names)) != len(names):
-                raise ValueError(
-                    f"sequence_batching control inputs {clash or names} must be distinct from "
-                    "each other and from the model's inputs (the server fills them)"
-                )
+            self.sequence_batching.check(
+                {t.name for t in self.inputs}, {t.name for t in self.outputs}
+            )
         if self.decoupled and self.dynamic_batching is not None:
             raise ValueError("a decoupled model runs each request alone: no dynamic_batching")
         batching = self.dynamic_batching
@@ -513,7 +483,7 @@ def triton_config(config: ModelConfig) -> dict[str, Any]:
             ]
         }
     if config.sequence_batching is not None:
-        out["sequence_batching"] = _sequence_batching(config.sequence_batching)
+        out["sequence_batching"] = render_sequence_batching(config.sequence_batching)
     batching = config.dynamic_batching
     if batching is not None:
         out["dynamic_batching"] = {
@@ -550,26 +520,4 @@ def _warmup(sample: Warmup) -> dict[str, Any]:
         "batch_size": sample.batch_size,
         "inputs": inputs,
         "count": sample.count,
-    }
-
-
-def _sequence_batching(seq: SequenceBatching) -> dict[str, Any]:
-    controls = []
-    for control in seq.control_inputs:
-        entry: dict[str, Any] = {"kind": f"CONTROL_SEQUENCE_{control.kind.upper()}"}
-        dt = datatype(control.datatype)
-        if control.kind == "corrid":
-            entry["data_type"] = dt.config_name
-        else:
-            field = {"INT32": "int32_false_true", "FP32": "fp32_false_true",
-                     "BOOL": "bool_false_true"}.get(dt.name, "int32_false_true")  # fmt: skip
-            cast = bool if dt.name == "BOOL" else (float if dt.name == "FP32" else int)
-            entry[field] = [cast(v) for v in control.false_true]
-        controls.append({"name": control.name, "control": [entry]})
-    return {
-        "max_sequence_idle_microseconds": seq.max_sequence_idle_us,
-        "control_input": controls,
-        "direct": {},
-        "state": [],
-        "iterative_sequence": False,
     }

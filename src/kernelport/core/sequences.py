@@ -16,6 +16,18 @@ Requests of different sequences bound to the same instance run together in one b
 request per sequence (the oldest waiting), up to ``max_batch_size`` rows, with each row's
 control inputs its own; a sequence's next request waits for its previous one, as its state
 must be updated first (Triton's "oldest" strategy, one batch at a time per instance).
+
+Implicit state (Triton's ``state``): the server keeps each sequence's state tensors. A
+request is fed its sequence's state (the initial state on START) as each state's
+``input_name``, taken when its batch starts, so it is the state its previous request left;
+the model's ``output_name`` output becomes the next state and is not returned to the
+client. Each row of a batch carries its own sequence's state. The state goes with the
+sequence: dropped after its END request and when it is idle too long.
+
+In a worker process (``execution: {mode: worker}``) each sequence is bound to one of the
+process's instances the same way. The process dies with any state its model kept: a
+sequence started before a restart is refused (UNAVAILABLE, START it again) unless its state
+is implicit, which the server holds.
 """
 
 from __future__ import annotations
@@ -24,14 +36,16 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kernelport.core.backend import Arrays
+from kernelport.core.backend import Arrays, RequestArrays
 from kernelport.core.execution import Timings, WorkerPool
-from kernelport.core.model_config import ModelConfig, SequenceControl
+from kernelport.core.model_config import ModelConfig
+from kernelport.core.sequence_config import SequenceControl, SequenceState
 from kernelport.core.stats import ModelStats
 from kernelport.errors import ErrorCode, ServerError, invalid
 from kernelport.types import datatype
@@ -44,6 +58,10 @@ MAX_SEQUENCES = 4096
 class _Sequence:
     worker: int
     last_ns: int
+    #: the pool's worker-process restarts when it started (a restart loses model-kept state)
+    restarts: int = 0
+    #: implicit state: state input name -> the array its last request left (None: initial)
+    state: Arrays | None = None
 
 
 @dataclass(slots=True)
@@ -53,6 +71,9 @@ class _Job:
     rows: int
     done: asyncio.Future[tuple[Arrays, Timings]]
     queued_ns: int
+    sequence: _Sequence = field(repr=False)
+    start: bool = False
+    end: bool = False
 
 
 class Sequences:
@@ -60,18 +81,20 @@ class Sequences:
 
     announced = 0
 
-    def __init__(self, config: ModelConfig, pool: WorkerPool, stats: ModelStats) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        pool: WorkerPool,
+        stats: ModelStats,
+        model_dir: Path | None = None,
+    ) -> None:
         assert config.sequence_batching is not None
-        if any(getattr(w.instance, "remote", False) for w in pool.workers):
-            raise invalid(
-                f"model '{config.name}' is a sequence model: its sequences are bound to "
-                "instances in the server process, so execution mode 'worker' is not "
-                "supported for it yet"
-            )
         self.config = config
         self._pool = pool
         self._stats = stats
         self._controls = config.sequence_batching.control_inputs
+        self._states = config.sequence_batching.states
+        self._initial = {s.input_name: _initial(config.name, s, model_dir) for s in self._states}
         self._idle_ns = config.sequence_batching.max_sequence_idle_us * 1000
         self._live: dict[int | str, _Sequence] = {}
         self._load = [0] * len(pool.workers)  # live sequences per instance
@@ -92,7 +115,7 @@ class Sequences:
         sequence = self._live.get(key)
         if start:
             if sequence is not None:  # a restart of a live sequence: same instance, fresh
-                sequence.last_ns = now
+                sequence.last_ns, sequence.restarts = now, self._pool.restarts
             else:
                 sequence = self._begin(key, now)
         elif sequence is None:
@@ -101,13 +124,26 @@ class Sequences:
                 "specify the START flag on the first request of the sequence (or it was idle "
                 f"longer than {self.config.sequence_batching.max_sequence_idle_us} us)"  # type: ignore[union-attr]
             )
+        elif sequence.restarts != self._pool.restarts and not self._states:
+            self._release(key)  # its instance's process died: the state it kept is gone
+            raise ServerError(
+                ErrorCode.UNAVAILABLE,
+                f"sequence {key!r} of model '{self.config.name}' lost its state: the model's "
+                "worker process restarted since the sequence started; START it again",
+            )
+        if self._states and self.config.batching and rows != 1:
+            raise invalid(
+                f"inference request to model '{self.config.name}' must specify batch-size 1 "
+                "due to requirements of sequence batcher (its implicit state is per sequence)"
+            )
         sequence.last_ns = now
         if end:  # released now: a request that follows must START again
             self._release(key)
-        feed = dict(inputs)
+        feed = inputs.carrying(inputs) if isinstance(inputs, RequestArrays) else dict(inputs)
         for control in self._controls:
             feed[control.name] = _control(control, start, end, key, rows, self.config.batching)
-        job = _Job(key, feed, rows, asyncio.get_running_loop().create_future(), now)
+        future = asyncio.get_running_loop().create_future()
+        job = _Job(key, feed, rows, future, now, sequence, start, end)
         self._waiting[sequence.worker].append(job)
         self.queued += 1
         self._dispatch(sequence.worker)
@@ -140,6 +176,8 @@ class Sequences:
             return
         for job in taken:
             waiting.remove(job)
+            if self._states:  # now: its previous request has left the state
+                job.feed.update(self._state_feed(job))
         self.queued -= len(taken)
         self._busy[index] = True
         self.running += 1
@@ -171,10 +209,41 @@ class Sequences:
             if isinstance(outputs, ServerError):
                 job.done.set_exception(outputs)
                 continue
+            if self._states:
+                try:
+                    outputs = self._keep_state(job, outputs)
+                except ServerError as exc:
+                    job.done.set_exception(exc)
+                    continue
             queue_ns = now - job.queued_ns - compute_ns
             timings = Timings(queue_ns, result.input_ns, result.infer_ns, result.output_ns, rows)
             job.done.set_result((outputs, timings))
         self._dispatch(index)
+
+    def _state_feed(self, job: _Job) -> Arrays:
+        """The job's state inputs: its sequence's, or the initial state on START."""
+        held = None if job.start else job.sequence.state
+        if held is not None:
+            return held
+        if not self.config.batching:
+            return dict(self._initial)
+        return {name: array[np.newaxis] for name, array in self._initial.items()}
+
+    def _keep_state(self, job: _Job, outputs: Arrays) -> Arrays:
+        """Take the state outputs out of a request's outputs as its sequence's next state."""
+        answer = dict(outputs)
+        state: Arrays = {}
+        for spec in self._states:
+            value = answer.pop(spec.output_name, None)
+            if value is None:
+                raise ServerError(
+                    ErrorCode.INTERNAL,
+                    f"model '{self.config.name}' did not return its state output "
+                    f"'{spec.output_name}'",
+                )
+            state[spec.input_name] = np.array(value)  # a copy: not a view of the whole batch
+        job.sequence.state = None if job.end else state
+        return answer
 
     def _begin(self, key: int | str, now: int) -> _Sequence:
         if len(self._live) >= MAX_SEQUENCES:
@@ -184,7 +253,7 @@ class Sequences:
             )
         worker = min(range(len(self._load)), key=self._load.__getitem__)
         self._load[worker] += 1
-        sequence = _Sequence(worker, now)
+        sequence = _Sequence(worker, now, self._pool.restarts)
         self._live[key] = sequence
         return sequence
 
@@ -206,6 +275,32 @@ class Sequences:
 
     async def close(self) -> None:
         """The instances belong to the pool, which the model version closes."""
+
+
+def _initial(model: str, spec: SequenceState, model_dir: Path | None) -> np.ndarray[Any, Any]:
+    """A state's value at START, batch dimension excluded: zeros (empty strings for BYTES)
+    or the row-major bytes of ``<model>/initial_state/<data_file>``."""
+    dt = datatype(spec.datatype)
+    shape = spec.initial_dims
+    start = spec.initial_state
+    if start is None or not start.data_file:
+        if dt.name == "BYTES":
+            array = np.empty(shape, dtype=np.object_)
+            array.fill(b"")
+            return array
+        return np.zeros(shape, dtype=dt.numpy)
+    path = (model_dir or Path(".")) / "initial_state" / start.data_file
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise invalid(f"model '{model}': initial state of '{spec.input_name}': {exc}") from None
+    want = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt.numpy).itemsize
+    if len(data) != want:
+        raise invalid(
+            f"model '{model}': initial state file {path} holds {len(data)} bytes, "
+            f"{spec.datatype} {list(shape)} needs {want}"
+        )
+    return np.frombuffer(data, dtype=dt.numpy).reshape(shape).copy()
 
 
 def _correlation_id(model: str, value: Any) -> int | str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -53,6 +53,10 @@ class ModelVersion:
     #: (see ``WorkerPool.hooks``)
     hooks: tuple[Hooks, ...] = ()
     active: int = 0  # requests between acquire() and release()
+    #: called once its instances are released (the memory budget lets go of its bytes)
+    on_closed: Callable[[], None] | None = None
+    #: a pinned version's bytes held against its device's budget
+    pinned_bytes: int = 0
     _idle: asyncio.Event | None = None
     _next_hooks: int = 0
 
@@ -81,7 +85,7 @@ class ModelVersion:
             load_seconds=self.load_seconds,
             device_memory_bytes=self.pool.device_memory_bytes(),
             worker_restarts=self.pool.restarts,
-            residency=_residency(self.config, self.pool),
+            residency=_residency(self.config, self.pool, self.pinned_bytes),
         )
 
     async def close(self) -> None:
@@ -91,6 +95,9 @@ class ModelVersion:
             await self._idle.wait()
         await self.queue.close()
         await asyncio.to_thread(self.pool.close)
+        if self.on_closed is not None:
+            self.on_closed()
+            self.on_closed = None
 
 
 @dataclass(slots=True)
@@ -124,9 +131,14 @@ class ManagerSettings:
     embedded: bool = False
     #: bytes on_demand / lazy models may hold per device ("cpu", "cuda" or "cuda:N"; 0: none)
     memory_budgets: Mapping[str, int] = field(default_factory=dict)
+    #: devices or kinds whose budget sizes itself: the bytes available there at start
+    #: (``core/memory_probe.py``)
+    memory_available: Mapping[str, int] = field(default_factory=dict)
 
 
-def _residency(config: ModelConfig, pool: WorkerPool) -> Residency | None:
+def _residency(config: ModelConfig, pool: WorkerPool, pinned: int) -> Residency | None:
+    if config.residency == "pinned":
+        return Residency("pinned", True, 1, 0, pinned)
     if not isinstance(pool, OnDemandPool):
         return None
     return Residency(config.residency, pool.resident, pool.loads, pool.evictions, pool.size)

@@ -129,3 +129,28 @@ class GpuCollector:
             power.add_metric([r.uuid], r.power_watts)
             limit.add_metric([r.uuid], r.power_limit_watts)
         yield from (util, total, used, power, limit)
+
+
+def free_device_memory() -> dict[str, int]:
+    """Free bytes per CUDA device ("cuda:N") as NVML reports them now; empty without NVML
+    or a GPU (a self-sizing device budget then has nothing to size from)."""
+    try:
+        import pynvml
+    except ImportError:
+        return {}
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # NVMLError: no driver, no device
+        return {}
+    try:
+        free = {}
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            free[f"cuda:{i}"] = int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
+        return free
+    except Exception as exc:
+        log.warning("NVML could not report free memory: %s", exc)
+        return {}
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()

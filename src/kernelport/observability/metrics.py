@@ -158,13 +158,13 @@ class KernelPortCollector:
                             "Restarts of the version's worker process")  # fmt: skip
         resident = GaugeMetricFamily(
             "kernelport_model_resident",
-            "1 while an on_demand or lazy version is loaded, 0 while it is evicted",
+            "1 while an on_demand or lazy version is loaded, 0 while it is evicted (pinned: 1)",
             labels=mv_labels,
         )
         resident_bytes = GaugeMetricFamily(
             "kernelport_model_resident_bytes",
-            "Bytes an on_demand or lazy version is charged against its device's budget "
-            "while loaded",
+            "Bytes an on_demand, lazy or pinned version is charged against its device's "
+            "budget while loaded",
             labels=mv_labels,
         )
         loads = _counter(

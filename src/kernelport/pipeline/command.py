@@ -32,7 +32,16 @@ def add_commands(commands: Any) -> None:
     profile.add_argument("blocks", type=Path, metavar="BLOCKS_DIR")
     profile.add_argument("--kind", required=True, help="device kind the times are for, e.g. cpu")
     profile.add_argument("--plan", type=Path, required=True, metavar="FILE", help="plan file")
-    profile.add_argument("--repeats", type=int, default=20, metavar="N", help="(default: 20)")
+    profile.add_argument(
+        "--repeats", type=int, default=20, metavar="N", help="at least N runs per block (20)"
+    )
+    profile.add_argument(
+        "--seconds",
+        type=float,
+        default=0.2,
+        metavar="S",
+        help="and at least S seconds per block, so throttling shows in the mean (0.2)",
+    )
     plan = commands.add_parser(
         "plan",
         help="where a pipeline-parallel model would be cut, and its predicted stage times",
@@ -50,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.command == "profile":
             blocks, example = load_blocks(args.blocks)
-            measured = profile_blocks(blocks, example, args.kind, args.repeats)
+            measured = profile_blocks(blocks, example, args.kind, args.repeats, args.seconds)
             merge_profile(args.plan, measured)
             total = sum(b.seconds[args.kind] for b in measured) * 1e3
             print(f"{len(measured)} blocks, {total:.3f} ms in all on {args.kind}: {args.plan}")

@@ -9,7 +9,6 @@ each kind can be measured on its own machine) and the devices to plan for.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,11 +42,14 @@ def profile_blocks(
     example: tuple[Any, ...],
     kind: str,
     repeats: int = 20,
+    min_seconds: float = 0.2,
 ) -> list[Block]:
     """Time each ``(name, callable, weight_bytes)`` on the output of the one before it.
 
-    The median of ``repeats`` runs after one warm-up run, so a stray slow run (a page fault,
-    a compile) does not decide where the cuts go.
+    The mean over at least ``repeats`` runs and ``min_seconds``, after one warm-up run: the
+    mean, not the median, because a pipeline's throughput pays for every slow run (a host's
+    CPU quota throttling it once per period, a page fault), and a window longer than a
+    scheduler period sees that throttling at all.
     """
     import torch
 
@@ -55,13 +57,12 @@ def profile_blocks(
     with torch.inference_mode():
         for name, run, weight_bytes in blocks:
             out = run(*args)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
+            runs, start = 0, time.perf_counter()
+            while runs < repeats or time.perf_counter() - start < min_seconds:
                 out = run(*args)
-                times.append(time.perf_counter() - start)
-            measured.append(Block(name, {kind: statistics.median(times)}, weight_bytes,
-                                  _nbytes(out)))  # fmt: skip
+                runs += 1
+            mean = (time.perf_counter() - start) / runs
+            measured.append(Block(name, {kind: mean}, weight_bytes, _nbytes(out)))
             args = _as_args(out)
     return measured
 

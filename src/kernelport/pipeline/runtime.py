@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,13 +41,25 @@ class StageWorker:
         torch.set_num_threads(max(1, len(cores) or 1))
         self.modules = [torch.export.load(io.BytesIO(p)).module() for p in programs]
         self.compression: Mode = "none" if last else compression
+        self.busy_s, self.runs = 0.0, 0
 
     def run(self, value: Any) -> Any:
+        start = time.perf_counter()
         x = _map(value, unpack)
         with torch.inference_mode():
             for module in self.modules:
                 x = module(*x) if isinstance(x, tuple) else module(x)
-        return _map(x, lambda t: pack(t, self.compression))
+        out = _map(x, lambda t: pack(t, self.compression))
+        self.busy_s += time.perf_counter() - start
+        self.runs += 1
+        return out
+
+    def seconds_per_run(self) -> float:
+        """Mean time of a ``run`` (unpack, blocks, pack): the stage's measured compute."""
+        return self.busy_s / self.runs if self.runs else 0.0
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def node(self) -> str:
         import ray
@@ -99,6 +112,7 @@ class Pipeline:
                 remote.options(**options).remote(programs, compression, last, pinned)
             )
         self.nodes = ray.get([a.node.remote() for a in self.actors])  # loaded, or raises
+        self.pids = ray.get([a.pid.remote() for a in self.actors])
         with InputNode() as source:
             node: Any = source
             for actor in self.actors:
@@ -119,12 +133,20 @@ class Pipeline:
             return tuple(torch.cat(column) for column in zip(*results, strict=True))
         return torch.cat(results)
 
-    def close(self) -> None:
+    def close(self) -> list[float]:
+        """Stop the stages; returns each stage's measured seconds per micro-batch."""
         import ray
 
         self._graph.teardown()
+        try:
+            measured = [
+                float(t) for t in ray.get([a.seconds_per_run.remote() for a in self.actors])
+            ]
+        except ray.exceptions.RayError:  # a stage is gone: nothing to report for it
+            measured = []
         for actor in self.actors:
             ray.kill(actor)
+        return measured
 
 
 def run_on_one_host(blocks_dir: Path, batch: torch.Tensor, micro_batch: int) -> Any:

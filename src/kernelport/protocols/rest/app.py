@@ -153,6 +153,9 @@ class RestApp:
             return await self._model(
                 method, match["model"], match["version"] or "", match["verb"], headers, body
             )
+        if path == "/v2/repository/compact":  # admin scope, as the repository API
+            refused = _only(method, "POST")
+            return refused or json_response([asdict(r) for r in await dp.compact()])
         match = _REPO.match(path)
         if match and match["repo"] and match["verb"]:
             return error_response(501, "load and unload in a named repository are not supported")
