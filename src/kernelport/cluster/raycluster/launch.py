@@ -74,11 +74,12 @@ def start_ray(
 ) -> subprocess.Popen[bytes]:
     """Run ``command`` (in a session of its own unless not ``own_session``)."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **auth_env(token)}
-    out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(
-        command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=own_session,
-        preexec_fn=_stop_with_parent,
-    )  # fmt: skip
+    with contextlib.ExitStack() as stack:  # the child keeps its own copy of the log's fd
+        out = stack.enter_context(open(log, "ab")) if log is not None else subprocess.DEVNULL
+        return subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=own_session, preexec_fn=_stop_with_parent,
+        )  # fmt: skip
 
 
 def _stop_with_parent() -> None:  # pragma: no cover - runs in the child before exec
