@@ -35,7 +35,7 @@ import numpy as np
 class Model:
     def execute(self, inputs):
         x = inputs["INPUT0"]
-        if x.size and x.flat[0] == -2:
+        if (x == -2).any():
             Path(os.environ["KP_TEST_MARK"]).write_text("running")
             time.sleep(3600)
         if x.size and x.flat[0] == -3:
