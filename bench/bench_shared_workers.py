@@ -1,13 +1,17 @@
 """``--frontends 2`` with a worker-mode model: a worker per front end (before) against one
 worker shared by both front ends (after), alternating A/B rounds.
 
-    PA_VENV=/work/main/.venv-pa .venv/bin/python bench/bench_shared_workers.py \
+    PYTHONPATH=src .venv/bin/python bench/bench_shared_workers.py \
         --before /work/main/src --after src [--rounds 2] [--model mlp]
 
 Each round starts ``kernelport serve --frontends 2 --model-execution worker`` once from each
 source tree (``PYTHONPATH``), unpinned, waits for readiness, counts the worker processes
-below the supervisor and their resident memory (VmRSS), and runs perf_analyzer (unpinned)
-at each concurrency over HTTP. The table gives each side's median and range.
+below the supervisor and their resident memory (VmRSS), and runs the built-in closed-loop
+driver (``kernelport.benchmark.load``: one tritonclient connection per caller, so the
+kernel spreads callers over both front ends) at each concurrency over HTTP. perf_analyzer
+is not used here: it reads the model's statistics before and after each window, and with
+two front ends those come from either one ("failed to find the requested model version").
+The table gives each side's median and range.
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ from bench_server import (  # bench/ is sys.path[0] when run as a script
     OUT_DIR,
     ROOT,
     free_ports,
-    run_perf_analyzer,
     stop,
     wait_ready,
-    write_pa_input,
 )
 from make_models import PRESETS, build_repository
+
+from kernelport.benchmark.bare import TensorSpec
+from kernelport.benchmark.load import builtin_point
 
 SIDES = ("before", "after")
 
@@ -73,7 +78,6 @@ def rss_mb(pid: int) -> float:
 def one_server(
     src: Path, repo: Path, work: Path, log: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
-    write_pa_input(work / "pa_input.json", args.shape)
     http_port, grpc_port = free_ports(2)
     cmd = [
         sys.executable, "-m", "kernelport", "serve", "--model-repository", str(repo),
@@ -94,8 +98,14 @@ def one_server(
             result["workers"] = len(workers)
             result["worker_rss_mb"] = round(sum(rss_mb(w) for w in workers), 1)
             for conc in args.concurrency:
-                print(f"  perf_analyzer http c={conc} ...", flush=True)
-                result["runs"].append(run_perf_analyzer("http", http_port, conc, args, work))
+                print(f"  http c={conc} ...", flush=True)
+                spec = [TensorSpec("INPUT0", "FP32", args.shape)]
+                point = builtin_point("mlp", "http", http_port, conc, spec, True, args.seconds)
+                row = {"concurrency": conc, "infer_per_s": point.infer_per_s,
+                       "p50_ms": point.p50_ms, "p99_ms": point.p99_ms}  # fmt: skip
+                if point.error:
+                    row["error"] = point.error
+                result["runs"].append(row)
         finally:
             result["stopped"] = stop(proc)
     return result
@@ -107,13 +117,12 @@ def main() -> None:
     ap.add_argument("--after", type=Path, required=True, help="src/ of the tree after")
     ap.add_argument("--model", default="mlp", choices=sorted(PRESETS))
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--measurement-ms", type=int, default=2000)
+    ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     cli = ap.parse_args()
     args = argparse.Namespace(
-        load_cpus="all", shape=PRESETS[cli.model][0], measurement_ms=cli.measurement_ms,
-        stability=10, max_trials=5, current_batching="on", concurrency=cli.concurrency,
-    )  # fmt: skip
+        shape=PRESETS[cli.model][0], seconds=cli.seconds, concurrency=cli.concurrency
+    )
     results: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
