@@ -198,3 +198,45 @@ async def test_stopping_the_broker_stops_its_workers(tmp_path: Path) -> None:
     assert worker.process.returncode == 0
     with pytest.raises(OSError):
         broker.ensure("other", "m")
+
+
+async def test_a_model_that_fails_to_load_fails_each_front_ends_load(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    _python(repo, "echo", {"mode": "worker"})
+    (repo / "echo" / "1" / "model.py").write_text(
+        "class Model:\n    def __init__(self):\n        raise RuntimeError('no weights')\n\n"
+        "    def execute(self, inputs):\n        return inputs\n"
+    )
+    broker = WorkerBroker(tmp_path)
+    settings = ManagerSettings((repo,), control_mode="explicit", shared_workers=broker.address)
+    managers = [ModelManager(settings, BackendRegistry()) for _ in range(2)]
+    try:
+        for manager in managers:  # the worker stays up: each load is tried, and fails, again
+            with pytest.raises(ServerError, match="no weights"):
+                await manager.load("echo")
+        [worker] = broker.workers
+        assert worker.restarts == 0
+    finally:
+        for manager in managers:
+            await manager.close()
+        await asyncio.to_thread(broker.stop)
+
+
+async def test_a_connection_without_an_arena_is_dropped(tmp_path: Path) -> None:
+    import socket
+
+    broker = WorkerBroker(tmp_path)
+    try:
+        address = await ask_broker(broker.address, "k", "m")
+        for hello in (b"\0", b""):  # a byte with no descriptor, and no byte at all
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(address)
+            if hello:
+                sock.sendall(hello)
+            sock.shutdown(socket.SHUT_WR)
+            assert await asyncio.to_thread(sock.recv, 1) == b""  # closed by the worker
+            sock.close()
+        [worker] = broker.workers
+        assert worker.process is not None and worker.process.poll() is None
+    finally:
+        await asyncio.to_thread(broker.stop)
