@@ -165,9 +165,10 @@ async def test_a_stuck_batch_fails_every_front_ends_batches_on_it(node: _Node) -
         await stuck
     assert info.value.code is ErrorCode.DEADLINE_EXCEEDED
     try:
-        await waiting  # it was behind the stuck batch in the worker, or queued in front end 2
-    except ServerError as exc:
-        assert exc.code is ErrorCode.UNAVAILABLE, exc
+        await waiting  # queued in front end 2 (served after the restart), or in the worker
+    except ServerError as exc:  # behind the stuck batch: its worker was killed, or (on a slow
+        # machine) its own execution timeout fired first
+        assert exc.code in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED), exc
     await _wait(lambda: one.model_ready("stuck") and two.model_ready("stuck"), 10, "ready")
     assert await _pid(one, "stuck") == await _pid(two, "stuck") != before
 
