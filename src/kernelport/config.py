@@ -275,6 +275,11 @@ class Config(Settings):
         description="front-end processes serving the same HTTP and gRPC ports (SO_REUSEPORT), "
         "each with its own models and metrics port, restarted when they die",
     )
+    shared_workers: Path | None = Field(
+        None,
+        description="the front-end supervisor's socket (set by --frontends for its front "
+        "ends): worker-mode models run in workers it starts once for every front end",
+    )
     reuse_port: bool = Field(
         False,
         description="share the HTTP and gRPC ports with other processes (set by --frontends "

@@ -62,6 +62,7 @@ class Server:
                 config.allow_model_upload,
                 config.model_execution,
                 embedded=config.grpc_transport == "envoy",
+                shared_workers=config.shared_workers,
                 memory_budgets={
                     "cpu": config.host_memory_budget,
                     "cuda": config.device_memory_budget,

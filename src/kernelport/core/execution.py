@@ -198,6 +198,11 @@ class WorkerPool:
         """How often a worker process was restarted (0 for in-process instances)."""
         return 0
 
+    @property
+    def worker_pid(self) -> int | None:
+        """The worker process running the instances (None: in process, or down)."""
+        return None
+
     def take_idle(self) -> BatchRunner:
         """An idle worker; callers check ``idle_count`` first."""
         return self._idle.popleft()

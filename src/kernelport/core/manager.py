@@ -486,7 +486,9 @@ class ModelManager:
         async def build() -> WorkerPool:
             built: WorkerPool
             if plan.mode == "worker":
-                built = await start_process_pool(config, version, path, plan)
+                built = await start_process_pool(
+                    config, version, path, plan, self._settings.shared_workers
+                )
             else:
                 built = await load_in_process(
                     backend, config, version, path, self._models_handle(config),

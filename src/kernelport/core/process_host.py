@@ -80,6 +80,7 @@ class ProcessHost:
         self.config = config
         self.up = False
         self.restarts = 0
+        self.pid = 0  # the worker process serving now (0 until it is up)
         self.on_up: Callable[[], None] = lambda: None
         self._path = path
         self._devices = devices
@@ -121,17 +122,7 @@ class ProcessHost:
         the thread that forked it, and this one lives as long as the server)."""
         self._arena = Arena.create(self._layout.total)
         self._inputs = Allocator(self._layout.input_bytes)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        command = [sys.executable, "-m", "kernelport.worker", str(theirs.fileno()),
-                   str(self._arena.fd), str(os.getpid())]  # fmt: skip
-        try:
-            # A session of its own: a Ctrl-C meant for the server must not kill its workers
-            # mid-batch; the server stops them (and PR_SET_PDEATHSIG covers its death).
-            self._proc = subprocess.Popen(
-                command, pass_fds=(theirs.fileno(), self._arena.fd), start_new_session=True
-            )
-        finally:
-            theirs.close()
+        ours = self._connect(self._arena)
         ours.setblocking(False)
         self._sock = ours
         self._inbox.clear()
@@ -145,6 +136,21 @@ class ProcessHost:
         }
         self._send(frame(Kind.INIT, 0, 0, json_body(init)))
         self._loop.add_reader(ours.fileno(), self._on_readable)
+
+    def _connect(self, arena: Arena) -> socket.socket:
+        """A new worker process and our end of its control socket."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        command = [sys.executable, "-m", "kernelport.worker", str(theirs.fileno()),
+                   str(arena.fd), str(os.getpid())]  # fmt: skip
+        try:
+            # A session of its own: a Ctrl-C meant for the server must not kill its workers
+            # mid-batch; the server stops them (and PR_SET_PDEATHSIG covers its death).
+            self._proc = subprocess.Popen(
+                command, pass_fds=(theirs.fileno(), arena.fd), start_new_session=True
+            )
+        finally:
+            theirs.close()
+        return ours
 
     def stop(self) -> None:
         """Stop the process: EOF asks it to unload and exit; SIGKILL after a grace period.
@@ -257,7 +263,7 @@ class ProcessHost:
 
     def _stuck(self, batch: int) -> None:
         job = self._in_flight.pop(batch, None)
-        if job is None or self._proc is None:
+        if job is None or not self.pid:
             return
         timeout = self._timeout_s
         log.error(
@@ -265,7 +271,7 @@ class ProcessHost:
             "worker (pid %d)",
             self.config.name,
             timeout,
-            self._proc.pid,
+            self.pid,
         )
         self._release(job)
         if not job.future.done():
@@ -278,7 +284,11 @@ class ProcessHost:
             )
         self._killed_for = f"killed: a batch outlived the execution timeout of {timeout:g}s"
         self.up = False
-        self._proc.kill()
+        self._kill()
+
+    def _kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
 
     def _release(self, job: _InFlight) -> None:
         if job.timer is not None:
@@ -356,7 +366,9 @@ class ProcessHost:
                     code = ErrorCode(error["code"])
                     job.future.set_exception(ServerError(code, error["message"]))
         elif message.kind is Kind.READY:
-            self._on_ready(_json(message.body)["hooks"])
+            ready = _json(message.body)
+            self.pid = int(ready.get("pid", 0))
+            self._on_ready(ready["hooks"])
         elif message.kind is Kind.LOAD_FAILED:
             error = _json(message.body)
             if self._ready is not None and not self._ready.done():
@@ -387,8 +399,7 @@ class ProcessHost:
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(hooks)
         if self.restarts:
-            assert self._proc is not None
-            log.info("model '%s' worker restarted (pid %d)", self.config.name, self._proc.pid)
+            log.info("model '%s' worker restarted (pid %d)", self.config.name, self.pid)
         self.on_up()
 
     # --- death and restart ---------------------------------------------------------------------
@@ -401,6 +412,10 @@ class ProcessHost:
         if self._stopping:
             return
         self.up = False
+        self._lost()
+
+    def _lost(self) -> None:
+        """The worker process is gone: reap it, fail its batches, start another."""
         proc = self._proc
         assert proc is not None
         self._watch = self._loop.create_task(self._after_death(proc))

@@ -20,6 +20,7 @@ from kernelport.core.backend import Arrays, ModelInstance
 from kernelport.core.execution import BatchResult, WorkerPool
 from kernelport.core.model_config import ExecutionMode, ModelConfig
 from kernelport.core.process_host import ProcessHost
+from kernelport.core.shared_host import SharedHost
 from kernelport.errors import ErrorCode, ServerError, invalid
 
 MODES = ("auto", "in_process", "worker")
@@ -135,6 +136,10 @@ class ProcessPool(WorkerPool):
     def restarts(self) -> int:
         return self.host.restarts
 
+    @property
+    def worker_pid(self) -> int | None:
+        return self.host.pid or None
+
     def _up(self) -> None:
         self.on_available()
 
@@ -143,11 +148,22 @@ class ProcessPool(WorkerPool):
 
 
 async def start_process_pool(
-    config: ModelConfig, version: int, path: Path, plan: ExecutionPlan
+    config: ModelConfig,
+    version: int,
+    path: Path,
+    plan: ExecutionPlan,
+    shared_workers: Path | None = None,
 ) -> ProcessPool:
-    """Start the worker process, load every instance in it, and wrap it as a pool."""
+    """Start the worker process, load every instance in it, and wrap it as a pool.
+
+    ``shared_workers``: the front-end supervisor's socket (``--frontends N``): the worker
+    is the one every front end shares, started by the supervisor."""
     devices = [g.device for g in config.instance_group for _ in range(g.count)]
-    host = ProcessHost(config, path, devices, plan.timeout_s, plan.arena_bytes)
+    host = (
+        ProcessHost(config, path, devices, plan.timeout_s, plan.arena_bytes)
+        if shared_workers is None
+        else SharedHost(config, path, devices, plan.timeout_s, plan.arena_bytes, shared_workers)
+    )
     hooks = await host.start()
     if any(hooks):
         await asyncio.to_thread(host.stop)

@@ -133,6 +133,7 @@ class ModelStats:
         load_seconds: float = 0.0,
         device_memory_bytes: int | None = None,
         worker_restarts: int = 0,
+        worker_pid: int | None = None,
         residency: Residency | None = None,
     ) -> ModelStatsSnapshot:
         """The counters as they are now, copied: readers never see them move under them."""
@@ -156,6 +157,7 @@ class ModelStats:
             load_seconds=load_seconds,
             device_memory_bytes=device_memory_bytes,
             worker_restarts=worker_restarts,
+            worker_pid=worker_pid,
             residency=residency,
         )
 
@@ -217,6 +219,7 @@ class ModelStatsSnapshot:
     load_seconds: float
     device_memory_bytes: int | None  # None: the backend's instances do not report it
     worker_restarts: int = 0  # restarts of the version's worker process (worker mode)
+    worker_pid: int | None = None  # that process (worker mode, while it is up)
     residency: Residency | None = None  # None: resident (loaded with the model, pinned)
 
 

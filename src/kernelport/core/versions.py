@@ -85,6 +85,7 @@ class ModelVersion:
             load_seconds=self.load_seconds,
             device_memory_bytes=self.pool.device_memory_bytes(),
             worker_restarts=self.pool.restarts,
+            worker_pid=self.pool.worker_pid,
             residency=_residency(self.config, self.pool, self.pinned_bytes),
         )
 
@@ -134,6 +135,9 @@ class ManagerSettings:
     #: devices or kinds whose budget sizes itself: the bytes available there at start
     #: (``core/memory_probe.py``)
     memory_available: Mapping[str, int] = field(default_factory=dict)
+    #: the front-end supervisor's socket (``--frontends N``): worker-mode models run in
+    #: workers it starts once for every front end
+    shared_workers: Path | None = None
 
 
 def _residency(config: ModelConfig, pool: WorkerPool, pinned: int) -> Residency | None:

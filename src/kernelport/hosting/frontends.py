@@ -5,7 +5,10 @@ This process (the supervisor) reserves the two ports (bound with SO_REUSEPORT, n
 listening, so the kernel hands connections only to the front ends), writes the merged
 settings to a private file, and starts N ``kernelport serve`` processes with
 ``--reuse-port`` on those ports; each loads its own models (in-process models are replicas)
-and has its own metrics port. The ports file lists them all once every front end listens.
+and has its own metrics port. Worker-mode models are the exception: their worker processes
+are started once, by this process, and every front end sends its batches to them
+(:mod:`kernelport.hosting.shared_workers`). The ports file lists them all once every front
+end listens.
 SIGINT/SIGTERM are passed on (each front end drains; a second signal cuts the drain short);
 a front end that dies is started again with backoff.
 """
@@ -25,16 +28,18 @@ from pathlib import Path
 from types import FrameType
 
 from kernelport.config import Config, write_ports
+from kernelport.hosting.shared_workers import WorkerBroker
 from kernelport.protocols.listen import bind
 
 log = logging.getLogger("kernelport.frontends")
 
 START_TIMEOUT_S = 300.0
+_SOCKET_DIR_MAX = 80  # AF_UNIX paths are limited to 107 bytes; the names in it are short
 _BACKOFF_S = (0.5, 10.0)  # first and longest wait before a restart
 _HEALTHY_S = 60.0  # up this long: the next death starts the backoff over
 #: settings the supervisor decides per front end
 _OWN = {"http_port", "grpc_port", "metrics_port", "ports_file", "frontends", "reuse_port",
-        "config"}  # fmt: skip
+        "config", "shared_workers"}  # fmt: skip
 
 
 class _Frontend:
@@ -64,16 +69,21 @@ class _Frontend:
 def run(config: Config) -> int:
     """Serve until SIGINT/SIGTERM; the exit code (the worst of the front ends')."""
     private = Path(tempfile.mkdtemp(prefix="kernelport-frontends-"))  # 0700
+    if len(str(private)) > _SOCKET_DIR_MAX:  # a deep TMPDIR: socket paths must stay short
+        shutil.rmtree(private, ignore_errors=True)
+        private = Path(tempfile.mkdtemp(prefix="kp-", dir="/tmp"))
+    broker = WorkerBroker(private)
     try:
-        return _run(config, private)
+        return _run(config, private, broker)
     except RuntimeError as exc:
         print(f"kernelport: {exc}", file=sys.stderr)
         return 1
     finally:
+        broker.stop()
         shutil.rmtree(private, ignore_errors=True)
 
 
-def _run(config: Config, private: Path) -> int:
+def _run(config: Config, private: Path, broker: WorkerBroker) -> int:
     # Bound, never listening: the ports are held, and the kernel hands connections only to
     # the front ends that listen on them.
     held = [bind(config.host, config.http_port, True), bind(config.host, config.grpc_port, True)]
@@ -83,7 +93,8 @@ def _run(config: Config, private: Path) -> int:
     settings.write_text(config.model_dump_json(exclude=_OWN))
     base = [sys.executable, "-m", "kernelport", "serve", "--config", str(settings),
             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", "0",
-            "--frontends", "1", "--reuse-port"]  # fmt: skip
+            "--frontends", "1", "--reuse-port",
+            "--shared-workers", str(broker.address)]  # fmt: skip
     frontends = [_Frontend(i, base, private / f"ports-{i}.json") for i in range(config.frontends)]
     stops = 0
 
@@ -109,6 +120,7 @@ def _run(config: Config, private: Path) -> int:
                 if dead else f"not listening within {START_TIMEOUT_S:g} s"
             )  # fmt: skip
             raise RuntimeError(f"--frontends {config.frontends}: startup failed: {why}")
+        broker.check()
         time.sleep(0.05)
     metrics = [f.metrics_port for f in frontends]
     log.info("%d front ends listening: HTTP %s:%d, gRPC %s:%d, metrics %s",
@@ -116,11 +128,14 @@ def _run(config: Config, private: Path) -> int:
     if config.ports_file is not None:
         write_ports(config.ports_file, {"http": http, "grpc": grpc, "metrics": metrics[0],
                                         "metrics_ports": metrics})  # fmt: skip
-    return _supervise(frontends, lambda: stops)
+    return _supervise(frontends, lambda: stops, broker.check)
 
 
-def _supervise(frontends: list[_Frontend], stops: Callable[[], int]) -> int:
+def _supervise(
+    frontends: list[_Frontend], stops: Callable[[], int], check: Callable[[], None]
+) -> int:
     while True:
+        check()
         now = time.monotonic()
         if stops():
             return _wait_all(frontends)

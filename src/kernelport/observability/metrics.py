@@ -156,6 +156,12 @@ class KernelPortCollector:
         )
         restarts = _counter("kernelport_worker_restarts_total",
                             "Restarts of the version's worker process")  # fmt: skip
+        worker_pid = GaugeMetricFamily(
+            "kernelport_worker_pid",
+            "The process id of the version's worker process (worker mode, while it is up; "
+            "with --frontends N every front end reports the one they share)",
+            labels=mv_labels,
+        )
         resident = GaugeMetricFamily(
             "kernelport_model_resident",
             "1 while an on_demand or lazy version is loaded, 0 while it is evicted (pinned: 1)",
@@ -178,6 +184,8 @@ class KernelPortCollector:
         for s, labels in loaded:
             values = list(labels.values())
             restarts.add_sample(restarts.name, labels, s.worker_restarts)
+            if s.worker_pid is not None:
+                worker_pid.add_metric(values, s.worker_pid)
             latency.add_metric(values, *_buckets(s.request_latency))
             queue_time.add_metric(values, *_buckets(s.queue_latency))
             batch.add_metric(values, *_batch_buckets(s))
@@ -209,7 +217,7 @@ class KernelPortCollector:
         )
         in_flight.add_metric([], self._in_flight())
         yield from (latency, queue_time, batch, depth, rejected, load, memory, state, in_flight,
-                   restarts, resident, resident_bytes, loads, evictions)  # fmt: skip
+                   restarts, worker_pid, resident, resident_bytes, loads, evictions)  # fmt: skip
 
 
 def _buckets(h: HistogramSnapshot) -> tuple[list[tuple[str, float]], float]:

@@ -54,12 +54,9 @@ _UNLOAD_WAIT_S = 3.0  # the server SIGKILLs after 5 s; instance threads get this
 
 def main(argv: list[str]) -> int:
     sock_fd, arena_fd, parent = (int(a) for a in argv[:3])
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s [worker %(process)d] %(message)s",
-    )
-    _die_with(parent)
-    channel = _Channel(socket.socket(fileno=sock_fd))
+    configure_logging()
+    die_with(parent)
+    channel = Channel(socket.socket(fileno=sock_fd))
     init_frame = channel.next()
     if init_frame is None or init_frame.kind is not Kind.INIT:
         return 2
@@ -70,7 +67,7 @@ def main(argv: list[str]) -> int:
     arena = mmap.mmap(arena_fd, input_bytes + slot_bytes * len(devices))
     view = memoryview(arena)
     try:
-        instances = _load(config, Path(init["path"]), devices)
+        instances = load_instances(config, Path(init["path"]), devices)
     except BaseException as exc:  # the server reports it as the model's load failure
         code = exc.code if isinstance(exc, ServerError) else ErrorCode.INVALID_ARGUMENT
         message = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
@@ -78,11 +75,9 @@ def main(argv: list[str]) -> int:
                                                               "message": message})))  # fmt: skip
         return 1
     hooks = [[h for h in HOOKS if callable(getattr(i, h, None))] for i in instances]
-    channel.send(frame(Kind.READY, 0, 0, json_body({"hooks": hooks})))
-    runners = []
-    for index, instance in enumerate(instances):
-        out_base = input_bytes + index * slot_bytes
-        runners.append(_Runner(config, instance, index, channel, view, out_base, slot_bytes))
+    channel.send(frame(Kind.READY, 0, 0, json_body({"hooks": hooks, "pid": os.getpid()})))
+    link = Link(channel, view, input_bytes, slot_bytes)
+    runners = [Runner(config, instance, index) for index, instance in enumerate(instances)]
     # One instance: its batches run on this thread (the server sends it one batch at a
     # time), saving a thread hop per batch; several: each instance has a thread.
     alone = runners[0] if len(runners) == 1 else None
@@ -92,9 +87,21 @@ def main(argv: list[str]) -> int:
         if batch.kind is not Kind.BATCH or batch.instance >= len(runners):
             continue
         if alone is not None:
-            alone.handle(batch)
+            alone.handle(link, batch)
         else:
-            runners[batch.instance].jobs.put(batch)
+            runners[batch.instance].jobs.put((link, batch))
+    return stop_runners(runners, config.name)
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s [worker %(process)d] %(message)s",
+    )
+
+
+def stop_runners(runners: list[Runner], model: str) -> int:
+    """Let the instance threads finish, unload the instances, and give the exit code."""
     for runner in runners:
         runner.jobs.put(None)
     deadline = time.monotonic() + _UNLOAD_WAIT_S
@@ -102,14 +109,14 @@ def main(argv: list[str]) -> int:
         if runner.thread.is_alive():
             runner.thread.join(max(0.0, deadline - time.monotonic()))
         if not runner.thread.is_alive():
-            _unload(runner.instance, config.name)
+            _unload(runner.instance, model)
     sys.stdout.flush()
     if any(runner.thread.is_alive() for runner in runners):
         os._exit(0)  # a stuck instance thread must not keep the process alive
     return 0  # a normal exit: atexit handlers run (coverage's, when tests measure us)
 
 
-def _die_with(parent: int) -> None:
+def die_with(parent: int) -> None:
     """SIGKILL when the server dies (Linux); the socket's EOF covers other platforms."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -118,7 +125,7 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _load(config: ModelConfig, path: Path, devices: list[str]) -> list[ModelInstance]:
+def load_instances(config: ModelConfig, path: Path, devices: list[str]) -> list[ModelInstance]:
     backend = get_backend(config.backend)
     reshaped = has_reshape(config)
     seen = framework_config(config) if reshaped else config
@@ -141,7 +148,7 @@ def _unload(instance: ModelInstance, model: str) -> None:
         log.exception("model '%s': unload failed", model)
 
 
-class _Channel:
+class Channel:
     """The control socket: frames in on the main thread, out from any instance thread."""
 
     def __init__(self, sock: socket.socket) -> None:
@@ -169,17 +176,24 @@ class _Channel:
 
 
 @dataclass
-class _Runner:
+class Link:
+    """One server process's connection and its arena (several with ``--frontends``)."""
+
+    channel: Channel
+    view: memoryview
+    input_bytes: int
+    slot_bytes: int
+    closed: bool = False  # its server went away: its queued batches are dropped
+
+
+@dataclass
+class Runner:
     config: ModelConfig
     instance: ModelInstance
     index: int
-    channel: _Channel
-    view: memoryview
-    out_base: int
-    out_bytes: int
 
     def __post_init__(self) -> None:
-        self.jobs: queue.SimpleQueue[Frame | None] = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue[tuple[Link, Frame] | None] = queue.SimpleQueue()
         name = f"{self.config.name}_{self.index}"
         self.thread = threading.Thread(target=self._serve, name=name, daemon=True)
 
@@ -188,12 +202,13 @@ class _Runner:
 
     def _serve(self) -> None:
         while (job := self.jobs.get()) is not None:
-            self.handle(job)
+            if not job[0].closed:
+                self.handle(*job)
 
-    def handle(self, job: Frame) -> None:
+    def handle(self, link: Link, job: Frame) -> None:
         """Run one batch and send its reply; the model's errors become the reply."""
         try:
-            parts = self._run(job)
+            parts = self._run(link, job)
         except ServerError as exc:
             parts = self._error(job, exc.code, exc.message)
         except Exception as exc:
@@ -202,16 +217,17 @@ class _Runner:
         except BaseException as exc:  # e.g. SystemExit in user code: the worker lives on
             message = f"model '{self.config.name}' failed: {type(exc).__name__}"
             parts = self._error(job, ErrorCode.INTERNAL, message)
-        self.channel.send(parts)
+        link.channel.send(parts)
 
-    def _run(self, job: Frame) -> list[bytes]:
+    def _run(self, link: Link, job: Frame) -> list[bytes]:
         refs, pos = unpack_refs(job.body)
-        inputs = read_arrays(refs, self.view, job.body[pos:], copy=False)
+        inputs = read_arrays(refs, link.view, job.body[pos:], copy=False)
         t0 = time.perf_counter_ns()
         outputs = self.instance.execute(inputs)
         infer_ns = time.perf_counter_ns() - t0
         out = {name: _array(value) for name, value in outputs.items()}
-        placed, tail = place_arrays(out, self.view, self.out_base, self.out_bytes)
+        out_base = link.input_bytes + self.index * link.slot_bytes
+        placed, tail = place_arrays(out, link.view, out_base, link.slot_bytes)
         return frame(Kind.RESULT, job.batch, self.index, pack_timing(infer_ns),
                      pack_refs(placed), *tail)  # fmt: skip
 
