@@ -169,6 +169,8 @@ class RepositoryEntry:
     version: str
     state: str
     reason: str
+    #: an on-demand, lazy or pinned version's residency now, in words ("" for resident)
+    residency: str = ""
 
 
 # --- BYTES encoding (4-byte little-endian length prefix per element), shared by all codecs ---

@@ -68,3 +68,33 @@ def test_skewed_traffic_over_a_budget_fails_nothing(tmp_path: Path) -> None:
     assert not errors, errors[:2]
     assert max(peaks) <= budget, (max(peaks), budget)
     assert "evicted" in log and "loaded on demand" in log
+
+
+def test_residency_shows_in_the_index_and_the_statistics(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    write_scaled(repo, "cold", 2.0, "lazy")  # nothing read until the first request
+    write_scaled(repo, "warm", 3.0, "resident")
+    with running_server(tmp_path, repo, wait_for="ready") as server:
+        http = httpclient.InferenceServerClient(server.http_url)
+        grpc = grpcclient.InferenceServerClient(server.grpc_url)
+        index = {e["name"]: e for e in http.get_model_repository_index()}
+        assert index["cold"]["residency"].startswith("lazy: not resident on cpu")
+        assert "residency" not in index["warm"]  # resident for life: nothing to say
+        stats = http.get_inference_statistics("cold")["model_stats"][0]
+        assert stats["residency"]["resident"] is False and stats["memory_usage"] == []
+        inp = httpclient.InferInput("INPUT0", [2, 4], "FP32")
+        inp.set_data_from_numpy(np.ones((2, 4), np.float32))
+        http.infer("cold", [inp])  # the first request loads it
+        stats = http.get_inference_statistics("cold")["model_stats"][0]
+        r = stats["residency"]
+        assert r["resident"] is True and r["loads"] == 1 and r["last_load_ns"] > 0
+        assert stats["memory_usage"] == [{"type": "CPU", "id": 0, "byte_size": r["bytes"]}]
+        assert r["bytes"] > 0
+        # gRPC: Triton's messages have no residency field; memory_usage and the index's reason
+        grpc_stats = grpc.get_inference_statistics("cold", as_json=True)["model_stats"][0]
+        assert grpc_stats["memory_usage"] == [{"type": "CPU", "byte_size": str(r["bytes"])}]
+        grpc_index = grpc.get_model_repository_index(as_json=True)["models"]
+        cold = next(m for m in grpc_index if m["name"] == "cold")
+        assert cold["reason"].startswith("lazy: resident on cpu"), cold
+        http.close()
+        grpc.close()

@@ -18,7 +18,7 @@ from kernelport.core.model_config import ModelConfig
 from kernelport.core.names import shown
 from kernelport.core.options import request_options
 from kernelport.core.shm import SharedMemoryRegistry, write_outputs
-from kernelport.core.stats import ModelStatsSnapshot, failure_code
+from kernelport.core.stats import ModelStatsSnapshot, describe_residency, failure_code
 from kernelport.core.streaming import Decoupled
 from kernelport.core.validation import requested_outputs, validate_inputs
 from kernelport.errors import ErrorCode, ServerError, invalid
@@ -165,7 +165,19 @@ class DataPlane:
 
     async def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
         entries = await self._manager.index()
-        return [e for e in entries if e.state == "READY"] if ready_only else entries
+        if ready_only:
+            entries = [e for e in entries if e.state == "READY"]
+        residency = {
+            (s.name, str(s.version)): s.residency
+            for s in self._manager.statistics()
+            if s.residency is not None
+        }
+        return [
+            dataclasses.replace(e, residency=describe_residency(residency[e.name, e.version]))
+            if (e.name, e.version) in residency
+            else e
+            for e in entries
+        ]
 
     async def load_model(
         self, name: str, config: str | None = None, files: dict[str, bytes] | None = None

@@ -227,11 +227,22 @@ class ModelStatsSnapshot:
 class Residency:
     """An on-demand or lazy model's residency now (``core/memory.py``)."""
 
-    mode: str  # on_demand | lazy
+    mode: str  # on_demand | lazy | pinned
     resident: bool
     loads: int
     evictions: int
     bytes: int  # what it is charged against its device's budget
+    device: str = "cpu"  # the budget it is charged to: "cpu" (host) or "cuda:N"
+    last_load_seconds: float = 0.0  # the latest load's time (not part of execution cost)
+
+
+def describe_residency(r: Residency) -> str:
+    """A version's residency in the words the repository index shows."""
+    where = "resident" if r.resident else "not resident"
+    return (
+        f"{r.mode}: {where} on {r.device} ({r.bytes} bytes charged), {r.loads} loads, "
+        f"{r.evictions} evictions, last load {r.last_load_seconds:.3f} s"
+    )
 
 
 def failure_code(exc: BaseException) -> str:

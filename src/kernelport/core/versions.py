@@ -145,4 +145,12 @@ def _residency(config: ModelConfig, pool: WorkerPool, pinned: int) -> Residency 
         return Residency("pinned", True, 1, 0, pinned)
     if not isinstance(pool, OnDemandPool):
         return None
-    return Residency(config.residency, pool.resident, pool.loads, pool.evictions, pool.size)
+    return Residency(
+        config.residency,
+        pool.resident,
+        pool.loads,
+        pool.evictions,
+        pool.size,
+        pool.device,
+        pool.load_seconds,
+    )

@@ -186,7 +186,13 @@ class InferenceServicer:
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
         out = msgs.RepositoryIndexResponse()
         for entry in await self._dp.repository_index(request.ready):
-            out.models.add(**asdict(entry))
+            # Triton's ModelIndex has no residency field: a ready model's (empty) reason says it
+            out.models.add(
+                name=entry.name,
+                version=entry.version,
+                state=entry.state,
+                reason=entry.reason or entry.residency,
+            )
         return out
 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:

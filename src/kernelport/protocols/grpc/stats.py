@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kernelport.core.stats import ModelStatsSnapshot
+from kernelport.protocols.rest.stats import memory_usage
 from kernelport.schema import pb
 
 _INFERENCE = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
@@ -29,6 +30,8 @@ def statistics_response(models: list[ModelStatsSnapshot]) -> Any:
             target.ns = total.ns
         inf.cache_hit.SetInParent()
         inf.cache_miss.SetInParent()
+        if s.residency is not None and s.residency.resident:
+            stats.memory_usage.add(**memory_usage(s.residency))
         for b in s.batches:
             entry = stats.batch_stats.add(batch_size=b.batch_size)
             for field in _BATCH:

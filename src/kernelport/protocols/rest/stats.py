@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kernelport.core.stats import ModelStatsSnapshot, Total
+from kernelport.core.stats import ModelStatsSnapshot, Residency, Total
 
 _ZERO = {"count": 0, "ns": 0}  # the response cache, which KernelPort does not have
 
@@ -45,5 +45,25 @@ def _model(s: ModelStatsSnapshot) -> dict[str, Any]:
             }
             for b in s.batches
         ],
-        "memory_usage": [],
+        "memory_usage": [memory_usage(s.residency)] if s.residency and s.residency.resident else [],
+        **({"residency": _residency(s.residency)} if s.residency else {}),
+    }
+
+
+def memory_usage(r: Residency) -> dict[str, Any]:
+    """Triton's MemoryUsage: what a resident on-demand, lazy or pinned version holds."""
+    kind, _, index = r.device.partition(":")
+    return {"type": "GPU" if kind == "cuda" else "CPU", "id": int(index or 0), "byte_size": r.bytes}
+
+
+def _residency(r: Residency) -> dict[str, Any]:
+    """KernelPort's own addition (JSON only): the version's residency and its loads."""
+    return {
+        "mode": r.mode,
+        "resident": r.resident,
+        "device": r.device,
+        "bytes": r.bytes,
+        "loads": r.loads,
+        "evictions": r.evictions,
+        "last_load_ns": int(r.last_load_seconds * 1e9),
     }
