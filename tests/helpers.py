@@ -168,6 +168,36 @@ def write_scaled(repo: Path, name: str, scale: float, residency: str) -> None:
     (repo / name / "model.yaml").write_text(yaml.safe_dump(config))
 
 
+def write_scaled_torch(repo: Path, name: str, scale: float, residency: str) -> None:
+    """``write_scaled``'s model as a ``torch.export`` program (the same weights)."""
+    import torch
+
+    up = np.zeros((4, WIDTH), np.float32)
+    down = np.zeros((WIDTH, 4), np.float32)
+    for j in range(WIDTH):
+        up[j % 4, j] = 1.0
+        down[j, j % 4] = scale * 4 / WIDTH
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("up", torch.from_numpy(up))
+            self.register_buffer("down", torch.from_numpy(down))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x @ self.up) @ self.down
+
+    (repo / name / "1").mkdir(parents=True)
+    batch = torch.export.Dim("batch", min=1, max=8)
+    program = torch.export.export(Scaled(), (torch.zeros(2, 4),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(repo / name / "1" / "model.pt2"))
+    tensor = {"datatype": "FP32", "dims": [4]}
+    config = {"backend": "torch", "max_batch_size": 8, "residency": residency,
+              "inputs": [{"name": "INPUT0", **tensor}],
+              "outputs": [{"name": "OUTPUT0", **tensor}]}  # fmt: skip
+    (repo / name / "model.yaml").write_text(yaml.safe_dump(config))
+
+
 def batch_sizes_after_a_burst(
     server: Any, model: str, ask: Callable[[Any], object], clients: int = 8
 ) -> list[int]:

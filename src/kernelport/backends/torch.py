@@ -26,6 +26,7 @@ the others are reported at load with why they have no effect, and unknown names 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,11 +223,17 @@ def model_file(version_path: Path, filename: str = "") -> Path:
     )
 
 
+# torch.export.load keeps its deserializer in a module global: two loads at once (models
+# loading on demand in parallel) fail with "_CURRENT_DESERIALIZER is already set".
+_EXPORT_LOAD = threading.Lock()
+
+
 def load_exported(path: Path, allow_pickle: bool) -> torch.export.ExportedProgram:
     """``torch.export.load`` after refusing archives that would unpickle arbitrary objects."""
     if not allow_pickle:
         check_pickles(path)
-    return torch.export.load(str(path))
+    with _EXPORT_LOAD:
+        return torch.export.load(str(path))
 
 
 def _dims(shape: Any) -> list[int]:
