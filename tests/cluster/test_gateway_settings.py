@@ -53,9 +53,9 @@ def test_environment_and_file(tmp_path: Path) -> None:
     [
         ("a=http://h:1", "expected NAME=http://HOST:PORT,grpc=HOST:PORT"),
         ("=http://h:1,grpc=h:2", "node name ''"),
-        ("a=https://h:1,grpc=h:2", "is not http://HOST:PORT"),
-        ("a=http://h,grpc=h:2", "is not http://HOST:PORT"),
-        ("a=http://h:1/v2,grpc=h:2", "is not http://HOST:PORT"),
+        ("a=ftp://h:1,grpc=h:2", r"is not http\(s\)://HOST:PORT"),
+        ("a=http://h,grpc=h:2", r"is not http\(s\)://HOST:PORT"),
+        ("a=http://h:1/v2,grpc=h:2", r"is not http\(s\)://HOST:PORT"),
         ("a=http://h:1,grpc=h", "is not HOST:PORT"),
         ("a=http://h:1,grpc=h:99999", "is not HOST:PORT"),
     ],

@@ -57,7 +57,9 @@ class Gateway:
         config = self.config
         node_auth = config.node_authorization()
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
+            connector=aiohttp.TCPConnector(
+                limit=0, keepalive_timeout=30.0, ssl=config.node_ssl_context() or True
+            ),
             # the gateway's own calls (health, index, statistics) to nodes that want a key
             headers={"Authorization": node_auth} if node_auth is not None else None,
             auto_decompress=False,  # bodies pass through with their Content-Encoding

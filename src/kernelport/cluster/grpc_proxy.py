@@ -85,6 +85,9 @@ class GatewayGrpc(grpc.GenericRpcHandler):  # type: ignore[misc]
         node_auth = config.node_authorization()
         self._node_auth = ("authorization", node_auth) if node_auth is not None else None
         self._response_timeout = config.response_timeout
+        self._node_credentials = (
+            config.node_grpc_credentials() if any(n.tls for n in config.node) else None
+        )
         self._options = [
             ("grpc.max_receive_message_length", config.max_body_bytes),
             ("grpc.max_send_message_length", config.max_body_bytes),
@@ -129,7 +132,12 @@ class GatewayGrpc(grpc.GenericRpcHandler):  # type: ignore[misc]
     def channel(self, node: Node) -> grpc.aio.Channel:
         channel = self._channels.get(node.name)
         if channel is None:  # created on the serving loop, at first use
-            channel = grpc.aio.insecure_channel(node.spec.grpc, options=self._options)
+            if node.spec.tls:
+                channel = grpc.aio.secure_channel(
+                    node.spec.grpc, self._node_credentials, options=self._options
+                )
+            else:
+                channel = grpc.aio.insecure_channel(node.spec.grpc, options=self._options)
             self._channels[node.name] = channel
         return channel
 

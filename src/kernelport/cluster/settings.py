@@ -7,7 +7,9 @@ environment (several separated by ";"), or a mapping ``{name, http, grpc}`` in t
 from __future__ import annotations
 
 import re
+import ssl
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
@@ -23,11 +25,16 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 @dataclass(frozen=True, slots=True)
 class NodeSpec:
-    """One node behind the gateway: where its HTTP and gRPC front ends listen."""
+    """One node behind the gateway: where its HTTP and gRPC front ends listen. A node whose
+    HTTP address is ``https://`` is reached over TLS on both protocols."""
 
     name: str
     http: str  # base URL, e.g. http://127.0.0.1:8000
     grpc: str  # host:port
+
+    @property
+    def tls(self) -> bool:
+        return self.http.startswith("https://")
 
 
 def parse_node(value: Any) -> NodeSpec:
@@ -48,8 +55,10 @@ def parse_node(value: Any) -> NodeSpec:
     if not _NAME.match(name):
         raise ValueError(f"node name {name!r}: letters, digits, '_', '.', '-' (at most 64)")
     url = urlsplit(http)
-    if url.scheme != "http" or not url.hostname or url.port is None or url.path or url.query:
-        raise ValueError(f"node {name}: HTTP address {http!r} is not http://HOST:PORT")
+    if url.scheme not in ("http", "https") or not url.hostname or url.port is None:
+        raise ValueError(f"node {name}: HTTP address {http!r} is not http(s)://HOST:PORT")
+    if url.path or url.query:
+        raise ValueError(f"node {name}: HTTP address {http!r} is not http(s)://HOST:PORT")
     host, sep, port = grpc.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"node {name}: gRPC address {grpc!r} is not HOST:PORT")
@@ -183,6 +192,16 @@ class GatewayConfig(Settings):
         "signed)"
     )  # fmt: skip
 
+    node_tls_ca: OptionalPath = Field(
+        None, description="PEM CA bundle that signed the nodes' certificates (nodes given as "
+        "https://...; default: the system's trusted CAs)"
+    )  # fmt: skip
+    node_tls_cert: OptionalPath = Field(
+        None, description="PEM client certificate the gateway presents to nodes that require "
+        "mutual TLS; needs --node-tls-key"
+    )  # fmt: skip
+    node_tls_key: OptionalPath = Field(None, description="PEM private key of --node-tls-cert")
+
     @field_validator("api_keys")
     @classmethod
     def _add_file_keys(cls, keys: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
@@ -216,7 +235,38 @@ class GatewayConfig(Settings):
             raise ValueError("settings tls_cert and tls_key: give both or neither")
         if self.tls_ca is not None and self.tls_cert is None:
             raise ValueError("setting tls_ca: mutual TLS needs tls_cert and tls_key as well")
+        if (self.node_tls_cert is None) != (self.node_tls_key is None):
+            raise ValueError("settings node_tls_cert and node_tls_key: give both or neither")
+        node_tls = [n.name for n in self.node if n.tls]
+        if self.node_tls_ca is not None and len(node_tls) < len(self.node):
+            plain = [n.name for n in self.node if not n.tls]
+            raise ValueError(
+                f"setting node_tls_ca: nodes {plain} are http://; give them as https://"
+            )
         return self
+
+    def node_ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS client context for https:// nodes (None when no node uses TLS)."""
+        if not any(n.tls for n in self.node):
+            return None
+        ca = str(self.node_tls_ca) if self.node_tls_ca is not None else None
+        context = ssl.create_default_context(cafile=ca)
+        if self.node_tls_cert is not None and self.node_tls_key is not None:
+            context.load_cert_chain(str(self.node_tls_cert), str(self.node_tls_key))
+        return context
+
+    def node_grpc_credentials(self) -> Any:
+        """gRPC channel credentials for https:// nodes: the same CA and client certificate."""
+        import grpc
+
+        def read(path: Path | None) -> bytes | None:
+            return path.read_bytes() if path is not None else None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.node_tls_ca),
+            private_key=read(self.node_tls_key),
+            certificate_chain=read(self.node_tls_cert),
+        )
 
     def costs(self) -> dict[str, float]:
         return dict(self.model_cost)
