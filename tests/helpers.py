@@ -229,3 +229,12 @@ def batch_sizes_after_a_burst(
         raise errors[0]
     stats = httpclient.InferenceServerClient(server.http_url).get_inference_statistics(model)
     return [int(b["batch_size"]) for b in stats["model_stats"][0]["batch_stats"]]
+
+
+def ray_temp_dir() -> Path:
+    """A short directory for a Ray session: Ray puts unix sockets under it, and AF_UNIX paths
+    end at 107 bytes, which pytest's xdist temp paths plus Ray's session names exceed. The
+    caller removes it (``shutil.rmtree``) when its Ray is stopped."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="kpray-", dir="/tmp"))

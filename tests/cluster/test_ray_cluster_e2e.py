@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +26,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from gateway_nodes import get_json, wait_until
-from helpers import identity_config, write_model
+from helpers import identity_config, ray_temp_dir, write_model
 from tritonclient.utils import InferenceServerException
 
 pytest.importorskip("ray")
@@ -44,6 +45,7 @@ def _free_port() -> int:
 class Cluster:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.ray_dir = ray_temp_dir()
         self.name = f"kp-test-{os.getpid()}-{time.monotonic_ns() % 10**6}"
         self.token = root / "token"
         self.token.write_text("test-token-0123456789abcdef\n")
@@ -67,7 +69,7 @@ class Cluster:
     def start_head(self, repo: Path) -> subprocess.Popen[bytes]:
         return self._start(
             "cluster", "head", "--model-repository", str(repo), "--ray-port", str(_free_port()),
-            "--temp-dir", str(self.root / "ray"), "--host", "127.0.0.1", "--http-port", "0",
+            "--temp-dir", str(self.ray_dir), "--host", "127.0.0.1", "--http-port", "0",
             "--grpc-port", "0", "--metrics-port", "0", "--ports-file", str(self.ports_file),
             log="head.log",
         )  # fmt: skip
@@ -100,6 +102,7 @@ class Cluster:
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
+        shutil.rmtree(self.ray_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

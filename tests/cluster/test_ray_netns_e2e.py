@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 from gateway_nodes import wait_until
-from helpers import identity_config, write_model
+from helpers import identity_config, ray_temp_dir, write_model
 from netns_hosts import Lan, available
 
 pytest.importorskip("ray")
@@ -80,12 +81,13 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
         write_model(repo, name, identity_config("FP32", [4]))
     lan = Lan(3)
     h = Hosts(root, lan)
+    ray_dir = ray_temp_dir()
     try:
         lan.up()
         ports = root / "gateway.json"
         head = h.start(
             1, "cluster", "head", "--model-repository", str(repo), "--ray-port", "6379",
-            "--temp-dir", str(root / "ray"), "--host", lan.ip(1), "--http-port", "8000",
+            "--temp-dir", str(ray_dir), "--host", lan.ip(1), "--http-port", "8000",
             "--grpc-port", "8001", "--metrics-port", "8002", "--ports-file", str(ports),
             log="head.log",
         )  # fmt: skip
@@ -96,6 +98,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
     finally:
         h.stop()
         lan.down()
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 def test_two_hosts_serve_and_a_killed_host_moves_its_model(hosts: Hosts) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import ray_temp_dir
 from netns_hosts import Lan, available
 
 pytest.importorskip("ray")
@@ -51,6 +53,7 @@ def export_blocks(directory: Path) -> Path:
 class Cluster:
     def __init__(self, root: Path, lan: Lan) -> None:
         self.root, self.lan, self.processes = root, lan, []
+        self.ray_dir = ray_temp_dir()
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **auth_env(TOKEN)}
         self.env.pop("RAY_ADDRESS", None)
 
@@ -61,7 +64,7 @@ class Cluster:
             node_ip=self.lan.ip(host),
             num_cpus=1,
             object_store_bytes=80 * 2**20,
-            temp_dir=str(self.root / "ray") if head else None,
+            temp_dir=str(self.ray_dir) if head else None,
         )
         log = self.root / f"ray-h{host}.log"
         self.processes.append(start_ray([*self.lan.exec(host), *command], TOKEN, log))
@@ -81,6 +84,7 @@ class Cluster:
     def stop(self) -> None:
         for process in reversed(self.processes):
             stop_ray(process)
+        shutil.rmtree(self.ray_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

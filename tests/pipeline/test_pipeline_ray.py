@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import ray_temp_dir
 
 from kernelport.pipeline.partition import Block, Device, partition
 from kernelport.pipeline.profile import load_blocks, profile_blocks
@@ -22,17 +24,19 @@ BATCH = torch.export.Dim("batch", min=1, max=1024)
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    temp_dir = ray_temp_dir()
     ray.init(
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=80 * 2**20,
         log_to_driver=False,
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        _temp_dir=str(temp_dir),
     )
     try:
         yield
     finally:
         ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def eight_blocks(directory: Path) -> Path:
