@@ -98,3 +98,28 @@ def test_autocomplete_and_load_errors_in_process(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ServerError, match="has no blocks"):
         backend.autocomplete({"name": "x"}, tmp_path / "empty")
+
+
+def test_load_refuses_bad_settings_in_process(tmp_path: Path) -> None:
+    from kernelport.core.backend import LoadContext
+    from kernelport.core.model_config import parse_model_config
+
+    write_pipeline_model(tmp_path / "repo", [{"name": "a", "kind": "cpu"}])
+    version = tmp_path / "repo" / "chain" / "1"
+    backend = PipelineBackend()
+
+    def load(parameters: dict[str, str]) -> None:
+        raw = {"name": "chain", "backend": "pipeline", "parameters": parameters}
+        raw = backend.autocomplete(raw, version)
+        context = LoadContext(parse_model_config(raw, "chain"), version, "cpu", 0)
+        backend.load(context)
+
+    with pytest.raises(ServerError, match="parameter compression: expected one of"):
+        load({"compression": "int4"})
+    with pytest.raises(ServerError, match="parameter micro_batch"):
+        load({"micro_batch": "many"})
+    with pytest.raises(ServerError, match="fit on no choice"):  # one device, 3/4 of the weights
+        load({})
+    (version / "plan.yaml").unlink()
+    with pytest.raises(ServerError, match=r"plan\.yaml is missing"):
+        load({})
