@@ -4,6 +4,7 @@ node; those it had taken get 503 / UNAVAILABLE naming it; none hangs; it comes b
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +15,14 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import RunningServer, running_server, start_server
-from gateway_nodes import count, infer_json, node_repository, node_up, running_gateway, status
+from gateway_nodes import (
+    count,
+    infer_json,
+    node_repository,
+    node_up,
+    running_gateway,
+    status,
+)
 from gateway_nodes import wait_until as until
 from tritonclient.utils import InferenceServerException
 
@@ -27,6 +35,17 @@ def two_nodes(tmp_path: Path) -> Iterator[dict[str, RunningServer]]:
         running_server(tmp_path, repo, "--readiness", "any", wait_for="ready") as b,
     ):
         yield {"a": a, "b": b}
+
+
+def _refuses(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _grpc_infer(client: grpcclient.InferenceServerClient, model: str) -> None:
@@ -42,6 +61,13 @@ def test_requests_for_a_dead_node_go_to_the_other_before_they_are_sent(
     # Health checks far apart: only the forwarding path can notice the dead node.
     with running_gateway(tmp_path, two_nodes, "--health-interval", "600") as gw:
         two_nodes["b"].stop(signal.SIGKILL)
+        # Under Envoy the launcher's death kills Envoy a moment later (PDEATHSIG): b is dead
+        # once its port refuses connections, not when the launcher is reaped.
+        until(lambda: _refuses(two_nodes["b"].http_url), 30, "b's port closed")
+        # One request the gateway answers itself: its loop then has handled the close of its
+        # idle keep-alive connections to b, so no request is written to one of them (such a
+        # request counts as sent, and would get 503: see docs/gateway.md).
+        status(gw)
         before = count(two_nodes["a"], "ident")
         client = grpcclient.InferenceServerClient(gw.grpc_url)
         for _ in range(6):  # round robin would send half of these to b
