@@ -28,6 +28,7 @@ from kernelport.errors import ErrorCode, ServerError, invalid
 from kernelport.pipeline.compress import MODES
 from kernelport.pipeline.partition import PartitionError, partition
 from kernelport.pipeline.profile import load_blocks, profile_blocks, read_plan_file
+from kernelport.pipeline.runtime import Pipeline, chain
 from kernelport.types import datatype_of_dtype
 
 log = logging.getLogger("kernelport.backends.pipeline")
@@ -64,10 +65,8 @@ class PipelineBackend:
         blocks, example = _load_blocks(version_path)
         if len(example) != 1:
             raise invalid("pipeline model: the first block must take exactly one tensor")
-        out: Any = example
         with torch.inference_mode():
-            for _, run, _ in blocks:
-                out = run(*out) if isinstance(out, tuple) else run(out)
+            out = chain((run for _, run, _ in blocks), example)
         if not isinstance(out, torch.Tensor):
             raise invalid("pipeline model: the last block must return exactly one tensor")
         raw.setdefault("inputs", [_spec("INPUT0", example[0])])
@@ -75,8 +74,6 @@ class PipelineBackend:
         return raw
 
     def load(self, context: LoadContext) -> PipelineInstance:
-        from kernelport.pipeline.runtime import Pipeline
-
         config, path = context.config, context.version_path
         params = config.parameters
         compression = str(params.get("compression", "none"))

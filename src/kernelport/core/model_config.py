@@ -10,30 +10,17 @@ import math
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from kernelport.core.config_base import Strict, known_datatype
 from kernelport.core.sequence_config import SequenceBatching, render_sequence_batching
-from kernelport.errors import ServerError, invalid
-from kernelport.types import DATATYPES, datatype
+from kernelport.errors import invalid
+from kernelport.types import datatype
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _known_datatype(value: str) -> str:
-    """The V2 name of a datatype given as V2 ("FP32") or Triton config ("TYPE_FP32") name."""
-    try:
-        return datatype(value.upper()).name
-    except ServerError:
-        raise ValueError(
-            f"unknown datatype '{value}', expected one of {', '.join(DATATYPES)}"
-        ) from None
-
-
-class TensorConfig(_Strict):
+class TensorConfig(Strict):
     """An input or output. ``dims`` excludes the batch dimension when the model batches."""
 
     name: str = Field(min_length=1)
@@ -46,7 +33,7 @@ class TensorConfig(_Strict):
     @field_validator("datatype")
     @classmethod
     def _known_datatype(cls, value: str) -> str:
-        return _known_datatype(value)
+        return known_datatype(value)
 
     @field_validator("dims")
     @classmethod
@@ -75,7 +62,7 @@ class TensorConfig(_Strict):
         return self
 
 
-class DynamicBatching(_Strict):
+class DynamicBatching(Strict):
     """Same meaning as Triton's ``dynamic_batching`` block (delays in microseconds)."""
 
     preferred_batch_sizes: tuple[int, ...] = ()
@@ -104,7 +91,7 @@ class DynamicBatching(_Strict):
         return {name: tuple(sorted(sizes)) for name, sizes in value.items()}
 
 
-class InstanceGroup(_Strict):
+class InstanceGroup(Strict):
     """``count`` instances on ``device`` (``cpu`` or ``cuda:N``)."""
 
     count: int = Field(default=1, ge=1)
@@ -121,7 +108,7 @@ class InstanceGroup(_Strict):
 ExecutionMode = Literal["auto", "in_process", "worker"]
 
 
-class Execution(_Strict):
+class Execution(Strict):
     """Where the model's instances run (KernelPort's own block; in a Triton config.pbtxt
     the parameters ``KP_EXECUTION_MODE``, ``KP_EXECUTION_TIMEOUT_S`` and
     ``KP_EXECUTION_ARENA_MB`` say the same)."""
@@ -135,7 +122,7 @@ class Execution(_Strict):
     arena_mb: int = Field(default=64, ge=1, le=65536)
 
 
-class VersionPolicy(_Strict):
+class VersionPolicy(Strict):
     """Which version directories to serve: the latest N, all, or a specific list."""
 
     latest: int | None = Field(default=None, ge=1)
@@ -151,7 +138,7 @@ class VersionPolicy(_Strict):
         return ordered[-(self.latest or 1) :]
 
 
-class WarmupInput(_Strict):
+class WarmupInput(Strict):
     """One input of a warm-up sample: zeros, random values, or a file's raw bytes."""
 
     datatype: str
@@ -165,7 +152,7 @@ class WarmupInput(_Strict):
     @field_validator("datatype")
     @classmethod
     def _known_datatype(cls, value: str) -> str:
-        return _known_datatype(value)
+        return known_datatype(value)
 
     @model_validator(mode="after")
     def _one_source(self) -> WarmupInput:
@@ -177,7 +164,7 @@ class WarmupInput(_Strict):
         return self
 
 
-class Warmup(_Strict):
+class Warmup(Strict):
     """Triton's ``model_warmup`` sample: run ``count`` times on every instance at load."""
 
     name: str = Field(min_length=1)
@@ -186,7 +173,7 @@ class Warmup(_Strict):
     inputs: dict[str, WarmupInput] = Field(min_length=1)
 
 
-class EnsembleStep(_Strict):
+class EnsembleStep(Strict):
     """One step of an ensemble: which model runs, and how tensors map in and out of it."""
 
     model_name: str = Field(min_length=1)
@@ -197,7 +184,7 @@ class EnsembleStep(_Strict):
     output_map: dict[str, str] = Field(default_factory=dict)
 
 
-class EnsembleScheduling(_Strict):
+class EnsembleScheduling(Strict):
     """Triton's ``ensemble_scheduling``: the steps, in any order (they run by data flow)."""
 
     step: tuple[EnsembleStep, ...] = Field(min_length=1)
@@ -253,7 +240,7 @@ def _by_name(config: ModelConfig, field: str) -> dict[str, TensorConfig]:
     return cached[1]
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """Everything the server needs to know about a model, whatever file it came from."""
 
     name: str = Field(min_length=1)

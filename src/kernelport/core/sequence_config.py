@@ -9,28 +9,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from kernelport.errors import ServerError
-from kernelport.types import DATATYPES, datatype
+from kernelport.core.config_base import Strict, known_datatype
+from kernelport.types import datatype
 
 SequenceControlKind = Literal["start", "end", "ready", "corrid"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _v2_datatype(value: str) -> str:
-    try:
-        return datatype(value.upper()).name
-    except ServerError:
-        raise ValueError(
-            f"unknown datatype '{value}', expected one of {', '.join(DATATYPES)}"
-        ) from None
-
-
-class SequenceControl(_Strict):
+class SequenceControl(Strict):
     """One control input the server fills for a sequence model (Triton's control_input)."""
 
     name: str = Field(min_length=1)
@@ -42,10 +29,10 @@ class SequenceControl(_Strict):
     @field_validator("datatype")
     @classmethod
     def _known_datatype(cls, value: str) -> str:
-        return _v2_datatype(value)
+        return known_datatype(value)
 
 
-class InitialState(_Strict):
+class InitialState(Strict):
     """What a sequence's state holds at its START: zeros, or the row-major contents of
     ``<model>/initial_state/<data_file>`` (Triton's layout). ``dims`` (batch excluded) is its
     shape; empty: the state's own dims."""
@@ -69,7 +56,7 @@ class InitialState(_Strict):
         return name
 
 
-class SequenceState(_Strict):
+class SequenceState(Strict):
     """Triton's implicit state: the server feeds the sequence's state as ``input_name`` and
     keeps the model's ``output_name`` output as the next state (``core/sequences.py``)."""
 
@@ -83,7 +70,7 @@ class SequenceState(_Strict):
     @field_validator("datatype")
     @classmethod
     def _known_datatype(cls, value: str) -> str:
-        return _v2_datatype(value)
+        return known_datatype(value)
 
     @model_validator(mode="after")
     def _start_shape(self) -> SequenceState:
@@ -103,7 +90,7 @@ class SequenceState(_Strict):
         return given or self.dims
 
 
-class SequenceBatching(_Strict):
+class SequenceBatching(Strict):
     """Triton's ``sequence_batching``: stateful models. Each sequence (correlation id) is bound
     to one instance from its start to its end, its requests run there in order, and the
     model is told where each request stands through its control inputs."""

@@ -13,7 +13,7 @@ import io
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,20 @@ MISSING_RAY = "pipeline-parallel models need Ray: pip install 'kernelport[cluste
 
 def _map(value: Any, f: Any) -> Any:
     return tuple(f(v) for v in value) if isinstance(value, tuple) else f(value)
+
+
+def chain(modules: Iterable[Callable[..., Any]], x: Any) -> Any:
+    """Each module on the one before's output (a tuple is spread into its arguments)."""
+    for module in modules:
+        x = module(*x) if isinstance(x, tuple) else module(x)
+    return x
+
+
+def _concat(parts: list[Any]) -> Any:
+    """Micro-batch results joined along the batch (output by output when there are several)."""
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(column) for column in zip(*parts, strict=True))
+    return torch.cat(parts)
 
 
 class StageWorker:
@@ -45,10 +59,8 @@ class StageWorker:
 
     def run(self, value: Any) -> Any:
         start = time.perf_counter()
-        x = _map(value, unpack)
         with torch.inference_mode():
-            for module in self.modules:
-                x = module(*x) if isinstance(x, tuple) else module(x)
+            x = chain(self.modules, _map(value, unpack))
         out = _map(x, lambda t: pack(t, self.compression))
         self.busy_s += time.perf_counter() - start
         self.runs += 1
@@ -129,9 +141,7 @@ class Pipeline:
                     results.append(pending.pop(0).get())
                 pending.append(self._graph.execute(part.contiguous()))
             results.extend(ref.get() for ref in pending)
-        if isinstance(results[0], tuple):
-            return tuple(torch.cat(column) for column in zip(*results, strict=True))
-        return torch.cat(results)
+        return _concat(results)
 
     def close(self) -> list[float]:
         """Stop the stages; returns each stage's measured seconds per micro-batch."""
@@ -152,13 +162,5 @@ class Pipeline:
 def run_on_one_host(blocks_dir: Path, batch: torch.Tensor, micro_batch: int) -> Any:
     """The same blocks, the same micro-batches, in this process: what a pipeline must equal."""
     modules = [torch.export.load(str(f)).module() for f in sorted(blocks_dir.glob(BLOCK_GLOB))]
-    outs = []
     with torch.inference_mode():
-        for part in torch.split(batch, micro_batch):
-            x: Any = part
-            for module in modules:
-                x = module(*x) if isinstance(x, tuple) else module(x)
-            outs.append(x)
-    if isinstance(outs[0], tuple):
-        return tuple(torch.cat(column) for column in zip(*outs, strict=True))
-    return torch.cat(outs)
+        return _concat([chain(modules, part) for part in torch.split(batch, micro_batch)])
