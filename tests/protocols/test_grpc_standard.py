@@ -94,6 +94,35 @@ async def test_watch_streams_changes_and_the_drain_is_final() -> None:
     assert other.statuses == [SERVING, NOT_SERVING, SERVING, NOT_SERVING]
 
 
+class SlowWrites(Writes):
+    """A context whose first write is still being sent when the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sending = asyncio.Event()
+        self.sent = asyncio.Event()
+
+    async def write(self, message: Any) -> None:
+        if not self.statuses:
+            self.sending.set()
+            await self.sent.wait()
+        await super().write(message)
+
+
+async def test_a_drain_and_close_during_a_write_still_send_not_serving() -> None:
+    # The server drains and closes while the watch's first write is still going out (a
+    # SIGTERM right after the client read SERVING): the stream must still carry the drain.
+    health = Health(Readiness(), [KP], refresh_s=3600)
+    watcher = SlowWrites()
+    watch = asyncio.ensure_future(health.Watch(request(KP), watcher))
+    await asyncio.wait_for(watcher.sending.wait(), 5)
+    await health.drain()
+    await health.close()
+    watcher.sent.set()
+    await asyncio.wait_for(watch, 5)
+    assert watcher.statuses == [SERVING, NOT_SERVING]
+
+
 async def test_an_open_watch_reads_readiness_periodically() -> None:
     readiness = Readiness()
     health = Health(readiness, [KP], refresh_s=0)  # the monitor reads at every loop turn

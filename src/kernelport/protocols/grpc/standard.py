@@ -94,12 +94,15 @@ class Health(health_aio.HealthServicer):  # type: ignore[misc]
         try:
             last = None
             while True:
-                changed = self._changed
+                # Read in this order: a drain comes before the close, so once ``closed`` is
+                # seen the status read after it is the last one.
+                changed, closed = self._changed, self._closed
                 status = self.status(request.service)
                 if status != last:
                     await context.write(health_pb2.HealthCheckResponse(status=status))
                     last = status
-                if self._closed:
+                    continue  # the status may have changed (or the stream closed) meanwhile
+                if closed:
                     return  # the stream ends with OK after its last status
                 await changed.wait()
         finally:
