@@ -3,8 +3,11 @@ model of one). The partitioner's split against the fast host alone, an even spli
 memory-proportional split; predicted and measured stage times side by side.
 
 The fast "host" is core 0; the slow one is core 1 inside a cgroup (v1 cpu controller) capped
-at half a core. Each block kind's times are measured where it runs: `kernelport profile`
-once on core 0 and once inside the capped cgroup. Needs root and a quiet two-core machine.
+at half a core. The driver (the server's side of the pipeline) and Ray's own processes run on
+core 1 outside the cgroup, i.e. on the slow host, beside its capped stage. Each block kind's
+times are measured where it runs: `kernelport profile` once on core 0 and once inside the
+capped cgroup; each kind's stage overhead (a one-stage pipeline that only copies, driven from
+here) likewise. Needs root and a quiet two-core machine.
 
     PYTHONPATH=src .venv/bin/python bench/bench_pipeline_hetero.py
 """
@@ -15,15 +18,23 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import ray
 import torch
 
-from kernelport.pipeline.partition import Device, Plan, evaluate, even_cuts, memory_cuts, partition
+from kernelport.pipeline.partition import (
+    Device,
+    Plan,
+    best_single_device,
+    evaluate,
+    even_cuts,
+    memory_cuts,
+    partition,
+)
 from kernelport.pipeline.profile import read_plan_file
-from kernelport.pipeline.runtime import Pipeline
+from kernelport.pipeline.runtime import Pipeline, keep_fastest, rows_per_second, stage_overhead
 
 CGROUP = Path("/sys/fs/cgroup/cpu/kernelport-bench-slow")
 WIDTH, BLOCKS, BATCH, MICRO = 768, 8, 256, 16
@@ -48,19 +59,34 @@ def profile(blocks: Path, plan: Path, kind: str, core: int, capped: bool) -> Non
     subprocess.run(["sh", "-c", command], check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
-def measure(blocks: Path, plan: Plan, cores: dict[str, list[int]]) -> tuple[float, list[float]]:
-    pipeline = Pipeline(blocks, plan, micro_batch=MICRO, cores=cores)
+def cap(pids: Sequence[int]) -> None:
+    for pid in pids:
+        (CGROUP / "cgroup.procs").write_text(str(pid))
+
+
+def build(blocks: Path, plan: Plan) -> Pipeline:
+    pipeline = Pipeline(blocks, plan, micro_batch=MICRO, cores={"fast": [0], "slow": [1]})
     for stage, pid in zip(plan.stages, pipeline.pids, strict=True):
         if stage.device == "slow":
-            (CGROUP / "cgroup.procs").write_text(str(pid))
-    batch = torch.randn(BATCH, WIDTH)
-    pipeline.run(batch)
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 4.0:
-        pipeline.run(batch)
-        done += BATCH
-    rate = done / (time.perf_counter() - start)
+            cap([pid])
+    return pipeline
+
+
+def measure(blocks: Path, plan: Plan) -> tuple[float, list[float]]:
+    pipeline = build(blocks, plan)
+    rate = rows_per_second(pipeline, torch.randn(BATCH, WIDTH), 4.0)
     return rate, pipeline.close()
+
+
+def served(blocks: Path, plan: Plan, alone: Plan | None) -> str:
+    """What the pipeline backend serves: the plan, or after its trial the best device alone."""
+    if alone is None or len(plan.stages) == 1:
+        return "the plan (no trial: nothing else fits, or it is one device already)"
+    batch = torch.randn(BATCH, WIDTH)
+    kept, pipeline, rates = keep_fastest([plan, alone], lambda p: build(blocks, p), batch, 2.0)
+    pipeline.close()
+    name = "the plan" if kept == 0 else f"{alone.stages[0].device} alone"
+    return f"{name} (trial: plan {rates[0]:.0f}, alone {rates[1]:.0f} rows/s)"
 
 
 def main() -> None:
@@ -79,14 +105,20 @@ def main() -> None:
             total = sum(b.weight_bytes for b in blocks)
             ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20,
                      log_to_driver=False, _temp_dir=tmp + "/ray")  # fmt: skip
-            cores = {"fast": [0], "slow": [1]}
+            example = torch.randn(MICRO, WIDTH)
+            overhead = {
+                "fast": stage_overhead(example, cores=[0], seconds=3.0),
+                "slow": stage_overhead(example, cores=[1], seconds=3.0, on_start=cap),
+            }
+            print("stage overhead ms per micro-batch: "
+                  + ", ".join(f"{k} {v * 1e3:.3f}" for k, v in overhead.items()))  # fmt: skip
             for title, fast_mem, slow_mem in (
                 ("memory for everything on either host", total, total),
                 ("memory forces a split (fast 70%, slow 90% of the weights)",
                  int(total * 0.7), int(total * 0.9)),
             ):  # fmt: skip
-                fast = Device("fast", "fast", fast_mem)
-                slow = Device("slow", "slow", slow_mem)
+                fast = Device("fast", "fast", fast_mem, stage_overhead_s=overhead["fast"])
+                slow = Device("slow", "slow", slow_mem, stage_overhead_s=overhead["slow"])
                 candidates = {
                     "partitioner": partition(blocks, [fast, slow]),
                     "fast host alone": evaluate(blocks, [fast], []),
@@ -103,12 +135,16 @@ def main() -> None:
                     if plan is None:
                         print(f"| {name} | does not fit in memory | | | | |")
                         continue
-                    rate, measured = measure(blocks_dir, plan, cores)
+                    rate, measured = measure(blocks_dir, plan)
                     spans = ", ".join(f"{s.device}: {s.start}-{s.stop - 1}" for s in plan.stages)
                     predicted = " / ".join(f"{s.seconds * 1e3:.2f}" for s in plan.stages)
                     got = " / ".join(f"{t * 1e3:.2f}" for t in measured)
                     print(f"| {name} | {spans} | {predicted} | {got} | "
                           f"{MICRO / plan.bottleneck_s:.0f} | {rate:.0f} |")  # fmt: skip
+                chosen = candidates["partitioner"]
+                assert chosen is not None
+                alone = best_single_device(blocks, [fast, slow])
+                print(f"\nserved by the pipeline backend: {served(blocks_dir, chosen, alone)}")
             ray.shutdown()
     finally:
         CGROUP.rmdir()

@@ -15,6 +15,7 @@ from kernelport.pipeline.partition import (
     Block,
     Device,
     PartitionError,
+    best_single_device,
     evaluate,
     even_cuts,
     memory_cuts,
@@ -62,6 +63,7 @@ def instances(draw: st.DrawFn) -> tuple[list[Block], list[Device]]:
             link_bytes_per_s=draw(st.sampled_from([1e5, 1e6, math.inf])),
             link_latency_s=draw(st.sampled_from([0.0, 1e-4])),
             slowdown=draw(st.sampled_from([1.0, 1.5, 3.0])),
+            stage_overhead_s=draw(st.sampled_from([0.0, 2e-3])),
         )
         for i in range(draw(st.integers(1, 3)))
     ]
@@ -166,3 +168,37 @@ def test_describe_shows_stages_the_bottleneck_and_what_was_left_out() -> None:
     text = plan.describe(blocks)
     assert "b0..b3" in text and "bottleneck 4.000 ms" in text
     assert "left out (would not make it faster): slow" in text
+
+
+def test_a_measured_stage_overhead_keeps_the_fast_device_alone() -> None:
+    # The exo #489 case with what a stage costs besides its blocks: 4 blocks of 1 ms on the
+    # fast device, the other device a CPU-limited one (2x). Free hand-offs make a split look
+    # faster; a measured overhead of 2.5 ms a stage (slowed 2x on the slow host) does not.
+    blocks = blocks_of(4, activation=0)
+    free = [Device("fast", "fast", 10**6), Device("slow", "fast", 10**6, slowdown=2.0)]
+    assert len(partition(blocks, free).stages) == 2
+    costly = [
+        Device("fast", "fast", 10**6, stage_overhead_s=2.5e-3),
+        Device("slow", "fast", 10**6, slowdown=2.0, stage_overhead_s=2.5e-3),
+    ]
+    plan = partition(blocks, costly)
+    assert [s.device for s in plan.stages] == ["fast"]
+    assert plan.left_out == ("slow",)
+    assert plan.bottleneck_s == pytest.approx(4e-3 + 2.5e-3)
+    split = evaluate(blocks, costly, [3])
+    assert split is not None
+    assert split.stages[1].transfer_s == pytest.approx(5e-3)  # the overhead, slowed down
+    assert split.bottleneck_s > plan.bottleneck_s
+
+
+def test_the_best_single_device_is_the_fastest_that_holds_the_model() -> None:
+    blocks = blocks_of(4, weight=100)
+    devices = [
+        Device("small-fast", "fast", 300),  # cannot hold the 400 bytes
+        Device("slow", "slow", 1000),
+        Device("shared", "fast", 1000, slowdown=1.5),
+    ]
+    alone = best_single_device(blocks, devices)
+    assert alone is not None
+    assert [(s.device, s.start, s.stop) for s in alone.stages] == [("shared", 0, 4)]
+    assert best_single_device(blocks, devices[:1]) is None

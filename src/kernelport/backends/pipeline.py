@@ -9,7 +9,10 @@ Blocks with no recorded times are measured at load on this host under ``profile_
 
 Parameters: ``micro_batch`` (default 8), ``compression`` (none | fp16 | int8),
 ``ray_address`` (default: the RAY_ADDRESS environment variable; without either, a Ray
-instance local to this process is started), ``profile_kind`` (default cpu).
+instance local to this process is started), ``profile_kind`` (default cpu), ``trial_seconds``
+(default 1; 0 turns the trial off): when the plan splits the model and one device could hold
+it whole, both are run for that long at load and the faster is kept, so a split the cost
+model got wrong never serves slower than the best device alone.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ import yaml
 from kernelport.core.backend import Arrays, LoadContext
 from kernelport.errors import ErrorCode, ServerError, invalid
 from kernelport.pipeline.compress import MODES
-from kernelport.pipeline.partition import PartitionError, partition
-from kernelport.pipeline.profile import load_blocks, profile_blocks, read_plan_file
-from kernelport.pipeline.runtime import Pipeline, chain
+from kernelport.pipeline.partition import PartitionError, Plan, best_single_device, partition
+from kernelport.pipeline.profile import BLOCK_GLOB, load_blocks, profile_blocks, read_plan_file
+from kernelport.pipeline.runtime import Pipeline, chain, keep_fastest
 from kernelport.types import datatype_of_dtype
 
 log = logging.getLogger("kernelport.backends.pipeline")
@@ -81,8 +84,9 @@ class PipelineBackend:
             raise invalid(f"parameter compression: expected one of {MODES}, got {compression!r}")
         try:
             micro_batch = int(params.get("micro_batch", 8))
+            trial_s = float(params.get("trial_seconds", 1.0))
         except ValueError as exc:
-            raise invalid(f"parameter micro_batch: {exc}") from exc
+            raise invalid(f"parameter micro_batch or trial_seconds: {exc}") from exc
         plan_path = path / PLAN_FILE
         if not plan_path.is_file():
             raise invalid(f"pipeline model: {plan_path} is missing (it lists the devices)")
@@ -94,21 +98,44 @@ class PipelineBackend:
                 loaded, example = load_blocks(path / BLOCKS_DIR)
                 blocks = profile_blocks(loaded, example, kind, repeats=5, min_seconds=0.05)
             plan = partition(blocks, devices)
+            alone = best_single_device(blocks, devices) if len(plan.stages) > 1 else None
         except PartitionError as exc:
             raise invalid(f"pipeline model {config.name}: {exc}") from exc
         log.info("pipeline model %s, plan:\n%s", config.name, plan.describe(blocks))
         ray = _ray(str(params.get("ray_address", os.environ.get("RAY_ADDRESS", ""))))
         placement = _placement(ray, raw_devices)
         cores = {str(d["name"]): list(d["cores"]) for d in raw_devices if d.get("cores")}
-        pipeline = Pipeline(
-            path / BLOCKS_DIR,
-            plan,
-            micro_batch=micro_batch,
-            compression=compression,  # checked against MODES above
-            placement=placement,
-            cores=cores,
-        )
+
+        def build(chosen: Plan) -> Pipeline:
+            return Pipeline(
+                path / BLOCKS_DIR,
+                chosen,
+                micro_batch=micro_batch,
+                compression=compression,  # checked against MODES above
+                placement=placement,
+                cores=cores,
+            )
+
+        if alone is None or trial_s <= 0:
+            pipeline = build(plan)
+        else:
+            batch = _trial_batch(path / BLOCKS_DIR, micro_batch * 8)
+            kept, pipeline, rates = keep_fastest([plan, alone], build, batch, trial_s)
+            log.info("pipeline model %s, trial: the plan %.0f rows/s, %s alone %.0f rows/s; "
+                     "kept %s", config.name, rates[0], alone.stages[0].device, rates[1],
+                     "the plan" if kept == 0 else f"{alone.stages[0].device} alone")  # fmt: skip
         return PipelineInstance(pipeline, config.inputs[0].name, config.outputs[0].name)
+
+
+def _trial_batch(blocks_dir: Path, rows: int) -> torch.Tensor:
+    """``rows`` rows like the first block's saved example (random, where it is floating)."""
+    first = sorted(blocks_dir.glob(BLOCK_GLOB))[0]
+    example = torch.export.load(str(first)).example_inputs[0][0]
+    generator = torch.Generator().manual_seed(0)
+    shape = (rows, *example.shape[1:])
+    if example.is_floating_point():
+        return torch.randn(shape, generator=generator, dtype=example.dtype)
+    return torch.zeros(shape, dtype=example.dtype)
 
 
 def _ray(address: str) -> Any:

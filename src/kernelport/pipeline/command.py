@@ -15,7 +15,13 @@ from kernelport.pipeline.partition import (
     memory_cuts,
     partition,
 )
-from kernelport.pipeline.profile import load_blocks, merge_profile, profile_blocks, read_plan_file
+from kernelport.pipeline.profile import (
+    load_blocks,
+    merge_profile,
+    merge_stage_overhead,
+    profile_blocks,
+    read_plan_file,
+)
 
 
 def add_commands(commands: Any) -> None:
@@ -42,6 +48,15 @@ def add_commands(commands: Any) -> None:
         metavar="S",
         help="and at least S seconds per block, so throttling shows in the mean (0.2)",
     )
+    profile.add_argument(
+        "--stage-overhead",
+        action="store_true",
+        help=(
+            "also measure what a pipeline stage costs here per micro-batch besides its "
+            "blocks (a one-stage Ray pipeline that only copies; starts a local Ray unless "
+            "RAY_ADDRESS names one) and record it for --kind"
+        ),
+    )
     plan = commands.add_parser(
         "plan",
         help="where a pipeline-parallel model would be cut, and its predicted stage times",
@@ -63,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
             merge_profile(args.plan, measured)
             total = sum(b.seconds[args.kind] for b in measured) * 1e3
             print(f"{len(measured)} blocks, {total:.3f} ms in all on {args.kind}: {args.plan}")
+            if args.stage_overhead:
+                seconds = _measure_stage_overhead(example)
+                merge_stage_overhead(args.plan, args.kind, seconds)
+                print(f"stage overhead on {args.kind}: {seconds * 1e3:.3f} ms per micro-batch")
             return 0
         blocks_, devices = read_plan_file(args.plan)
         chosen = partition(blocks_, devices)
@@ -82,3 +101,25 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"{name} over all devices in the file's order: {figure}")
     return 0
+
+
+def _measure_stage_overhead(example: tuple[Any, ...]) -> float:
+    """A one-stage pipeline on this machine's Ray node, pinned to this process's cores."""
+    import os
+
+    try:
+        import ray
+    except ImportError as exc:
+        raise PartitionError("--stage-overhead needs Ray: pip install kernelport[cluster]") from exc
+    from kernelport.pipeline.runtime import stage_overhead
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+                 log_to_driver=False)  # fmt: skip
+    try:
+        here = ray.get_runtime_context().get_node_id()
+        return stage_overhead(example[0], cores=sorted(os.sched_getaffinity(0)), node=here)
+    finally:
+        if started:
+            ray.shutdown()

@@ -4,8 +4,9 @@ A model is a sequence of blocks; a plan gives each chosen device one contiguous 
 blocks. Under load a pipeline moves at the pace of its slowest stage, so the plan minimises
 the bottleneck: the largest per-micro-batch time of any stage, where a stage's time is
 receiving its input, running its blocks and sending its output, one after the other (a
-stage loop that overlaps them does no worse than this). Each stage's weights must fit its
-device's memory budget.
+stage loop that overlaps them does no worse than this), plus the stage's fixed cost per
+micro-batch on its device (measured: the channels and the loop are CPU work too, and on a
+slow host they are slow). Each stage's weights must fit its device's memory budget.
 
 This is the linear-partition dynamic programme over (blocks so far, devices used), so it
 also chooses the devices' order and may leave a device out: a device that would only slow
@@ -42,7 +43,10 @@ class Block:
 @dataclass(frozen=True)
 class Device:
     """A device a stage can run on. ``slowdown`` scales its kind's profiled times (a
-    CPU-limited or shared host); ``link_bytes_per_s`` is its host's network link."""
+    CPU-limited or shared host); ``link_bytes_per_s`` is its host's network link;
+    ``stage_overhead_s`` is what a stage costs on it per micro-batch besides its blocks
+    (taking its input off the channel, handing its output on, the stage loop), as
+    ``kernelport profile --stage-overhead`` measures it, and is scaled by ``slowdown`` too."""
 
     name: str
     kind: str
@@ -50,10 +54,14 @@ class Device:
     link_bytes_per_s: float = math.inf
     link_latency_s: float = 0.0
     slowdown: float = 1.0
+    stage_overhead_s: float = 0.0
 
 
 @dataclass(frozen=True)
 class Stage:
+    """``transfer_s``: the hand-offs, i.e. the stage's fixed cost on its device and its
+    link hops; ``compute_s``: its blocks."""
+
     device: str
     start: int  # first block
     stop: int  # one past the last block
@@ -81,7 +89,7 @@ class Plan:
 
     def describe(self, blocks: Sequence[Block]) -> str:
         lines = [f"{'stage':<6}{'device':<16}{'blocks':<22}{'compute ms':>11}"
-                 f"{'transfer ms':>12}{'weights MiB':>12}"]  # fmt: skip
+                 f"{'hand-off ms':>12}{'weights MiB':>12}"]  # fmt: skip
         for i, s in enumerate(self.stages):
             span = f"{blocks[s.start].name}..{blocks[s.stop - 1].name}"
             lines.append(
@@ -124,7 +132,7 @@ class _Costs:
         if weight > device.memory_bytes:
             return None
         compute = (self.time[device.kind][stop] - self.time[device.kind][start]) * device.slowdown
-        transfer = 0.0
+        transfer = device.stage_overhead_s * device.slowdown
         if start > 0:  # receive the previous block's activation
             transfer += _hop(self.blocks[start - 1].activation_bytes, device)
         if stop < len(self.blocks):
@@ -249,6 +257,13 @@ def evaluate(
             return None
         stages.append(stage)
     return Plan(tuple(stages))
+
+
+def best_single_device(blocks: Sequence[Block], devices: Sequence[Device]) -> Plan | None:
+    """The fastest plan that keeps the whole model on one device, or None if none holds it."""
+    costs = _Costs(blocks, devices)
+    plans = [costs.stage(d, 0, len(blocks)) for d in range(len(devices))]
+    return _pick((s.seconds, s.seconds, (s,)) for s in plans if s is not None)
 
 
 def even_cuts(n_blocks: int, n_devices: int) -> list[int]:

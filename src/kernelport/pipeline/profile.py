@@ -4,7 +4,9 @@ A sequence-of-blocks model is a directory of ``torch.export`` programs, ``000.pt
 ``001.pt2``, ...: block i's outputs are block i+1's inputs, and the first program's example
 inputs (saved with it) are the micro-batch the profile runs at. A plan file (YAML) holds the
 blocks' measured times per device kind (``kernelport profile`` merges one kind at a time, so
-each kind can be measured on its own machine) and the devices to plan for.
+each kind can be measured on its own machine), each kind's measured stage overhead
+(``stage_overhead_s: {kind: seconds}``, which a device's own ``stage_overhead_s`` overrides)
+and the devices to plan for.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ def read_plan_file(path: Path) -> tuple[list[Block], list[Device]]:
             )
             for b in data.get("blocks", [])
         ]
+        overheads = {str(k): float(v) for k, v in (data.get("stage_overhead_s") or {}).items()}
         devices = [
             Device(
                 str(d["name"]),
@@ -113,6 +116,7 @@ def read_plan_file(path: Path) -> tuple[list[Block], list[Device]]:
                 float(d.get("link_bytes_per_s", float("inf"))),
                 float(d.get("link_latency_s", 0.0)),
                 float(d.get("slowdown", 1.0)),
+                float(d.get("stage_overhead_s", overheads.get(str(d["kind"]), 0.0))),
             )
             for d in data.get("devices", [])
         ]
@@ -141,5 +145,16 @@ def merge_profile(path: Path, measured: Sequence[Block]) -> None:
             "activation_bytes": block.activation_bytes,
         })  # fmt: skip
     data["blocks"] = merged
+    data.setdefault("devices", [])
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def merge_stage_overhead(path: Path, kind: str, seconds: float) -> None:
+    """Record ``kind``'s measured stage overhead in the plan file (created if missing)."""
+    data: dict[str, Any] = yaml.safe_load(path.read_text()) or {} if path.exists() else {}
+    overheads = dict(data.get("stage_overhead_s") or {})
+    overheads[kind] = seconds
+    data["stage_overhead_s"] = overheads
+    data.setdefault("blocks", [])
     data.setdefault("devices", [])
     path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -159,6 +159,99 @@ class Pipeline:
         return measured
 
 
+class _Copy(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+
+def stage_overhead(
+    example: torch.Tensor,
+    *,
+    cores: Sequence[int] = (),
+    node: str | None = None,
+    seconds: float = 1.0,
+    on_start: Callable[[Sequence[int]], None] | None = None,
+) -> float:
+    """Seconds per micro-batch of a one-stage pipeline whose block only copies its input:
+    what a stage costs on this device besides its blocks (the channels in and out, the stage
+    loop, the driver's share), measured the way ``Pipeline`` runs.
+
+    ``example`` is one micro-batch. ``cores`` pins the stage, ``node`` places it on a Ray
+    node (default: Ray's choice); ``on_start`` gets the stage's pid before timing starts (to
+    put it in a CPU-limited cgroup, say). Ray must be initialised.
+    """
+    import tempfile
+
+    from kernelport.pipeline.partition import Stage
+
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    program = torch.export.export(_Copy(), (example,), dynamic_shapes=({0: batch},))
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.export.save(program, str(Path(tmp) / "000.pt2"))
+        plan = Plan((Stage("here", 0, 1, 0.0, 0.0, 0),))
+        pipeline = Pipeline(
+            Path(tmp),
+            plan,
+            micro_batch=len(example),
+            placement=None if node is None else {"here": node},
+            cores={"here": list(cores)},
+        )
+    try:
+        if on_start is not None:
+            on_start(pipeline.pids)
+        micro = pipeline.max_inflight
+        batch_rows = torch.cat([example] * micro)
+        pipeline.run(batch_rows)  # warm up
+        runs, start = 0, time.perf_counter()
+        while runs < 4 or time.perf_counter() - start < seconds:
+            pipeline.run(batch_rows)
+            runs += 1
+        return (time.perf_counter() - start) / (runs * micro)
+    finally:
+        pipeline.close()
+
+
+def rows_per_second(pipeline: Pipeline, batch: torch.Tensor, seconds: float) -> float:
+    """``batch`` through ``pipeline`` again and again for at least ``seconds`` (after one
+    batch of warm-up): the rows it completes per second."""
+    pipeline.run(batch)
+    runs, start = 0, time.perf_counter()
+    while runs < 2 or time.perf_counter() - start < seconds:
+        pipeline.run(batch)
+        runs += 1
+    return runs * len(batch) / (time.perf_counter() - start)
+
+
+def keep_fastest(
+    plans: Sequence[Plan], build: Callable[[Plan], Pipeline], batch: torch.Tensor, seconds: float
+) -> tuple[int, Pipeline, list[float]]:
+    """Build each plan, time it on ``batch``, keep the fastest running and close the rest.
+
+    The cost model cannot see everything a real run pays (the driver's own CPU beside a
+    stage, the OS scheduler, a channel that polls); a short trial can. Returns the index of
+    the plan kept, its pipeline and every plan's rows per second.
+    """
+    best: tuple[int, Pipeline] | None = None
+    rates: list[float] = []
+    for i, plan in enumerate(plans):
+        pipeline = build(plan)
+        try:
+            rates.append(rows_per_second(pipeline, batch, seconds))
+        except BaseException:
+            pipeline.close()
+            if best is not None:
+                best[1].close()
+            raise
+        if best is None or rates[i] > rates[best[0]]:
+            if best is not None:
+                best[1].close()
+            best = (i, pipeline)
+        else:
+            pipeline.close()
+    assert best is not None, "no plans to try"
+    return best[0], best[1], rates
+
+
 def run_on_one_host(blocks_dir: Path, batch: torch.Tensor, micro_batch: int) -> Any:
     """The same blocks, the same micro-batches, in this process: what a pipeline must equal."""
     modules = [torch.export.load(str(f)).module() for f in sorted(blocks_dir.glob(BLOCK_GLOB))]
