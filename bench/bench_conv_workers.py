@@ -6,7 +6,8 @@ process, against bare ONNX Runtime in 1 and 2 processes, on both cores, in one r
 Bare: N processes each run ORT (one intra-op thread) on batches of --batch rows for
 --seconds; rows/s summed. Served: `execution: {mode: worker}` with `instance_count` 1 or 2,
 dynamic batching (max batch = --batch), perf_analyzer over gRPC at c=--concurrency, nothing
-pinned (server and load generator share both cores). Rounds alternate; medians printed with
+pinned (server and load generator share both cores); `--client-batch N` sends N rows per
+request, so the protocol's cost per row shrinks N times. Rounds alternate; medians printed with
 the two ratios the issue names: 2-instance / 1-instance (target >= 1.8x) and 2-instance /
 bare in two processes (target >= 95%).
 """
@@ -64,7 +65,7 @@ def served(work: Path, instances: int, cli: argparse.Namespace, tag: str) -> flo
         python=sys.executable, current_batching="on", extra_server_args="",
         server_cpus="all", load_cpus="all", protocols=["grpc"], concurrency=[cli.concurrency],
         shape=PRESETS["conv"][0], measurement_ms=cli.measurement_ms, stability=999,
-        max_trials=3,
+        max_trials=3, client_batch=cli.client_batch,
     )  # fmt: skip
     result = bench_server(repo, work, work / f"server-{tag}.log", args)
     rows: list[dict[str, Any]] = [r for r in result["runs"] if "error" not in r]
@@ -79,6 +80,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--measurement-ms", type=int, default=4000)
     ap.add_argument("--mode", default="worker", choices=["worker", "in_process"])
+    ap.add_argument(
+        "--client-batch", type=int, default=1,
+        help="rows per request (perf_analyzer -b); 1: every row pays the protocol's cost",
+    )  # fmt: skip
     cli = ap.parse_args()
     figures: dict[str, list[float]] = {k: [] for k in ("bare1", "bare2", "kp1", "kp2")}
     with tempfile.TemporaryDirectory() as tmp:

@@ -190,6 +190,7 @@ def run_perf_analyzer(
         str(PERF_ANALYZER), "-m", MODEL, "-i", protocol, "-u", f"127.0.0.1:{port}",
         "--concurrency-range", f"{conc}:{conc}", "-p", str(args.measurement_ms),
         "-s", str(args.stability), "-r", str(args.max_trials),
+        "-b", str(getattr(args, "client_batch", 1)),
         "--shape", "INPUT0:" + ",".join(map(str, args.shape)),
         "--input-data", str(work / "pa_input.json"), "-f", str(csv_path),
     ], args.load_cpus)  # fmt: skip
