@@ -87,3 +87,26 @@ async def test_interleaved_sequences_keep_their_rows_and_match_each_alone(
         assert len(where) == 1, (corrid, where)  # always the same row of the same instance
         places |= where
     assert len(places) == 4
+
+
+@pytest.mark.parametrize(
+    ("block", "want"),
+    [
+        ("direct { }", {"strategy": "direct", "max_queue_delay_us": 0,
+                        "minimum_slot_utilization": 0.0}),
+        ("direct { max_queue_delay_microseconds: 300 minimum_slot_utilization: 0.3 }",
+         {"strategy": "direct", "max_queue_delay_us": 300, "minimum_slot_utilization": 0.3}),
+        ("", {}),  # neither: oldest, KernelPort's default (Triton's is direct)
+        ("oldest { max_candidate_sequences: 4 }", {}),
+    ],
+)  # fmt: skip
+def test_pbtxt_strategy_translates(tmp_path: Path, block: str, want: dict[str, object]) -> None:
+    path = tmp_path / "m" / "config.pbtxt"
+    path.parent.mkdir()
+    text = 'max_batch_size: 2\ninput [ { name: "X" data_type: TYPE_INT32 dims: [ 1 ] } ]\n'
+    path.write_text(text + f"sequence_batching {{ {block} }}\n")
+    document = TritonConfigReader().read_pbtxt(path)
+    seq = document.raw["sequence_batching"]
+    assert isinstance(seq, dict)
+    assert {k: v for k, v in seq.items() if k != "control_inputs"} == want
+    assert len(document.warnings) == (1 if "oldest" in block else 0), document.warnings
