@@ -15,7 +15,8 @@ and, on the first and last request of a sequence, ``sequence_start`` / ``sequenc
 Requests of different sequences bound to the same instance run together in one batch, one
 request per sequence (the oldest waiting), up to ``max_batch_size`` rows, with each row's
 control inputs its own; a sequence's next request waits for its previous one, as its state
-must be updated first (Triton's "oldest" strategy, one batch at a time per instance).
+must be updated first (Triton's "oldest" strategy, one batch at a time per instance). With
+``strategy: direct`` each sequence keeps one batch slot instead (``core/sequence_slots.py``).
 
 Implicit state (Triton's ``state``): the server keeps each sequence's state tensors. A
 request is fed its sequence's state (the initial state on START) as each state's
