@@ -399,12 +399,16 @@ def _sequence_batching(t: _Translation, seq: Message) -> dict[str, Any]:
                 entry["false_true"] = values
             controls.append(entry)
     states = [_state(t, f"{path}.state[{i}]", state) for i, state in enumerate(seq.state)]
+    out: dict[str, Any] = {"control_inputs": controls}
     if seq.HasField("oldest"):
         t.warn(f"{path}.oldest", "its settings are ignored: requests of different sequences "
                "batch as they wait, one per sequence, up to max_batch_size")  # fmt: skip
+    elif seq.HasField("direct"):
+        out["strategy"] = "direct"
+        out["max_queue_delay_us"] = seq.direct.max_queue_delay_microseconds
+        out["minimum_slot_utilization"] = round(seq.direct.minimum_slot_utilization, 6)
     t.rest(seq, f"{path}.", {"max_sequence_idle_microseconds", "control_input", "direct",
                              "oldest", "state"})  # fmt: skip
-    out: dict[str, Any] = {"control_inputs": controls}
     if states:
         out["states"] = states
     if seq.max_sequence_idle_microseconds:

@@ -38,6 +38,7 @@ from kernelport.core.repository import (
     stage_files,
 )
 from kernelport.core.scheduler import DeviceScheduler
+from kernelport.core.sequence_slots import DirectSequences
 from kernelport.core.sequences import Sequences
 from kernelport.core.stats import ModelStats, ModelStatsSnapshot
 from kernelport.core.streaming import Decoupled
@@ -513,7 +514,9 @@ class ModelManager:
             if config.decoupled:
                 streams = Decoupled(config, pool)
             elif config.sequence_batching is not None:
-                streams = Sequences(config, pool, stats, path.parent)
+                direct = config.sequence_batching.strategy == "direct"
+                strategy = DirectSequences if direct else Sequences
+                streams = strategy(config, pool, stats, path.parent)
         except BaseException:
             await asyncio.to_thread(pool.close)
             held.release()

@@ -15,6 +15,7 @@ from kernelport.core.config_base import Strict, known_datatype
 from kernelport.types import datatype
 
 SequenceControlKind = Literal["start", "end", "ready", "corrid"]
+SequenceStrategy = Literal["oldest", "direct"]
 
 
 class SequenceControl(Strict):
@@ -100,6 +101,25 @@ class SequenceBatching(Strict):
     control_inputs: tuple[SequenceControl, ...] = ()
     #: implicit state kept by the server per sequence (Triton's ``state``)
     states: tuple[SequenceState, ...] = ()
+    #: ``oldest``: waiting requests of the instance's sequences batch together, one row per
+    #: sequence (``core/sequences.py``); ``direct``: each sequence holds one batch slot of
+    #: one instance from START to END (``core/sequence_slots.py``). Triton's default is
+    #: ``direct``; ours stays ``oldest`` (docs/composition.md says why).
+    strategy: SequenceStrategy = "oldest"
+    #: direct: how long a batch may wait for the other occupied slots' requests
+    max_queue_delay_us: int = Field(default=0, ge=0)
+    #: direct: the share of an instance's slots with a request ready that runs a batch
+    #: before ``max_queue_delay_us`` has passed (0: only when every occupied slot is ready)
+    minimum_slot_utilization: float = Field(default=0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _direct_settings(self) -> SequenceBatching:
+        if self.strategy != "direct" and (self.max_queue_delay_us or self.minimum_slot_utilization):
+            raise ValueError(
+                "max_queue_delay_us and minimum_slot_utilization are settings of "
+                "strategy: direct (this model's strategy is oldest)"
+            )
+        return self
 
     def check(self, inputs: set[str], outputs: set[str]) -> None:
         """The names the server fills or takes must be its own (ValueError otherwise)."""
@@ -144,10 +164,18 @@ def render_sequence_batching(seq: SequenceBatching) -> dict[str, Any]:
             cast = bool if dt.name == "BOOL" else (float if dt.name == "FP32" else int)
             entry[field] = [cast(v) for v in control.false_true]
         controls.append({"name": control.name, "control": [entry]})
+    strategy: dict[str, Any] = {"oldest": {}}
+    if seq.strategy == "direct":
+        strategy = {
+            "direct": {
+                "max_queue_delay_microseconds": seq.max_queue_delay_us,
+                "minimum_slot_utilization": seq.minimum_slot_utilization,
+            }
+        }
     return {
         "max_sequence_idle_microseconds": seq.max_sequence_idle_us,
         "control_input": controls,
-        "direct": {},
+        **strategy,
         "state": [_state(s) for s in seq.states],
         "iterative_sequence": False,
     }

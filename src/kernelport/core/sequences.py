@@ -15,7 +15,8 @@ and, on the first and last request of a sequence, ``sequence_start`` / ``sequenc
 Requests of different sequences bound to the same instance run together in one batch, one
 request per sequence (the oldest waiting), up to ``max_batch_size`` rows, with each row's
 control inputs its own; a sequence's next request waits for its previous one, as its state
-must be updated first (Triton's "oldest" strategy, one batch at a time per instance).
+must be updated first (Triton's "oldest" strategy, one batch at a time per instance). With
+``strategy: direct`` each sequence keeps one batch slot instead (``core/sequence_slots.py``).
 
 Implicit state (Triton's ``state``): the server keeps each sequence's state tensors. A
 request is fed its sequence's state (the initial state on START) as each state's
@@ -62,6 +63,8 @@ class _Sequence:
     restarts: int = 0
     #: implicit state: state input name -> the array its last request left (None: initial)
     state: Arrays | None = None
+    #: direct: its batch slot on its instance (-1: waiting for one)
+    slot: int = -1
 
 
 @dataclass(slots=True)
@@ -80,6 +83,8 @@ class Sequences:
     """Binds sequences to instances and runs their requests in order."""
 
     announced = 0
+    #: whether each request must be one row (direct: one batch slot per sequence)
+    _one_row = False
 
     def __init__(
         self,
@@ -110,7 +115,7 @@ class Sequences:
         key = _correlation_id(self.config.name, params.get("sequence_id"))
         start = bool(params.get("sequence_start", False))
         end = bool(params.get("sequence_end", False))
-        now = time.monotonic_ns()
+        now = self._now()
         self._expire(now)
         sequence = self._live.get(key)
         if start:
@@ -131,23 +136,27 @@ class Sequences:
                 f"sequence {key!r} of model '{self.config.name}' lost its state: the model's "
                 "worker process restarted since the sequence started; START it again",
             )
-        if self._states and self.config.batching and rows != 1:
+        if (self._states or self._one_row) and self.config.batching and rows != 1:
+            why = "its implicit state is per sequence" if self._states else "one slot each"
             raise invalid(
                 f"inference request to model '{self.config.name}' must specify batch-size 1 "
-                "due to requirements of sequence batcher (its implicit state is per sequence)"
+                f"due to requirements of sequence batcher ({why})"
             )
         sequence.last_ns = now
-        if end:  # released now: a request that follows must START again
-            self._release(key)
         feed = inputs.carrying(inputs) if isinstance(inputs, RequestArrays) else dict(inputs)
         for control in self._controls:
             feed[control.name] = _control(control, start, end, key, rows, self.config.batching)
         future = asyncio.get_running_loop().create_future()
         job = _Job(key, feed, rows, future, now, sequence, start, end)
-        self._waiting[sequence.worker].append(job)
-        self.queued += 1
-        self._dispatch(sequence.worker)
+        self._enqueue(job, params)
+        if end:  # released now (after its request is in line): a request that follows
+            self._release(key)  # must START again
         return await job.done
+
+    def _enqueue(self, job: _Job, parameters: Mapping[str, Any]) -> None:
+        self._waiting[job.sequence.worker].append(job)
+        self.queued += 1
+        self._dispatch(job.sequence.worker)
 
     def _dispatch(self, index: int) -> None:
         """Start the instance's next batch if it is idle: the oldest waiting request of each
@@ -202,7 +211,7 @@ class Sequences:
         rows = sum(j.rows for j in taken)
         self._stats.record_execution(rows, result.input_ns, result.infer_ns, result.output_ns)
         compute_ns = result.input_ns + result.infer_ns + result.output_ns
-        now = time.monotonic_ns()
+        now = self._now()
         for job, outputs in zip(taken, result.outputs, strict=True):
             if job.done.done():
                 continue
@@ -219,6 +228,9 @@ class Sequences:
             timings = Timings(queue_ns, result.input_ns, result.infer_ns, result.output_ns, rows)
             job.done.set_result((outputs, timings))
         self._dispatch(index)
+
+    def _now(self) -> int:
+        return time.monotonic_ns()
 
     def _state_feed(self, job: _Job) -> Arrays:
         """The job's state inputs: its sequence's, or the initial state on START."""
@@ -251,11 +263,15 @@ class Sequences:
                 f"model '{self.config.name}' has {MAX_SEQUENCES} live sequences: end some "
                 "(sequence_end) before starting more"
             )
-        worker = min(range(len(self._load)), key=self._load.__getitem__)
-        self._load[worker] += 1
-        sequence = _Sequence(worker, now, self._pool.restarts)
+        sequence = self._place(now)
         self._live[key] = sequence
         return sequence
+
+    def _place(self, now: int) -> _Sequence:
+        """A new sequence, bound to the instance with the fewest live sequences."""
+        worker = min(range(len(self._load)), key=self._load.__getitem__)
+        self._load[worker] += 1
+        return _Sequence(worker, now, self._pool.restarts)
 
     def _release(self, key: int | str) -> None:
         sequence = self._live.pop(key, None)
@@ -270,7 +286,7 @@ class Sequences:
     @property
     def live(self) -> int:
         """Sequences started and neither ended nor idle past the limit."""
-        self._expire(time.monotonic_ns())
+        self._expire(self._now())
         return len(self._live)
 
     async def close(self) -> None:
