@@ -38,6 +38,7 @@ async def main(calls: int, rounds: int) -> None:
             "in process, inline": local.workers[0].run_now,
             "in process, thread": local.workers[0].submit_batch,
             "worker process": remote.workers[0].submit_batch,
+            "worker, run_now": remote.workers[0].run_now,
         }
         try:
             for _ in range(rounds):

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -40,6 +41,7 @@ from kernelport.core.wire import (
     FrameReader,
     Kind,
     TensorRef,
+    dtype_code,
     frame_bytes,
     json_body,
     pack_refs,
@@ -56,6 +58,9 @@ BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
 HEALTHY_AFTER_S = 60.0  # up this long: the next crash starts the backoff over
 STOP_GRACE_S = 5.0  # a stopping worker gets this long to unload before SIGKILL
+# A short batch run "now" (the queue's inline decision) waits for its reply on the loop's
+# thread for at most this long; a later reply resolves it through the loop as usual.
+WAIT_NOW_S = 0.005
 
 
 @dataclass(slots=True)
@@ -248,7 +253,7 @@ class ProcessHost:
                     np.copyto(target, first)
                 else:
                     np.concatenate([p[name] for p in parts], out=target)
-                refs.append(TensorRef(name, first.dtype.str, shape, False, at, nbytes))
+                refs.append(TensorRef(name, dtype_code(first.dtype), shape, False, at, nbytes))
                 at += _aligned(nbytes)
                 continue
             joined = first if len(parts) == 1 else np.concatenate([p[name] for p in parts])
@@ -257,11 +262,35 @@ class ProcessHost:
                 dtype = "BYTES"
             else:
                 raw = joined.tobytes()  # C order whatever the strides
-                dtype = joined.dtype.str
+                dtype = dtype_code(joined.dtype)
             refs.append(TensorRef(name, dtype, shape, True, inline_at, len(raw)))
             tail.append(raw)
             inline_at += len(raw)
         return refs, tail, offset
+
+    def run_now(
+        self, instance: int, parts: list[Arrays], counts: list[int], config: ModelConfig
+    ) -> asyncio.Future[BatchResult]:
+        """Send a short batch and wait for its reply on this thread, the event loop's.
+
+        What an in-process instance does with a short batch (``Worker.run_now``), for the
+        same reason: on a busy core, going back through the loop for the reply (epoll, the
+        loop's dispatch, the future's callbacks) costs more than the model's own work. The
+        loop is blocked at most :data:`WAIT_NOW_S`; a worker slower than that (or dead)
+        resolves the future through the loop's reader, exactly as :meth:`submit`."""
+        future = self.submit(instance, parts, counts, config)
+        sock = self._sock
+        if future.done() or sock is None or self._outbox:
+            return future
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        deadline = time.monotonic() + WAIT_NOW_S
+        while not future.done() and self.up and self._sock is sock:
+            left_ms = math.ceil((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0 or not poller.poll(left_ms):
+                break
+            self._on_readable()
+        return future
 
     def _stuck(self, batch: int) -> None:
         job = self._in_flight.pop(batch, None)

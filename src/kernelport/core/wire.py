@@ -49,7 +49,7 @@ class TensorRef(NamedTuple):
     A tuple, not a dataclass: one is made per tensor per batch on both sides."""
 
     name: str
-    dtype: str  # numpy's dtype.str ("<f4"), or BYTES
+    dtype: str  # dtype_code: numpy's dtype.str ("<f4"), "bfloat16", or BYTES
     shape: tuple[int, ...]
     inline: bool
     offset: int
@@ -142,9 +142,9 @@ class FrameReader:
             start = stop
         if start == end:
             start = end = 0
-            if len(buf) > self._size:  # a large frame has gone: give its memory back
-                self._resize(self._size)
         self._start, self._end = start, end
+        if not end and len(buf) > self._size:  # a large frame has gone: give its memory back
+            self._resize(self._size)
         return frames
 
     def _make_room(self) -> None:
@@ -162,6 +162,7 @@ class FrameReader:
 
     def _resize(self, size: int) -> None:
         pending = bytes(self._view[self._start : self._end])
+        assert len(pending) <= size
         self._view.release()
         self._buf = bytearray(size)
         self._buf[: len(pending)] = pending
@@ -222,6 +223,12 @@ def _text(raw: bytes) -> str:
     return text
 
 
+def dtype_code(dtype: np.dtype[Any]) -> str:
+    """What the descriptor says of ``dtype``: numpy's ``str`` ("<f4"), or the name of an
+    extension type whose ``str`` is only its size ("<V2" for ml_dtypes' bfloat16)."""
+    return dtype.name if dtype.kind == "V" else dtype.str
+
+
 def _dtype(name: str) -> np.dtype[Any]:
     dtype = _DTYPES.get(name)
     if dtype is None:
@@ -255,11 +262,11 @@ def place_arrays(
             encoded.append((name, BYTES, array.shape, raw))
             total += _aligned(len(raw))
         else:
-            encoded.append((name, array.dtype.str, array.shape, array))
+            encoded.append((name, dtype_code(array.dtype), array.shape, array))
             total += _aligned(array.nbytes)
     refs: list[TensorRef] = []
     tail: list[bytes | memoryview] = []
-    in_arena = view is not None and inline_max < total <= capacity
+    in_arena = view is not None and total <= capacity and (not inline_max or total > inline_max)
     pos = 0
     for name, dtype, shape, data in encoded:
         nbytes = len(data) if isinstance(data, bytes) else data.nbytes
