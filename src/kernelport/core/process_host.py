@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -58,9 +57,6 @@ BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
 HEALTHY_AFTER_S = 60.0  # up this long: the next crash starts the backoff over
 STOP_GRACE_S = 5.0  # a stopping worker gets this long to unload before SIGKILL
-# A short batch run "now" (the queue's inline decision) waits for its reply on the loop's
-# thread for at most this long; a later reply resolves it through the loop as usual.
-WAIT_NOW_S = 0.005
 
 
 @dataclass(slots=True)
@@ -267,30 +263,6 @@ class ProcessHost:
             tail.append(raw)
             inline_at += len(raw)
         return refs, tail, offset
-
-    def run_now(
-        self, instance: int, parts: list[Arrays], counts: list[int], config: ModelConfig
-    ) -> asyncio.Future[BatchResult]:
-        """Send a short batch and wait for its reply on this thread, the event loop's.
-
-        What an in-process instance does with a short batch (``Worker.run_now``), for the
-        same reason: on a busy core, going back through the loop for the reply (epoll, the
-        loop's dispatch, the future's callbacks) costs more than the model's own work. The
-        loop is blocked at most :data:`WAIT_NOW_S`; a worker slower than that (or dead)
-        resolves the future through the loop's reader, exactly as :meth:`submit`."""
-        future = self.submit(instance, parts, counts, config)
-        sock = self._sock
-        if future.done() or sock is None or self._outbox:
-            return future
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
-        deadline = time.monotonic() + WAIT_NOW_S
-        while not future.done() and self.up and self._sock is sock:
-            left_ms = math.ceil((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0 or not poller.poll(left_ms):
-                break
-            self._on_readable()
-        return future
 
     def _stuck(self, batch: int) -> None:
         job = self._in_flight.pop(batch, None)

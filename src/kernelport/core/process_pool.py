@@ -110,11 +110,7 @@ class ProcessWorker:
         """Place the inputs in the arena and send the batch; resolved on the loop."""
         return self._host.submit(self._index, parts, counts, config)
 
-    def run_now(
-        self, parts: list[Arrays], counts: list[int], config: ModelConfig
-    ) -> asyncio.Future[BatchResult]:
-        """A short batch whose reply is awaited on the loop's thread (``ProcessHost.run_now``)."""
-        return self._host.run_now(self._index, parts, counts, config)
+    run_now = submit_batch  # never inline: the work is in another process anyway
 
     def close(self) -> None:
         """The pool stops the process once, for all its instances."""
@@ -124,7 +120,7 @@ class ProcessPool(WorkerPool):
     """A model version's instances, all in one worker process."""
 
     def __init__(self, host: ProcessHost, workers: list[ProcessWorker]) -> None:
-        super().__init__(workers, inline=True)
+        super().__init__(workers, inline=False)
         self.host = host
         host.on_up = self._up
 
