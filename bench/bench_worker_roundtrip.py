@@ -1,9 +1,13 @@
 """One batch's round trip at batch 1: inline, instance thread, worker process (no network).
 
     taskset -c 1 .venv/bin/python bench/bench_worker_roundtrip.py [--calls 2000] [--rounds 2]
+        [--width 512 --layers 3]
 
 The `mlp` (make_models.py) loaded three ways in one process; each call awaits one batch.
-Medians of ``--calls`` calls; ``infer`` is ONNX Runtime's own time, so the rest is the path.
+Medians of ``--calls`` calls; ``infer`` is ONNX
+Runtime's own time, so the rest is the path. ``--width 64 --layers 1`` gives a model of
+16 KiB of weights: what is left is the transport's own cost, without a model that evicts
+the caches of both processes on a shared core.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from make_models import build_repository  # bench/ is sys.path[0] when run as a script
+from make_models import build_mlp, build_repository  # bench/ is sys.path[0] as a script
 
 from kernelport.backends.registry import get_backend
 from kernelport.core.execution import load_in_process
@@ -24,14 +28,15 @@ from kernelport.core.model_config import parse_model_config
 from kernelport.core.process_pool import ExecutionPlan, start_process_pool
 
 
-async def main(calls: int, rounds: int) -> None:
+async def main(calls: int, rounds: int, width: int, layers: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = build_repository(Path(tmp), "mlp") / "mlp" / "1"
+        build_mlp(path / "model.onnx", width, layers)
         backend = get_backend("onnxruntime")
         raw = {"name": "mlp", "backend": "onnxruntime", "max_batch_size": 128,
                "parameters": {"intra_op_threads": 1, "inter_op_threads": 1}}  # fmt: skip
         config = parse_model_config(backend.autocomplete(raw, path), "mlp")
-        x = {"INPUT0": np.random.default_rng(0).standard_normal((1, 512)).astype(np.float32)}
+        x = {"INPUT0": np.random.default_rng(0).standard_normal((1, width)).astype(np.float32)}
         local = await load_in_process(backend, config, 1, path)
         remote = await start_process_pool(config, 1, path, ExecutionPlan("worker", None, 1 << 26))
         paths = {
@@ -59,5 +64,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=3)
     args = ap.parse_args()
-    asyncio.run(main(args.calls, args.rounds))
+    asyncio.run(main(args.calls, args.rounds, args.width, args.layers))

@@ -35,13 +35,15 @@ from kernelport.core.backend import Arrays
 from kernelport.core.execution import BatchResult, split_rows
 from kernelport.core.model_config import ModelConfig
 from kernelport.core.wire import (
+    INLINE_MAX,
     Frame,
+    FrameReader,
     Kind,
     TensorRef,
-    frame,
+    dtype_code,
+    frame_bytes,
     json_body,
     pack_refs,
-    parse_frames,
     read_arrays,
     unpack_refs,
     unpack_timing,
@@ -91,7 +93,7 @@ class ProcessHost:
         self._sock: socket.socket | None = None
         self._arena: Arena | None = None
         self._inputs = Allocator(self._layout.input_bytes)
-        self._inbox = bytearray()
+        self._reader = FrameReader()
         self._outbox = bytearray()
         self._in_flight: dict[int, _InFlight] = {}
         self._next_batch = 0
@@ -125,7 +127,7 @@ class ProcessHost:
         ours = self._connect(self._arena)
         ours.setblocking(False)
         self._sock = ours
-        self._inbox.clear()
+        self._reader = FrameReader()
         self._outbox.clear()
         self._ready = self._loop.create_future()
         init = {
@@ -134,7 +136,7 @@ class ProcessHost:
             "devices": self._devices,
             "layout": [self._layout.input_bytes, self._layout.output_slot_bytes],
         }
-        self._send(frame(Kind.INIT, 0, 0, json_body(init)))
+        self._send(frame_bytes(Kind.INIT, 0, 0, json_body(init)))
         self._loop.add_reader(ours.fileno(), self._on_readable)
 
     def _connect(self, arena: Arena) -> socket.socket:
@@ -209,14 +211,15 @@ class ProcessHost:
             timer = self._loop.call_later(self._timeout_s, self._stuck, batch)
         input_ns = time.perf_counter_ns() - t0
         self._in_flight[batch] = _InFlight(future, counts, offset, input_ns, timer)
-        self._send(frame(Kind.BATCH, batch, instance, pack_refs(refs), *tail))
+        self._send(frame_bytes(Kind.BATCH, batch, instance, pack_refs(refs), *tail))
         return future
 
     def _place(
         self, parts: list[Arrays], config: ModelConfig
     ) -> tuple[list[TensorRef], list[bytes], int | None]:
         """Write the batch's concatenation straight into an arena slot (inline when the
-        arena is full or the batch is bigger than it, and for BYTES tensors)."""
+        arena is full or the batch is bigger than it, for BYTES tensors, and for batches
+        of at most :data:`INLINE_MAX` bytes)."""
         if len(parts) > 1 and not config.batching:
             raise AssertionError("only batching models run several requests at once")
         names = list(parts[0])
@@ -228,7 +231,7 @@ class ProcessHost:
             shapes[name] = first.shape if rows is None else (rows, *first.shape[1:])
             if first.dtype != np.object_:
                 total += _aligned(math.prod(shapes[name]) * first.dtype.itemsize)
-        offset = self._inputs.alloc(total) if total else None
+        offset = self._inputs.alloc(total) if total > INLINE_MAX else None
         assert self._arena is not None
         view = self._arena.view
         refs: list[TensorRef] = []
@@ -246,7 +249,7 @@ class ProcessHost:
                     np.copyto(target, first)
                 else:
                     np.concatenate([p[name] for p in parts], out=target)
-                refs.append(TensorRef(name, first.dtype.str, shape, False, at, nbytes))
+                refs.append(TensorRef(name, dtype_code(first.dtype), shape, False, at, nbytes))
                 at += _aligned(nbytes)
                 continue
             joined = first if len(parts) == 1 else np.concatenate([p[name] for p in parts])
@@ -254,8 +257,8 @@ class ProcessHost:
                 raw = serialize_bytes_tensor(joined)
                 dtype = "BYTES"
             else:
-                raw = np.ascontiguousarray(joined).tobytes()
-                dtype = joined.dtype.str
+                raw = joined.tobytes()  # C order whatever the strides
+                dtype = dtype_code(joined.dtype)
             refs.append(TensorRef(name, dtype, shape, True, inline_at, len(raw)))
             tail.append(raw)
             inline_at += len(raw)
@@ -298,14 +301,13 @@ class ProcessHost:
 
     # --- the socket --------------------------------------------------------------------------
 
-    def _send(self, parts: list[bytes]) -> None:
+    def _send(self, data: bytes) -> None:
         """Send now when the socket takes it; queue the rest and send when it drains."""
         if self._sock is None:
             return
         if self._outbox:
-            self._outbox += b"".join(parts)
+            self._outbox += data
             return
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
         try:
             sent = self._sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -331,23 +333,21 @@ class ProcessHost:
     def _on_readable(self) -> None:
         sock = self._sock
         assert sock is not None
+        reader = self._reader
         while True:
             try:
-                chunk = sock.recv(1 << 20)
+                frames = reader.read(sock)
             except (BlockingIOError, InterruptedError):
-                break
+                return
             except OSError:
-                chunk = b""
-            if not chunk:
-                for message in parse_frames(self._inbox):
-                    self._handle(message)
+                frames = None
+            if frames is None:
                 self._on_eof()
                 return
-            self._inbox += chunk
-            if len(chunk) < 1 << 20:
-                break
-        for message in parse_frames(self._inbox):
-            self._handle(message)
+            for message in frames:
+                self._handle(message)
+            if not reader.full or self._sock is not sock:
+                return
 
     def _handle(self, message: Frame) -> None:
         if message.kind is Kind.RESULT:

@@ -2,17 +2,18 @@
 
 Small and fixed: a frame is ``u32 length | u8 kind | u32 batch | u16 instance | body``.
 Tensors travel as descriptors (name, numpy dtype string, shape, where the bytes are); the
-bytes sit in the shared arena, or, when they did not fit, in the frame's tail. Nothing is
-pickled: a worker runs user code, and the server must never unpickle what it sends.
+bytes sit in the shared arena, or in the frame's tail when they are small (``INLINE_MAX``)
+or did not fit. Nothing is pickled: a worker runs user code, and the server must never
+unpickle what it sends.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import socket
 import struct
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -21,11 +22,16 @@ from kernelport.types import deserialize_bytes_tensor, serialize_bytes_tensor
 
 FRAME = struct.Struct("<IBIH")  # length of the rest, kind, batch id, instance
 _COUNT = struct.Struct("<H")
-_NAME = struct.Struct("<H")
-_SMALL = struct.Struct("<B")
-_DIM = struct.Struct("<q")
-_PLACE = struct.Struct("<BQQ")  # inline?, offset, nbytes
+# A tensor's descriptor: lengths of name and dtype, ndim | name | dtype | dims | inline?,
+# offset, nbytes. The head gives the sizes; then one struct (cached per sizes) holds it all,
+# so a tensor costs two struct calls each way, not one per field.
+_HEAD = struct.Struct("<HBB")
 _TIMING = struct.Struct("<Q")
+READ_CHUNK = 1 << 16  # a reader's buffer; it grows for a frame that does not fit
+# Tensors of a batch that come to at most this many bytes travel in the frame, not the
+# arena: copying a few KiB through the socket costs less than the arena's bookkeeping
+# (allocate, numpy views on both sides, free), measured in bench/RESULTS.md (issue 12).
+INLINE_MAX = 16 << 10
 BYTES = "BYTES"  # dtype of an object array of bytes (length-prefixed elements on the wire)
 
 
@@ -38,20 +44,20 @@ class Kind(enum.IntEnum):
     ERROR = 6  # worker -> server, JSON: code and message of a failed batch
 
 
-@dataclass(frozen=True, slots=True)
-class TensorRef:
-    """Where one tensor's bytes are: ``offset`` into the arena, or into the frame's tail."""
+class TensorRef(NamedTuple):
+    """Where one tensor's bytes are: ``offset`` into the arena, or into the frame's tail.
+
+    A tuple, not a dataclass: one is made per tensor per batch on both sides."""
 
     name: str
-    dtype: str  # numpy's dtype.str ("<f4"), or BYTES
+    dtype: str  # dtype_code: numpy's dtype.str ("<f4"), "bfloat16", or BYTES
     shape: tuple[int, ...]
     inline: bool
     offset: int
     nbytes: int
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
     kind: Kind
     batch: int
     instance: int
@@ -62,6 +68,12 @@ def frame(kind: Kind, batch: int, instance: int, *body: bytes | memoryview) -> l
     """The frame's parts, ready for ``sendmsg``/``sendall`` (no join of large tails)."""
     length = FRAME.size - 4 + sum(len(b) for b in body)
     return [FRAME.pack(length, kind, batch, instance), *(bytes(b) for b in body if len(b))]
+
+
+def frame_bytes(kind: Kind, batch: int, instance: int, *body: bytes | memoryview) -> bytes:
+    """The whole frame as one buffer: one ``send`` per message."""
+    length = FRAME.size - 4 + sum(len(b) for b in body)
+    return b"".join((FRAME.pack(length, kind, batch, instance), *body))
 
 
 def json_body(value: dict[str, Any]) -> bytes:
@@ -86,14 +98,88 @@ def parse_frames(buffer: bytearray) -> list[Frame]:
     return frames
 
 
+class FrameReader:
+    """Frames from a stream socket, received into one reused buffer (``recv_into``).
+
+    A ``recv(n)`` allocates ``n`` bytes per call (``recv(1 << 20)`` of a small frame took
+    8.6 µs against 0.8 µs for ``recv_into``); this buffer is made once and grows only for a
+    frame larger than it (back to its first size once empty). Each frame's body is still a
+    copy of its own, as with :func:`parse_frames`: the buffer is overwritten by the next
+    read."""
+
+    def __init__(self, size: int = READ_CHUNK) -> None:
+        self._size = size
+        self._buf = bytearray(size)
+        self._view = memoryview(self._buf)
+        self._start = 0  # the first byte not yet parsed
+        self._end = 0  # the end of the bytes received
+
+    def read(self, sock: socket.socket) -> list[Frame] | None:
+        """The frames completed by one receive (maybe none); None at EOF. A non-blocking
+        socket with nothing to read raises :class:`BlockingIOError` as ``recv`` does."""
+        if self._end == len(self._buf):
+            self._make_room()
+        n = sock.recv_into(self._view[self._end :])
+        if not n:
+            return None
+        self._end += n
+        return self._parse()
+
+    @property
+    def full(self) -> bool:
+        """The last read filled the buffer: more may be waiting in the socket."""
+        return self._end == len(self._buf)
+
+    def _parse(self) -> list[Frame]:
+        frames = []
+        buf, start, end = self._buf, self._start, self._end
+        while end - start >= FRAME.size:
+            length, kind, batch, instance = FRAME.unpack_from(buf, start)
+            stop = start + 4 + length
+            if stop > end:
+                break
+            frames.append(
+                Frame(Kind(kind), batch, instance, memoryview(buf[start + FRAME.size : stop]))
+            )
+            start = stop
+        if start == end:
+            start = end = 0
+        self._start, self._end = start, end
+        if not end and len(buf) > self._size:  # a large frame has gone: give its memory back
+            self._resize(self._size)
+        return frames
+
+    def _make_room(self) -> None:
+        """Move a partial frame to the front, growing the buffer when it cannot fit."""
+        need = self._end - self._start
+        if need >= FRAME.size:
+            (length,) = struct.unpack_from("<I", self._buf, self._start)
+            need = max(need, 4 + length)
+        if need >= len(self._buf) or self._start == 0:
+            self._resize(max(need, 2 * len(self._buf)))
+        else:
+            pending = self._end - self._start
+            self._buf[:pending] = self._buf[self._start : self._end]
+            self._start, self._end = 0, pending
+
+    def _resize(self, size: int) -> None:
+        pending = bytes(self._view[self._start : self._end])
+        assert len(pending) <= size
+        self._view.release()
+        self._buf = bytearray(size)
+        self._buf[: len(pending)] = pending
+        self._view = memoryview(self._buf)
+        self._start, self._end = 0, len(pending)
+
+
 def pack_refs(refs: list[TensorRef]) -> bytes:
     out = [_COUNT.pack(len(refs))]
-    for ref in refs:
-        name = ref.name.encode()
-        dtype = ref.dtype.encode()
-        out += [_NAME.pack(len(name)), name, _SMALL.pack(len(dtype)), dtype]
-        out += [_SMALL.pack(len(ref.shape)), *(_DIM.pack(d) for d in ref.shape)]
-        out.append(_PLACE.pack(ref.inline, ref.offset, ref.nbytes))
+    for name, dtype, shape, inline, offset, nbytes in refs:
+        name_b = name.encode()
+        dtype_b = dtype.encode()
+        layout = _ref_struct(len(name_b), len(dtype_b), len(shape))
+        out.append(layout.pack(len(name_b), len(dtype_b), len(shape), name_b, dtype_b, *shape,
+                               inline, offset, nbytes))  # fmt: skip
     return b"".join(out)
 
 
@@ -103,20 +189,55 @@ def unpack_refs(body: memoryview, pos: int = 0) -> tuple[list[TensorRef], int]:
     pos += _COUNT.size
     refs = []
     for _ in range(count):
-        (n,) = _NAME.unpack_from(body, pos)
-        name = bytes(body[pos + 2 : pos + 2 + n]).decode()
-        pos += 2 + n
-        (n,) = _SMALL.unpack_from(body, pos)
-        dtype = bytes(body[pos + 1 : pos + 1 + n]).decode()
-        pos += 1 + n
-        (ndim,) = _SMALL.unpack_from(body, pos)
-        pos += 1
-        shape = tuple(_DIM.unpack_from(body, pos + 8 * i)[0] for i in range(ndim))
-        pos += 8 * ndim
-        inline, offset, nbytes = _PLACE.unpack_from(body, pos)
-        pos += _PLACE.size
-        refs.append(TensorRef(name, dtype, shape, bool(inline), offset, nbytes))
+        n_name, n_dtype, ndim = _HEAD.unpack_from(body, pos)
+        layout = _ref_struct(n_name, n_dtype, ndim)
+        fields = layout.unpack_from(body, pos)
+        pos += layout.size
+        inline, offset, nbytes = fields[-3:]
+        refs.append(TensorRef(_text(fields[3]), _text(fields[4]), fields[5:-3], bool(inline),
+                              offset, nbytes))  # fmt: skip
     return refs, pos
+
+
+_STRUCTS: dict[tuple[int, int, int], struct.Struct] = {}
+_TEXTS: dict[bytes, str] = {}
+_DTYPES: dict[str, np.dtype[Any]] = {}
+_CACHE_MAX = 4096  # distinct names/layouts are few (a model's tensors); bound them anyway
+
+
+def _ref_struct(n_name: int, n_dtype: int, ndim: int) -> struct.Struct:
+    key = (n_name, n_dtype, ndim)
+    layout = _STRUCTS.get(key)
+    if layout is None:
+        if len(_STRUCTS) >= _CACHE_MAX:
+            _STRUCTS.clear()
+        layout = _STRUCTS[key] = struct.Struct(f"<HBB{n_name}s{n_dtype}s{ndim}qBQQ")
+    return layout
+
+
+def _text(raw: bytes) -> str:
+    """Decoded names, kept: the same few names come in every batch."""
+    text = _TEXTS.get(raw)
+    if text is None:
+        if len(_TEXTS) >= _CACHE_MAX:
+            _TEXTS.clear()
+        text = _TEXTS[raw] = raw.decode()
+    return text
+
+
+def dtype_code(dtype: np.dtype[Any]) -> str:
+    """What the descriptor says of ``dtype``: numpy's ``str`` ("<f4"), or the name of an
+    extension type whose ``str`` is only its size ("<V2" for ml_dtypes' bfloat16)."""
+    return dtype.name if dtype.kind == "V" else dtype.str
+
+
+def _dtype(name: str) -> np.dtype[Any]:
+    dtype = _DTYPES.get(name)
+    if dtype is None:
+        if len(_DTYPES) >= _CACHE_MAX:
+            _DTYPES.clear()
+        dtype = _DTYPES[name] = np.dtype(name)
+    return dtype
 
 
 def pack_timing(ns: int) -> bytes:
@@ -128,9 +249,10 @@ def unpack_timing(body: memoryview) -> tuple[int, int]:
 
 
 def place_arrays(
-    arrays: Arrays, view: memoryview | None, base: int, capacity: int
+    arrays: Arrays, view: memoryview | None, base: int, capacity: int, inline_max: int = 0
 ) -> tuple[list[TensorRef], list[bytes | memoryview]]:
-    """Write ``arrays`` into ``view[base:base + capacity]`` when they all fit, else inline.
+    """Write ``arrays`` into ``view[base:base + capacity]`` when they all fit, else inline;
+    inline also when they come to at most ``inline_max`` bytes (:data:`INLINE_MAX`).
 
     Returns the descriptors and the tail (the inline bytes, in order).
     """
@@ -142,11 +264,11 @@ def place_arrays(
             encoded.append((name, BYTES, array.shape, raw))
             total += _aligned(len(raw))
         else:
-            encoded.append((name, array.dtype.str, array.shape, array))
+            encoded.append((name, dtype_code(array.dtype), array.shape, array))
             total += _aligned(array.nbytes)
     refs: list[TensorRef] = []
     tail: list[bytes | memoryview] = []
-    in_arena = view is not None and total <= capacity
+    in_arena = view is not None and total <= capacity and (not inline_max or total > inline_max)
     pos = 0
     for name, dtype, shape, data in encoded:
         nbytes = len(data) if isinstance(data, bytes) else data.nbytes
@@ -160,7 +282,7 @@ def place_arrays(
             refs.append(TensorRef(name, dtype, tuple(shape), False, at, nbytes))
             pos += _aligned(nbytes)
         else:
-            raw = data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes()
+            raw = data if isinstance(data, bytes) else data.tobytes()  # C order, any strides
             refs.append(TensorRef(name, dtype, tuple(shape), True, pos, nbytes))
             tail.append(raw)
             pos += nbytes
@@ -176,7 +298,7 @@ def read_arrays(refs: list[TensorRef], view: memoryview, tail: memoryview, copy:
             raw = source[ref.offset : ref.offset + ref.nbytes]
             out[ref.name] = deserialize_bytes_tensor(raw, ref.name).reshape(ref.shape)
             continue
-        dtype = np.dtype(ref.dtype)
+        dtype = _dtype(ref.dtype)
         count = ref.nbytes // dtype.itemsize if dtype.itemsize else 0
         array = np.frombuffer(source, dtype, count, ref.offset).reshape(ref.shape)
         out[ref.name] = array.copy() if copy and not ref.inline else array

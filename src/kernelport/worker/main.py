@@ -8,6 +8,7 @@ stuck instance cannot keep it alive after a server crash.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import json
@@ -32,14 +33,14 @@ from kernelport.core.execution import HOOKS
 from kernelport.core.model_config import ModelConfig
 from kernelport.core.reshape import ReshapedInstance, framework_config, has_reshape
 from kernelport.core.wire import (
-    FRAME,
+    INLINE_MAX,
     Frame,
+    FrameReader,
     Kind,
-    frame,
+    frame_bytes,
     json_body,
     pack_refs,
     pack_timing,
-    parse_frames,
     place_arrays,
     read_arrays,
     unpack_refs,
@@ -71,11 +72,11 @@ def main(argv: list[str]) -> int:
     except BaseException as exc:  # the server reports it as the model's load failure
         code = exc.code if isinstance(exc, ServerError) else ErrorCode.INVALID_ARGUMENT
         message = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
-        channel.send(frame(Kind.LOAD_FAILED, 0, 0, json_body({"code": code.value,
+        channel.send(frame_bytes(Kind.LOAD_FAILED, 0, 0, json_body({"code": code.value,
                                                               "message": message})))  # fmt: skip
         return 1
     hooks = [[h for h in HOOKS if callable(getattr(i, h, None))] for i in instances]
-    channel.send(frame(Kind.READY, 0, 0, json_body({"hooks": hooks, "pid": os.getpid()})))
+    channel.send(frame_bytes(Kind.READY, 0, 0, json_body({"hooks": hooks, "pid": os.getpid()})))
     link = Link(channel, view, input_bytes, slot_bytes)
     runners = [Runner(config, instance, index) for index, instance in enumerate(instances)]
     # One instance: its batches run on this thread (the server sends it one batch at a
@@ -154,22 +155,19 @@ class Channel:
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(True)
         self._sock = sock
-        self._inbox = bytearray()
-        self._frames: list[Frame] = []
+        self._reader = FrameReader()
+        self._frames: collections.deque[Frame] = collections.deque()
         self._lock = threading.Lock()
 
     def next(self) -> Frame | None:
         while not self._frames:
-            chunk = self._sock.recv(1 << 20)
-            if not chunk:
+            frames = self._reader.read(self._sock)
+            if frames is None:
                 return None
-            self._inbox += chunk
-            if len(self._inbox) >= FRAME.size:
-                self._frames.extend(parse_frames(self._inbox))
-        return self._frames.pop(0)
+            self._frames.extend(frames)
+        return self._frames.popleft()
 
-    def send(self, parts: list[bytes]) -> None:
-        data = b"".join(parts)
+    def send(self, data: bytes) -> None:
         # OSError: the server is gone; the main thread sees EOF and exits
         with self._lock, contextlib.suppress(OSError):
             self._sock.sendall(data)
@@ -208,18 +206,18 @@ class Runner:
     def handle(self, link: Link, job: Frame) -> None:
         """Run one batch and send its reply; the model's errors become the reply."""
         try:
-            parts = self._run(link, job)
+            reply = self._run(link, job)
         except ServerError as exc:
-            parts = self._error(job, exc.code, exc.message)
+            reply = self._error(job, exc.code, exc.message)
         except Exception as exc:
             message = f"model '{self.config.name}' failed: {type(exc).__name__}: {exc}"
-            parts = self._error(job, ErrorCode.INTERNAL, message)
+            reply = self._error(job, ErrorCode.INTERNAL, message)
         except BaseException as exc:  # e.g. SystemExit in user code: the worker lives on
             message = f"model '{self.config.name}' failed: {type(exc).__name__}"
-            parts = self._error(job, ErrorCode.INTERNAL, message)
-        link.channel.send(parts)
+            reply = self._error(job, ErrorCode.INTERNAL, message)
+        link.channel.send(reply)
 
-    def _run(self, link: Link, job: Frame) -> list[bytes]:
+    def _run(self, link: Link, job: Frame) -> bytes:
         refs, pos = unpack_refs(job.body)
         inputs = read_arrays(refs, link.view, job.body[pos:], copy=False)
         t0 = time.perf_counter_ns()
@@ -227,13 +225,13 @@ class Runner:
         infer_ns = time.perf_counter_ns() - t0
         out = {name: _array(value) for name, value in outputs.items()}
         out_base = link.input_bytes + self.index * link.slot_bytes
-        placed, tail = place_arrays(out, link.view, out_base, link.slot_bytes)
-        return frame(Kind.RESULT, job.batch, self.index, pack_timing(infer_ns),
-                     pack_refs(placed), *tail)  # fmt: skip
+        placed, tail = place_arrays(out, link.view, out_base, link.slot_bytes, INLINE_MAX)
+        return frame_bytes(Kind.RESULT, job.batch, self.index, pack_timing(infer_ns),
+                           pack_refs(placed), *tail)  # fmt: skip
 
-    def _error(self, job: Frame, code: ErrorCode, message: str) -> list[bytes]:
+    def _error(self, job: Frame, code: ErrorCode, message: str) -> bytes:
         body = json_body({"code": code.value, "message": message})
-        return frame(Kind.ERROR, job.batch, self.index, body)
+        return frame_bytes(Kind.ERROR, job.batch, self.index, body)
 
 
 def _array(value: Any) -> Any:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from kernelport.core.execution import HOOKS
 from kernelport.core.model_config import ModelConfig
-from kernelport.core.wire import Kind, frame, json_body
+from kernelport.core.wire import Kind, frame_bytes, json_body
 from kernelport.errors import ErrorCode, ServerError
 from kernelport.worker.main import (
     Channel,
@@ -112,12 +112,12 @@ class _Shared:
                 exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
             )
             body = json_body({"code": code.value, "message": message})
-            channel.send(frame(Kind.LOAD_FAILED, 0, 0, body))
+            channel.send(frame_bytes(Kind.LOAD_FAILED, 0, 0, body))
             return None
         arena = mmap.mmap(arena_fd, input_bytes + slot_bytes * len(devices))
         link = Link(channel, memoryview(arena), input_bytes, slot_bytes)
         body = json_body({"hooks": self._hooks, "pid": os.getpid()})
-        channel.send(frame(Kind.READY, 0, 0, body))
+        channel.send(frame_bytes(Kind.READY, 0, 0, body))
         return link
 
     def _load(self, config: ModelConfig, path: Path, devices: list[str]) -> None:
