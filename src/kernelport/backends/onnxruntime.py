@@ -79,7 +79,8 @@ class OnnxRuntimeBackend:
             for warning in parameter_warnings(config.parameters, context.device):
                 log.warning("model '%s': %s", config.name, warning)
         source: str | bytes
-        kept = context.host.get("onnx") if context.host is not None else None
+        named = context.version_path / (config.default_model_filename or "model.onnx")
+        kept = context.host.get("onnx", named) if context.host is not None else None
         data = kept.data if isinstance(kept, HostBytes) else None
         if data is not None:
             source = data
@@ -89,7 +90,7 @@ class OnnxRuntimeBackend:
             if context.host is not None and _self_contained(path):
                 # on_demand: the next load builds its session from these bytes, not the disk
                 kept = HostBytes(path.read_bytes())
-                context.host.put("onnx", kept)
+                context.host.put("onnx", kept, path)
                 source = kept.data or source
         session = ort.InferenceSession(
             source,

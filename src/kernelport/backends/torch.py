@@ -386,7 +386,8 @@ class TorchBackend:
         outputs = [_io(t) for t in config.outputs]
         started = time.perf_counter()
         key = ("torch", context.instance_index)
-        kept = context.host.get(key) if context.host is not None else None
+        named = _named_file(context.version_path, config.default_model_filename)
+        kept = context.host.get(key, named) if context.host is not None else None
         model: Model | None = kept.restore(device) if isinstance(kept, HostModule) else None
         if isinstance(kept, HostModule) and model is not None:
             fmt, source = kept.format, "host memory"  # checked when it was first loaded
@@ -400,7 +401,7 @@ class TorchBackend:
             # an AOTInductor package holds its weights in its own runtime: read again
             if context.host is not None and isinstance(loaded, torch.nn.Module):
                 kept = HostModule(loaded, device, fmt)
-                context.host.put(key, kept)
+                context.host.put(key, kept, path)
         if params.compile:
             model = torch.compile(model, mode=params.compile_mode)
         options = RunnerOptions(
@@ -428,6 +429,16 @@ class TorchBackend:
         instance = TorchInstance(runner, params.cache_cleaning and device.type == "cuda", device)
         instance.kept = kept if isinstance(kept, HostModule) else None
         return instance
+
+
+def _named_file(version_path: Path, filename: str) -> Path:
+    """The model file a host-kept copy came from, without opening it (it may be gone)."""
+    if filename:
+        return version_path / filename
+    for name in DEFAULT_FILENAMES:
+        if (version_path / name).exists():
+            return version_path / name
+    return version_path / DEFAULT_FILENAMES[0]
 
 
 def _buckets(config: ModelConfig) -> tuple[int, ...]:

@@ -6,12 +6,19 @@ memory, an ONNX model's bytes) and puts it here while it loads an instance; the 
 of the same version gets it back. The memory budget (``core/memory.py``) charges the copies
 to the host budget and drops them, least recently used first, when the host needs the room;
 a dropped copy means the next load reads the disk again.
+
+A copy remembers its file's size and modification time: when the file has been replaced
+since (it differs), the copy is stale and the next load reads the new file, as it did before
+copies were kept; a file that is gone or unreadable leaves the copy in use (stat only, the
+file is not opened).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Hashable
+from pathlib import Path
 from typing import Protocol
 
 
@@ -24,6 +31,14 @@ class HostKept(Protocol):
     def drop(self) -> None:
         """Release the host memory (a resident instance using it keeps what it needs)."""
         ...
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 class HostCopies:
@@ -39,6 +54,7 @@ class HostCopies:
         self.name = name
         self.device = "cpu"  # charged to the host budget, whatever device the model uses
         self._items: dict[Hashable, HostKept] = {}
+        self._stamps: dict[Hashable, tuple[int, int] | None] = {}
         self._lock = threading.Lock()
         self.drops = 0
 
@@ -47,13 +63,20 @@ class HostCopies:
         with self._lock:
             return sum(item.nbytes for item in self._items.values())
 
-    def get(self, key: Hashable) -> HostKept | None:
+    def get(self, key: Hashable, source: Path) -> HostKept | None:
+        """The copy kept under ``key``, unless ``source`` (the file it was read from) has
+        been replaced since."""
+        now = _stamp(source)
         with self._lock:
+            if now is not None and now != self._stamps.get(key):
+                return None
             return self._items.get(key)
 
-    def put(self, key: Hashable, item: HostKept) -> None:
+    def put(self, key: Hashable, item: HostKept, source: Path) -> None:
+        stamp = _stamp(source)
         with self._lock:
             old, self._items[key] = self._items.get(key), item
+            self._stamps[key] = stamp
         if old is not None and old is not item:
             old.drop()
 
@@ -65,6 +88,7 @@ class HostCopies:
         """Forget every copy: the next load reads the model's files."""
         with self._lock:
             items, self._items = list(self._items.values()), {}
+            self._stamps.clear()
         for item in items:
             item.drop()
         if items:

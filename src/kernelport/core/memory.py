@@ -417,7 +417,7 @@ class MemoryBudget:
         if not size:
             return
         limit = self.limit("cpu")
-        for other in list(self._order.values()):
+        for other in list(self._order.values()) if limit is None or size <= limit else []:
             if limit is None or self.used("cpu") + size <= limit:
                 break
             if isinstance(other, HostCopies):
