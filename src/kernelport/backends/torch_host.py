@@ -55,9 +55,15 @@ class HostModule:
             if self._module is None:
                 return None
             if self._host is not None and device.type == "cuda":
+                # Allocated on the current stream (the caching allocator pools blocks per
+                # stream: allocating on a side stream would strand them there after the next
+                # eviction); only the copies run on the side stream.
+                moved = [torch.empty_like(h, device=device) for h in self._host]
                 stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+                stream.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(stream):
-                    moved = [h.to(device, non_blocking=True) for h in self._host]
+                    for target, kept in zip(moved, self._host, strict=True):
+                        target.copy_(kept, non_blocking=True)
                 stream.synchronize()
                 for tensor, on_device in zip(self._tensors, moved, strict=True):
                     tensor.data = on_device
