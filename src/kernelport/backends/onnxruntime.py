@@ -75,12 +75,25 @@ class OnnxRuntimeBackend:
 
     def load(self, context: LoadContext) -> OnnxRuntimeInstance:
         config = context.config
-        path = _model_file(context.version_path, config.default_model_filename)
         if context.instance_index == 0:  # once per model load, not per instance
             for warning in parameter_warnings(config.parameters, context.device):
                 log.warning("model '%s': %s", config.name, warning)
+        source: str | bytes
+        named = context.version_path / (config.default_model_filename or "model.onnx")
+        kept = context.host.get("onnx", named) if context.host is not None else None
+        data = kept.data if isinstance(kept, HostBytes) else None
+        if data is not None:
+            source = data
+        else:
+            path = _model_file(context.version_path, config.default_model_filename)
+            source = str(path)
+            if context.host is not None and _self_contained(path):
+                # on_demand: the next load builds its session from these bytes, not the disk
+                kept = HostBytes(path.read_bytes())
+                context.host.put("onnx", kept, path)
+                source = kept.data or source
         session = ort.InferenceSession(
-            str(path),
+            source,
             sess_options=session_options(config.parameters),
             providers=providers(context.device, config.parameters),
         )
@@ -90,6 +103,23 @@ class OnnxRuntimeBackend:
         instance = OnnxRuntimeInstance(session, names)
         instance.run_options = run_options(config.parameters)
         return instance
+
+
+def _self_contained(path: Path) -> bool:
+    """Whether the model file is all there is: a session built from bytes cannot find
+    external data files (those models are read from disk on every load)."""
+    return all(p == path for p in path.parent.rglob("*") if p.is_file())
+
+
+class HostBytes:
+    """An ONNX model file's bytes, kept in host memory for an on_demand model's next load."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data: bytes | None = data
+        self.nbytes = len(data)
+
+    def drop(self) -> None:
+        self.data, self.nbytes = None, 0
 
 
 class OnnxRuntimeInstance:

@@ -45,6 +45,7 @@ from kernelport.backends.gpu import (
     resolve_device,
 )
 from kernelport.backends.torch_archive import FORMATS, Format, check_pickles, detect_format
+from kernelport.backends.torch_host import HostModule
 from kernelport.core.backend import Arrays, LoadContext
 from kernelport.core.model_config import ModelConfig, TensorConfig
 from kernelport.errors import ErrorCode, ServerError, invalid
@@ -383,11 +384,24 @@ class TorchBackend:
             raise invalid(f"torch model '{config.name}' needs inputs and outputs in its config")
         inputs = [_io(t) for t in config.inputs]
         outputs = [_io(t) for t in config.outputs]
-        path = model_file(context.version_path, config.default_model_filename)
-        fmt = detect_format(path, params.format)
-        params.check(fmt, device)
         started = time.perf_counter()
-        model = _load_model(path, fmt, device, params)
+        key = ("torch", context.instance_index)
+        named = _named_file(context.version_path, config.default_model_filename)
+        kept = context.host.get(key, named) if context.host is not None else None
+        model: Model | None = kept.restore(device) if isinstance(kept, HostModule) else None
+        if isinstance(kept, HostModule) and model is not None:
+            fmt, source = kept.format, "host memory"  # checked when it was first loaded
+        else:
+            path = model_file(context.version_path, config.default_model_filename)
+            fmt, source = detect_format(path, params.format), path.name
+            params.check(fmt, device)
+            model = loaded = _load_model(path, fmt, device, params)
+            kept = None
+            # on_demand: keep the module (its weights pinned, on CUDA) for the next load;
+            # an AOTInductor package holds its weights in its own runtime: read again
+            if context.host is not None and isinstance(loaded, torch.nn.Module):
+                kept = HostModule(loaded, device, fmt)
+                context.host.put(key, kept, path)
         if params.compile:
             model = torch.compile(model, mode=params.compile_mode)
         options = RunnerOptions(
@@ -399,6 +413,7 @@ class TorchBackend:
             cuda_graphs=params.cuda_graphs,
             inference_mode=params.inference_mode,
         )
+        assert model is not None
         runner = DeviceRunner(model, inputs, outputs, options)
         try:
             warmed = runner.warmup() if params.warmup else []
@@ -406,12 +421,24 @@ class TorchBackend:
             runner.close()
             raise
         log.info(
-            "model '%s' (%s, %s) on %s: loaded in %.2fs; warmed up at batch sizes %s%s",
-            config.name, _LABELS[fmt], path.name, device, time.perf_counter() - started,
+            "model '%s' (%s, from %s) on %s: loaded in %.2fs; warmed up at batch sizes %s%s",
+            config.name, _LABELS[fmt], source, device, time.perf_counter() - started,
             warmed or "none", f"; CUDA graphs for {runner.graph_buckets}" if params.cuda_graphs
             else "",
         )  # fmt: skip
-        return TorchInstance(runner, params.cache_cleaning and device.type == "cuda", device)
+        instance = TorchInstance(runner, params.cache_cleaning and device.type == "cuda", device)
+        instance.kept = kept if isinstance(kept, HostModule) else None
+        return instance
+
+
+def _named_file(version_path: Path, filename: str) -> Path:
+    """The model file a host-kept copy came from, without opening it (it may be gone)."""
+    if filename:
+        return version_path / filename
+    for name in DEFAULT_FILENAMES:
+        if (version_path / name).exists():
+            return version_path / name
+    return version_path / DEFAULT_FILENAMES[0]
 
 
 def _buckets(config: ModelConfig) -> tuple[int, ...]:
@@ -428,6 +455,8 @@ class TorchInstance:
         self._runner = runner
         self._clean_cache = clean_cache
         self._device = device
+        #: the module kept in host memory for the next load (on_demand models)
+        self.kept: HostModule | None = None
 
     def memory_mark(self) -> int | None:
         """Bytes allocated on the CUDA device now, its peak reset (a self-sizing budget's
@@ -452,3 +481,5 @@ class TorchInstance:
 
     def unload(self) -> None:
         self._runner.close()
+        if self.kept is not None:
+            self.kept.park()

@@ -46,6 +46,10 @@ class LoadContext:
     #: a meta model's handle on the models it may call (``core.meta.Models``); None when the
     #: model declares no calls and its backend does not call models
     models: Any = None
+    #: an ``on_demand`` version's host-kept copies (``core.host_copies.HostCopies``): a
+    #: backend may put what reloading needs there and get it back on the next load instead
+    #: of reading the files; None where nothing is kept (resident models, worker processes)
+    host: Any = None
 
 
 class ModelInstance(Protocol):

@@ -253,19 +253,21 @@ async def load_in_process(
     path: Path,
     models: Any = None,
     make: Callable[[ModelInstance, str], list[Worker]] | None = None,
+    host: Any = None,
 ) -> WorkerPool:
     """Load every instance of a model version here, each on a thread of its own.
 
     ``models``: the handle Python models call other models with (``core/meta.py``);
     ``make``: the workers for one instance (async and batch-of-requests instances need
-    their own kinds); one plain ``Worker`` each by default."""
+    their own kinds); one plain ``Worker`` each by default; ``host``: the version's
+    host-kept copies (``core/host_copies.py``), on_demand models only."""
     reshaped = has_reshape(config)
     seen_by_backend = framework_config(config) if reshaped else config
     workers: list[Worker] = []
     places = [g.device for g in config.instance_group for _ in range(g.count)]
     try:
         for index, place in enumerate(places):
-            context = LoadContext(seen_by_backend, path, place, index, models)
+            context = LoadContext(seen_by_backend, path, place, index, models, host)
             instance: ModelInstance = await asyncio.to_thread(backend.load, context)
             if reshaped:
                 instance = ReshapedInstance(instance, config)

@@ -21,6 +21,7 @@ from kernelport.core.backend import Backend
 from kernelport.core.batcher import ModelQueue
 from kernelport.core.ensemble import ENSEMBLE, Ensemble
 from kernelport.core.execution import WorkerPool, load_in_process
+from kernelport.core.host_copies import HostCopies
 from kernelport.core.memory import Compaction, MemoryBudget, OnDemandPool, footprint
 from kernelport.core.memory_probe import VersionMemory
 from kernelport.core.meta import Models, StreamCall, make_workers
@@ -482,6 +483,9 @@ class ModelManager:
             )
 
         held = VersionMemory(self._budget, config, path)
+        # on_demand weights stay in host memory between evictions (in this process only)
+        keep = config.residency == "on_demand" and plan.mode != "worker"
+        host = HostCopies(config.name) if keep else None
         await held.pin()  # a pinned version's bytes are held before its weights load
 
         async def build() -> WorkerPool:
@@ -493,7 +497,7 @@ class ModelManager:
             else:
                 built = await load_in_process(
                     backend, config, version, path, self._models_handle(config),
-                    lambda instance, name: make_workers(instance, name, config),
+                    lambda instance, name: make_workers(instance, name, config), host,
                 )  # fmt: skip
             await held.built(built)
             return built
@@ -503,7 +507,7 @@ class ModelManager:
             if config.residency in ("resident", "pinned"):
                 pool = await build()
             else:
-                pool = await self._on_demand(config, path, build)
+                pool = await self._on_demand(config, path, build, host)
         except BaseException:
             held.release()
             raise
@@ -535,7 +539,11 @@ class ModelManager:
         return loaded
 
     async def _on_demand(
-        self, config: ModelConfig, path: Path, build: Callable[[], Awaitable[WorkerPool]]
+        self,
+        config: ModelConfig,
+        path: Path,
+        build: Callable[[], Awaitable[WorkerPool]],
+        host: HostCopies | None = None,
     ) -> OnDemandPool:
         """A version loaded on first use (lazy) or now (on_demand), evictable either way."""
         count = sum(g.count for g in config.instance_group)
@@ -551,7 +559,7 @@ class ModelManager:
             return inner
 
         device = config.instance_group[0].device
-        pool = OnDemandPool(config.name, device, size, load, self._budget)
+        pool = OnDemandPool(config.name, device, size, load, self._budget, host)
         if config.residency == "on_demand":
             try:
                 await pool.ensure()  # a broken model fails its load, not its first request

@@ -26,6 +26,13 @@ and the bytes of the resident (uncharged) models on the device. ``compact`` evic
 idle evictable model and loads them again, least recently used first, so the allocator can
 coalesce what they held (ONNX Runtime's arenas are released with their sessions; on the CPU
 the C heap's free pages then go back to the system, ``malloc_trim``).
+
+An ``on_demand`` version's host-kept copies (``core/host_copies.py``) are charged to the
+host budget: a CUDA model's from its first load on (they are host memory besides its device
+charge); a CPU model's only while it is evicted (while loaded its instances use that very
+memory, inside its charge). Loads on the host drop the least recently used copies for
+room like evicting models; a CPU model evicted for room loses its copy with it (that is
+the memory being freed), one evicted otherwise (``compact``) keeps it.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kernelport.core.execution import BatchRunner, Hooks, WorkerPool
+from kernelport.core.host_copies import HostCopies
 from kernelport.errors import ErrorCode, ServerError
 
 log = logging.getLogger("kernelport.models")
@@ -88,11 +96,19 @@ class OnDemandPool(WorkerPool):
     """
 
     def __init__(
-        self, name: str, device: str, size: int, loader: Loader, budget: MemoryBudget
+        self,
+        name: str,
+        device: str,
+        size: int,
+        loader: Loader,
+        budget: MemoryBudget,
+        host: HostCopies | None = None,
     ) -> None:
         super().__init__([], inline=False)
         self.name, self.device, self.size = name, device, size
         self._loader, self._budget = loader, budget
+        #: what the backend keeps in host memory for the next load (on_demand, in process)
+        self.host = host
         self._inner: WorkerPool | None = None
         self._loading: asyncio.Task[WorkerPool] | None = None
         #: whether the version has requests (set by the manager): busy models stay resident
@@ -124,7 +140,14 @@ class OnDemandPool(WorkerPool):
                 self._loading = None  # a failed load is retried by the next request
         return time.perf_counter_ns() - started
 
+    @property
+    def host_bytes(self) -> int:
+        """The bytes kept in host memory for a load without the disk (0: none)."""
+        return self.host.size if self.host is not None else 0
+
     async def _load(self) -> WorkerPool:
+        if self.host is not None and self.device == "cpu":
+            self._budget.forget(self.host)  # loaded, the copy is inside the model's charge
         await self._budget.make_room(self)
         started = time.perf_counter()
         try:
@@ -153,6 +176,8 @@ class OnDemandPool(WorkerPool):
         self.loads += 1
         self.load_seconds = time.perf_counter() - started
         log.info("model '%s' loaded on demand in %.2fs", self.name, self.load_seconds)
+        if self.host is not None and self.device != "cpu":
+            self._budget.hold_copy(self.host)
         self.on_available()
         self._budget.changed()
         return inner
@@ -191,6 +216,9 @@ class OnDemandPool(WorkerPool):
         if self._loading is not None:
             self._loading.cancel()
         self._budget.forget(self)
+        if self.host is not None:
+            self._budget.forget(self.host)
+            self.host.drop()
         inner, self._inner = self._inner, None
         self.workers = []
         if inner is not None:
@@ -238,7 +266,8 @@ class MemoryBudget:
     def __init__(self, budgets: Mapping[str, int], auto: Mapping[str, int] | None = None) -> None:
         self._budgets = {device: b for device, b in budgets.items() if b > 0}
         self._auto = dict(auto or {})
-        self._order: OrderedDict[int, OnDemandPool | PinnedCharge] = OrderedDict()  # LRU first
+        # LRU first
+        self._order: OrderedDict[int, OnDemandPool | PinnedCharge | HostCopies] = OrderedDict()
         self._outside: dict[object, _Outside] = {}
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
@@ -296,8 +325,7 @@ class MemoryBudget:
                     p for p in self.pools() if p.device == device and p.resident and not p.busy()
                 ]
                 for pool in moved:
-                    self.forget(pool)
-                    await asyncio.to_thread(pool.evict)
+                    await self.evict(pool, for_room=False)
             if device == "cpu" and moved:
                 await asyncio.to_thread(_trim_heap)
             failed = []
@@ -323,10 +351,11 @@ class MemoryBudget:
         return reports
 
     def touch(self, pool: OnDemandPool) -> None:
-        if id(pool) in self._order:
-            self._order.move_to_end(id(pool))
+        for entry in (pool, pool.host):
+            if entry is not None and id(entry) in self._order:
+                self._order.move_to_end(id(entry))
 
-    def forget(self, pool: OnDemandPool | PinnedCharge) -> None:
+    def forget(self, pool: OnDemandPool | PinnedCharge | HostCopies) -> None:
         if self._order.pop(id(pool), None) is not None:
             self.changed()
 
@@ -367,13 +396,55 @@ class MemoryBudget:
                     "or loading",
                 ) from None
 
+    async def evict(self, pool: OnDemandPool, for_room: bool) -> None:
+        """Evict ``pool`` (idle). Its host copy stays (charged to the host budget) unless it
+        is a CPU model evicted to make room: then the copy is the memory wanted."""
+        self.forget(pool)
+        await asyncio.to_thread(pool.evict)
+        if pool.host is None or pool.device != "cpu":
+            return
+        if for_room:
+            self._drop_copy(pool.host)
+        else:
+            self.hold_copy(pool.host)
+
+    def hold_copy(self, copies: HostCopies) -> None:
+        """Charge ``copies`` to the host budget, dropping the least recently used other
+        copies for room (never a loaded model: a copy is a cache); drop it if it does not
+        fit."""
+        self.forget(copies)
+        size = copies.size
+        if not size:
+            return
+        limit = self.limit("cpu")
+        for other in list(self._order.values()) if limit is None or size <= limit else []:
+            if limit is None or self.used("cpu") + size <= limit:
+                break
+            if isinstance(other, HostCopies):
+                self._drop_copy(other)
+        if limit is not None and self.used("cpu") + size > limit:
+            log.info("model '%s': its host copy (%d bytes) does not fit", copies.name, size)
+            copies.drop()
+            return
+        self._order[id(copies)] = copies
+
+    def _drop_copy(self, copies: HostCopies) -> None:
+        self.forget(copies)
+        size = copies.size
+        copies.drop()
+        if size:
+            log.info("model '%s': host copy dropped (%d bytes)", copies.name, size)
+
     async def _evict_for(self, pool: OnDemandPool | PinnedCharge, limit: int) -> bool:
         for other in list(self._order.values()):
             if self.used(pool.device) + pool.size <= limit:
                 break
+            if isinstance(other, HostCopies):
+                if pool.device == "cpu":
+                    self._drop_copy(other)
+                continue
             if not isinstance(other, OnDemandPool):
                 continue  # pinned: held for the model's life
             if other.device == pool.device and other.resident and not other.busy():
-                self.forget(other)
-                await asyncio.to_thread(other.evict)
+                await self.evict(other, for_room=True)
         return self.used(pool.device) + pool.size <= limit

@@ -234,13 +234,16 @@ class Residency:
     bytes: int  # what it is charged against its device's budget
     device: str = "cpu"  # the budget it is charged to: "cpu" (host) or "cuda:N"
     last_load_seconds: float = 0.0  # the latest load's time (not part of execution cost)
+    #: bytes kept in host memory so the next load reads no file (on_demand; 0: none)
+    host_bytes: int = 0
 
 
 def describe_residency(r: Residency) -> str:
     """A version's residency in the words the repository index shows."""
     where = "resident" if r.resident else "not resident"
+    kept = f", {r.host_bytes} bytes kept on the host" if r.host_bytes else ""
     return (
-        f"{r.mode}: {where} on {r.device} ({r.bytes} bytes charged), {r.loads} loads, "
+        f"{r.mode}: {where} on {r.device} ({r.bytes} bytes charged{kept}), {r.loads} loads, "
         f"{r.evictions} evictions, last load {r.last_load_seconds:.3f} s"
     )
 

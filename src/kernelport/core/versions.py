@@ -153,4 +153,5 @@ def _residency(config: ModelConfig, pool: WorkerPool, pinned: int) -> Residency 
         pool.size,
         pool.device,
         pool.load_seconds,
+        pool.host_bytes,
     )

@@ -173,6 +173,12 @@ class KernelPortCollector:
             "budget while loaded",
             labels=mv_labels,
         )
+        host_bytes = GaugeMetricFamily(
+            "kernelport_model_host_bytes",
+            "Bytes an on_demand version keeps in host memory so that its next load reads no "
+            "file (charged to the host budget while its device does not hold them)",
+            labels=mv_labels,
+        )
         loads = _counter(
             "kernelport_model_loads_total",
             "Loads of an on_demand or lazy version (first use and after eviction)",
@@ -201,6 +207,7 @@ class KernelPortCollector:
                 r = s.residency
                 resident.add_metric(values, 1 if r.resident else 0)
                 resident_bytes.add_metric(values, r.bytes if r.resident else 0)
+                host_bytes.add_metric(values, r.host_bytes)
                 loads.add_sample(loads.name, labels, r.loads)
                 evictions.add_sample(evictions.name, labels, r.evictions)
             if s.device_memory_bytes is not None:
@@ -217,7 +224,8 @@ class KernelPortCollector:
         )
         in_flight.add_metric([], self._in_flight())
         yield from (latency, queue_time, batch, depth, rejected, load, memory, state, in_flight,
-                   restarts, worker_pid, resident, resident_bytes, loads, evictions)  # fmt: skip
+                   restarts, worker_pid, resident, resident_bytes, host_bytes, loads,
+                   evictions)  # fmt: skip
 
 
 def _buckets(h: HistogramSnapshot) -> tuple[list[tuple[str, float]], float]:

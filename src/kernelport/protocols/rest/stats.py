@@ -63,6 +63,7 @@ def _residency(r: Residency) -> dict[str, Any]:
         "resident": r.resident,
         "device": r.device,
         "bytes": r.bytes,
+        "host_bytes": r.host_bytes,
         "loads": r.loads,
         "evictions": r.evictions,
         "last_load_ns": int(r.last_load_seconds * 1e9),
