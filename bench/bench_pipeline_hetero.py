@@ -9,7 +9,7 @@ times are measured where it runs: `kernelport profile` once on core 0 and once i
 capped cgroup; each kind's stage overhead (a one-stage pipeline that only copies, driven from
 here) likewise. Needs root and a quiet two-core machine.
 
-    PYTHONPATH=src .venv/bin/python bench/bench_pipeline_hetero.py
+    PYTHONPATH=src [TRANSPORT=tasks] .venv/bin/python bench/bench_pipeline_hetero.py
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from kernelport.pipeline.runtime import Pipeline, keep_fastest, rows_per_second,
 
 CGROUP = Path("/sys/fs/cgroup/cpu/kernelport-bench-slow")
 WIDTH, BLOCKS, BATCH, MICRO = 768, 8, 256, 16
+ROUNDS = 3  # trials of the served plan against the fast host alone
 
 
 def export(directory: Path) -> None:
@@ -64,8 +66,12 @@ def cap(pids: Sequence[int]) -> None:
         (CGROUP / "cgroup.procs").write_text(str(pid))
 
 
+TRANSPORT = os.environ.get("TRANSPORT", "compiled")  # compiled | tasks
+
+
 def build(blocks: Path, plan: Plan) -> Pipeline:
-    pipeline = Pipeline(blocks, plan, micro_batch=MICRO, cores={"fast": [0], "slow": [1]})
+    cores = {"fast": [0], "slow": [1]}
+    pipeline = Pipeline(blocks, plan, micro_batch=MICRO, cores=cores, transport=TRANSPORT)
     for stage, pid in zip(plan.stages, pipeline.pids, strict=True):
         if stage.device == "slow":
             cap([pid])
@@ -76,6 +82,27 @@ def measure(blocks: Path, plan: Plan) -> tuple[float, list[float]]:
     pipeline = build(blocks, plan)
     rate = rows_per_second(pipeline, torch.randn(BATCH, WIDTH), 4.0)
     return rate, pipeline.close()
+
+
+def idle_cpu(blocks: Path, plan: Plan) -> list[float]:
+    """CPU seconds per second each stage's process uses while no batch is in flight (Ray
+    Compiled Graph readers wait by spinning, which a CPU quota pays for)."""
+    pipeline = build(blocks, plan)
+    pipeline.run(torch.randn(BATCH, WIDTH))
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def used() -> list[float]:
+        out = []
+        for pid in pipeline.pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out.append((int(fields[11]) + int(fields[12])) / ticks)  # utime + stime
+        return out
+
+    before, start = used(), time.perf_counter()
+    time.sleep(2.0)  # idle on purpose: what the stages burn while nothing arrives
+    after, elapsed = used(), time.perf_counter() - start
+    pipeline.close()
+    return [(a - b) / elapsed for a, b in zip(after, before, strict=True)]
 
 
 def served(blocks: Path, plan: Plan, alone: Plan | None) -> str:
@@ -107,10 +134,12 @@ def main() -> None:
                      log_to_driver=False, _temp_dir=tmp + "/ray")  # fmt: skip
             example = torch.randn(MICRO, WIDTH)
             overhead = {
-                "fast": stage_overhead(example, cores=[0], seconds=3.0),
-                "slow": stage_overhead(example, cores=[1], seconds=3.0, on_start=cap),
+                "fast": stage_overhead(example, cores=[0], seconds=3.0, transport=TRANSPORT),
+                "slow": stage_overhead(
+                    example, cores=[1], seconds=3.0, on_start=cap, transport=TRANSPORT
+                ),
             }
-            print("stage overhead ms per micro-batch: "
+            print(f"transport: {TRANSPORT}; stage overhead ms per micro-batch: "
                   + ", ".join(f"{k} {v * 1e3:.3f}" for k, v in overhead.items()))  # fmt: skip
             for title, fast_mem, slow_mem in (
                 ("memory for everything on either host", total, total),
@@ -144,7 +173,14 @@ def main() -> None:
                 chosen = candidates["partitioner"]
                 assert chosen is not None
                 alone = best_single_device(blocks, [fast, slow])
-                print(f"\nserved by the pipeline backend: {served(blocks_dir, chosen, alone)}")
+                for r in range(ROUNDS):
+                    print(f"\nserved by the pipeline backend (round {r + 1}): "
+                          f"{served(blocks_dir, chosen, alone)}")  # fmt: skip
+                if len(chosen.stages) > 1:
+                    cpu = idle_cpu(blocks_dir, chosen)
+                    print("\nidle stages' CPU (s per s): " + ", ".join(
+                        f"{s.device} {c:.2f}" for s, c in zip(chosen.stages, cpu, strict=True)
+                    ))  # fmt: skip
             ray.shutdown()
     finally:
         CGROUP.rmdir()

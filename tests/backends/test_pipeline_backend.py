@@ -118,6 +118,8 @@ def test_load_refuses_bad_settings_in_process(tmp_path: Path) -> None:
         load({"compression": "int4"})
     with pytest.raises(ServerError, match="parameter micro_batch"):
         load({"micro_batch": "many"})
+    with pytest.raises(ServerError, match="parameter transport: expected one of"):
+        load({"transport": "smoke signals"})
     with pytest.raises(ServerError, match="fit on no choice"):  # one device, 3/4 of the weights
         load({})
     (version / "plan.yaml").unlink()

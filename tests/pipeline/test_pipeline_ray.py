@@ -65,11 +65,14 @@ def two_host_plan(blocks_dir: Path) -> tuple[list[Block], object]:
     return measured, partition(measured, hosts)
 
 
-def test_a_two_stage_pipeline_gives_bit_identical_outputs(local_ray: None, tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["compiled", "tasks"])
+def test_a_two_stage_pipeline_gives_bit_identical_outputs(
+    local_ray: None, tmp_path: Path, transport: str
+) -> None:
     blocks_dir = eight_blocks(tmp_path / "blocks")
     _, plan = two_host_plan(blocks_dir)
     assert len(plan.stages) == 2  # type: ignore[attr-defined]
-    pipeline = Pipeline(blocks_dir, plan, micro_batch=4)  # type: ignore[arg-type]
+    pipeline = Pipeline(blocks_dir, plan, micro_batch=4, transport=transport)  # type: ignore[arg-type]
     try:
         batch = torch.randn(37, WIDTH)  # not a multiple of the micro-batch
         out = pipeline.run(batch)
@@ -102,6 +105,8 @@ def test_bad_settings_are_refused(local_ray: None, tmp_path: Path) -> None:
     _, plan = two_host_plan(blocks_dir)
     with pytest.raises(ValueError, match="micro_batch must be at least 1, got 0"):
         Pipeline(blocks_dir, plan, micro_batch=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="transport must be one of"):
+        Pipeline(blocks_dir, plan, micro_batch=1, transport="pigeon")  # type: ignore[arg-type]
 
 
 def test_stage_overhead_is_measured_and_the_cli_records_it(

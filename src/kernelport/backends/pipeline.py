@@ -12,7 +12,8 @@ Parameters: ``micro_batch`` (default 8), ``compression`` (none | fp16 | int8),
 instance local to this process is started), ``profile_kind`` (default cpu), ``trial_seconds``
 (default 1; 0 turns the trial off): when the plan splits the model and one device could hold
 it whole, both are run for that long at load and the faster is kept, so a split the cost
-model got wrong never serves slower than the best device alone.
+model got wrong never serves slower than the best device alone; ``transport`` (compiled |
+tasks, default compiled: see ``Pipeline``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from kernelport.errors import ErrorCode, ServerError, invalid
 from kernelport.pipeline.compress import MODES
 from kernelport.pipeline.partition import PartitionError, Plan, best_single_device, partition
 from kernelport.pipeline.profile import BLOCK_GLOB, load_blocks, profile_blocks, read_plan_file
-from kernelport.pipeline.runtime import Pipeline, chain, keep_fastest
+from kernelport.pipeline.runtime import TRANSPORTS, Pipeline, chain, keep_fastest
 from kernelport.types import datatype_of_dtype
 
 log = logging.getLogger("kernelport.backends.pipeline")
@@ -82,6 +83,9 @@ class PipelineBackend:
         compression = str(params.get("compression", "none"))
         if compression not in MODES:
             raise invalid(f"parameter compression: expected one of {MODES}, got {compression!r}")
+        transport = str(params.get("transport", "compiled"))
+        if transport not in TRANSPORTS:
+            raise invalid(f"parameter transport: expected one of {TRANSPORTS}, got {transport!r}")
         try:
             micro_batch = int(params.get("micro_batch", 8))
             trial_s = float(params.get("trial_seconds", 1.0))
@@ -114,6 +118,7 @@ class PipelineBackend:
                 compression=compression,  # checked against MODES above
                 placement=placement,
                 cores=cores,
+                transport=transport,
             )
 
         if alone is None or trial_s <= 0:

@@ -1,4 +1,5 @@
-"""Run a partitioned model: one Ray actor per stage, activations on Ray Compiled Graph channels.
+"""Run a partitioned model: one Ray actor per stage, activations on Ray Compiled Graph
+channels (or, with ``transport="tasks"``, as the objects of ordinary actor calls).
 
 Each stage actor holds its contiguous range of blocks (``torch.export`` programs, shipped as
 bytes so no host needs the model files) and runs them on whatever arrives. The stages are
@@ -24,6 +25,7 @@ from kernelport.pipeline.partition import Plan
 from kernelport.pipeline.profile import BLOCK_GLOB
 
 MISSING_RAY = "pipeline-parallel models need Ray: pip install 'kernelport[cluster]'"
+TRANSPORTS = ("compiled", "tasks")
 
 
 def _map(value: Any, f: Any) -> Any:
@@ -85,6 +87,12 @@ class Pipeline:
     ``placement`` maps the plan's device names to Ray node ids (default: Ray places the
     actors); ``cores`` pins each device's actor to CPU cores. ``run`` is serialised: one
     batch's micro-batches at a time fill the pipeline.
+
+    ``transport``: ``compiled`` (a Ray Compiled Graph: shared-memory channels on one node,
+    the lowest cost per hand-off, but its readers wait by spinning, a whole core per idle
+    stage) or ``tasks`` (each micro-batch a chain of ordinary actor calls, each stage's
+    output an object passed to the next: more cost per hand-off, and idle stages sleep; for
+    hosts with a CPU quota or other work beside the stage).
     """
 
     def __init__(
@@ -97,6 +105,7 @@ class Pipeline:
         placement: Mapping[str, str] | None = None,
         cores: Mapping[str, Sequence[int]] | None = None,
         max_inflight: int = 16,
+        transport: str = "compiled",
     ) -> None:
         try:
             import ray
@@ -106,6 +115,9 @@ class Pipeline:
             raise RuntimeError(MISSING_RAY) from exc
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be at least 1, got {micro_batch}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        self.transport = transport
         files = sorted(blocks_dir.glob(BLOCK_GLOB))
         self.micro_batch, self.max_inflight = micro_batch, max_inflight
         self._lock = threading.Lock()
@@ -125,14 +137,18 @@ class Pipeline:
             )
         self.nodes = ray.get([a.node.remote() for a in self.actors])  # loaded, or raises
         self.pids = ray.get([a.pid.remote() for a in self.actors])
-        with InputNode() as source:
-            node: Any = source
-            for actor in self.actors:
-                node = actor.run.bind(node)
-        self._graph = node.experimental_compile(_max_inflight_executions=max_inflight)
+        self._graph: Any = None
+        if transport == "compiled":
+            with InputNode() as source:
+                node: Any = source
+                for actor in self.actors:
+                    node = actor.run.bind(node)
+            self._graph = node.experimental_compile(_max_inflight_executions=max_inflight)
 
     def run(self, batch: torch.Tensor) -> Any:
         parts = torch.split(batch, self.micro_batch)
+        if self._graph is None:
+            return self._run_tasks(parts)
         with self._lock:
             results: list[Any] = []
             pending: list[Any] = []
@@ -143,11 +159,28 @@ class Pipeline:
             results.extend(ref.get() for ref in pending)
         return _concat(results)
 
+    def _run_tasks(self, parts: Sequence[torch.Tensor]) -> Any:
+        import ray
+
+        with self._lock:
+            # Every micro-batch's chain is submitted before any result is awaited; an actor
+            # runs its calls in submission order, so stage 2 takes micro-batch 1 while stage
+            # 1 works on micro-batch 2.
+            refs = []
+            for part in parts:
+                value: Any = part.contiguous()
+                for actor in self.actors:
+                    value = actor.run.remote(value)
+                refs.append(value)
+            results = ray.get(refs)
+        return _concat(results)
+
     def close(self) -> list[float]:
         """Stop the stages; returns each stage's measured seconds per micro-batch."""
         import ray
 
-        self._graph.teardown()
+        if self._graph is not None:
+            self._graph.teardown()
         try:
             measured = [
                 float(t) for t in ray.get([a.seconds_per_run.remote() for a in self.actors])
@@ -171,6 +204,7 @@ def stage_overhead(
     node: str | None = None,
     seconds: float = 1.0,
     on_start: Callable[[Sequence[int]], None] | None = None,
+    transport: str = "compiled",
 ) -> float:
     """Seconds per micro-batch of a one-stage pipeline whose block only copies its input:
     what a stage costs on this device besides its blocks (the channels in and out, the stage
@@ -195,6 +229,7 @@ def stage_overhead(
             micro_batch=len(example),
             placement=None if node is None else {"here": node},
             cores={"here": list(cores)},
+            transport=transport,
         )
     try:
         if on_start is not None:
