@@ -65,7 +65,7 @@ def served(work: Path, instances: int, cli: argparse.Namespace, tag: str) -> flo
         python=sys.executable, current_batching="on", extra_server_args="",
         server_cpus="all", load_cpus="all", protocols=["grpc"], concurrency=[cli.concurrency],
         shape=PRESETS["conv"][0], measurement_ms=cli.measurement_ms, stability=999,
-        max_trials=3, client_batch=cli.client_batch,
+        max_trials=3, client_batch=cli.client_batch, shared_memory=cli.shared_memory,
     )  # fmt: skip
     result = bench_server(repo, work, work / f"server-{tag}.log", args)
     rows: list[dict[str, Any]] = [r for r in result["runs"] if "error" not in r]
@@ -83,6 +83,10 @@ def main() -> None:
     ap.add_argument(
         "--client-batch", type=int, default=1,
         help="rows per request (perf_analyzer -b); 1: every row pays the protocol's cost",
+    )  # fmt: skip
+    ap.add_argument(
+        "--shared-memory", default="none", choices=["none", "system"],
+        help="perf_analyzer --shared-memory: system puts tensors in shared-memory regions",
     )  # fmt: skip
     cli = ap.parse_args()
     figures: dict[str, list[float]] = {k: [] for k in ("bare1", "bare2", "kp1", "kp2")}

@@ -191,6 +191,7 @@ def run_perf_analyzer(
         "--concurrency-range", f"{conc}:{conc}", "-p", str(args.measurement_ms),
         "-s", str(args.stability), "-r", str(args.max_trials),
         "-b", str(getattr(args, "client_batch", 1)),
+        "--shared-memory", getattr(args, "shared_memory", "none"),
         "--shape", "INPUT0:" + ",".join(map(str, args.shape)),
         "--input-data", str(work / "pa_input.json"), "-f", str(csv_path),
     ], args.load_cpus)  # fmt: skip
