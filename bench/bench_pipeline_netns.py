@@ -5,7 +5,7 @@ h1 (core 0) runs the Ray head and the driver, h2 (core 1) a Ray worker, token au
 5/8 of the weights, so the split is forced); then the same with int8 activation compression;
 then all of it again with both hosts' links shaped to 100 Mbit/s (tc tbf). Root only.
 
-    PYTHONPATH=src .venv/bin/python bench/bench_pipeline_netns.py [--seconds 5]
+    PYTHONPATH=src .venv/bin/python bench/bench_pipeline_netns.py [--seconds 5] [--transport tasks]
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--transport", default="compiled", choices=["compiled", "tasks"])
     args = parser.parse_args()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
            **auth_env(TOKEN)}  # fmt: skip
@@ -87,7 +88,7 @@ def main() -> None:
                                "--hosts", f"{lan.ip(1)},{lan.ip(2)}",
                                "--micro-batch", str(args.micro_batch), "--batch", str(args.batch),
                                "--seconds", str(args.seconds), "--compression", compression,
-                               "rate"]  # fmt: skip
+                               "--transport", args.transport, "rate"]  # fmt: skip
                     done = subprocess.run(command, env=env, capture_output=True, text=True)
                     if done.returncode != 0:
                         sys.exit(done.stderr[-3000:])

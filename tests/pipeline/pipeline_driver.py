@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--compression", default="none")
+    parser.add_argument("--transport", default="compiled")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("mode", choices=["check", "rate"])
     args = parser.parse_args()
@@ -91,7 +92,8 @@ def main() -> None:
         for name, plan in (("whole", whole), ("split", split)):
             compression = args.compression if name == "split" else "none"
             pipeline = Pipeline(args.blocks, plan, micro_batch=args.micro_batch,
-                                placement=nodes, compression=compression)  # fmt: skip
+                                placement=nodes, compression=compression,
+                                transport=args.transport)  # fmt: skip
             if name == "split":
                 out["max_error"] = float((pipeline.run(batch) - exact).abs().max())
             out[f"{name}_rows_s"] = rows_per_s(pipeline, batch, args.seconds)
