@@ -93,7 +93,13 @@ FORBIDDEN_THIRD_PARTY = {
     "backends": WEB_AND_RPC,
 }
 # Backends see the interface and configs, never the batching or the manager above them.
-FORBIDDEN_MODULES = {"backends": {"kernelport.core.execution", "kernelport.core.manager"}}
+FORBIDDEN_MODULES = {
+    "backends": {
+        "kernelport.core.execution",
+        "kernelport.core.manager",
+        "kernelport.core.version_loader",
+    }
+}
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """What the model manager keeps: the states, loaded versions and entries it tracks, and its
-settings (``core/manager.py`` does the loading, swapping and retiring)."""
+settings (``core/version_loader.py`` builds versions, ``core/manager.py`` swaps and retires
+them)."""
 
 from __future__ import annotations
 
