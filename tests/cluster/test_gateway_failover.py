@@ -96,6 +96,13 @@ class Outcomes:
             return [r for t, r in self.results if t >= moment]
 
 
+# What b says, or the gateway says for it: its own refusal while it shuts down (its launcher's
+# death closes its control socket to Envoy a moment before the kernel delivers Envoy's
+# PDEATHSIG, and the server inside Envoy starts draining in that moment), or the gateway's
+# UNAVAILABLE naming it. Node a never shuts down here, so the refusal can only be b's.
+_B_GONE = ("node 'b'", "server is shutting down: request refused")
+
+
 def _load(gateway: RunningServer, protocol: str, stop: threading.Event, out: Outcomes) -> None:
     client = grpcclient.InferenceServerClient(gateway.grpc_url)
     while not stop.is_set():
@@ -107,14 +114,16 @@ def _load(gateway: RunningServer, protocol: str, stop: threading.Event, out: Out
                 out.add(started, f"http: {exc}")
                 continue
             ok = code == 200
-            named = code == 503 and "node 'b'" in body.get("error", "")
+            named = code == 503 and any(text in body.get("error", "") for text in _B_GONE)
             out.add(started, "ok" if ok else "unavailable" if named else f"{code} {body}")
             continue
         try:
             _grpc_infer(client, "work")
             out.add(started, "ok")
         except InferenceServerException as exc:
-            named = exc.status() == "StatusCode.UNAVAILABLE" and "node 'b'" in exc.message()
+            named = exc.status() == "StatusCode.UNAVAILABLE" and any(
+                text in exc.message() for text in _B_GONE
+            )
             out.add(started, "unavailable" if named else f"{exc.status()} {exc.message()}")
 
 
