@@ -24,7 +24,7 @@ import torch
 from kernelport.pipeline.compress import pack, unpack
 from kernelport.pipeline.partition import Device, evaluate, partition
 from kernelport.pipeline.profile import load_blocks, profile_blocks
-from kernelport.pipeline.runtime import Pipeline, run_on_one_host
+from kernelport.pipeline.runtime import Pipeline, rows_per_second, run_on_one_host
 
 WIDTH, BLOCKS = 1024, 8
 
@@ -38,15 +38,6 @@ def export(directory: Path) -> None:
         program = torch.export.export(block, (x,), dynamic_shapes=({0: batch},))
         torch.export.save(program, str(directory / f"{i:03d}.pt2"))
         x = block(x).detach()
-
-
-def rows_per_s(pipeline: Pipeline, batch: torch.Tensor, seconds: float = 3.0) -> float:
-    pipeline.run(batch)
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        pipeline.run(batch)
-        done += batch.shape[0]
-    return done / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -77,7 +68,7 @@ def main() -> None:
             for plan, out in ((alone, one), (split, two)):
                 pipeline = Pipeline(blocks_dir, plan, micro_batch=args.micro_batch, cores=cores)
                 try:
-                    out.append(rows_per_s(pipeline, batch))
+                    out.append(rows_per_second(pipeline, batch, 3.0))
                 finally:
                     pipeline.close()
         exact = run_on_one_host(blocks_dir, batch[:64], args.micro_batch)

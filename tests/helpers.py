@@ -168,6 +168,32 @@ def write_scaled(repo: Path, name: str, scale: float, residency: str) -> None:
     (repo / name / "model.yaml").write_text(yaml.safe_dump(config))
 
 
+SCALED_X = np.arange(8, dtype=np.float32).reshape(2, 4)  # two rows for write_scaled's models
+
+
+async def load_repository(repo: Path, **settings: Any) -> Any:
+    """A ModelManager over ``repo`` with every model loaded at start (explicit control)."""
+    from kernelport.backends.registry import BackendRegistry
+    from kernelport.core.manager import ManagerSettings, ModelManager
+
+    manager = ModelManager(
+        ManagerSettings((repo,), control_mode="explicit", startup_models=("*",), **settings),
+        BackendRegistry(),
+    )
+    await manager.load_initial()
+    return manager
+
+
+async def ask_scaled(dp: Any, name: str) -> np.ndarray[Any, Any]:
+    """``SCALED_X`` through model ``name`` (a write_scaled model); its OUTPUT0."""
+    from kernelport.types import InferRequest, Tensor
+
+    tensor = Tensor("INPUT0", "FP32", SCALED_X.shape, SCALED_X)
+    response = await dp.infer(InferRequest(name, inputs=[tensor]))
+    data: np.ndarray[Any, Any] = response.outputs[0].data
+    return data
+
+
 def write_scaled_torch(repo: Path, name: str, scale: float, residency: str) -> None:
     """``write_scaled``'s model as a ``torch.export`` program (the same weights)."""
     import torch

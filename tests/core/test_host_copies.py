@@ -12,20 +12,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import write_scaled, write_scaled_torch
+from helpers import SCALED_X, ask_scaled, load_repository, write_scaled, write_scaled_torch
 
-from kernelport.backends.registry import BackendRegistry
 from kernelport.backends.torch_host import HostModule
 from kernelport.core.dataplane import DataPlane
 from kernelport.core.execution import WorkerPool
 from kernelport.core.host_copies import HostCopies
-from kernelport.core.manager import ManagerSettings, ModelManager
+from kernelport.core.manager import ModelManager
 from kernelport.core.memory import MemoryBudget, OnDemandPool, footprint
 from kernelport.core.stats import describe_residency
 from kernelport.errors import ErrorCode, ServerError
-from kernelport.types import InferRequest, Tensor
 
-X = np.arange(8, dtype=np.float32).reshape(2, 4)
+X = SCALED_X
 
 
 def write_scaled_script(repo: Path, name: str, scale: float, residency: str) -> None:
@@ -56,21 +54,6 @@ WRITERS: dict[str, tuple[Callable[[Path, str, float, str], None], str]] = {
 }
 
 
-async def _manager(repo: Path, **settings: Any) -> ModelManager:
-    manager = ModelManager(
-        ManagerSettings((repo,), control_mode="explicit", startup_models=("*",), **settings),
-        BackendRegistry(),
-    )
-    await manager.load_initial()
-    return manager
-
-
-async def _ask(dp: DataPlane, name: str) -> np.ndarray[Any, Any]:
-    response = await dp.infer(InferRequest(name, inputs=[Tensor("INPUT0", "FP32", X.shape, X)]))
-    data: np.ndarray[Any, Any] = response.outputs[0].data
-    return data
-
-
 def _pool(manager: ModelManager, name: str) -> OnDemandPool:
     pool = manager.get(name).pool
     assert isinstance(pool, OnDemandPool)
@@ -88,11 +71,11 @@ async def test_an_evicted_model_loads_again_without_its_file(tmp_path: Path, kin
     write, filename = WRITERS[kind]
     repo = tmp_path / "repo"
     write(repo, "a", 3.0, "on_demand")
-    manager = await _manager(repo)
+    manager = await load_repository(repo)
     dp = DataPlane(manager, "test")
     try:
         pool = _pool(manager, "a")
-        np.testing.assert_allclose(await _ask(dp, "a"), 3 * X, rtol=1e-5)
+        np.testing.assert_allclose(await ask_scaled(dp, "a"), 3 * X, rtol=1e-5)
         assert pool.host_bytes > 0
         # Loaded on the CPU, the copy is the memory the instance uses: inside its charge.
         assert manager._budget.used("cpu") == pool.size
@@ -103,12 +86,12 @@ async def test_an_evicted_model_loads_again_without_its_file(tmp_path: Path, kin
         stats = dp.model_statistics("a")
         assert stats[0].residency is not None and stats[0].residency.host_bytes == pool.host_bytes
         assert f"{pool.host_bytes} bytes kept on the host" in describe_residency(stats[0].residency)
-        np.testing.assert_allclose(await _ask(dp, "a"), 3 * X, rtol=1e-5)
+        np.testing.assert_allclose(await ask_scaled(dp, "a"), 3 * X, rtol=1e-5)
         assert (pool.loads, pool.evictions, pool.resident) == (2, 1, True)
         assert manager._budget.used("cpu") == pool.size
         (report,) = await manager.compact()  # evicts and loads again: from host memory too
         assert report.failed == () and report.models == ("a",)
-        np.testing.assert_allclose(await _ask(dp, "a"), 3 * X, rtol=1e-5)
+        np.testing.assert_allclose(await ask_scaled(dp, "a"), 3 * X, rtol=1e-5)
     finally:
         await manager.close()
     assert pool.host_bytes == 0  # unloading the model drops its copy
@@ -119,18 +102,18 @@ async def test_a_host_budget_eviction_drops_the_copy(tmp_path: Path) -> None:
     write_scaled(repo, "a", 1.0, "on_demand")
     write_scaled(repo, "b", 2.0, "on_demand")
     size = footprint(repo / "a" / "1", 1)
-    manager = await _manager(repo, memory_budgets={"cpu": size})
+    manager = await load_repository(repo, memory_budgets={"cpu": size})
     dp = DataPlane(manager, "test")
     try:
         a, b = _pool(manager, "a"), _pool(manager, "b")
         assert b.resident and not a.resident  # b's load evicted a for room: its copy went too
         assert a.host_bytes == 0 and b.host_bytes > 0
-        np.testing.assert_allclose(await _ask(dp, "a"), X, rtol=1e-5)  # read from disk again
+        np.testing.assert_allclose(await ask_scaled(dp, "a"), X, rtol=1e-5)  # read from disk again
         assert a.host_bytes > 0 and b.host_bytes == 0 and manager._budget.used("cpu") == size
         (repo / "a" / "1" / "model.onnx").unlink()
-        await _ask(dp, "b")  # evicts a, and a's copy with it
+        await ask_scaled(dp, "b")  # evicts a, and a's copy with it
         with pytest.raises(ServerError) as failed:
-            await _ask(dp, "a")  # its next load reads the disk: the file is gone
+            await ask_scaled(dp, "a")  # its next load reads the disk: the file is gone
         assert failed.value.code is ErrorCode.NOT_FOUND and "model.onnx" in failed.value.message
     finally:
         await manager.close()
@@ -139,14 +122,14 @@ async def test_a_host_budget_eviction_drops_the_copy(tmp_path: Path) -> None:
 async def test_a_replaced_file_is_read_again(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     write_scaled(repo, "a", 1.0, "on_demand")
-    manager = await _manager(repo)
+    manager = await load_repository(repo)
     dp = DataPlane(manager, "test")
     try:
         pool = _pool(manager, "a")
         (repo / "a" / "1" / "model.onnx").write_bytes(b"a new file, not a model")
         await manager._budget.evict(pool, for_room=False)
         with pytest.raises(ServerError) as failed:
-            await _ask(dp, "a")
+            await ask_scaled(dp, "a")
         assert failed.value.code is ErrorCode.UNAVAILABLE
     finally:
         await manager.close()
@@ -157,10 +140,10 @@ async def test_external_data_and_lazy_models_keep_no_copy(tmp_path: Path) -> Non
     write_scaled(repo, "a", 1.0, "on_demand")
     (repo / "a" / "1" / "weights.bin").write_bytes(b"\0" * 16)  # as an external-data file
     write_scaled(repo, "b", 2.0, "lazy")
-    manager = await _manager(repo)
+    manager = await load_repository(repo)
     dp = DataPlane(manager, "test")
     try:
-        np.testing.assert_allclose(await _ask(dp, "b"), 2 * X, rtol=1e-5)
+        np.testing.assert_allclose(await ask_scaled(dp, "b"), 2 * X, rtol=1e-5)
         assert _pool(manager, "a").host_bytes == 0 and _pool(manager, "b").host_bytes == 0
     finally:
         await manager.close()

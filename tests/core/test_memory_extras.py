@@ -13,20 +13,17 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from helpers import write_scaled
+from helpers import SCALED_X, ask_scaled, load_repository, write_scaled
 
-from kernelport.backends.registry import BackendRegistry
 from kernelport.core import memory, memory_probe
 from kernelport.core.dataplane import DataPlane
 from kernelport.core.execution import BatchResult, WorkerPool
-from kernelport.core.manager import ManagerSettings, ModelManager
 from kernelport.core.memory import AUTO_MARGIN, MemoryBudget, OnDemandPool, footprint
 from kernelport.core.model_config import parse_model_config
 from kernelport.errors import ErrorCode, ServerError
 from kernelport.protocols.rest.app import RestApp
-from kernelport.types import InferRequest, Tensor
 
-X = np.arange(8, dtype=np.float32).reshape(2, 4)
+X = SCALED_X
 
 
 def _repo(tmp_path: Path, residencies: dict[str, str]) -> tuple[Path, int]:
@@ -36,26 +33,11 @@ def _repo(tmp_path: Path, residencies: dict[str, str]) -> tuple[Path, int]:
     return repo, footprint(repo / next(iter(residencies)) / "1", 1)
 
 
-async def _manager(repo: Path, **settings: Any) -> ModelManager:
-    manager = ModelManager(
-        ManagerSettings((repo,), control_mode="explicit", startup_models=("*",), **settings),
-        BackendRegistry(),
-    )
-    await manager.load_initial()
-    return manager
-
-
-async def _ask(dp: DataPlane, name: str) -> np.ndarray[Any, Any]:
-    response = await dp.infer(InferRequest(name, inputs=[Tensor("INPUT0", "FP32", X.shape, X)]))
-    data: np.ndarray[Any, Any] = response.outputs[0].data
-    return data
-
-
 @pytest.fixture
 async def pinned(tmp_path: Path) -> AsyncIterator[tuple[DataPlane, int]]:
     names = {"p": "pinned", "a": "on_demand", "b": "on_demand", "c": "lazy"}
     repo, size = _repo(tmp_path, names)
-    manager = await _manager(repo, memory_budgets={"cpu": 3 * size})
+    manager = await load_repository(repo, memory_budgets={"cpu": 3 * size})
     try:
         yield DataPlane(manager, "test"), size
     finally:
@@ -71,7 +53,7 @@ async def test_pinned_model_is_charged_and_never_evicted(
     for _ in range(3):
         for i, name in enumerate(("a", "b", "c", "p")):
             want = X * ("pabc".index(name) + 1)
-            np.testing.assert_allclose(await _ask(dp, name), want, rtol=1e-5)
+            np.testing.assert_allclose(await ask_scaled(dp, name), want, rtol=1e-5)
             assert budget.used("cpu") <= 3 * size, i
     stats = {s.name: s.residency for s in dp.model_statistics()}
     assert stats["p"] is not None and (stats["p"].mode, stats["p"].bytes) == ("pinned", size)
@@ -84,7 +66,7 @@ async def test_pinned_model_is_charged_and_never_evicted(
 
 async def test_a_pinned_model_over_the_budget_fails_its_load(tmp_path: Path) -> None:
     repo, size = _repo(tmp_path, {"p": "pinned"})
-    manager = await _manager(repo, memory_budgets={"cpu": size - 1})
+    manager = await load_repository(repo, memory_budgets={"cpu": size - 1})
     try:
         entry = next(e for e in manager.entries() if e.name == "p")
         assert entry.state.value == "UNAVAILABLE"
@@ -121,14 +103,14 @@ async def test_an_auto_budget_sizes_itself_from_what_models_need(
 ) -> None:
     repo, size = _repo(tmp_path, {"r": "resident", "a": "on_demand", "b": "lazy"})
     available = 10 * size
-    manager = await _manager(repo, memory_available={"cpu": available})
+    manager = await load_repository(repo, memory_available={"cpu": available})
     dp = DataPlane(manager, "test")
     try:
         budget = manager._budget
         assert budget.sizes_itself("cpu") and not budget.sizes_itself("cuda:0")
         # scratch 2500 each (the largest counts once) and the resident model's weights
         assert budget.limit("cpu") == int(available * (1 - AUTO_MARGIN)) - 2500 - size
-        np.testing.assert_allclose(await _ask(dp, "b"), X * 3)  # lazy: probed when loaded
+        np.testing.assert_allclose(await ask_scaled(dp, "b"), X * 3)  # lazy: probed when loaded
         assert budget.limit("cpu") == int(available * (1 - AUTO_MARGIN)) - 2500 - size
         await dp.unload_model("r")  # its weights are no longer outside the budget
         assert budget.limit("cpu") == int(available * (1 - AUTO_MARGIN)) - 2500
@@ -138,7 +120,7 @@ async def test_an_auto_budget_sizes_itself_from_what_models_need(
 
 async def test_a_given_budget_caps_an_auto_one(tmp_path: Path, rss: list[int]) -> None:
     repo, size = _repo(tmp_path, {"a": "on_demand"})
-    manager = await _manager(
+    manager = await load_repository(
         repo, memory_available={"cpu": 100 * size}, memory_budgets={"cpu": 2 * size}
     )
     try:
@@ -207,11 +189,11 @@ def test_host_memory_readings() -> None:
 
 async def test_compaction_evicts_and_loads_again_in_lru_order(tmp_path: Path) -> None:
     repo, size = _repo(tmp_path, {"a": "on_demand", "b": "on_demand", "c": "lazy", "p": "pinned"})
-    manager = await _manager(repo, memory_budgets={"cpu": 4 * size})
+    manager = await load_repository(repo, memory_budgets={"cpu": 4 * size})
     dp = DataPlane(manager, "test")
     try:
         for name in ("b", "a"):  # a is the most recently used; c was never loaded
-            await _ask(dp, name)
+            await ask_scaled(dp, name)
         pools = {n: manager.get(n).pool for n in "abc"}
         assert all(isinstance(p, OnDemandPool) for p in pools.values())
         before = {n: (p.loads, p.evictions) for n, p in pools.items()}  # type: ignore[attr-defined]
@@ -231,7 +213,7 @@ async def test_compaction_evicts_and_loads_again_in_lru_order(tmp_path: Path) ->
             assert (pool.loads, pool.evictions) == (loads + 1, evictions + 1)  # type: ignore[attr-defined]
         assert not pools["c"].resident  # type: ignore[attr-defined]
         assert [p.name for p in manager._budget.pools()] == ["b", "a"]  # LRU order kept
-        np.testing.assert_allclose(await _ask(dp, "a"), X)
+        np.testing.assert_allclose(await ask_scaled(dp, "a"), X)
         assert manager._budget.compactions == 1
     finally:
         await manager.close()
@@ -239,7 +221,7 @@ async def test_compaction_evicts_and_loads_again_in_lru_order(tmp_path: Path) ->
 
 async def test_compaction_reports_a_model_that_does_not_load_again(tmp_path: Path) -> None:
     repo, _ = _repo(tmp_path, {"a": "on_demand"})
-    manager = await _manager(repo)
+    manager = await load_repository(repo)
     try:
         (repo / "a" / "1" / "model.onnx").write_bytes(b"broken since")
         (report,) = await manager.compact()

@@ -10,12 +10,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import write_model
+from helpers import load_repository, write_model
 
-from kernelport.backends.registry import BackendRegistry
 from kernelport.core.dataplane import DataPlane
 from kernelport.core.execution import BatchResult
-from kernelport.core.manager import ManagerSettings, ModelManager
+from kernelport.core.manager import ModelManager
 from kernelport.core.process_pool import ProcessPool
 from kernelport.core.wire import INLINE_MAX
 from kernelport.types import InferRequest, Tensor
@@ -27,8 +26,8 @@ class Model:
 """
 
 
-@pytest.fixture
-async def pool(tmp_path: Path) -> AsyncIterator[ProcessPool]:
+async def _twice(tmp_path: Path) -> ModelManager:
+    """Model ``twice`` (doubles its input) in a worker process, loaded."""
     config = {
         "backend": "python",
         "max_batch_size": 0,
@@ -37,10 +36,13 @@ async def pool(tmp_path: Path) -> AsyncIterator[ProcessPool]:
         "execution": {"mode": "worker"},
     }
     write_model(tmp_path / "repo", "twice", config, {"model.py": MODEL.encode()})
-    settings = ManagerSettings((tmp_path / "repo",), control_mode="explicit",
-                               startup_models=("*",))  # fmt: skip
-    manager = ModelManager(settings, BackendRegistry())
-    await manager.load_initial()
+    manager: ModelManager = await load_repository(tmp_path / "repo")
+    return manager
+
+
+@pytest.fixture
+async def pool(tmp_path: Path) -> AsyncIterator[ProcessPool]:
+    manager = await _twice(tmp_path)
     try:
         pool = manager.get("twice").pool  # type: ignore[attr-defined]
         assert isinstance(pool, ProcessPool)
@@ -69,18 +71,7 @@ async def test_small_batches_travel_in_the_frame_and_large_ones_in_the_arena(
 
 
 async def test_every_request_through_the_queue_is_answered(tmp_path: Path) -> None:
-    config = {
-        "backend": "python",
-        "max_batch_size": 0,
-        "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [-1]}],
-        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [-1]}],
-        "execution": {"mode": "worker"},
-    }
-    write_model(tmp_path / "repo", "twice", config, {"model.py": MODEL.encode()})
-    settings = ManagerSettings((tmp_path / "repo",), control_mode="explicit",
-                               startup_models=("*",))  # fmt: skip
-    manager = ModelManager(settings, BackendRegistry())
-    await manager.load_initial()
+    manager = await _twice(tmp_path)
     try:
         dp = DataPlane(manager, "test")
         for i in range(30):

@@ -21,7 +21,7 @@ import torch
 
 from kernelport.pipeline.partition import Device, Plan, evaluate, partition
 from kernelport.pipeline.profile import load_blocks, profile_blocks
-from kernelport.pipeline.runtime import Pipeline, run_on_one_host
+from kernelport.pipeline.runtime import Pipeline, rows_per_second, run_on_one_host
 
 
 def wait_for_nodes(ips: list[str], timeout: float = 120) -> dict[str, str]:
@@ -45,15 +45,6 @@ def plans(blocks_dir: Path, ips: list[str]) -> tuple[Plan, Plan]:
     whole = evaluate(measured, [Device(ips[0], "cpu", weights)], [])
     assert whole is not None
     return whole, split
-
-
-def rows_per_s(pipeline: Pipeline, batch: torch.Tensor, seconds: float) -> float:
-    pipeline.run(batch)
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        pipeline.run(batch)
-        done += batch.shape[0]
-    return done / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -96,7 +87,7 @@ def main() -> None:
                                 transport=args.transport)  # fmt: skip
             if name == "split":
                 out["max_error"] = float((pipeline.run(batch) - exact).abs().max())
-            out[f"{name}_rows_s"] = rows_per_s(pipeline, batch, args.seconds)
+            out[f"{name}_rows_s"] = rows_per_second(pipeline, batch, args.seconds)
             out[f"{name}_stage_ms"] = [t * 1e3 for t in pipeline.close()]
             out[f"{name}_predicted_ms"] = [s.seconds * 1e3 for s in plan.stages]
     print(json.dumps(out), flush=True)

@@ -234,14 +234,8 @@ def stage_overhead(
     try:
         if on_start is not None:
             on_start(pipeline.pids)
-        micro = pipeline.max_inflight
-        batch_rows = torch.cat([example] * micro)
-        pipeline.run(batch_rows)  # warm up
-        runs, start = 0, time.perf_counter()
-        while runs < 4 or time.perf_counter() - start < seconds:
-            pipeline.run(batch_rows)
-            runs += 1
-        return (time.perf_counter() - start) / (runs * micro)
+        rows = torch.cat([example] * pipeline.max_inflight)  # the pipeline kept full
+        return len(example) / rows_per_second(pipeline, rows, seconds)
     finally:
         pipeline.close()
 
