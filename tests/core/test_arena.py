@@ -89,6 +89,16 @@ def test_layout_gives_each_instance_its_own_output_slot() -> None:
     assert layout.output_offset(2) + layout.output_slot_bytes <= layout.total
 
 
+def test_layout_with_two_slots_per_instance_alternates_without_overlap() -> None:
+    layout = ArenaLayout.split(1 << 20, 2, depth=2)
+    assert layout.total <= 1 << 20
+    slots = [layout.output_offset(i, turn) for i in range(2) for turn in range(2)]
+    assert len(set(slots)) == 4  # every (instance, turn parity) has a slot of its own
+    assert all(b - a >= layout.output_slot_bytes for a, b in itertools.pairwise(sorted(slots)))
+    assert layout.output_offset(1, 2) == layout.output_offset(1, 0)  # turns alternate
+    assert max(slots) + layout.output_slot_bytes <= layout.total
+
+
 def test_arena_memory_has_no_name_in_dev_shm() -> None:
     arena = Arena.create(1 << 16)
     try:

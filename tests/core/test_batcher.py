@@ -134,6 +134,7 @@ def harness(
     weight: float = 1.0,
     name: str = "m",
     batching: dict[str, Any] | None = None,
+    depth: int = 1,
 ) -> Harness:
     config = ModelConfig(
         name=name,
@@ -146,6 +147,7 @@ def harness(
     clock = clock or FakeClock()
     batches: list[Batch] = []
     pool = WorkerPool([FakeWorker(batches) for _ in range(instances)])  # duck-typed workers
+    pool.depth = depth  # 2: as a worker process's pool
     stats = ModelStats()
     queue = ModelQueue(config, pool, stats, device or DeviceScheduler("cpu"), weight, clock)
     return Harness(queue, clock, batches, stats)
@@ -161,6 +163,33 @@ DELAY_1S = {"max_queue_delay_us": 1_000_000}
 
 
 # --- cutting batches ---------------------------------------------------------------------
+
+
+async def test_a_worker_process_takes_a_full_batch_ahead_but_never_one_that_can_grow() -> None:
+    h = harness(depth=2, batching={})
+    first = await h.submit(4, 1)
+    assert [b.counts for b in h.batches] == [[4]]
+    half = await h.submit(2, 2)
+    assert len(h.batches) == 1 and h.queue.queued == 1  # could still grow: it waits
+    other = await h.submit(2, 3)
+    assert [b.counts for b in h.batches] == [[4], [2, 2]]  # full now: sent behind the first
+    last = await h.submit(4, 4)
+    assert len(h.batches) == 2 and h.queue.queued == 1  # the worker holds two already
+    await h.complete(0)
+    assert [b.counts for b in h.batches] == [[4], [2, 2], [4]]  # room again: sent ahead
+    await h.complete(1)
+    await h.complete(2)
+    answers = [(await t)[0]["x"][:, 0].tolist() for t in (first, half, other, last)]
+    assert answers == [[1] * 4, [2, 2], [3, 3], [4] * 4]
+
+
+async def test_instance_threads_never_take_a_batch_ahead() -> None:
+    h = harness(batching={})
+    await h.submit(4, 1)
+    await h.submit(4, 2)
+    assert [b.counts for b in h.batches] == [[4]] and h.queue.queued == 1
+    await h.complete(0)
+    assert [b.counts for b in h.batches] == [[4], [4]]
 
 
 async def test_a_full_batch_is_cut_at_once_and_each_caller_gets_its_rows() -> None:

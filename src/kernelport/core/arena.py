@@ -82,25 +82,34 @@ class Allocator:
 
 @dataclass(frozen=True, slots=True)
 class ArenaLayout:
-    """Where the input area and each instance's output slot lie."""
+    """Where the input area and each instance's output slots lie.
+
+    Each instance has ``depth`` slots, used in turn: a worker process may hold a second
+    batch behind the running one (``ProcessPool.depth``), and the second batch's outputs
+    must not overwrite the first's before the server has read them. The server sends an
+    instance's third batch only after reading its first reply, so two slots suffice."""
 
     input_bytes: int
     output_slot_bytes: int
     instances: int
+    depth: int = 1
 
     @property
     def total(self) -> int:
-        return self.input_bytes + self.output_slot_bytes * self.instances
+        return self.input_bytes + self.output_slot_bytes * self.instances * self.depth
 
-    def output_offset(self, instance: int) -> int:
-        return self.input_bytes + instance * self.output_slot_bytes
+    def output_offset(self, instance: int, turn: int = 0) -> int:
+        """The slot for ``instance``'s ``turn``-th batch (counted from 0)."""
+        slot = instance * self.depth + turn % self.depth
+        return self.input_bytes + slot * self.output_slot_bytes
 
     @classmethod
-    def split(cls, total: int, instances: int) -> ArenaLayout:
+    def split(cls, total: int, instances: int, depth: int = 1) -> ArenaLayout:
         """Half for inputs, half shared out as output slots (aligned)."""
         inputs = _round_up(total // 2)
-        slot = max(ALIGN, (total - inputs) // max(instances, 1) // ALIGN * ALIGN)
-        return cls(inputs, slot, instances)
+        slots = max(instances * depth, 1)
+        slot = max(ALIGN, (total - inputs) // slots // ALIGN * ALIGN)
+        return cls(inputs, slot, instances, depth)
 
 
 class Arena:

@@ -180,7 +180,7 @@ class ModelQueue:
             )
             if self._ordered:
                 self._release_order.append(pending)
-            self._launch(Batch([pending], rows, now))
+            self._launch(Batch([pending], rows, now), self._pool.take_idle())
             return pending.future
         pending = Pending(
             inputs,
@@ -255,14 +255,29 @@ class ModelQueue:
         scheduler keeps our place in its line meanwhile), or a batch finishing (which frees
         a worker and its slot).
         """
-        while self._queued and self._pool.idle_count and not self._device.waiting(self):
-            wait_ns = self._wait_ns()
-            if wait_ns > 0:
-                self._arm_timer(wait_ns)
+        while self._queued and not self._device.waiting(self):
+            if self._pool.idle_count:
+                wait_ns = self._wait_ns()
+                if wait_ns > 0:
+                    self._arm_timer(wait_ns)
+                    return
+            elif not self._ahead_ready():
                 return
             if not self._device.acquire(self):
                 return  # the scheduler calls granted() when our turn comes
             self._run_on_slot()
+
+    def _ahead_ready(self) -> bool:
+        """Every worker is busy, one can hold a batch behind its running one (a worker
+        process), and the head batch cannot grow: send it now, so the process starts it
+        the moment the running one ends instead of a round trip to us later. A batch that
+        could still grow waits here for an idle worker, as before."""
+        if not self._pool.ahead_count:
+            return False
+        head = self._head()
+        return head is not None and (
+            not self._batching or rows_up_to(head, self._max_rows) >= self._max_rows
+        )
 
     def _run_on_slot(self) -> None:
         """We hold a device slot: start a batch on it, or hand it back when none is left
@@ -373,17 +388,17 @@ class ModelQueue:
         return self._device.acquire(self)
 
     def _start_batch(self) -> bool:
-        if not self._pool.idle_count:
+        idle = bool(self._pool.idle_count)
+        if not idle and not self._ahead_ready():
             return False
         batch = self._take()
         if batch is None:
             return False
-        self._launch(batch)
+        self._launch(batch, self._pool.take_idle() if idle else self._pool.take_ahead())
         return True
 
-    def _launch(self, batch: Batch) -> None:
-        """Run ``batch`` on an idle worker (the caller checked there is one)."""
-        worker = self._pool.take_idle()
+    def _launch(self, batch: Batch, worker: BatchRunner) -> None:
+        """Run ``batch`` on ``worker`` (idle, or a process worker taking it ahead)."""
         parts = [p.inputs for p in batch.requests]
         counts = [p.rows for p in batch.requests]
         # Nothing else of the model waits, and arrivals do not overlap (at c=32 the queue

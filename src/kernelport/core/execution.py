@@ -175,12 +175,21 @@ class WorkerPool:
     ``inline``: the queue may run a short batch on the event loop (``Worker.run_now``); the
     manager allows it for runtimes whose cost it can learn (not user Python code, which
     may block on purpose).
+
+    ``depth``: batches one worker may hold. 1 here: an instance thread takes a batch the
+    moment it is free. Worker processes hold 2 (``ProcessPool``): a full batch may wait in
+    the process behind the running one, so the process starts it without a round trip to
+    the server; the queue sends one ahead only when it cannot grow (``ModelQueue``).
     """
+
+    depth = 1
 
     def __init__(self, workers: Sequence[BatchRunner], inline: bool = False) -> None:
         self.workers = list(workers)
         self.inline = inline
         self._idle: deque[BatchRunner] = deque(workers)
+        #: workers running one batch that may take another (depth 2)
+        self._ahead: deque[BatchRunner] = deque()
         #: called when workers that were down can take batches again (the queue's wake)
         self.on_available: Callable[[], None] = _nothing
 
@@ -203,12 +212,31 @@ class WorkerPool:
         """The worker process running the instances (None: in process, or down)."""
         return None
 
+    @property
+    def ahead_count(self) -> int:
+        """Busy workers that can take one more batch behind the running one."""
+        return len(self._ahead)
+
     def take_idle(self) -> BatchRunner:
         """An idle worker; callers check ``idle_count`` first."""
-        return self._idle.popleft()
+        worker = self._idle.popleft()
+        if self.depth > 1:
+            self._ahead.append(worker)
+        return worker
+
+    def take_ahead(self) -> BatchRunner:
+        """A busy worker with room for one more batch; callers check ``ahead_count``."""
+        return self._ahead.popleft()
 
     def release(self, worker: BatchRunner) -> None:
-        self._idle.append(worker)
+        """``worker`` finished a batch."""
+        if self.depth == 1:
+            self._idle.append(worker)
+        elif worker in self._ahead:  # that was its only batch
+            self._ahead.remove(worker)
+            self._idle.append(worker)
+        else:  # it held two: one is running now
+            self._ahead.append(worker)
 
     def hooks(self, model: str) -> tuple[Hooks, ...]:
         """Each instance's per-request ``preprocess`` and ``postprocess`` hooks (None: absent).

@@ -198,9 +198,17 @@ class OnDemandPool(WorkerPool):
     def idle_count(self) -> int:
         return self._inner.idle_count if self._inner is not None else 0
 
+    @property
+    def ahead_count(self) -> int:
+        return self._inner.ahead_count if self._inner is not None else 0
+
     def take_idle(self) -> BatchRunner:
         assert self._inner is not None
         return self._inner.take_idle()
+
+    def take_ahead(self) -> BatchRunner:
+        assert self._inner is not None
+        return self._inner.take_ahead()
 
     def release(self, worker: BatchRunner) -> None:
         if self._inner is not None and worker in self._inner.workers:

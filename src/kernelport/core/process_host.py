@@ -13,6 +13,7 @@ DEADLINE_EXCEEDED and its process is SIGKILLed, then restarted the same way.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -57,6 +58,10 @@ BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
 HEALTHY_AFTER_S = 60.0  # up this long: the next crash starts the backoff over
 STOP_GRACE_S = 5.0  # a stopping worker gets this long to unload before SIGKILL
+#: batches one instance may hold: the running one and one waiting behind it in the worker
+#: (``ProcessPool.depth``), so a busy process starts its next batch without waiting a round
+#: trip to the server for it
+DEPTH = 2
 
 
 @dataclass(slots=True)
@@ -65,7 +70,8 @@ class _InFlight:
     counts: list[int]
     input_offset: int | None
     input_ns: int
-    timer: asyncio.TimerHandle | None
+    instance: int
+    timer: asyncio.TimerHandle | None = None
 
 
 class ProcessHost:
@@ -87,7 +93,7 @@ class ProcessHost:
         self._path = path
         self._devices = devices
         self._timeout_s = timeout_s
-        self._layout = ArenaLayout.split(arena_bytes, len(devices))
+        self._layout = ArenaLayout.split(arena_bytes, len(devices), DEPTH)
         self._loop = asyncio.get_running_loop()
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
@@ -96,6 +102,9 @@ class ProcessHost:
         self._reader = FrameReader()
         self._outbox = bytearray()
         self._in_flight: dict[int, _InFlight] = {}
+        #: each instance's batches in the order it runs them: the execution timeout runs
+        #: for the first only (one waiting behind it has not started)
+        self._lines: list[collections.deque[int]] = [collections.deque() for _ in devices]
         self._next_batch = 0
         self._ready: asyncio.Future[list[list[str]]] | None = None
         self._stopping = False
@@ -134,7 +143,7 @@ class ProcessHost:
             "config": self.config.model_dump(mode="json"),
             "path": str(self._path),
             "devices": self._devices,
-            "layout": [self._layout.input_bytes, self._layout.output_slot_bytes],
+            "layout": [self._layout.input_bytes, self._layout.output_slot_bytes, DEPTH],
         }
         self._send(frame_bytes(Kind.INIT, 0, 0, json_body(init)))
         self._loop.add_reader(ours.fileno(), self._on_readable)
@@ -206,11 +215,12 @@ class ProcessHost:
         t0 = time.perf_counter_ns()
         refs, tail, offset = self._place(parts, config)
         batch = self._next_batch = (self._next_batch + 1) & 0xFFFFFFFF
-        timer = None
-        if self._timeout_s is not None:
-            timer = self._loop.call_later(self._timeout_s, self._stuck, batch)
-        input_ns = time.perf_counter_ns() - t0
-        self._in_flight[batch] = _InFlight(future, counts, offset, input_ns, timer)
+        job = _InFlight(future, counts, offset, time.perf_counter_ns() - t0, instance)
+        self._in_flight[batch] = job
+        line = self._lines[instance]
+        line.append(batch)
+        if len(line) == 1:
+            self._started(batch, job)
         self._send(frame_bytes(Kind.BATCH, batch, instance, pack_refs(refs), *tail))
         return future
 
@@ -263,6 +273,26 @@ class ProcessHost:
             tail.append(raw)
             inline_at += len(raw)
         return refs, tail, offset
+
+    def _started(self, batch: int, job: _InFlight) -> None:
+        """``batch`` is its instance's running batch now: its execution timeout starts."""
+        if self._timeout_s is not None:
+            job.timer = self._loop.call_later(self._timeout_s, self._stuck, batch)
+
+    def _done(self, batch: int) -> _InFlight | None:
+        """Take ``batch``'s job (None if it timed out already) and start the next batch's
+        timeout on its instance."""
+        job = self._in_flight.pop(batch, None)
+        if job is None:
+            return None
+        line = self._lines[job.instance]
+        running = bool(line) and line[0] == batch
+        with contextlib.suppress(ValueError):
+            line.remove(batch)
+        if running and line and (following := self._in_flight.get(line[0])) is not None:
+            self._started(line[0], following)
+        self._release(job)
+        return job
 
     def _stuck(self, batch: int) -> None:
         job = self._in_flight.pop(batch, None)
@@ -351,16 +381,14 @@ class ProcessHost:
 
     def _handle(self, message: Frame) -> None:
         if message.kind is Kind.RESULT:
-            job = self._in_flight.pop(message.batch, None)
+            job = self._done(message.batch)
             if job is None:  # timed out already: its process is being killed
                 return
-            self._release(job)
             if not job.future.done():
                 self._resolve(job, message.body)
         elif message.kind is Kind.ERROR:
-            job = self._in_flight.pop(message.batch, None)
+            job = self._done(message.batch)
             if job is not None:
-                self._release(job)
                 error = _json(message.body)
                 if not job.future.done():
                     code = ErrorCode(error["code"])
@@ -470,6 +498,8 @@ class ProcessHost:
     def _fail_all(self, error: ServerError) -> None:
         jobs = list(self._in_flight.values())
         self._in_flight.clear()
+        for line in self._lines:
+            line.clear()
         for job in jobs:
             if job.timer is not None:
                 job.timer.cancel()

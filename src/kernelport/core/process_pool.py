@@ -19,7 +19,7 @@ from typing import Any
 from kernelport.core.backend import Arrays, ModelInstance
 from kernelport.core.execution import BatchResult, WorkerPool
 from kernelport.core.model_config import ExecutionMode, ModelConfig
-from kernelport.core.process_host import ProcessHost
+from kernelport.core.process_host import DEPTH, ProcessHost
 from kernelport.core.shared_host import SharedHost
 from kernelport.errors import ErrorCode, ServerError, invalid
 
@@ -119,6 +119,8 @@ class ProcessWorker:
 class ProcessPool(WorkerPool):
     """A model version's instances, all in one worker process."""
 
+    depth = DEPTH
+
     def __init__(self, host: ProcessHost, workers: list[ProcessWorker]) -> None:
         super().__init__(workers, inline=False)
         self.host = host
@@ -127,6 +129,10 @@ class ProcessPool(WorkerPool):
     @property
     def idle_count(self) -> int:
         return super().idle_count if self.host.up else 0
+
+    @property
+    def ahead_count(self) -> int:
+        return super().ahead_count if self.host.up else 0
 
     @property
     def available(self) -> bool:

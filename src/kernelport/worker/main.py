@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +63,9 @@ def main(argv: list[str]) -> int:
         return 2
     init = json.loads(bytes(init_frame.body))
     config = ModelConfig.model_validate(init["config"])
-    input_bytes, slot_bytes = init["layout"]
+    input_bytes, slot_bytes, depth = init["layout"]
     devices: list[str] = init["devices"]
-    arena = mmap.mmap(arena_fd, input_bytes + slot_bytes * len(devices))
+    arena = mmap.mmap(arena_fd, input_bytes + slot_bytes * len(devices) * depth)
     view = memoryview(arena)
     try:
         instances = load_instances(config, Path(init["path"]), devices)
@@ -77,10 +77,10 @@ def main(argv: list[str]) -> int:
         return 1
     hooks = [[h for h in HOOKS if callable(getattr(i, h, None))] for i in instances]
     channel.send(frame_bytes(Kind.READY, 0, 0, json_body({"hooks": hooks, "pid": os.getpid()})))
-    link = Link(channel, view, input_bytes, slot_bytes)
+    link = Link(channel, view, input_bytes, slot_bytes, depth)
     runners = [Runner(config, instance, index) for index, instance in enumerate(instances)]
-    # One instance: its batches run on this thread (the server sends it one batch at a
-    # time), saving a thread hop per batch; several: each instance has a thread.
+    # One instance: its batches run on this thread, in the order they come (a second one
+    # waits in the socket), saving a thread hop per batch; several: each has a thread.
     alone = runners[0] if len(runners) == 1 else None
     for runner in runners if alone is None else ():
         runner.start()
@@ -181,7 +181,17 @@ class Link:
     view: memoryview
     input_bytes: int
     slot_bytes: int
+    depth: int  # output slots per instance, used in turn (core/arena.py: ArenaLayout)
     closed: bool = False  # its server went away: its queued batches are dropped
+    #: batches run so far per instance: which of its slots the next one writes
+    turns: dict[int, int] = field(default_factory=dict)
+
+    def output_base(self, instance: int) -> int:
+        """The slot for ``instance``'s next batch (only its own runner thread calls this)."""
+        turn = self.turns.get(instance, 0)
+        self.turns[instance] = turn + 1
+        slot = instance * self.depth + turn % self.depth
+        return self.input_bytes + slot * self.slot_bytes
 
 
 @dataclass
@@ -224,7 +234,7 @@ class Runner:
         outputs = self.instance.execute(inputs)
         infer_ns = time.perf_counter_ns() - t0
         out = {name: _array(value) for name, value in outputs.items()}
-        out_base = link.input_bytes + self.index * link.slot_bytes
+        out_base = link.output_base(self.index)
         placed, tail = place_arrays(out, link.view, out_base, link.slot_bytes, INLINE_MAX)
         return frame_bytes(Kind.RESULT, job.batch, self.index, pack_timing(infer_ns),
                            pack_refs(placed), *tail)  # fmt: skip

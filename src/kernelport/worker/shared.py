@@ -102,7 +102,7 @@ class _Shared:
         if init_frame is None or init_frame.kind is not Kind.INIT:
             return None
         init = json.loads(bytes(init_frame.body))
-        input_bytes, slot_bytes = init["layout"]
+        input_bytes, slot_bytes, depth = init["layout"]
         devices: list[str] = init["devices"]
         try:
             self._load(ModelConfig.model_validate(init["config"]), Path(init["path"]), devices)
@@ -114,8 +114,8 @@ class _Shared:
             body = json_body({"code": code.value, "message": message})
             channel.send(frame_bytes(Kind.LOAD_FAILED, 0, 0, body))
             return None
-        arena = mmap.mmap(arena_fd, input_bytes + slot_bytes * len(devices))
-        link = Link(channel, memoryview(arena), input_bytes, slot_bytes)
+        arena = mmap.mmap(arena_fd, input_bytes + slot_bytes * len(devices) * depth)
+        link = Link(channel, memoryview(arena), input_bytes, slot_bytes, depth)
         body = json_body({"hooks": self._hooks, "pid": os.getpid()})
         channel.send(frame_bytes(Kind.READY, 0, 0, body))
         return link
