@@ -8,9 +8,10 @@ queue, two things about arrivals and from them how long a cut may wait:
 
 - **overlap**: the share of recent arrivals that found another request of the model in
   flight (submitted to the queue, not yet answered) or announced (being received or
-  decoded by a front end, or preprocessed: :class:`Announcement`; not yet queued). In a closed loop with one client a request arrives only after the
-  previous one was answered, so every sample is 0 and the share stays exactly 0: **at
-  concurrency 1 the batcher never waits.** With several clients most arrivals find company.
+  decoded by a front end, or preprocessed: :class:`Announcement`; not yet queued). In a
+  closed loop with one client a request arrives only after the previous one was answered,
+  so every sample is 0 and the share stays exactly 0: **at concurrency 1 the batcher never
+  waits.** With several clients most arrivals find company.
 - **gap**: the recent inter-arrival time (an exponential moving average).
 
 A cut with room left in the batch (not full, no preferred size reachable) waits when
