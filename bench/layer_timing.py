@@ -153,6 +153,7 @@ class Stub:
     def __init__(self, dp: DataPlane, response: Any) -> None:
         self.limits = dp.limits
         self.shared_memory = dp.shared_memory  # the front ends decode shm inputs through it
+        self.announce = dp.announce  # the front ends announce requests: part of their cost
         self._response = response
 
     async def infer(self, request: Any) -> Any:

@@ -28,6 +28,7 @@ from kernelport.observability.telemetry import Telemetry
 from kernelport.observability.tracing import Tracing
 from kernelport.pbtxt import TritonConfigReader
 from kernelport.protocols.auth import Auth, RequireKey, exposure_warning
+from kernelport.protocols.grpc.announce import ConnectionModels
 from kernelport.protocols.grpc.asgi import GrpcAsgiApp
 from kernelport.protocols.grpc.server import GrpcFrontEnd, InferenceServicer, KernelPortServicer
 from kernelport.protocols.grpc.standard import DEFAULT_POOL, StandardServices
@@ -202,6 +203,7 @@ class Server:
             self._auth,
             self.standard.handlers(),
             DEFAULT_POOL,
+            ConnectionModels(self.dataplane.announce),
         )
 
     def ports(self) -> dict[str, int]:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from test_batcher import US, Harness, code, harness, turn
 
-from kernelport.core.fill import FACTOR, OVERLAP, SLACK, ArrivalModel
+from kernelport.core.fill import FACTOR, OVERLAP, SLACK, Announcement, ArrivalModel
 from kernelport.errors import ErrorCode
 
 RUN = 200 * US  # what the fake model's single-row run is reported to cost
@@ -125,6 +125,42 @@ async def test_an_announced_request_is_waited_for_at_most_the_cap() -> None:
     assert h.batches[-1].tags == [1]
     await h.complete(infer_ns=RUN)
     assert (await held)[1].queue_ns == CAP
+
+
+async def test_at_concurrency_one_a_request_is_no_longer_announced_when_its_batch_is_cut() -> None:
+    # As a front end does it: announced while received and decoded, released just before
+    # it is submitted. The lone request's own announcement never holds its own cut.
+    h = harness(max_batch_size=8, batching={})
+    for tag in range(20):
+        announcement = Announcement(h.queue)
+        h.clock.advance(GAP)  # receiving and decoding it
+        assert h.queue.announced == 1
+        announcement.release()
+        task = await h.submit(1, tag)
+        assert len(h.batches) == tag + 1  # cut the moment it arrived: nothing else is coming
+        assert h.queue.announced == 0
+        announcement.release()  # the front end's finally: no effect
+        await h.complete(infer_ns=RUN)
+        assert (await task)[1].queue_ns == 0
+    assert h.queue.announced == 0 and all(b.counts == [1] for b in h.batches)
+
+
+async def test_a_held_cut_is_joined_by_the_announced_request() -> None:
+    h = harness(max_batch_size=8, batching={})
+    first = await h.submit(1, 0)  # the cost is learned from it
+    await h.complete(infer_ns=RUN)
+    await first
+    coming = Announcement(h.queue)  # another client's request: its body is being read
+    h.clock.advance(GAP)
+    held = await h.submit(1, 1)
+    assert len(h.batches) == 1  # held for the announced one, up to the cap
+    h.clock.advance(GAP)
+    coming.release()
+    joined = await h.submit(1, 2)  # it arrived: the cut re-runs and takes both at once
+    assert h.batches[-1].tags == [1, 2]
+    await h.complete(infer_ns=RUN)
+    assert (await held)[1].queue_ns == GAP < CAP
+    assert (await joined)[1].batch_size == 2
 
 
 async def test_the_wait_leaves_a_timed_request_time_to_run() -> None:

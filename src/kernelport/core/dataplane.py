@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 
 from kernelport.core.backend import Arrays, RequestArrays
+from kernelport.core.batcher import ModelQueue
+from kernelport.core.fill import Announcement
 from kernelport.core.manager import ModelManager, ModelVersion
 from kernelport.core.memory import Compaction, OnDemandPool
 from kernelport.core.model_config import ModelConfig
@@ -197,6 +199,26 @@ class DataPlane:
         await self._manager.unload(name, unload_dependents)
 
     # --- inference -----------------------------------------------------------------------
+
+    def announce(self, name: str, version: str = "") -> Announcement | None:
+        """Count a request for ``name`` that a front end is still receiving or decoding in
+        its model queue's ``announced`` (a batch cut may wait for it: core/fill.py).
+
+        Release it just before calling :meth:`infer`, which queues the request (counted as
+        in flight from then on) before it first yields, unless it waits for an on-demand
+        model to load or runs a preprocess hook (announced on its own); or when the request
+        fails first. None, and nothing counted, for a model that is unknown,
+        hidden or not served by a dynamic batching queue: the real lookup in
+        :meth:`infer` gives the usual error.
+        """
+        try:
+            model = self._manager.get(name, version)
+        except ServerError:
+            return None
+        queue = model.queue
+        if model.config.hidden or not isinstance(queue, ModelQueue):
+            return None
+        return Announcement(queue)
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Validate, run (batched when the model batches) and return the requested outputs."""

@@ -7,10 +7,11 @@ batch has one row, even with 32 clients waiting. :class:`ArrivalModel` learns, p
 queue, two things about arrivals and from them how long a cut may wait:
 
 - **overlap**: the share of recent arrivals that found another request of the model in
-  flight (submitted to the queue, not yet answered) or announced (accepted by the data
-  plane, not yet queued). In a closed loop with one client a request arrives only after the
-  previous one was answered, so every sample is 0 and the share stays exactly 0: **at
-  concurrency 1 the batcher never waits.** With several clients most arrivals find company.
+  flight (submitted to the queue, not yet answered) or announced (being received or
+  decoded by a front end, or preprocessed: :class:`Announcement`; not yet queued). In a
+  closed loop with one client a request arrives only after the previous one was answered,
+  so every sample is 0 and the share stays exactly 0: **at concurrency 1 the batcher never
+  waits.** With several clients most arrivals find company.
 - **gap**: the recent inter-arrival time (an exponential moving average).
 
 A cut with room left in the batch (not full, no preferred size reachable) waits when
@@ -37,6 +38,7 @@ single-row runs of latency, once: it is not stranded, the timer cuts it.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 #: weight of the newest arrival in the moving averages (about the last 8 arrivals count)
 ALPHA = 0.125
@@ -48,6 +50,37 @@ OVERLAP = 0.25
 FACTOR = 4.0
 #: the hold in mean gaps: arrivals jitter about the mean, so one gap would miss half of them
 SLACK = 1.5
+
+
+class Counted(Protocol):
+    """A model queue's count of announced requests."""
+
+    announced: int
+
+
+class Announcement:
+    """One request counted in its model queue's ``announced`` until :meth:`release`.
+
+    A front end takes one (``DataPlane.announce``) as soon as it knows a request's model,
+    and releases it just before the request is submitted to the queue (then the request
+    is in flight, counted there) or when it fails first. :meth:`release` is idempotent,
+    so a front end may release on its path to the queue and again in a ``finally``.
+    """
+
+    __slots__ = ("_queue",)
+
+    def __init__(self, queue: Counted) -> None:
+        queue.announced += 1
+        self._queue: Counted | None = queue
+
+    def release(self) -> None:
+        queue = self._queue
+        if queue is not None:
+            self._queue = None
+            # No cut is re-run here: released on the way to submit(), that submit re-runs
+            # it with the request queued; released on a failure, a cut held for the
+            # request ends at the cap (hold_ns) at the latest.
+            queue.announced -= 1
 
 
 class ArrivalModel:

@@ -28,6 +28,7 @@ from google.protobuf import descriptor_pool
 from kernelport.errors import ErrorCode, ServerError
 from kernelport.protocols.auth import UNAUTHENTICATED_MESSAGE, Auth
 from kernelport.protocols.grpc import rpc, wire
+from kernelport.protocols.grpc.announce import MODEL_INFER, ConnectionModels
 from kernelport.protocols.grpc.errors import GRPC_STATUS
 from kernelport.protocols.inflate import OFF_LOOP_BYTES
 from kernelport.schema.pb import POOL
@@ -98,10 +99,11 @@ class CallContext:
 
 
 class _Route:
-    __slots__ = ("guarded", "handler", "method", "name")
+    __slots__ = ("announced", "guarded", "handler", "method", "name")
 
     def __init__(self, name: str, handler: Any, method: rpc.Method, guarded: bool) -> None:
         self.name, self.handler, self.method, self.guarded = name, handler, method, guarded
+        self.announced = False  # calls are announced to their model while being received
 
 
 class GrpcAsgiApp:
@@ -109,6 +111,7 @@ class GrpcAsgiApp:
 
     ``handlers``: more services as ``{service: {rpc: behaviour}}``, with their descriptors
     in ``pool`` (the standard health and reflection services, in protobuf's default pool).
+    ``models``: announces ModelInfer calls while they are received (``announce.py``).
     """
 
     def __init__(
@@ -118,9 +121,11 @@ class GrpcAsgiApp:
         auth: Auth,
         handlers: Mapping[str, Mapping[str, Any]] | None = None,
         pool: descriptor_pool.DescriptorPool = POOL,
+        models: ConnectionModels | None = None,
     ) -> None:
         self._limit = max_message_bytes
         self._auth = auth
+        self._models = models
         self._routes: dict[str, _Route] = {}
         services: list[tuple[str, Mapping[str, Any], descriptor_pool.DescriptorPool]] = [
             (service, _behaviours(servicer), POOL) for service, servicer in servicers.items()
@@ -132,6 +137,8 @@ class GrpcAsgiApp:
                 if handler is not None:  # the rest answer UNIMPLEMENTED, as grpcio does
                     guarded = auth.enabled and auth.protects_rpc(name)
                     self._routes[f"/{service}/{name}"] = _Route(name, handler, method, guarded)
+        if models is not None and (infer := self._routes.get(MODEL_INFER)) is not None:
+            infer.announced = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -173,7 +180,8 @@ class GrpcAsgiApp:
             if route.method.client_streaming or route.method.server_streaming:
                 await self._stream(route, context, deadline, encoding, receive, send)
             else:
-                await self._unary(route, context, deadline, encoding, receive, send)
+                connection = scope.get("client") if route.announced else None
+                await self._unary(route, context, deadline, encoding, receive, send, connection)
         except _Disconnected:
             pass
         except Exception as exc:
@@ -182,9 +190,20 @@ class GrpcAsgiApp:
 
     async def _unary(
         self, route: _Route, context: CallContext, deadline: float | None,
-        encoding: bytes | None, receive: Receive, send: Send,
+        encoding: bytes | None, receive: Receive, send: Send, connection: Any = None,
     ) -> None:  # fmt: skip
-        request = await self._read_one(route, encoding, receive)
+        models = self._models if route.announced else None
+        if models is None:
+            request = await self._read_one(route, encoding, receive)
+        else:
+            announced = models.begin(connection)
+            try:
+                request = await self._read_one(route, encoding, receive)
+            finally:
+                # Parsed (or failed): the handler decodes and queues it without yielding.
+                if announced is not None:
+                    announced.release()
+            models.parsed(connection, request)
         task = asyncio.current_task()
         assert task is not None
         watch = _Watch(task, receive)

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from kernelport.core.dataplane import DataPlane
+from kernelport.core.fill import Announcement
 from kernelport.core.model_config import triton_config
 from kernelport.core.shm import Kind, SharedMemoryRegistry
 from kernelport.errors import ErrorCode, ServerError, invalid
@@ -91,6 +92,11 @@ class RestApp:
         # Bytes as given, decoded only where read; the last of a repeated header wins.
         headers: dict[bytes, bytes] = dict(scope["headers"])
         method, path = scope["method"], scope["path"]
+        # Inference skips the route table: the hot path's only route, matched by hand.
+        target = _infer_target(path) if method == "POST" else None
+        # Its model's queue counts it from now until it is submitted: a batch cut may wait
+        # for it while its body is read and decoded (core/fill.py).
+        announced = self._dp.announce(*target) if target is not None else None
         try:
             body = await read_body(receive, headers, self._limits.max_request_bytes)
             raw_encoding = headers.get(b"content-encoding")
@@ -98,10 +104,8 @@ class RestApp:
                 encoding = raw_encoding.decode("latin-1").strip().lower()
                 if encoding not in ("", "identity"):
                     body = await decompress(body, encoding, self._limits.max_inflated_bytes)
-            # Inference skips the route table: the hot path's only route, matched by hand.
-            target = _infer_target(path) if method == "POST" else None
             if target is not None:
-                work = self._infer(target[0], target[1], headers, body)
+                work = self._infer(target[0], target[1], headers, body, announced)
                 response = await _unless_disconnected(work, receive, scope)
             elif method == "POST" and (found := generate.ROUTE.match(path)) is not None:
                 # answered as it streams: no Response to send here
@@ -118,6 +122,9 @@ class RestApp:
         except Exception:
             log.exception("unhandled error on %s %s", method, path)
             response = error_response(500, "internal server error")
+        finally:
+            if announced is not None:  # failed, or cancelled, before it was submitted
+                announced.release()
         response.headers.append((b"content-length", str(len(response.body)).encode()))
         await send(
             {"type": "http.response.start", "status": response.status, "headers": response.headers}
@@ -208,7 +215,14 @@ class RestApp:
             return json_response(triton_config(dp.model_config(model, version)))
         return json_response(statistics_json(dp.model_statistics(model, version)))
 
-    async def _infer(self, model: str, version: str, headers: RawHeaders, body: bytes) -> Response:
+    async def _infer(
+        self,
+        model: str,
+        version: str,
+        headers: RawHeaders,
+        body: bytes,
+        announced: Announcement | None = None,
+    ) -> Response:
         context = self._telemetry.request(
             "http", model, version, where="inference", log=log, traced=True,
             header_id=lambda: headers.get(b"x-request-id", b"").decode("latin-1"),
@@ -231,6 +245,8 @@ class RestApp:
             context.identify(request.id)
             if trace is not None:
                 trace.decoded()
+            if announced is not None:
+                announced.release()  # infer() queues it before it yields: in flight there
             response = await self._dp.infer(request)
             if trace is not None:
                 trace.inferred(response)
