@@ -78,8 +78,8 @@ class Batch:
     def tags(self) -> list[float]:
         return [float(p["x"].flat[0]) for p in self.parts]
 
-    def complete(self, infer_ns: int = 1000) -> None:
-        self.future.set_result(BatchResult(list(self.parts), 0, infer_ns, 0))  # echo
+    def complete(self, infer_ns: int = 1000, waited_ns: int = 0) -> None:
+        self.future.set_result(BatchResult(list(self.parts), 0, infer_ns, 0, waited_ns))  # echo
 
     def fail(self, error: Exception) -> None:
         self.future.set_exception(error)
@@ -181,6 +181,15 @@ async def test_a_worker_process_takes_a_full_batch_ahead_but_never_one_that_can_
     await h.complete(2)
     answers = [(await t)[0]["x"][:, 0].tolist() for t in (first, half, other, last)]
     assert answers == [[1] * 4, [2, 2], [3, 3], [4] * 4]
+
+
+async def test_time_a_batch_waited_in_its_worker_counts_as_queue_time() -> None:
+    h = harness(depth=2, batching={})
+    task = await h.submit(4, 1)
+    h.clock.advance(5_000)
+    h.batches[0].complete(waited_ns=70_000)
+    await turn()
+    assert (await task)[1].queue_ns == 70_000  # cut at once, then 70 µs behind another
 
 
 async def test_instance_threads_never_take_a_batch_ahead() -> None:

@@ -88,5 +88,9 @@ async def test_the_execution_timeout_counts_from_a_held_batchs_start(tmp_path: P
         for x, result in zip(xs, results, strict=True):
             np.testing.assert_array_equal(result.outputs[0]["OUTPUT0"], x * 2)
         assert pool.restarts == 0
+        # The wait behind the first batch is reported (the statistics count it as queue
+        # time), and the first waited for nothing.
+        assert results[0].waited_ns == 0
+        assert results[1].waited_ns >= 1.4e9
     finally:
         await manager.close()

@@ -443,7 +443,7 @@ class ModelQueue:
                     self._resolve(pending, None, outputs)
                     continue
                 timings = Timings(
-                    batch.started_ns - pending.enqueued_ns,
+                    batch.started_ns - pending.enqueued_ns + result.waited_ns,
                     result.input_ns,
                     result.infer_ns,
                     result.output_ns,

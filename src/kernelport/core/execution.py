@@ -56,6 +56,9 @@ class BatchResult:
     input_ns: int
     infer_ns: int
     output_ns: int
+    #: how long the batch waited in a worker process behind its instance's running batch
+    #: (``ProcessPool.depth``): queue time, as far as the statistics are concerned
+    waited_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)

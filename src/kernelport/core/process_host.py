@@ -71,7 +71,9 @@ class _InFlight:
     input_offset: int | None
     input_ns: int
     instance: int
+    sent_ns: int
     timer: asyncio.TimerHandle | None = None
+    waited_ns: int = 0  # behind the instance's running batch, in the worker
 
 
 class ProcessHost:
@@ -215,7 +217,8 @@ class ProcessHost:
         t0 = time.perf_counter_ns()
         refs, tail, offset = self._place(parts, config)
         batch = self._next_batch = (self._next_batch + 1) & 0xFFFFFFFF
-        job = _InFlight(future, counts, offset, time.perf_counter_ns() - t0, instance)
+        sent = time.perf_counter_ns()
+        job = _InFlight(future, counts, offset, sent - t0, instance, sent)
         self._in_flight[batch] = job
         line = self._lines[instance]
         line.append(batch)
@@ -290,6 +293,8 @@ class ProcessHost:
         with contextlib.suppress(ValueError):
             line.remove(batch)
         if running and line and (following := self._in_flight.get(line[0])) is not None:
+            # It starts about now (the worker began it as this one's reply went out).
+            following.waited_ns = time.perf_counter_ns() - following.sent_ns
             self._started(line[0], following)
         self._release(job)
         return job
@@ -418,7 +423,7 @@ class ProcessHost:
             job.future.set_exception(exc)
             return
         output_ns = time.perf_counter_ns() - t0
-        job.future.set_result(BatchResult(split, job.input_ns, infer_ns, output_ns))
+        job.future.set_result(BatchResult(split, job.input_ns, infer_ns, output_ns, job.waited_ns))
 
     def _on_ready(self, hooks: list[list[str]]) -> None:
         self.up = True
