@@ -17,7 +17,6 @@ import collections
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import socket
@@ -29,19 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from kernelport.core import shm
 from kernelport.core.arena import Allocator, Arena, ArenaLayout
 from kernelport.core.backend import Arrays
 from kernelport.core.execution import BatchResult, split_rows
 from kernelport.core.model_config import ModelConfig
+from kernelport.core.placement import WorkerRegions, place_inputs
 from kernelport.core.wire import (
-    INLINE_MAX,
     Frame,
     FrameReader,
     Kind,
     TensorRef,
-    dtype_code,
     frame_bytes,
     json_body,
     pack_refs,
@@ -50,7 +47,6 @@ from kernelport.core.wire import (
     unpack_timing,
 )
 from kernelport.errors import ErrorCode, ServerError, unavailable
-from kernelport.types import serialize_bytes_tensor
 
 log = logging.getLogger("kernelport.workers")
 
@@ -116,6 +112,8 @@ class ProcessHost:
         self._restart: asyncio.TimerHandle | None = None
         self._ever_up = False
         self._watch: asyncio.Task[None] | None = None  # referenced: a task may be GC'd
+        self._regions = WorkerRegions(self._loop, self._send, self._queue)
+        shm.subscribe(self._regions)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -140,6 +138,7 @@ class ProcessHost:
         self._sock = ours
         self._reader = FrameReader()
         self._outbox.clear()
+        self._regions.reset()
         self._ready = self._loop.create_future()
         init = {
             "config": self.config.model_dump(mode="json"),
@@ -171,6 +170,7 @@ class ProcessHost:
         Called on a thread (it waits for the process), after the queue has drained."""
         self._stopping = True
         self.up = False
+        shm.unsubscribe(self._regions)
         proc, sock = self._proc, self._sock
         if self._restart is not None:
             self._loop.call_soon_threadsafe(self._restart.cancel)
@@ -235,47 +235,15 @@ class ProcessHost:
         of at most :data:`INLINE_MAX` bytes)."""
         if len(parts) > 1 and not config.batching:
             raise AssertionError("only batching models run several requests at once")
-        names = list(parts[0])
-        shapes = {}
-        total = 0
-        for name in names:
-            first = parts[0][name]
-            rows = sum(p[name].shape[0] for p in parts) if len(parts) > 1 else None
-            shapes[name] = first.shape if rows is None else (rows, *first.shape[1:])
-            if first.dtype != np.object_:
-                total += _aligned(math.prod(shapes[name]) * first.dtype.itemsize)
-        offset = self._inputs.alloc(total) if total > INLINE_MAX else None
+        # One request's inputs that lie in a client's system region: the worker reads them
+        # from its own mapping of it (concatenating several requests needs the copy anyway).
+        in_region = (
+            self._regions.find(parts[0], self._sock, bool(self._outbox))
+            if len(parts) == 1 and shm.registered()
+            else {}
+        )
         assert self._arena is not None
-        view = self._arena.view
-        refs: list[TensorRef] = []
-        tail: list[bytes] = []
-        at = offset or 0
-        inline_at = 0
-        for name in names:
-            first = parts[0][name]
-            shape = shapes[name]
-            if offset is not None and first.dtype != np.object_:
-                count = math.prod(shape)
-                nbytes = count * first.dtype.itemsize
-                target = np.frombuffer(view, first.dtype, count, at).reshape(shape)
-                if len(parts) == 1:
-                    np.copyto(target, first)
-                else:
-                    np.concatenate([p[name] for p in parts], out=target)
-                refs.append(TensorRef(name, dtype_code(first.dtype), shape, False, at, nbytes))
-                at += _aligned(nbytes)
-                continue
-            joined = first if len(parts) == 1 else np.concatenate([p[name] for p in parts])
-            if joined.dtype == np.object_:
-                raw = serialize_bytes_tensor(joined)
-                dtype = "BYTES"
-            else:
-                raw = joined.tobytes()  # C order whatever the strides
-                dtype = dtype_code(joined.dtype)
-            refs.append(TensorRef(name, dtype, shape, True, inline_at, len(raw)))
-            tail.append(raw)
-            inline_at += len(raw)
-        return refs, tail, offset
+        return place_inputs(parts, in_region, self._arena.view, self._inputs)
 
     def _started(self, batch: int, job: _InFlight) -> None:
         """``batch`` is its instance's running batch now: its execution timeout starts."""
@@ -350,8 +318,13 @@ class ProcessHost:
         except OSError:
             return  # the process is gone: its EOF is on the way to _on_readable
         if sent < len(data):
-            self._outbox += data[sent:]
-            self._loop.add_writer(self._sock.fileno(), self._flush)
+            self._queue(data[sent:])
+
+    def _queue(self, rest: bytes) -> None:
+        """Send ``rest`` (the end of a frame the socket took in part) once it drains."""
+        assert self._sock is not None
+        self._outbox += rest
+        self._loop.add_writer(self._sock.fileno(), self._flush)
 
     def _flush(self) -> None:
         assert self._sock is not None
@@ -525,7 +498,3 @@ def _json(body: memoryview) -> dict[str, Any]:
     value = json.loads(bytes(body))
     assert isinstance(value, dict)
     return value
-
-
-def _aligned(n: int) -> int:
-    return (n + 63) // 64 * 64

@@ -19,13 +19,17 @@ so a request in flight never reads freed memory: Triton's "a region in use stays
 
 from __future__ import annotations
 
+import itertools
 import logging
 import mmap
 import os
 import stat
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
+
+import numpy as np
 
 from kernelport.errors import ErrorCode, ServerError, invalid, not_found
 from kernelport.types import Parameters, SharedMemoryRef, Tensor, tensor_bytes
@@ -74,11 +78,81 @@ class CudaIpc(Protocol):
     def open(self, raw_handle: bytes, device_id: int, byte_size: int) -> CudaMemory: ...
 
 
-class _SystemRegion:
-    __slots__ = ("byte_size", "key", "map", "offset")
+@dataclass(frozen=True, slots=True)
+class RegionRecord:
+    """What a worker process needs to map a system region itself (``core/process_host.py``).
 
-    def __init__(self, key: str, offset: int, byte_size: int, mapping: mmap.mmap) -> None:
+    ``ident`` is the object's (st_dev, st_ino) at registration: a key re-created since then
+    names another object, which must not be handed out in this region's place."""
+
+    id: int  # never reused in this process
+    path: str
+    ident: tuple[int, int]
+    address: int  # where the server's mapping starts
+    length: int  # bytes mapped, from the object's start
+
+
+class RegionListener(Protocol):
+    def region_gone(self, region_id: int) -> None: ...
+
+
+_ids = itertools.count(1)
+# Keyed by the mapping itself, weakly: a mapping kept alive by a view after unregister drops
+# its record with it (and unregister drops it at once, so nothing new is sent from it).
+_records: weakref.WeakKeyDictionary[mmap.mmap, RegionRecord] = weakref.WeakKeyDictionary()
+_listeners: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def subscribe(listener: RegionListener) -> None:
+    """Tell ``listener`` of each system region unregistered (held weakly)."""
+    _listeners.add(listener)
+
+
+def unsubscribe(listener: RegionListener) -> None:
+    _listeners.discard(listener)
+
+
+def registered() -> bool:
+    """Whether any system region is registered in this process (a cheap test first)."""
+    return bool(_records)
+
+
+def locate(array: np.ndarray[Any, Any]) -> tuple[RegionRecord, int] | None:
+    """The registered system region ``array`` lies in, and its offset in the mapping; None
+    when it is not a contiguous view wholly inside one."""
+    if not array.flags.c_contiguous or array.dtype.hasobject:
+        return None
+    owner: Any = array.base
+    # numpy points a view's base at the first array that does not view another array, so
+    # this loop runs once or twice; the buffer under it is the memoryview decode made.
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    if isinstance(owner, memoryview):
+        owner = owner.obj
+    if not isinstance(owner, mmap.mmap):
+        return None
+    record = _records.get(owner)
+    if record is None:
+        return None
+    start = array.__array_interface__["data"][0] - record.address
+    if start < 0 or start + array.nbytes > record.length:
+        return None
+    return record, start
+
+
+class _SystemRegion:
+    __slots__ = ("byte_size", "key", "map", "offset", "record")
+
+    def __init__(
+        self, key: str, offset: int, byte_size: int, mapping: mmap.mmap, path: str,
+        ident: tuple[int, int],
+    ) -> None:  # fmt: skip
         self.key, self.offset, self.byte_size, self.map = key, offset, byte_size, mapping
+        probe = np.frombuffer(mapping, np.uint8, 1)
+        address = probe.ctypes.data
+        del probe  # no export may outlive this: close() must be able to unmap
+        self.record = RegionRecord(next(_ids), path, ident, address, offset + byte_size)
+        _records[mapping] = self.record
 
     def read(self, offset: int, size: int) -> memoryview:
         start = self.offset + offset
@@ -96,6 +170,9 @@ class _SystemRegion:
         return write
 
     def close(self) -> None:
+        _records.pop(self.map, None)
+        for listener in list(_listeners):
+            listener.region_gone(self.record.id)
         try:
             self.map.close()
         except BufferError:
@@ -227,7 +304,8 @@ class SharedMemoryRegistry:
             mapping = mmap.mmap(fd, offset + byte_size, mmap.MAP_SHARED)
         finally:
             os.close(fd)  # the mapping holds its own reference to the object
-        self._regions[name] = _SystemRegion(key, offset, byte_size, mapping)
+        ident = (info.st_dev, info.st_ino)
+        self._regions[name] = _SystemRegion(key, offset, byte_size, mapping, path, ident)
 
     def register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
         self._admit(name)

@@ -2,22 +2,27 @@
 
 Small and fixed: a frame is ``u32 length | u8 kind | u32 batch | u16 instance | body``.
 Tensors travel as descriptors (name, numpy dtype string, shape, where the bytes are); the
-bytes sit in the shared arena, or in the frame's tail when they are small (``INLINE_MAX``)
-or did not fit. Nothing is pickled: a worker runs user code, and the server must never
-unpickle what it sends.
+bytes sit in the shared arena, in the frame's tail when they are small (``INLINE_MAX``)
+or did not fit, or in a client's system shared-memory region that the worker mapped from a
+descriptor sent once (REGION, ``SCM_RIGHTS``) and unmaps on FORGET. Nothing is pickled:
+a worker runs user code, and the server must never unpickle what it sends.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import json
+import mmap
 import socket
 import struct
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from kernelport.core.backend import Arrays
+from kernelport.errors import ErrorCode, ServerError
 from kernelport.types import deserialize_bytes_tensor, serialize_bytes_tensor
 
 FRAME = struct.Struct("<IBIH")  # length of the rest, kind, batch id, instance
@@ -27,6 +32,9 @@ _COUNT = struct.Struct("<H")
 # so a tensor costs two struct calls each way, not one per field.
 _HEAD = struct.Struct("<HBB")
 _TIMING = struct.Struct("<Q")
+REGION_BODY = struct.Struct("<QQ")  # region id, bytes to map from the object's start
+FORGET_BODY = struct.Struct("<Q")  # region id
+_FD_SPACE = socket.CMSG_SPACE(16 * 4)  # room for the descriptors of a few REGION frames
 READ_CHUNK = 1 << 16  # a reader's buffer; it grows for a frame that does not fit
 # Tensors of a batch that come to at most this many bytes travel in the frame, not the
 # arena: copying a few KiB through the socket costs less than the arena's bookkeeping
@@ -42,10 +50,13 @@ class Kind(enum.IntEnum):
     BATCH = 4  # server -> worker: inputs
     RESULT = 5  # worker -> server: infer_ns and outputs
     ERROR = 6  # worker -> server, JSON: code and message of a failed batch
+    REGION = 7  # server -> worker, REGION_BODY + one descriptor: map a client region
+    FORGET = 8  # server -> worker, FORGET_BODY: that region was unregistered
 
 
 class TensorRef(NamedTuple):
-    """Where one tensor's bytes are: ``offset`` into the arena, or into the frame's tail.
+    """Where one tensor's bytes are: ``offset`` into the arena, into the frame's tail, or
+    (``region`` > 0) into that client region's mapping.
 
     A tuple, not a dataclass: one is made per tensor per batch on both sides."""
 
@@ -55,6 +66,7 @@ class TensorRef(NamedTuple):
     inline: bool
     offset: int
     nbytes: int
+    region: int = 0
 
 
 class Frame(NamedTuple):
@@ -105,9 +117,14 @@ class FrameReader:
     8.6 µs against 0.8 µs for ``recv_into``); this buffer is made once and grows only for a
     frame larger than it (back to its first size once empty). Each frame's body is still a
     copy of its own, as with :func:`parse_frames`: the buffer is overwritten by the next
-    read."""
+    read.
 
-    def __init__(self, size: int = READ_CHUNK) -> None:
+    With ``fds`` (the worker's end) it receives with ``recvmsg_into`` and keeps the
+    descriptors that come with REGION frames in :attr:`fds`, in order: a plain receive would
+    have the kernel close them."""
+
+    def __init__(self, size: int = READ_CHUNK, fds: bool = False) -> None:
+        self.fds: collections.deque[int] | None = collections.deque() if fds else None
         self._size = size
         self._buf = bytearray(size)
         self._view = memoryview(self._buf)
@@ -119,11 +136,22 @@ class FrameReader:
         socket with nothing to read raises :class:`BlockingIOError` as ``recv`` does."""
         if self._end == len(self._buf):
             self._make_room()
-        n = sock.recv_into(self._view[self._end :])
+        if self.fds is None:
+            n = sock.recv_into(self._view[self._end :])
+        else:
+            n = self._receive(sock, self.fds)
         if not n:
             return None
         self._end += n
         return self._parse()
+
+    def _receive(self, sock: socket.socket, fds: collections.deque[int]) -> int:
+        n, ancillary, _, _ = sock.recvmsg_into([self._view[self._end :]], _FD_SPACE)
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(data) - len(data) % 4
+                fds.extend(memoryview(data)[:usable].cast("i"))
+        return n
 
     @property
     def full(self) -> bool:
@@ -174,12 +202,12 @@ class FrameReader:
 
 def pack_refs(refs: list[TensorRef]) -> bytes:
     out = [_COUNT.pack(len(refs))]
-    for name, dtype, shape, inline, offset, nbytes in refs:
+    for name, dtype, shape, inline, offset, nbytes, region in refs:
         name_b = name.encode()
         dtype_b = dtype.encode()
         layout = _ref_struct(len(name_b), len(dtype_b), len(shape))
         out.append(layout.pack(len(name_b), len(dtype_b), len(shape), name_b, dtype_b, *shape,
-                               inline, offset, nbytes))  # fmt: skip
+                               inline, offset, nbytes, region))  # fmt: skip
     return b"".join(out)
 
 
@@ -193,9 +221,9 @@ def unpack_refs(body: memoryview, pos: int = 0) -> tuple[list[TensorRef], int]:
         layout = _ref_struct(n_name, n_dtype, ndim)
         fields = layout.unpack_from(body, pos)
         pos += layout.size
-        inline, offset, nbytes = fields[-3:]
-        refs.append(TensorRef(_text(fields[3]), _text(fields[4]), fields[5:-3], bool(inline),
-                              offset, nbytes))  # fmt: skip
+        inline, offset, nbytes, region = fields[-4:]
+        refs.append(TensorRef(_text(fields[3]), _text(fields[4]), fields[5:-4], bool(inline),
+                              offset, nbytes, region))  # fmt: skip
     return refs, pos
 
 
@@ -211,7 +239,7 @@ def _ref_struct(n_name: int, n_dtype: int, ndim: int) -> struct.Struct:
     if layout is None:
         if len(_STRUCTS) >= _CACHE_MAX:
             _STRUCTS.clear()
-        layout = _STRUCTS[key] = struct.Struct(f"<HBB{n_name}s{n_dtype}s{ndim}qBQQ")
+        layout = _STRUCTS[key] = struct.Struct(f"<HBB{n_name}s{n_dtype}s{ndim}qBQQQ")
     return layout
 
 
@@ -289,11 +317,25 @@ def place_arrays(
     return refs, tail
 
 
-def read_arrays(refs: list[TensorRef], view: memoryview, tail: memoryview, copy: bool) -> Arrays:
-    """numpy arrays for ``refs``: views of the arena (or copies of it when ``copy``)."""
+def read_arrays(
+    refs: list[TensorRef],
+    view: memoryview,
+    tail: memoryview,
+    copy: bool,
+    regions: Mapping[int, mmap.mmap] | None = None,
+) -> Arrays:
+    """numpy arrays for ``refs``: views of the arena (or copies of it when ``copy``), and
+    read-only views of the client ``regions`` mapped here."""
     out: Arrays = {}
     for ref in refs:
-        source = tail if ref.inline else view
+        source: Any = tail if ref.inline else view
+        if ref.region:
+            source = regions.get(ref.region) if regions is not None else None
+            if source is None:
+                raise ServerError(
+                    ErrorCode.INTERNAL,
+                    f"input '{ref.name}': its shared memory region is not mapped in the worker",
+                )
         if ref.dtype == BYTES:
             raw = source[ref.offset : ref.offset + ref.nbytes]
             out[ref.name] = deserialize_bytes_tensor(raw, ref.name).reshape(ref.shape)

@@ -33,7 +33,9 @@ from kernelport.core.execution import HOOKS
 from kernelport.core.model_config import ModelConfig
 from kernelport.core.reshape import ReshapedInstance, framework_config, has_reshape
 from kernelport.core.wire import (
+    FORGET_BODY,
     INLINE_MAX,
+    REGION_BODY,
     Frame,
     FrameReader,
     Kind,
@@ -85,12 +87,15 @@ def main(argv: list[str]) -> int:
     for runner in runners if alone is None else ():
         runner.start()
     while (batch := channel.next()) is not None:
-        if batch.kind is not Kind.BATCH or batch.instance >= len(runners):
+        if batch.kind is not Kind.BATCH:
+            link.control(batch)
+        elif batch.instance >= len(runners):
             continue
-        if alone is not None:
-            alone.handle(link, batch)
+        elif alone is not None:
+            alone.handle(link, batch, link.regions)
         else:
-            runners[batch.instance].jobs.put((link, batch))
+            runners[batch.instance].jobs.put((link, batch, link.regions))
+    link.close()
     return stop_runners(runners, config.name)
 
 
@@ -155,7 +160,7 @@ class Channel:
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(True)
         self._sock = sock
-        self._reader = FrameReader()
+        self._reader = FrameReader(fds=True)
         self._frames: collections.deque[Frame] = collections.deque()
         self._lock = threading.Lock()
 
@@ -166,6 +171,15 @@ class Channel:
                 return None
             self._frames.extend(frames)
         return self._frames.popleft()
+
+    def take_fd(self) -> int | None:
+        """The next descriptor received (each REGION frame brings one, in order)."""
+        fds = self._reader.fds
+        return fds.popleft() if fds else None
+
+    def close_fds(self) -> None:
+        while (fd := self.take_fd()) is not None:
+            os.close(fd)
 
     def send(self, data: bytes) -> None:
         # OSError: the server is gone; the main thread sees EOF and exits
@@ -185,6 +199,35 @@ class Link:
     closed: bool = False  # its server went away: its queued batches are dropped
     #: batches run so far per instance: which of its slots the next one writes
     turns: dict[int, int] = field(default_factory=dict)
+    #: client regions mapped (REGION) by id. Replaced, never changed in place: a queued
+    #: batch holds the one current when it arrived, so a FORGET after it cannot unmap what
+    #: it will read (a mapping is unmapped when its last holder lets go of it).
+    regions: dict[int, mmap.mmap] = field(default_factory=dict)
+
+    def control(self, message: Frame) -> None:
+        """REGION and FORGET (on the thread that reads the socket)."""
+        if message.kind is Kind.REGION:
+            fd = self.channel.take_fd()
+            if fd is None:  # cannot happen with our server; its batches fail cleanly
+                return
+            region, length = REGION_BODY.unpack_from(message.body)
+            try:
+                mapping = mmap.mmap(fd, length, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as exc:  # e.g. truncated since: batches fail
+                log.warning("cannot map a shared memory region: %s", exc)
+                return
+            finally:
+                os.close(fd)  # the mapping holds the object
+            self.regions = {**self.regions, region: mapping}
+        elif message.kind is Kind.FORGET:
+            (region,) = FORGET_BODY.unpack_from(message.body)
+            # No close(): a batch still queued may hold it; dropping ours unmaps it now when
+            # nothing else does, else with the last batch that reads it.
+            self.regions = {k: v for k, v in self.regions.items() if k != region}
+
+    def close(self) -> None:
+        self.channel.close_fds()
+        self.regions = {}
 
     def output_base(self, instance: int) -> int:
         """The slot for ``instance``'s next batch (only its own runner thread calls this)."""
@@ -194,6 +237,10 @@ class Link:
         return self.input_bytes + slot * self.slot_bytes
 
 
+Regions = dict[int, mmap.mmap]
+Job = tuple[Link, Frame, Regions]  # a batch, its front end's link and mapped regions
+
+
 @dataclass
 class Runner:
     config: ModelConfig
@@ -201,7 +248,7 @@ class Runner:
     index: int
 
     def __post_init__(self) -> None:
-        self.jobs: queue.SimpleQueue[tuple[Link, Frame] | None] = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         name = f"{self.config.name}_{self.index}"
         self.thread = threading.Thread(target=self._serve, name=name, daemon=True)
 
@@ -213,10 +260,10 @@ class Runner:
             if not job[0].closed:
                 self.handle(*job)
 
-    def handle(self, link: Link, job: Frame) -> None:
+    def handle(self, link: Link, job: Frame, regions: Regions) -> None:
         """Run one batch and send its reply; the model's errors become the reply."""
         try:
-            reply = self._run(link, job)
+            reply = self._run(link, job, regions)
         except ServerError as exc:
             reply = self._error(job, exc.code, exc.message)
         except Exception as exc:
@@ -227,9 +274,9 @@ class Runner:
             reply = self._error(job, ErrorCode.INTERNAL, message)
         link.channel.send(reply)
 
-    def _run(self, link: Link, job: Frame) -> bytes:
+    def _run(self, link: Link, job: Frame, regions: Regions) -> bytes:
         refs, pos = unpack_refs(job.body)
-        inputs = read_arrays(refs, link.view, job.body[pos:], copy=False)
+        inputs = read_arrays(refs, link.view, job.body[pos:], copy=False, regions=regions)
         t0 = time.perf_counter_ns()
         outputs = self.instance.execute(inputs)
         infer_ns = time.perf_counter_ns() - t0

@@ -90,11 +90,14 @@ class _Shared:
             return
         runners = self._runners
         while (batch := channel.next()) is not None:
-            if batch.kind is Kind.BATCH and batch.instance < len(runners):
-                runners[batch.instance].jobs.put((link, batch))
-        # Its queued batches are skipped; the arena is unmapped when the last one running
-        # drops its views (reference counting).
+            if batch.kind is not Kind.BATCH:
+                link.control(batch)  # its regions: ids are per front end
+            elif batch.instance < len(runners):
+                runners[batch.instance].jobs.put((link, batch, link.regions))
+        # Its queued batches are skipped; the arena and its regions are unmapped when the
+        # last one running drops its views (reference counting).
         link.closed = True
+        link.close()
         conn.close()
 
     def _hello(self, channel: Channel, arena_fd: int) -> Link | None:
