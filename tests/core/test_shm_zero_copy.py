@@ -20,6 +20,7 @@ from helpers import load_repository, write_model
 from kernelport.core import shm
 from kernelport.core.execution import BatchResult
 from kernelport.core.manager import ModelManager
+from kernelport.core.placement import WorkerRegions
 from kernelport.core.process_pool import ProcessPool
 from kernelport.core.shm import SharedMemoryRegistry
 from kernelport.core.wire import (
@@ -242,3 +243,36 @@ def test_region_descriptors_and_frames_with_descriptors(tmp_path: Path) -> None:
         fd = reader.fds.popleft()
         assert os.read(fd, 4) == data[:4]
         os.close(fd)
+
+
+async def test_a_region_that_cannot_be_handed_on_is_copied(key: str) -> None:
+    loop = asyncio.get_running_loop()
+    sent: list[bytes] = []
+    regions = SharedMemoryRegistry()
+    regions.register_system("r", key, 0, NBYTES)
+    x = {"INPUT0": _input(regions, "r")}
+    record = shm.locate(x["INPUT0"])
+    assert record is not None
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        worker = WorkerRegions(loop, sent.append, sent.append)
+        assert worker.find(x, None, False) == {}  # no process
+        assert worker.find(x, ours, True) == {}  # bytes queued: the descriptor must wait
+        assert worker.find(x, ours, False) == {"INPUT0": (record[0].id, 0)}
+        assert worker.find(x, ours, False) == {"INPUT0": (record[0].id, 0)}  # sent once
+        reader = FrameReader(fds=True)
+        frames = reader.read(theirs)
+        assert frames is not None and [f.kind for f in frames] == [Kind.REGION]
+        assert reader.fds is not None and len(reader.fds) == 1
+        os.close(reader.fds.popleft())
+        worker.reset()
+        (SHM / key).unlink()  # gone from /dev/shm: it cannot be opened again
+        assert worker.find(x, ours, False) == {}
+        assert worker.find(x, ours, False) == {}  # refused, not tried again
+        worker.region_gone(record[0].id)
+        await asyncio.sleep(0)
+        assert sent == []  # this process never had it: no FORGET
+    closed = asyncio.new_event_loop()
+    closed.close()
+    WorkerRegions(closed, sent.append, sent.append).region_gone(1)  # no loop: nothing to do
+    regions.close()
