@@ -171,20 +171,34 @@ async def test_an_unsupported_encoding_is_unimplemented(app: GrpcAsgiApp) -> Non
         (frame(b"abc")[:-1], b"a unary call takes one request message, got 0 and part of another"),
     ],
 )
+@pytest.mark.parametrize("whole", [False, True])
 async def test_a_unary_call_needs_exactly_one_message(
-    app: GrpcAsgiApp, body: bytes, message: bytes
+    app: GrpcAsgiApp, body: bytes, message: bytes, whole: bool
 ) -> None:
-    out = trailers_only(await call(app, INFERENCE + "ServerLive", chunks(body, 3)))
+    # whole: the body in one last event, as a client that ends the stream with its message
+    events = [{"type": "http.request", "body": body}] if whole else chunks(body, 3)
+    out = trailers_only(await call(app, INFERENCE + "ServerLive", events))
     assert (out.code, out.message) == (INTERNAL, message)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+async def test_a_whole_body_in_one_event_is_one_message(app: GrpcAsgiApp, compressed: bool) -> None:
+    data = infer_request([1, 2]).SerializeToString()
+    body = frame(zlib.compress(data), True) if compressed else frame(data)
+    headers = [(b"grpc-encoding", b"deflate")] if compressed else []
+    events = [{"type": "http.request", "body": body, "more_body": False}]
+    out = reply(await call(app, INFERENCE + "ModelInfer", events, headers))
+    assert values(out.message_of(msgs.ModelInferResponse)) == [1, 2]
 
 
 async def test_messages_over_the_limit_are_resource_exhausted(dp: DataPlane) -> None:
     app = make_app(dp, limit=64)
     request = frame(infer_request([1, 2], "x" * 80))
-    out = trailers_only(await call(app, INFERENCE + "ModelInfer", request))
     size = len(request) - 5
-    assert out.code == CODE["RESOURCE_EXHAUSTED"]
-    assert out.message == b"Received message larger than max (%d vs. 64)" % size
+    for events in (request, [{"type": "http.request", "body": request}]):  # in one event too
+        out = trailers_only(await call(app, INFERENCE + "ModelInfer", events))
+        assert out.code == CODE["RESOURCE_EXHAUSTED"]
+        assert out.message == b"Received message larger than max (%d vs. 64)" % size
     # An answer over the limit is refused too, with the direction in the words.
     out = trailers_only(await call(app, INFERENCE + "ServerMetadata", frame(b"")))
     assert out.message.startswith(b"Sent message larger than max (")
@@ -357,6 +371,40 @@ async def test_a_client_that_disconnects_has_its_work_dropped(
     assert reply(await busy).code == 0
     assert slow_stats(dp) == (1, 1)
     assert dp.in_flight == 0
+
+
+async def test_a_call_is_watched_from_the_second_tick_after_it_began(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(asgi, "POLL_S", 3600.0)  # the ticks below are the only ones
+    watches = asgi._Watches(asyncio.get_running_loop())
+
+    def tick() -> None:  # the timer fires
+        assert watches._handle is not None
+        watches._handle.cancel()
+        watches._on_tick()
+
+    calls = [asyncio.create_task(asyncio.Event().wait()) for _ in range(3)]
+    clients = [Driver([]) for _ in calls]
+    first = watches.add(calls[0], clients[0].receive)
+    quick = watches.add(calls[2], clients[2].receive)
+    tick()
+    second = watches.add(calls[1], clients[1].receive)
+    quick.stop()  # most calls: done before they are watched
+    tick()
+    await clients[0].asked(1)  # the first call has run at least a tick's length: watched
+    await asyncio.sleep(0)
+    assert [c.asks for c in clients] == [1, 0, 0]
+    clients[0].gone.set()  # its client resets the stream: the call is cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await calls[0]
+    assert first.gone and not second.gone
+    second.stop()
+    tick()  # nothing left to watch: the timer stops
+    assert watches._handle is None
+    assert [c.asks for c in clients] == [1, 0, 0]
+    for task in calls:
+        task.cancel()
 
 
 async def test_a_cancelled_call_is_cancelled_not_answered(app: GrpcAsgiApp, dp: DataPlane) -> None:

@@ -15,7 +15,7 @@ from kernelport.errors import ErrorCode, ServerError
 from kernelport.limits import Limits
 from kernelport.protocols.grpc import codec, kernelport_v1
 from kernelport.schema import pb
-from kernelport.types import InferResponse, RequestedOutput, Tensor
+from kernelport.types import InferResponse, RequestedOutput, SharedMemoryRef, Tensor
 
 msgs = pb.inference
 v1 = pb.kernelport_v1
@@ -241,6 +241,57 @@ def test_an_encoded_response_decodes_back_as_a_request() -> None:
     msg = _request(raw_input_contents=out.raw_output_contents)
     msg.inputs.add(name="y", datatype="INT16", shape=out.outputs[0].shape)
     assert codec.decode_request(msg).inputs[0].data.tolist() == y.tolist()
+
+
+_RESPONSES = {
+    "every field": InferResponse(
+        "m", "2", "r-\u00e9",
+        [Tensor("y", "FP32", (1, 2), np.array([[1.5, 2.5]], np.float32)),
+         Tensor("s", "BYTES", (2,), np.array([b"\xff", b""], dtype=object)),
+         Tensor("h", "BF16", (1,), np.array([1.0], dtype=ml_dtypes.bfloat16)),
+         Tensor("scalar", "INT64", (), np.array(7, np.int64)),
+         Tensor("none", "FP32", (0, 300), np.zeros((0, 300), np.float32)),
+         Tensor("", "UINT8", (200,), np.arange(200, dtype=np.uint8))],
+    ),
+    "empty strings": InferResponse("", "", "", []),
+    "big": InferResponse("m", "", "", [Tensor("x", "FP32", (70000,), np.ones(70000, np.float32))]),
+    "list shape": InferResponse("m", "", "", [Tensor("x", "INT8", [2], np.ones(2, np.int8))]),  # type: ignore[arg-type]
+    "not contiguous": InferResponse(
+        "m", "", "", [Tensor("t", "INT32", (2, 2), np.arange(4, dtype=np.int32).reshape(2, 2).T)]
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(_RESPONSES))
+def test_response_bytes_are_the_serialized_response(name: str) -> None:
+    response = _RESPONSES[name]
+    expected = codec.encode_response(response).SerializeToString()
+    assert codec.response_bytes(response) == expected
+    assert codec.response_bytes(response) == expected  # its output fields from the cache
+
+
+def test_response_bytes_with_shared_memory_outputs() -> None:
+    y = np.array([1, 2], np.int32)
+    response = InferResponse(
+        "m", "1", "", [Tensor("a", "INT32", (2,), y), Tensor("b", "INT32", (2,), y)]
+    )
+    shm = {"a": SharedMemoryRef("region", 8, 16)}
+    payload = codec.response_bytes(response, shm)
+    assert payload == codec.encode_response(response, shm).SerializeToString()
+    out = msgs.ModelInferResponse.FromString(payload)
+    assert list(out.raw_output_contents) == [b"", y.tobytes()]
+
+
+def test_response_bytes_forget_output_shapes_past_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(codec, "_OUTPUT_FIELDS", {})
+    monkeypatch.setattr(codec, "_OUTPUT_FIELDS_MAX", 2)
+    for rows in (1, 2, 3):
+        x = np.zeros((rows, 2), np.float32)
+        response = InferResponse("m", "", "", [Tensor("x", "FP32", (rows, 2), x)])
+        assert codec.response_bytes(response) == codec.encode_response(response).SerializeToString()
+    assert list(codec._OUTPUT_FIELDS) == [("x", "FP32", (3, 2))]
 
 
 # --- kernelport.v1 --------------------------------------------------------------------------

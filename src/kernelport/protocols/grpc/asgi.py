@@ -11,7 +11,10 @@ servicers are the ones the grpcio front end serves, so both transports behave al
 Cancellation: a client that goes away while its request waits has the request's work
 dropped, as with grpcio. A server that completes a pending ``receive()`` only on disconnect
 (the ASGI norm) is watched with one waiting call; one that answers every ``receive()`` after
-the body at once (pyvoy) is asked again every ``POLL_S`` while the request runs.
+the body at once (pyvoy) is asked again every ``POLL_S`` while the request runs. Most calls
+end within a few milliseconds, so a call is first watched only once it has run for between
+``POLL_S`` and twice that: one timer for all the calls of a loop (``_Watches``) finds the
+ones still running, where a timer per call cost ~4 us of every call.
 """
 
 from __future__ import annotations
@@ -99,11 +102,12 @@ class CallContext:
 
 
 class _Route:
-    __slots__ = ("announced", "guarded", "handler", "method", "name")
+    __slots__ = ("announced", "guarded", "handler", "method", "name", "serialized")
 
     def __init__(self, name: str, handler: Any, method: rpc.Method, guarded: bool) -> None:
         self.name, self.handler, self.method, self.guarded = name, handler, method, guarded
         self.announced = False  # calls are announced to their model while being received
+        self.serialized = False  # the handler answers the response message's bytes
 
 
 class GrpcAsgiApp:
@@ -112,6 +116,8 @@ class GrpcAsgiApp:
     ``handlers``: more services as ``{service: {rpc: behaviour}}``, with their descriptors
     in ``pool`` (the standard health and reflection services, in protobuf's default pool).
     ``models``: announces ModelInfer calls while they are received (``announce.py``).
+    A servicer's ``serialized()``, if it has one, gives unary RPCs a behaviour that answers
+    the serialized response (``{rpc: behaviour}``), used in place of the message one.
     """
 
     def __init__(
@@ -137,8 +143,15 @@ class GrpcAsgiApp:
                 if handler is not None:  # the rest answer UNIMPLEMENTED, as grpcio does
                     guarded = auth.enabled and auth.protects_rpc(name)
                     self._routes[f"/{service}/{name}"] = _Route(name, handler, method, guarded)
+        for service, servicer in servicers.items():
+            faster = getattr(servicer, "serialized", None)
+            for name, handler in (faster() if faster is not None else {}).items():
+                route = self._routes.get(f"/{service}/{name}")
+                if route is not None:
+                    route.handler, route.serialized = handler, True
         if models is not None and (infer := self._routes.get(MODEL_INFER)) is not None:
             infer.announced = True
+        self._watches: dict[asyncio.AbstractEventLoop, _Watches] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -206,7 +219,7 @@ class GrpcAsgiApp:
             models.parsed(connection, request)
         task = asyncio.current_task()
         assert task is not None
-        watch = _Watch(task, receive)
+        watch = self._watch(task, receive)
         try:
             if deadline is None:  # most calls: no timeout machinery at all
                 response = await route.handler(request, context)
@@ -221,7 +234,10 @@ class GrpcAsgiApp:
             raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         finally:
             watch.stop()
-        payload = route.method.response.SerializeToString(response)
+        if route.serialized:
+            payload = response
+        else:
+            payload = route.method.response.SerializeToString(response)
         if len(payload) > self._limit:
             raise wire.too_large("Sent", len(payload), self._limit)
         await send({"type": "http.response.start", "status": 200, "headers": _START_HEADERS,
@@ -238,18 +254,39 @@ class GrpcAsgiApp:
             await send({"type": "http.response.body", "body": payload})
         await send({"type": "http.response.trailers", "headers": _OK_TRAILERS})
 
+    def _watch(self, task: asyncio.Task[Any], receive: Receive) -> _Watch:
+        loop = task.get_loop()
+        watches = self._watches.get(loop)
+        if watches is None:
+            self._watches = {k: v for k, v in self._watches.items() if not k.is_closed()}
+            watches = self._watches[loop] = _Watches(loop)
+        return watches.add(task, receive)
+
     async def _read_one(self, route: _Route, encoding: bytes | None, receive: Receive) -> Any:
         """The request message of a call whose client sends one (unary, server streaming)."""
+        event = await receive()
+        if event["type"] == "http.disconnect":
+            raise _Disconnected
+        body = event.get("body", b"")
+        size = len(body) - wire.HEADER_BYTES
+        if (
+            not event.get("more_body")
+            and 0 <= size <= self._limit
+            and body[0] == 0
+            and int.from_bytes(body[1 : wire.HEADER_BYTES], "big") == size
+        ):  # most calls: one uncompressed message in one piece
+            return route.method.request.FromString(memoryview(body)[wire.HEADER_BYTES :])
         deframer = wire.Deframer(self._limit)
         messages: list[tuple[bool, memoryview]] = []
         while True:
-            event = await receive()
-            if event["type"] == "http.disconnect":
-                raise _Disconnected
-            if body := event.get("body"):
+            if body:
                 messages += deframer.feed(body)
             if not event.get("more_body"):
                 break
+            event = await receive()
+            if event["type"] == "http.disconnect":
+                raise _Disconnected
+            body = event.get("body", b"")
         if len(messages) != 1 or deframer.pending:
             raise _Abort(
                 grpc.StatusCode.INTERNAL,
@@ -287,14 +324,14 @@ class GrpcAsgiApp:
                     if deframer.pending:
                         raise _Abort(grpc.StatusCode.INTERNAL, "the stream ended inside a message")
                     # Half-closed: nothing more to read, so watch the client as a unary call does.
-                    watch = _Watch(task, receive)
+                    watch = self._watch(task, receive)
                     return
 
         if route.method.client_streaming:
             call = route.handler(requests(), context)
         else:  # server streaming: one request, read before the response starts
             call = route.handler(await self._read_one(route, encoding, receive), context)
-            watch = _Watch(task, receive)
+            watch = self._watch(task, receive)
         responses = call if hasattr(call, "__anext__") else _written(call, context)
         await send({"type": "http.response.start", "status": 200, "headers": _START_HEADERS,
                     "trailers": True})  # fmt: skip
@@ -361,21 +398,55 @@ async def _written(call: Awaitable[None], context: CallContext) -> AsyncGenerato
         task.cancel()
 
 
+class _Watches:
+    """The calls of one event loop whose clients are to be watched once they run long.
+
+    One timer ticks every ``POLL_S`` while any call runs; a call still running at the second
+    tick after it began (after between ``POLL_S`` and twice that) starts its own ``_Watch``.
+    """
+
+    __slots__ = ("_calls", "_handle", "_loop", "_tick")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._calls: dict[_Watch, int] = {}  # in the order added: the tick each was added at
+        self._handle: asyncio.TimerHandle | None = None
+        self._tick = 0
+
+    def add(self, task: asyncio.Task[Any], receive: Receive) -> _Watch:
+        watch = _Watch(task, receive, self._calls)
+        self._calls[watch] = self._tick
+        if self._handle is None:
+            self._handle = self._loop.call_later(POLL_S, self._on_tick)
+        return watch
+
+    def _on_tick(self) -> None:
+        self._tick += 1
+        due = self._tick - 2
+        calls = self._calls
+        started = []
+        for watch, tick in calls.items():
+            if tick > due:
+                break
+            started.append(watch)
+        for watch in started:
+            del calls[watch]
+            watch.start()
+        self._handle = self._loop.call_later(POLL_S, self._on_tick) if calls else None
+
+
 class _Watch:
     """Cancels ``task`` if its client disconnects while it runs (see the module docstring)."""
 
-    __slots__ = ("_asking", "_handle", "_receive", "_stopped", "_task", "gone")
+    __slots__ = ("_asking", "_calls", "_handle", "_receive", "_stopped", "_task", "gone")
 
-    def __init__(self, task: asyncio.Task[Any], receive: Receive) -> None:
-        self._task, self._receive = task, receive
+    def __init__(self, task: asyncio.Task[Any], receive: Receive, calls: dict[_Watch, int]) -> None:
+        self._task, self._receive, self._calls = task, receive, calls
         self.gone = self._stopped = False
         self._asking: asyncio.Future[None] | None = None
-        # A timer, not a task: most requests finish before it fires and cost one cancel().
-        self._handle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
-            POLL_S, self._start
-        )
+        self._handle: asyncio.TimerHandle | None = None
 
-    def _start(self) -> None:
+    def start(self) -> None:
         self._handle = None
         self._asking = asyncio.ensure_future(self._ask())
 
@@ -389,10 +460,11 @@ class _Watch:
             self.gone = True
             self._task.cancel()
         else:  # answered at once: still there; ask again later
-            self._handle = asyncio.get_running_loop().call_later(POLL_S, self._start)
+            self._handle = asyncio.get_running_loop().call_later(POLL_S, self.start)
 
     def stop(self) -> None:
         self._stopped = True
+        self._calls.pop(self, None)
         if self._handle is not None:
             self._handle.cancel()
 

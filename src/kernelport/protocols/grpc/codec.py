@@ -43,6 +43,8 @@ _TYPED_FIELD = {
 def parameters(params: Any) -> Parameters:
     """An InferParameter map as plain Python values."""
     out: Parameters = {}
+    if not params:  # most maps are empty, and iterating even an empty one costs
+        return out
     for key, value in params.items():
         kind = value.WhichOneof("parameter_choice")
         if kind is not None:
@@ -165,3 +167,66 @@ def encode_response(
             continue
         out.raw_output_contents.append(bytes(tensor_bytes(tensor)))
     return out
+
+
+# ModelInferResponse, written directly (fields 1-3 and 5-6, in field-number order as protobuf
+# serializes them): no message objects, no copy of each output's bytes into one, no second
+# copy when the message is serialized. Output metadata repeats from call to call, so each
+# (name, datatype, shape) is encoded once.
+_OUTPUT_FIELDS: dict[tuple[str, str, tuple[int, ...]], bytes] = {}
+_OUTPUT_FIELDS_MAX = 4096  # distinct output shapes remembered; then it starts afresh
+
+
+def _varint(value: int) -> bytes:
+    value &= 0xFFFF_FFFF_FFFF_FFFF  # a negative int64 is sent as its two's complement
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(tag: bytes, data: bytes) -> bytes:
+    return tag + _varint(len(data)) + data
+
+
+def _output_field(name: str, dtype: str, shape: tuple[int, ...]) -> bytes:
+    key = (name, dtype, shape)
+    encoded = _OUTPUT_FIELDS.get(key)
+    if encoded is None:
+        entry = _length_delimited(b"\x0a", name.encode()) if name else b""
+        entry += _length_delimited(b"\x12", dtype.encode()) if dtype else b""
+        if shape:
+            entry += _length_delimited(b"\x1a", b"".join([_varint(int(d)) for d in shape]))
+        encoded = _length_delimited(b"\x2a", entry)
+        if len(_OUTPUT_FIELDS) >= _OUTPUT_FIELDS_MAX:
+            _OUTPUT_FIELDS.clear()
+        _OUTPUT_FIELDS[key] = encoded
+    return encoded
+
+
+def response_bytes(
+    response: InferResponse, shm_outputs: dict[str, SharedMemoryRef] | None = None
+) -> bytes:
+    """``encode_response(response, shm_outputs).SerializeToString()``, built directly."""
+    if shm_outputs is not None:  # rare: the parameters maps are left to protobuf
+        return bytes(encode_response(response, shm_outputs).SerializeToString())
+    parts: list[bytes | memoryview] = []
+    if response.model_name:
+        parts.append(_length_delimited(b"\x0a", response.model_name.encode()))
+    if response.model_version:
+        parts.append(_length_delimited(b"\x12", response.model_version.encode()))
+    if response.id:
+        parts.append(_length_delimited(b"\x1a", response.id.encode()))
+    contents: list[bytes | memoryview] = []
+    for tensor in response.outputs:
+        shape = tensor.shape
+        if type(shape) is not tuple:  # a key for the cache of output fields
+            shape = tuple(shape)
+        parts.append(_output_field(tensor.name, tensor.datatype, shape))
+        data = tensor_bytes(tensor)
+        contents.append(b"\x32" + _varint(len(data)))
+        contents.append(data)
+    parts += contents
+    return b"".join(parts)

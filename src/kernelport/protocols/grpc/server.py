@@ -94,6 +94,17 @@ class InferenceServicer:
         return statistics_response(self._dp.model_statistics(request.name, request.version))
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        return await self._infer(request, context, codec.encode_response)
+
+    async def model_infer_bytes(self, request: Any, context: Any) -> bytes:
+        """ModelInfer answering the serialized response (for a transport that frames bytes)."""
+        return await self._infer(request, context, codec.response_bytes)  # type: ignore[no-any-return]
+
+    def serialized(self) -> dict[str, Handler]:
+        """RPCs with a behaviour that answers the response already serialized."""
+        return {"ModelInfer": self.model_infer_bytes}
+
+    async def _infer(self, request: Any, context: Any, encode: Callable[[Any, Any], Any]) -> Any:
         call = self._telemetry.request(
             "grpc", request.model_name, request.model_version, where="ModelInfer", log=log,
             header_id=_header_id(context), traced=True,
@@ -108,7 +119,7 @@ class InferenceServicer:
             response = await self._dp.infer(decoded)
             if trace is not None:
                 trace.inferred(response)
-            out = codec.encode_response(response, decoded.shm_outputs)
+            out = encode(response, decoded.shm_outputs)
         except Exception as exc:
             error = call.failed(exc)
             context.set_trailing_metadata(_request_id_metadata(call.request_id))
