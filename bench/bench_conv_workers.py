@@ -113,6 +113,17 @@ def main() -> None:
         f"\n2 instances / 1 instance: {m['kp2'] / m['kp1']:.2f}x (target >= 1.8x); "
         f"2 instances / bare 2 processes: {100 * m['kp2'] / m['bare2']:.0f}% (target >= 95%)"
     )
+    # The machine's speed drifts between rounds (a VM's neighbours): a ratio taken within a
+    # round, between runs a minute apart, is steadier than a ratio of medians.
+    scaling = [a / b for a, b in zip(figures["kp2"], figures["kp1"], strict=True)]
+    of_bare = [a / b for a, b in zip(figures["kp2"], figures["bare2"], strict=True)]
+    print(
+        "per round: 2/1 instances "
+        + ", ".join(f"{r:.2f}x" for r in scaling)
+        + f" (median {statistics.median(scaling):.2f}x); 2 instances / bare 2 processes "
+        + ", ".join(f"{100 * r:.0f}%" for r in of_bare)
+        + f" (median {100 * statistics.median(of_bare):.1f}%)"
+    )
 
 
 if __name__ == "__main__":
