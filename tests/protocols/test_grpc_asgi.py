@@ -407,6 +407,28 @@ async def test_a_call_is_watched_from_the_second_tick_after_it_began(
         task.cancel()
 
 
+async def test_a_long_call_is_asked_less_and_less_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(asgi, "POLL_S", 3600.0)  # asks below are started by hand
+    monkeypatch.setattr(asgi, "POLL_MAX_S", 4 * 3600.0)
+    call = asyncio.create_task(asyncio.Event().wait())
+    client = Driver([], "poll")  # answers every receive() at once, as pyvoy does
+    watch = asgi._Watch(call, client.receive, {})
+    gaps = []
+    for asks in range(1, 5):
+        watch.start()
+        await client.asked(asks)
+        await asyncio.sleep(0)  # the answer is read: the next ask is scheduled
+        gaps.append(watch.interval)
+        assert watch._handle is not None
+        watch._handle.cancel()
+    assert gaps == [2 * 3600.0, 4 * 3600.0, 4 * 3600.0, 4 * 3600.0]  # doubling, then capped
+    client.gone.set()
+    watch.start()  # the next ask finds the client gone: the call is cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert watch.gone
+
+
 async def test_a_cancelled_call_is_cancelled_not_answered(app: GrpcAsgiApp, dp: DataPlane) -> None:
     busy = await occupy_slow(app, dp)
     driver = Driver(chunks(frame(infer_request([1], model="slow"))))

@@ -11,10 +11,11 @@ servicers are the ones the grpcio front end serves, so both transports behave al
 Cancellation: a client that goes away while its request waits has the request's work
 dropped, as with grpcio. A server that completes a pending ``receive()`` only on disconnect
 (the ASGI norm) is watched with one waiting call; one that answers every ``receive()`` after
-the body at once (pyvoy) is asked again every ``POLL_S`` while the request runs. Most calls
-end within a few milliseconds, so a call is first watched only once it has run for between
-``POLL_S`` and twice that: one timer for all the calls of a loop (``_Watches``) finds the
-ones still running, where a timer per call cost ~4 us of every call.
+the body at once (pyvoy) is asked again while the request runs, the gaps doubling from
+``POLL_S`` up to ``POLL_MAX_S``. Most calls end within a few milliseconds, so a call is first
+watched only once it has run for between ``POLL_S`` and twice that: one timer for all the
+calls of a loop (``_Watches``) finds the ones still running, where a timer per call cost ~4
+us of every call.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 POLL_S = 0.05  # how often a running request asks whether its client is still there
+#: the longest gap between two asks: a call's gaps double from POLL_S up to this, so a long
+#: call (a large batch, a slow model) costs a few asks, not twenty a second
+POLL_MAX_S = 8 * POLL_S
 _INLINE_FRAME = 64 * 1024  # above this a response's frame header is sent on its own (no join)
 # Headers that are the transport's, not the call's metadata.
 _NOT_METADATA = frozenset(
@@ -438,13 +442,16 @@ class _Watches:
 class _Watch:
     """Cancels ``task`` if its client disconnects while it runs (see the module docstring)."""
 
-    __slots__ = ("_asking", "_calls", "_handle", "_receive", "_stopped", "_task", "gone")
+    __slots__ = (
+        "_asking", "_calls", "_handle", "_receive", "_stopped", "_task", "gone", "interval",
+    )  # fmt: skip
 
     def __init__(self, task: asyncio.Task[Any], receive: Receive, calls: dict[_Watch, int]) -> None:
         self._task, self._receive, self._calls = task, receive, calls
         self.gone = self._stopped = False
         self._asking: asyncio.Future[None] | None = None
         self._handle: asyncio.TimerHandle | None = None
+        self.interval = POLL_S  # until the next ask; doubles up to POLL_MAX_S
 
     def start(self) -> None:
         self._handle = None
@@ -459,8 +466,9 @@ class _Watch:
         if event["type"] == "http.disconnect":
             self.gone = True
             self._task.cancel()
-        else:  # answered at once: still there; ask again later
-            self._handle = asyncio.get_running_loop().call_later(POLL_S, self.start)
+        else:  # answered at once: still there; ask again later, and later each time
+            self.interval = min(self.interval * 2, POLL_MAX_S)
+            self._handle = asyncio.get_running_loop().call_later(self.interval, self.start)
 
     def stop(self) -> None:
         self._stopped = True
