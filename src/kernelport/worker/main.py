@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from kernelport.backends.registry import get_backend
+from kernelport.core.arena import ArenaLayout
 from kernelport.core.backend import LoadContext, ModelInstance
 from kernelport.core.execution import HOOKS
 from kernelport.core.model_config import ModelConfig
@@ -65,9 +66,10 @@ def main(argv: list[str]) -> int:
         return 2
     init = json.loads(bytes(init_frame.body))
     config = ModelConfig.model_validate(init["config"])
-    input_bytes, slot_bytes, depth = init["layout"]
     devices: list[str] = init["devices"]
-    arena = mmap.mmap(arena_fd, input_bytes + slot_bytes * len(devices) * depth)
+    input_bytes, slot_bytes, depth = init["layout"]
+    layout = ArenaLayout(input_bytes, slot_bytes, len(devices), depth)
+    arena = mmap.mmap(arena_fd, layout.total)
     view = memoryview(arena)
     try:
         instances = load_instances(config, Path(init["path"]), devices)
@@ -79,7 +81,7 @@ def main(argv: list[str]) -> int:
         return 1
     hooks = [[h for h in HOOKS if callable(getattr(i, h, None))] for i in instances]
     channel.send(frame_bytes(Kind.READY, 0, 0, json_body({"hooks": hooks, "pid": os.getpid()})))
-    link = Link(channel, view, input_bytes, slot_bytes, depth)
+    link = Link(channel, view, layout)
     runners = [Runner(config, instance, index) for index, instance in enumerate(instances)]
     # One instance: its batches run on this thread, in the order they come (a second one
     # waits in the socket), saving a thread hop per batch; several: each has a thread.
@@ -193,9 +195,7 @@ class Link:
 
     channel: Channel
     view: memoryview
-    input_bytes: int
-    slot_bytes: int
-    depth: int  # output slots per instance, used in turn (core/arena.py: ArenaLayout)
+    layout: ArenaLayout  # its input area and output slots (two per instance, used in turn)
     closed: bool = False  # its server went away: its queued batches are dropped
     #: batches run so far per instance: which of its slots the next one writes
     turns: dict[int, int] = field(default_factory=dict)
@@ -233,8 +233,7 @@ class Link:
         """The slot for ``instance``'s next batch (only its own runner thread calls this)."""
         turn = self.turns.get(instance, 0)
         self.turns[instance] = turn + 1
-        slot = instance * self.depth + turn % self.depth
-        return self.input_bytes + slot * self.slot_bytes
+        return self.layout.output_offset(instance, turn)
 
 
 Regions = dict[int, mmap.mmap]
@@ -282,7 +281,9 @@ class Runner:
         infer_ns = time.perf_counter_ns() - t0
         out = {name: _array(value) for name, value in outputs.items()}
         out_base = link.output_base(self.index)
-        placed, tail = place_arrays(out, link.view, out_base, link.slot_bytes, INLINE_MAX)
+        placed, tail = place_arrays(
+            out, link.view, out_base, link.layout.output_slot_bytes, INLINE_MAX
+        )
         return frame_bytes(Kind.RESULT, job.batch, self.index, pack_timing(infer_ns),
                            pack_refs(placed), *tail)  # fmt: skip
 

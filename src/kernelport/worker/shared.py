@@ -25,6 +25,7 @@ import socket
 import threading
 from pathlib import Path
 
+from kernelport.core.arena import ArenaLayout
 from kernelport.core.execution import HOOKS
 from kernelport.core.model_config import ModelConfig
 from kernelport.core.wire import Kind, frame_bytes, json_body
@@ -105,8 +106,9 @@ class _Shared:
         if init_frame is None or init_frame.kind is not Kind.INIT:
             return None
         init = json.loads(bytes(init_frame.body))
-        input_bytes, slot_bytes, depth = init["layout"]
         devices: list[str] = init["devices"]
+        input_bytes, slot_bytes, depth = init["layout"]
+        layout = ArenaLayout(input_bytes, slot_bytes, len(devices), depth)
         try:
             self._load(ModelConfig.model_validate(init["config"]), Path(init["path"]), devices)
         except BaseException as exc:  # the front end reports it as the model's load failure
@@ -117,8 +119,8 @@ class _Shared:
             body = json_body({"code": code.value, "message": message})
             channel.send(frame_bytes(Kind.LOAD_FAILED, 0, 0, body))
             return None
-        arena = mmap.mmap(arena_fd, input_bytes + slot_bytes * len(devices) * depth)
-        link = Link(channel, memoryview(arena), input_bytes, slot_bytes, depth)
+        arena = mmap.mmap(arena_fd, layout.total)
+        link = Link(channel, memoryview(arena), layout)
         body = json_body({"hooks": self._hooks, "pid": os.getpid()})
         channel.send(frame_bytes(Kind.READY, 0, 0, body))
         return link
