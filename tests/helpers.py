@@ -264,3 +264,27 @@ def ray_temp_dir() -> Path:
     import tempfile
 
     return Path(tempfile.mkdtemp(prefix="kpray-", dir="/tmp"))
+
+
+def worker_pids(pid: int) -> set[int]:
+    """The worker processes below ``pid``: its children, or its grandchildren when the
+    server runs inside Envoy (the launcher's child is Envoy, whose children are workers)."""
+    parents: dict[int, int] = {}
+    workers = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        parents[int(entry)] = int(stat.rpartition(")")[2].split()[1])
+        if b"kernelport.worker" in cmdline:
+            workers.add(int(entry))
+    found = set()
+    for worker in workers:
+        parent = parents.get(worker, 0)
+        if parent == pid or parents.get(parent) == pid:
+            found.add(worker)
+    return found

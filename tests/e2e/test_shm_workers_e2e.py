@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from conftest import RunningServer, running_server
-from helpers import write_model
+from helpers import worker_pids, write_model
 
 ROWS, COLS = 8, 1024  # 32 KiB a request
 MODEL = """
@@ -42,23 +42,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         yield running
 
 
-def _worker(server_pid: int) -> int:
-    """The model's worker: a child of the server, or a grandchild under Envoy."""
-    parents = {}
-    workers = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        parents[int(entry)] = int(stat.rpartition(")")[2].split()[1])
-        if b"kernelport.worker" in cmdline:
-            workers.append(int(entry))
-    [worker] = [w for w in workers if server_pid in (parents.get(w), parents.get(parents[w]))]
-    return worker
-
-
 def _maps(pid: int, key: str) -> bool:
     return f"/dev/shm/{key}" in Path(f"/proc/{pid}/maps").read_text()
 
@@ -81,7 +64,7 @@ def test_inputs_in_a_region_are_read_by_the_worker(server: RunningServer, protoc
             tensor.set_shared_memory(name, x.nbytes, offset)
             answer = client.infer("twice", [tensor]).as_numpy("OUTPUT0")
             np.testing.assert_array_equal(answer, expected)
-        worker = _worker(server.process.pid)
+        [worker] = worker_pids(server.process.pid)
         assert _maps(worker, name)  # the worker mapped the client's region itself
         client.unregister_system_shared_memory(name)
         plain = module.InferInput("INPUT0", [ROWS, COLS], "FP32")

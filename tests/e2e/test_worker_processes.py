@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from conftest import RunningServer, running_server
-from helpers import client_for, process_alive, write_model
+from helpers import client_for, process_alive, worker_pids, write_model
 from tritonclient.utils import InferenceServerException
 
 from kernelport.config import demo_repository
@@ -77,30 +77,6 @@ def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float
             raise AssertionError(f"not within {timeout}s: {what}")
         time.sleep(0.02)
     return time.monotonic() - start
-
-
-def _children(pid: int) -> set[int]:
-    """The worker processes below ``pid``: its children, or its grandchildren when the
-    server runs inside Envoy (the launcher's child is Envoy, whose children are workers)."""
-    parents: dict[int, int] = {}
-    workers = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        parents[int(entry)] = int(stat.rpartition(")")[2].split()[1])
-        if b"kernelport.worker" in cmdline:
-            workers.add(int(entry))
-    found = set()
-    for worker in workers:
-        parent = parents.get(worker, 0)
-        if parent == pid or parents.get(parent) == pid:
-            found.add(worker)
-    return found
 
 
 def _infer(client: Any, protocol: str, model: str, x: np.ndarray[Any, Any]) -> Any:
@@ -263,13 +239,13 @@ def test_no_process_or_shared_memory_name_outlives_the_server(tmp_path: Path) ->
     shm_before = set(os.listdir("/dev/shm"))
     with running_server(tmp_path, repo, "--model-execution", "worker") as server:
         _wait_for(lambda: _answers(server, "plain"), 60, "plain serving")
-        [first] = _children(server.process.pid)
+        [first] = worker_pids(server.process.pid)
         maps = Path(f"/proc/{first}/maps").read_text()
         assert "/memfd:kernelport-arena" in maps
         assert "/dev/shm/" not in maps
         os.kill(first, signal.SIGKILL)
-        _wait_for(lambda: _children(server.process.pid) - {first} != set(), 10, "a new worker")
-        [second] = _children(server.process.pid) - {first}
+        _wait_for(lambda: worker_pids(server.process.pid) - {first} != set(), 10, "a new worker")
+        [second] = worker_pids(server.process.pid) - {first}
         _wait_for(lambda: _answers(server, "plain"), 10, "plain serving again")
         assert server.stop() == 0
     assert not process_alive(first)
@@ -282,6 +258,6 @@ def test_a_worker_exits_when_its_server_is_killed(tmp_path: Path) -> None:
     _python_model(repo, "plain", ECHO.format(poison="pass"), {"mode": "worker"})
     with running_server(tmp_path, repo) as server:
         _wait_for(lambda: _answers(server, "plain"), 60, "plain serving")
-        [worker] = _children(server.process.pid)
+        [worker] = worker_pids(server.process.pid)
         server.stop(signal.SIGKILL)
     _wait_for(lambda: not process_alive(worker), 10, "the orphaned worker gone")
