@@ -32,9 +32,9 @@ from kernelport.protocols.grpc.announce import ConnectionModels
 from kernelport.protocols.grpc.asgi import GrpcAsgiApp
 from kernelport.protocols.grpc.server import GrpcFrontEnd, InferenceServicer, KernelPortServicer
 from kernelport.protocols.grpc.standard import DEFAULT_POOL, StandardServices
-from kernelport.protocols.http_timeouts import header_timeout_protocol
 from kernelport.protocols.listen import QuietUvicorn, bind
 from kernelport.protocols.rest.app import RestApp
+from kernelport.protocols.rest.direct import direct_protocol
 from kernelport.protocols.tls import TlsFiles
 from kernelport.schema import pb
 from kernelport.version import __version__
@@ -119,7 +119,7 @@ class Server:
             host=self.config.host,
             port=port,
             loop="none",
-            http=header_timeout_protocol(self.config.http_header_timeout),
+            http=direct_protocol(self.config.http_header_timeout),
             lifespan="off",
             log_config=None,
             access_log=False,

@@ -38,6 +38,7 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
+Watch = Callable[[Callable[[], None] | None], None]
 RawHeaders = Mapping[bytes, bytes]  # as the ASGI scope gives them: lower-case names
 
 _HEADER_LENGTH = codec.HEADER_LENGTH.encode()
@@ -130,6 +131,34 @@ class RestApp:
             {"type": "http.response.start", "status": response.status, "headers": response.headers}
         )
         await send({"type": "http.response.body", "body": response.body})
+
+    @property
+    def max_request_bytes(self) -> int:
+        return self._limits.max_request_bytes
+
+    def announce(self, model: str, version: str) -> Announcement | None:
+        """Count a coming request in its model's queue (``DataPlane.announce``)."""
+        return self._dp.announce(model, version)
+
+    async def infer_response(
+        self,
+        model: str,
+        version: str,
+        headers: RawHeaders,
+        body: bytes,
+        announced: Announcement | None,
+        watch: Watch,
+    ) -> Response:
+        """The response to an inference whose body is read and not compressed: what the
+        ASGI path answers, for a server that serves the route without the ASGI cycle
+        (``protocols/rest/direct.py``). Releases ``announced`` whatever happens."""
+        try:
+            return await until_hung_up(self._infer(model, version, headers, body, announced), watch)
+        except ServerError as exc:  # the client left
+            return error_response(HTTP_STATUS[exc.code], exc.message)
+        finally:
+            if announced is not None:
+                announced.release()
 
     async def _route(self, method: str, path: str, headers: RawHeaders, body: bytes) -> Response:
         dp = self._dp
@@ -396,6 +425,13 @@ async def _unless_disconnected(
     (``DISCONNECT_EXTENSION``: no task, no timer); under any other server a ``receive()``
     watches once the request has waited ``_WATCH_RECEIVE_AFTER_S``.
     """
+    watch = scope.get("extensions", {}).get(DISCONNECT_EXTENSION) if scope else None
+    return await until_hung_up(work, watch if watch is not None else _ReceiveWatch(receive).watch)
+
+
+async def until_hung_up(work: Awaitable[Response], watch: Watch) -> Response:
+    """Run ``work``; ``watch(hang_up)`` cancels it if the client leaves first (400, "client
+    disconnected"), ``watch(None)`` stops watching once it is answered."""
     current = asyncio.current_task()
     assert current is not None
     gone = finished = False
@@ -406,9 +442,6 @@ async def _unless_disconnected(
             gone = True
             current.cancel()
 
-    watch = scope.get("extensions", {}).get(DISCONNECT_EXTENSION) if scope else None
-    if watch is None:
-        watch = _ReceiveWatch(receive).watch
     watch(hang_up)
     try:
         return await work
