@@ -169,7 +169,7 @@ def test_perf_analyzer_with_system_shared_memory_over_http(server: RunningServer
     pa = perf_analyzer_path()
     before = set(os.listdir("/dev/shm"))
     run = subprocess.run(
-        [str(pa), "-m", "mlp", "-i", "http", "-u", server.http_url, "-c", "4",
+        [str(pa), "-m", "mlp", "-i", "http", "-u", server.http_url,
          "--shared-memory", "system", *STEADY],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
