@@ -33,6 +33,7 @@ from kernelport.protocols.grpc.asgi import GrpcAsgiApp
 from kernelport.protocols.grpc.server import GrpcFrontEnd, InferenceServicer, KernelPortServicer
 from kernelport.protocols.grpc.standard import DEFAULT_POOL, StandardServices
 from kernelport.protocols.listen import QuietUvicorn, bind
+from kernelport.protocols.region_link import RegionLink, address_next_to
 from kernelport.protocols.rest.app import RestApp
 from kernelport.protocols.rest.direct import direct_protocol
 from kernelport.protocols.tls import TlsFiles
@@ -82,6 +83,11 @@ class Server:
             )
         self.shared_memory = SharedMemoryRegistry(CudaIpcOpener())
         self.dataplane = DataPlane(self.manager, __version__, Limits.of(config), self.shared_memory)
+        # --frontends N: a region registered through one front end is registered on all
+        self._regions: RegionLink | None = None
+        if config.shared_workers is not None:
+            self._regions = RegionLink(self.shared_memory, address_next_to(config.shared_workers))
+            self.dataplane.regions.peers = self._regions
         self.dataplane.readiness = config.readiness
         tracing = Tracing(config.trace_level, config.trace_rate, config.trace_count,
                           config.trace_exporter, tracer_provider)  # fmt: skip
@@ -139,6 +145,8 @@ class Server:
         # Probing CUDA (importing its bindings, asking the driver) once, off the loop, so the
         # first server-metadata request does not pay for it.
         await asyncio.to_thread(self.shared_memory.cuda_unavailable)
+        if self._regions is not None:  # before listening: the node's regions are known here
+            await self._regions.connect()
         if self._poller is not None:
             await self._poller.start()  # loads the repository, then watches it
         else:
@@ -258,6 +266,8 @@ class Server:
                 await asyncio.wait_for(self.manager.close(), _UNLOAD_AFTER_DRAIN_S)
             except TimeoutError:
                 self.stuck = busy or self._busy_models() or ["unknown"]
+        if self._regions is not None:
+            await self._regions.close()
         self.shared_memory.close()  # unmaps the clients' regions; never unlinks them
         self._gpu.close()
         self.telemetry.close()

@@ -20,6 +20,7 @@ from kernelport.core.model_config import ModelConfig
 from kernelport.core.names import shown
 from kernelport.core.options import request_options
 from kernelport.core.shm import SharedMemoryRegistry, write_outputs
+from kernelport.core.shm_sync import SharedRegions
 from kernelport.core.stats import ModelStatsSnapshot, describe_residency, failure_code
 from kernelport.core.streaming import Decoupled
 from kernelport.core.validation import requested_outputs, validate_inputs
@@ -63,6 +64,8 @@ class DataPlane:
         self.limits = limits if limits is not None else Limits()
         # The front ends read shm inputs from it while decoding and manage its regions.
         self.shared_memory = shared_memory if shared_memory is not None else SharedMemoryRegistry()
+        # register/unregister go through here: on every front end of a node when it has peers
+        self.regions = SharedRegions(self.shared_memory)
         self.accepting = True
         self.readiness = "all"  # "any": ready once at least one model is (Config.readiness)
         self.extra_extensions: tuple[str, ...] = ()  # wired in by the server (trace, logging)

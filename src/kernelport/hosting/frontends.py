@@ -7,8 +7,9 @@ settings to a private file, and starts N ``kernelport serve`` processes with
 ``--reuse-port`` on those ports; each loads its own models (in-process models are replicas)
 and has its own metrics port. Worker-mode models are the exception: their worker processes
 are started once, by this process, and every front end sends its batches to them
-(:mod:`kernelport.hosting.shared_workers`). The ports file lists them all once every front
-end listens.
+(:mod:`kernelport.hosting.shared_workers`). Client shared-memory regions are registered on
+every front end through this process (:mod:`kernelport.hosting.regions`). The ports file lists
+them all once every front end listens.
 SIGINT/SIGTERM are passed on (each front end drains; a second signal cuts the drain short);
 a front end that dies is started again with backoff.
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 from types import FrameType
 
 from kernelport.config import Config, write_ports
+from kernelport.hosting.regions import RegionHub
 from kernelport.hosting.shared_workers import WorkerBroker
 from kernelport.protocols.listen import bind
 
@@ -73,12 +75,14 @@ def run(config: Config) -> int:
         shutil.rmtree(private, ignore_errors=True)
         private = Path(tempfile.mkdtemp(prefix="kp-", dir="/tmp"))
     broker = WorkerBroker(private)
+    regions = RegionHub(private)  # its socket next to the broker's: the front ends find it
     try:
         return _run(config, private, broker)
     except RuntimeError as exc:
         print(f"kernelport: {exc}", file=sys.stderr)
         return 1
     finally:
+        regions.stop()
         broker.stop()
         shutil.rmtree(private, ignore_errors=True)
 

@@ -263,13 +263,13 @@ class InferenceServicer:
         return out
 
     async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
-        self._dp.shared_memory.register_system(
+        await self._dp.regions.register_system(
             request.name, request.key, request.offset, request.byte_size
         )
         return msgs.SystemSharedMemoryRegisterResponse()
 
     async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
-        self._dp.shared_memory.unregister("system", request.name)
+        await self._dp.regions.unregister("system", request.name)
         return msgs.SystemSharedMemoryUnregisterResponse()
 
     async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
@@ -281,13 +281,13 @@ class InferenceServicer:
         return out
 
     async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
-        self._dp.shared_memory.register_cuda(
+        await self._dp.regions.register_cuda(
             request.name, request.raw_handle, request.device_id, request.byte_size
         )
         return msgs.CudaSharedMemoryRegisterResponse()
 
     async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
-        self._dp.shared_memory.unregister("cuda", request.name)
+        await self._dp.regions.unregister("cuda", request.name)
         return msgs.CudaSharedMemoryUnregisterResponse()
 
 

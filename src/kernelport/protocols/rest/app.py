@@ -16,7 +16,8 @@ import orjson
 from kernelport.core.dataplane import DataPlane
 from kernelport.core.fill import Announcement
 from kernelport.core.model_config import triton_config
-from kernelport.core.shm import Kind, SharedMemoryRegistry
+from kernelport.core.shm import Kind
+from kernelport.core.shm_sync import SharedRegions
 from kernelport.errors import ErrorCode, ServerError, invalid
 from kernelport.limits import Limits
 from kernelport.observability.telemetry import Telemetry, header_value
@@ -202,8 +203,8 @@ class RestApp:
         match = _SHM.match(path)
         if match:
             verb = match["verb"]
-            return _only(method, "GET" if verb == "status" else "POST") or _shared_memory(
-                dp.shared_memory,
+            return _only(method, "GET" if verb == "status" else "POST") or await _shared_memory(
+                dp.regions,
                 "system" if match["kind"] == "system" else "cuda",
                 verb,
                 match["region"] or "",
@@ -368,15 +369,15 @@ def _only(method: str, allowed: str) -> Response | None:
     return None if method == allowed else error_response(405, "Method Not Allowed")
 
 
-def _shared_memory(
-    regions: SharedMemoryRegistry, kind: Kind, verb: str, region: str, body: bytes
+async def _shared_memory(
+    shared: SharedRegions, kind: Kind, verb: str, region: str, body: bytes
 ) -> Response:
     if verb == "status":
         if kind == "system":
-            return json_response([asdict(s) for s in regions.system_status(region)])
-        return json_response([asdict(s) for s in regions.cuda_status(region)])
+            return json_response([asdict(s) for s in shared.registry.system_status(region)])
+        return json_response([asdict(s) for s in shared.registry.cuda_status(region)])
     if verb == "unregister":
-        regions.unregister(kind, region)
+        await shared.unregister(kind, region)
         return Response(200)
     if not region:
         raise invalid("register needs a region name: /v2/<kind>sharedmemory/region/<name>/register")
@@ -384,7 +385,7 @@ def _shared_memory(
     if kind == "system":
         if "key" not in obj or "byte_size" not in obj:
             raise invalid("registering system shared memory needs 'key' and 'byte_size'")
-        regions.register_system(region, obj["key"], obj.get("offset", 0), obj["byte_size"])
+        await shared.register_system(region, obj["key"], obj.get("offset", 0), obj["byte_size"])
         return Response(200)
     handle = obj.get("raw_handle")
     if not isinstance(handle, dict) or not isinstance(handle.get("b64"), str):
@@ -392,7 +393,7 @@ def _shared_memory(
     if "byte_size" not in obj:
         raise invalid("registering CUDA shared memory needs 'byte_size'")
     raw_handle = _base64("raw_handle", handle["b64"])
-    regions.register_cuda(region, raw_handle, obj.get("device_id", 0), obj["byte_size"])
+    await shared.register_cuda(region, raw_handle, obj.get("device_id", 0), obj["byte_size"])
     return Response(200)
 
 

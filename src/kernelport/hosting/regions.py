@@ -1,0 +1,194 @@
+"""The node's client shared-memory regions, kept by the ``--frontends N`` supervisor, so a
+region registered through any front end is known to all of them.
+
+The supervisor keeps only each register call's arguments (it opens nothing) and serialises
+the changes. Every front end keeps one connection to ``regions.sock`` in the supervisor's
+private directory (next to the workers' broker socket it is given). Messages are JSON, each
+preceded by its length (4 bytes, big-endian); a CUDA handle travels as base64:
+
+- front end -> supervisor: ``hello {pid}`` once, before it listens; the answer is
+  ``table {changes}``, the registered regions, which it applies. ``publish {id, change}``
+  after applying a register/unregister locally; the answer is ``done {id, errors}`` once
+  every other live front end answered. ``ack {id, error}`` answers an ``apply``.
+- supervisor -> front end: ``apply {id, change}``, a change another front end published.
+
+A register that any front end fails to apply is unregistered from those that applied it
+before the origin gets its ``done`` with the errors (the origin then unregisters it too, so
+the node stays consistent and the client gets an error naming who failed). A front end whose
+connection ends counts as gone, never as failed; one that does not answer in
+``ACK_TIMEOUT_S`` counts as failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import queue
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from kernelport.protocols.region_link import SOCKET_NAME, check_change, frame, receive
+
+log = logging.getLogger("kernelport.frontends")
+
+ACK_TIMEOUT_S = 60.0  # a CUDA handle's first open initialises CUDA in that front end
+
+
+class _Peer:
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.pid = 0
+        self.gone = False
+        self.acks: dict[int, Any] = {}  # apply id -> its error (None: applied)
+
+    def send(self, message: dict[str, Any]) -> None:
+        try:
+            self.conn.sendall(frame(message))
+        except OSError:
+            self.gone = True
+
+    @property
+    def label(self) -> str:
+        return f"front end pid {self.pid}"
+
+
+class RegionHub:
+    """The supervisor's side: the table, and one thread that makes each change in turn."""
+
+    def __init__(self, directory: Path, ack_timeout: float = ACK_TIMEOUT_S) -> None:
+        self.address = directory / SOCKET_NAME
+        self.table: dict[str, dict[str, Any]] = {}  # name -> its register change
+        self._ack_timeout = ack_timeout
+        self._cond = threading.Condition()
+        self._peers: list[_Peer] = []  # those that said hello, in order
+        self._all: list[_Peer] = []
+        self._jobs: queue.SimpleQueue[tuple[_Peer, dict[str, Any]] | None] = queue.SimpleQueue()
+        self._ids = itertools.count(1)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(self.address))
+        self._listener.listen(64)
+        self._threads = [
+            threading.Thread(target=self._accept, name="regions-accept", daemon=True),
+            threading.Thread(target=self._work, name="regions", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:  # closed: stopping
+                return
+            peer = _Peer(conn)
+            with self._cond:
+                self._all.append(peer)
+            threading.Thread(target=self._read, args=(peer,), name="regions-peer",
+                             daemon=True).start()  # fmt: skip
+
+    def _read(self, peer: _Peer) -> None:
+        """Route one front end's messages; it never waits, so acks always get through."""
+        try:
+            while (message := receive(peer.conn)) is not None:
+                if message.get("op") == "ack":
+                    with self._cond:
+                        peer.acks[int(message["id"])] = message.get("error")
+                        self._cond.notify_all()
+                else:
+                    self._jobs.put((peer, message))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("shared-memory regions: %s: %s", peer.label, exc)
+        with self._cond:
+            peer.gone = True
+            self._cond.notify_all()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            peer, message = job
+            with self._cond:
+                self._peers = [p for p in self._peers if not p.gone]
+            if peer.gone:  # it died: no client is waiting for its answer
+                continue
+            try:
+                if message.get("op") == "hello":
+                    peer.pid = int(message.get("pid", 0))
+                    peer.send({"op": "table", "changes": list(self.table.values())})
+                    with self._cond:
+                        self._peers.append(peer)
+                elif message.get("op") == "publish":
+                    errors = self._publish(peer, message["change"])
+                    # sent before the next change goes out: the origin undoes a failed
+                    # register before it sees anything else
+                    peer.send({"op": "done", "id": message["id"], "errors": errors})
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("shared-memory regions: %s sent %r: %s", peer.label, message, exc)
+                peer.send({"op": "done", "id": message.get("id"),
+                           "errors": [_error(peer, "INVALID_ARGUMENT", str(exc))]})  # fmt: skip
+
+    def _publish(self, origin: _Peer, change: dict[str, Any]) -> list[dict[str, str]]:
+        check_change(change)
+        op, kind, name = change["op"], change["kind"], change["name"]
+        if op == "register" and name in self.table:
+            message = f"shared memory region '{name}' already in manager"
+            return [_error(None, "ALREADY_EXISTS", message)]
+        with self._cond:
+            others = [p for p in self._peers if p is not origin]
+        failed = self._broadcast(others, change)
+        if op == "unregister":
+            for key in [k for k, c in self.table.items() if c["kind"] == kind]:
+                if not name or key == name:
+                    del self.table[key]
+        elif failed:
+            applied = [p for p in others if p not in failed and not p.gone]
+            undo = {"op": "unregister", "kind": kind, "name": name}
+            self._broadcast(applied, undo)
+            why = "; ".join(f"{p.label}: {e['message']}" for p, e in failed.items())
+            log.warning("shared-memory region '%s' not registered: %s", name, why)
+        else:
+            self.table[name] = change
+        return [_error(p, e.get("code", "INTERNAL"), e["message"]) for p, e in failed.items()]
+
+    def _broadcast(self, peers: list[_Peer], change: dict[str, Any]) -> dict[_Peer, Any]:
+        """Send ``change`` to ``peers``; their errors, once each answered or is gone."""
+        ident = next(self._ids)
+        for peer in peers:
+            peer.send({"op": "apply", "id": ident, "change": change})
+        deadline = time.monotonic() + self._ack_timeout
+        failed: dict[_Peer, Any] = {}
+        with self._cond:
+            for peer in peers:
+                while ident not in peer.acks and not peer.gone:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if ident in peer.acks:
+                    error = peer.acks.pop(ident)
+                    if error:
+                        failed[peer] = error
+                elif not peer.gone:
+                    failed[peer] = {"code": "UNAVAILABLE",
+                                    "message": f"no answer in {self._ack_timeout:g} s"}  # fmt: skip
+        return failed
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+        self._listener.close()
+        self._jobs.put(None)
+        self._threads[1].join(5.0)
+        with self._cond:
+            peers = list(self._all)
+        for peer in peers:
+            with contextlib.suppress(OSError):
+                peer.conn.shutdown(socket.SHUT_RDWR)
+            peer.conn.close()
+
+
+def _error(peer: _Peer | None, code: str, message: str) -> dict[str, str]:
+    return {"where": peer.label if peer is not None else "supervisor", "code": code,
+            "message": message}  # fmt: skip

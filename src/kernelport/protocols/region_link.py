@@ -1,0 +1,209 @@
+"""A front end's side of the node's shared-memory regions (:mod:`kernelport.hosting.regions`,
+where the protocol is described): one connection to the supervisor, on this front end's
+event loop, and the messages' framing both sides use."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import logging
+import os
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+
+from kernelport.core.shm import SharedMemoryRegistry
+from kernelport.core.shm_sync import RegionChange, apply, undo
+from kernelport.errors import ErrorCode, ServerError
+
+log = logging.getLogger("kernelport.server")
+
+
+SOCKET_NAME = "regions.sock"
+MAX_MESSAGE = 1 << 24
+_LENGTH = struct.Struct(">I")
+
+
+def frame(message: dict[str, Any]) -> bytes:
+    body = json.dumps(message).encode()
+    return _LENGTH.pack(len(body)) + body
+
+
+def unframe(body: bytes) -> dict[str, Any]:
+    message = json.loads(body)
+    if not isinstance(message, dict):
+        raise ValueError("a message must be a JSON object")
+    return message
+
+
+def receive(conn: socket.socket) -> dict[str, Any] | None:
+    """The next message on a blocking socket, or None at EOF."""
+    head = _exactly(conn, _LENGTH.size)
+    if head is None:
+        return None
+    (size,) = _LENGTH.unpack(head)
+    if size > MAX_MESSAGE:
+        raise ValueError(f"a message of {size} bytes")
+    body = _exactly(conn, size)
+    return None if body is None else unframe(body)
+
+
+def _exactly(conn: socket.socket, size: int) -> bytes | None:
+    chunks, left = [], size
+    while left:
+        chunk = conn.recv(left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def encode(change: RegionChange) -> dict[str, Any]:
+    return {
+        "op": change.op, "kind": change.kind, "name": change.name, "key": change.key,
+        "offset": change.offset, "byte_size": change.byte_size,
+        "raw_handle": base64.b64encode(change.raw_handle).decode(),
+        "device_id": change.device_id,
+    }  # fmt: skip
+
+
+def check_change(obj: dict[str, Any]) -> None:
+    """Raise ValueError unless ``obj`` names a change: op, kind and a string name."""
+    if obj.get("op") not in ("register", "unregister") or obj.get("kind") not in (
+        "system", "cuda"
+    ) or not isinstance(obj.get("name"), str):  # fmt: skip
+        raise ValueError(f"not a region change: {obj!r}")
+
+
+def decode(obj: dict[str, Any]) -> RegionChange:
+    check_change(obj)
+    return RegionChange(
+        obj["op"], obj["kind"], obj["name"], str(obj.get("key", "")), int(obj.get("offset", 0)),
+        int(obj.get("byte_size", 0)), base64.b64decode(obj.get("raw_handle", "")),
+        int(obj.get("device_id", 0)),
+    )  # fmt: skip
+
+
+def address_next_to(workers: Path) -> Path:
+    """The supervisor's regions socket: in the private directory of its workers' socket."""
+    return workers.parent / SOCKET_NAME
+
+
+class RegionLink:
+    """``RegionPeers`` over the supervisor: ``connect()`` before listening, ``close()``."""
+
+    def __init__(self, registry: SharedMemoryRegistry, address: Path) -> None:
+        self._registry = registry
+        self._address = address
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[RegionChange, asyncio.Future[None]]] = {}
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        """Join the node: apply the regions registered before this front end started."""
+        self._reader, self._writer = await asyncio.open_unix_connection(str(self._address))
+        self._writer.write(frame({"op": "hello", "pid": os.getpid()}))
+        table = await self._receive()
+        if table is None or table.get("op") != "table":
+            raise RuntimeError(f"shared-memory regions: no table from {self._address}")
+        failed = []
+        for obj in table["changes"]:
+            change = decode(obj)
+            try:
+                apply(self._registry, change)
+            except ServerError as exc:
+                log.warning("shared memory region '%s' registered on the other front ends "
+                            "cannot be opened here: %s", change.name, exc)  # fmt: skip
+                failed.append(change)
+        self._task = asyncio.create_task(self._listen())
+        for change in failed:  # nowhere rather than only on some front ends
+            with contextlib.suppress(ServerError):
+                await self.publish(RegionChange("unregister", change.kind, change.name))
+
+    async def publish(self, change: RegionChange) -> None:
+        if self._writer is None or self._task is None or self._task.done():
+            undo(self._registry, change)
+            raise ServerError(ErrorCode.UNAVAILABLE, "the front ends' supervisor is gone")
+        ident = next(self._ids)
+        done = asyncio.get_running_loop().create_future()
+        self._pending[ident] = (change, done)
+        self._writer.write(frame({"op": "publish", "id": ident, "change": encode(change)}))
+        await done
+
+    async def _receive(self) -> dict[str, Any] | None:
+        assert self._reader is not None
+        try:
+            head = await self._reader.readexactly(4)
+            size = int.from_bytes(head, "big")
+            if size > MAX_MESSAGE:
+                raise ValueError(f"a message of {size} bytes")
+            return unframe(await self._reader.readexactly(size))
+        except asyncio.IncompleteReadError:
+            return None
+
+    async def _listen(self) -> None:
+        assert self._writer is not None
+        try:
+            while (message := await self._receive()) is not None:
+                if message["op"] == "apply":
+                    error = self._apply(decode(message["change"]))
+                    self._writer.write(frame({"op": "ack", "id": message["id"], "error": error}))
+                elif message["op"] == "done":
+                    self._done(message["id"], message["errors"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("shared-memory regions: the link to the supervisor failed: %s", exc)
+        finally:
+            for change, future in self._pending.values():
+                undo(self._registry, change)
+                if not future.done():
+                    future.set_exception(
+                        ServerError(ErrorCode.UNAVAILABLE, "the front ends' supervisor is gone")
+                    )
+            self._pending.clear()
+
+    def _apply(self, change: RegionChange) -> dict[str, str] | None:
+        try:
+            apply(self._registry, change)
+        except ServerError as exc:
+            if change.op == "unregister" and exc.code is ErrorCode.NOT_FOUND:
+                return None  # unregistered here as well, meanwhile: the same end state
+            log.warning("shared memory region '%s' (%s on another front end) failed here: %s",
+                        change.name, change.op, exc)  # fmt: skip
+            return {"code": exc.code.value, "message": str(exc)}
+        return None
+
+    def _done(self, ident: int, errors: list[dict[str, str]]) -> None:
+        change, future = self._pending.pop(ident)
+        if errors:
+            undo(self._registry, change)  # now, before any later change is read
+            detail = "; ".join(f"{e['where']}: {e['message']}" for e in errors)
+            try:
+                code = ErrorCode(errors[0]["code"])
+            except ValueError:
+                code = ErrorCode.INTERNAL
+            what = "registered" if change.op == "register" else "unregistered"
+            if future.done():  # the caller went away; the undo above still holds
+                return
+            future.set_exception(ServerError(
+                code, f"shared memory region '{change.name}' could not be {what} on every "
+                f"front end ({detail})",
+            ))  # fmt: skip
+        elif not future.done():
+            future.set_result(None)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError):
+                await self._writer.wait_closed()
