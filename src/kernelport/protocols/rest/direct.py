@@ -92,7 +92,7 @@ class DirectProtocol(HeaderTimeoutProtocol):
         if inference is None:
             super().on_headers_complete()
             return
-        self._cancel_header_timer()
+        self._header_deadline = 0.0
         self.cycle = inference  # type: ignore[assignment]
 
     def on_body(self, body: bytes) -> None:

@@ -1,0 +1,96 @@
+"""The deadlines of KernelPort's uvicorn protocol (``protocols/http_timeouts.py``) over real
+sockets: stalled headers and idle keep-alive connections are closed no sooner than their
+timeout, answered requests are not, and the one sweep per loop stops with its connections."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import Any
+
+import uvicorn
+from uvicorn.server import ServerState
+
+from kernelport.protocols import http_timeouts
+from kernelport.protocols.http_timeouts import header_timeout_protocol
+
+
+async def ok(scope: Any, receive: Any, send: Any) -> None:
+    await receive()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"2")]})  # fmt: skip
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def _serve(header_timeout: float, keep_alive: float) -> tuple[asyncio.Server, int]:
+    config = uvicorn.Config(
+        ok, http=header_timeout_protocol(header_timeout), lifespan="off", log_config=None,
+        proxy_headers=False, timeout_keep_alive=keep_alive,  # type: ignore[arg-type]
+    )  # fmt: skip
+    config.load()
+    state = ServerState()
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = await asyncio.get_running_loop().create_server(
+        lambda: config.http_protocol_class(config=config, server_state=state, app_state={}),
+        sock=sock,
+    )
+    return server, sock.getsockname()[1]
+
+
+async def _until_closed(reader: asyncio.StreamReader) -> float:
+    started = time.monotonic()
+    while await asyncio.wait_for(reader.read(4096), 30):
+        pass
+    return time.monotonic() - started
+
+
+async def test_stalled_headers_are_closed_after_the_header_timeout() -> None:
+    server, port = await _serve(header_timeout=0.3, keep_alive=30)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /x HTTP/1.1\r\nHo")
+        assert await _until_closed(reader) >= 0.25  # never before the deadline (less a tick)
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not() -> None:
+    server, port = await _serve(header_timeout=30, keep_alive=1.0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        # A request every ~0.1 s for 1.5 s: longer than the keep-alive timeout, never idle.
+        for _ in range(15):
+            writer.write(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\nok")
+            assert head.startswith(b"HTTP/1.1 200")
+            await asyncio.sleep(0.1)  # the gap between requests is what the test is about
+        assert await _until_closed(reader) >= 0.9  # then idle: closed after the timeout
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_the_sweep_stops_when_its_loop_has_no_connections() -> None:
+    server, port = await _serve(header_timeout=0.2, keep_alive=0.2)
+    try:
+        readers = []
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            readers.append((reader, writer))
+        sweep = http_timeouts._sweeps[asyncio.get_running_loop()]
+        assert len(sweep.connections) == 3 and sweep.period <= 0.05
+        for reader, writer in readers:  # nothing sent: each closed by its header deadline
+            await _until_closed(reader)
+            writer.close()
+        for _ in range(1000):
+            if not sweep.connections and sweep._timer is None:
+                break
+            await asyncio.sleep(0.01)
+        assert not sweep.connections and sweep._timer is None
+    finally:
+        server.close()
+        await server.wait_closed()
