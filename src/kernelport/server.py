@@ -11,6 +11,7 @@ from typing import Any
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from kernelport import native
 from kernelport.backends.cuda_ipc import CudaIpcOpener
 from kernelport.backends.registry import BackendRegistry
 from kernelport.config import Config, write_ports
@@ -181,6 +182,10 @@ class Server:
         grpc_line = f", gRPC {host}:{self.grpc_port}" if self._grpc is not None else ""
         log.info("listening: HTTP %s:%d%s, metrics %s:%d",
                  host, self.http_port, grpc_line, host, self.metrics_port)  # fmt: skip
+        compiled = native.compiled()
+        hint = "" if compiled else "; scripts/compile.sh builds them"
+        log.info("request path: %d of %d modules compiled (mypyc)%s",
+                 len(compiled), len(native.MODULES), hint)  # fmt: skip
         warning = exposure_warning(host, self._auth.enabled, self._tls is not None)
         if warning:
             log.warning("%s", warning)

@@ -28,6 +28,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "types": frozenset({"errors"}),
     "limits": frozenset(),
     "version": frozenset(),
+    # which request-path modules are compiled (mypyc): a list of names, imports nothing
+    "native": frozenset(),
     "config": frozenset({"limits"}),
     "schema": frozenset(),
     "core": frozenset({"errors", "types", "limits"}),
@@ -54,6 +56,7 @@ ALLOWED: dict[str, frozenset[str]] = {
             "lifecycle",
             "observability",
             "protocols",
+            "native",
         }
     ),
     "hosting": frozenset({"config", "server", "protocols", "observability"}),
