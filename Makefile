@@ -76,6 +76,16 @@ test: install-test perf-analyzer browser kserve
 	KERNELPORT_GRPC_TRANSPORT=$(OTHER_GRPC_TRANSPORT) KERNELPORT_REQUIRE_PERF_ANALYZER=1 \
 		$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -p no:cacheprovider \
 		$(GRPC_TRANSPORT_TESTS)
+	PYTHON=$(BIN)/python scripts/compile.sh build/compiled
+	KERNELPORT_EXPECT_COMPILED=1 KERNELPORT_REQUIRE_PERF_ANALYZER=1 PYTHONPATH=build/compiled \
+		$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -p no:cacheprovider \
+		$(COMPILED_TESTS)
+
+# The request path compiled by mypyc (scripts/compile.sh, kernelport/native.py): the tests of
+# those modules and of the front ends, run a third time from the compiled copy.
+COMPILED_TESTS ?= tests/test_native.py tests/core tests/protocols tests/batching \
+	tests/e2e/test_conformance.py tests/e2e/test_errors.py tests/e2e/test_perf_analyzer.py \
+	tests/e2e/test_datatypes.py tests/e2e/test_triton_requests_e2e.py tests/e2e/test_shared_memory.py
 
 # The fuzz suite with a large, random budget (make test runs it small and derandomized).
 FUZZ_EXAMPLES ?= 2000
