@@ -151,3 +151,33 @@ def _zeros(http: int) -> dict[str, object]:
         "shape": [1, width],
         "data": [0.0] * width,
     }
+
+
+def test_a_compiled_wheel_runs_the_request_path_compiled(tmp_path: Path) -> None:
+    """``KERNELPORT_COMPILE=1`` (setup.py): the modules native.py lists are compiled into the
+    wheel, and importing from the unpacked wheel runs every one of them compiled."""
+    out = tmp_path / "dist"
+    env = dict(os.environ, KERNELPORT_COMPILE="1")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
+         "-w", str(out), str(ROOT)],
+        check=True, capture_output=True, timeout=600, env=env,
+    )  # fmt: skip
+    (wheel,) = out.glob("kernelport-*.whl")
+    assert not wheel.name.endswith("-none-any.whl")  # a platform wheel: it holds extensions
+    unpacked = tmp_path / "unpacked"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(unpacked)
+    check = (
+        "import importlib; from kernelport import native\n"
+        "[importlib.import_module(m) for m in native.MODULES]\n"
+        "print(len(native.compiled()), len(native.MODULES))"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "COV_CORE"))}
+    ran = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, env=dict(clean, PYTHONPATH=str(unpacked)),
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    compiled, listed = map(int, ran.stdout.split())
+    assert compiled == listed > 0
