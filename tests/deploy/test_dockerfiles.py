@@ -67,6 +67,8 @@ def test_multi_stage_wheel_build(dockerfile: Path) -> None:
     assert len(froms) == 2 and froms[0].endswith(" AS build"), froms
     build = steps[: [op for op, _ in steps].index("FROM", 1)]
     assert any(op == "RUN" and "pip wheel" in args for op, args in build)
+    # the request path compiled into the wheel (setup.py), so the image serves it compiled
+    assert any(op == "RUN" and "KERNELPORT_COMPILE=1 pip wheel" in args for op, args in build)
     final = _final_stage(dockerfile)
     copies = [args for op, args in final if op == "COPY"]
     # The runtime stage takes only the built wheel, never the source tree.
