@@ -30,8 +30,16 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
+# COMPILED=1: serve the request path compiled by mypyc (scripts/compile.sh; needs a C compiler)
+COMPILED ?= 0
 serve: install
+ifeq ($(COMPILED),1)
+	$(PIP) mypy
+	PYTHON=$(BIN)/python scripts/compile.sh build/compiled
+	PYTHONPATH=build/compiled $(BIN)/kernelport serve $(SERVE_ARGS)
+else
 	$(BIN)/kernelport serve $(SERVE_ARGS)
+endif
 
 perf-analyzer:
 	PYTHON=$(PYTHON) scripts/setup_perf_analyzer.sh

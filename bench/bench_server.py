@@ -259,6 +259,8 @@ def bench_server(repo: Path, work: Path, log: Path, args: argparse.Namespace) ->
             "--http-port", str(http_port), "--grpc-port", str(grpc_port),
             "--metrics-port", str(metrics_port), *shlex.split(args.extra_server_args),
         ], args.server_cpus)  # fmt: skip
+        if args.compiled_dir:  # the request path compiled by mypyc (scripts/compile.sh)
+            env = dict(os.environ, PYTHONPATH=args.compiled_dir)
     print("starting:", shlex.join(cmd), flush=True)
     server: dict[str, Any] = {"command": shlex.join(cmd), "log": str(log), "runs": []}
     with log.open("wb") as logf:
@@ -349,6 +351,8 @@ def parse_args() -> argparse.Namespace:
     )
     add = ap.add_argument
     add("--python", default=sys.executable, help="interpreter that runs `-m kernelport serve`")
+    add("--compiled", action="store_true",
+        help="serve the request path compiled by mypyc (scripts/compile.sh, for this run)")  # fmt: skip
     add("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     add(
         "--model",
@@ -405,6 +409,12 @@ def main() -> None:
         sys.exit(f"{PERF_ANALYZER} missing; run scripts/setup_perf_analyzer.sh")
     servers: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kp-bench-") as tmp:
+        args.compiled_dir = ""
+        if args.compiled:
+            args.compiled_dir = str(Path(tmp) / "compiled")
+            compile_sh = str(ROOT / "scripts" / "compile.sh")
+            env = dict(os.environ, PYTHON=sys.executable)
+            subprocess.run([compile_sh, args.compiled_dir], check=True, env=env)
         repo = build_repository(Path(tmp) / "repo", args.model)
         print(f"bare onnxruntime {ort.__version__} on cpus {args.server_cpus} ...", flush=True)
         bare = bench_bare(repo / MODEL / "1" / "model.onnx", args)
