@@ -351,8 +351,7 @@ def parse_args() -> argparse.Namespace:
     )
     add = ap.add_argument
     add("--python", default=sys.executable, help="interpreter that runs `-m kernelport serve`")
-    add("--compiled", action="store_true",
-        help="serve the request path compiled by mypyc (scripts/compile.sh, for this run)")  # fmt: skip
+    add("--compiled", action="store_true", help="serve the request path compiled by mypyc")
     add("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     add(
         "--model",
