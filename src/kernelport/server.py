@@ -88,6 +88,9 @@ class Server:
         if config.shared_workers is not None:
             self._regions = RegionLink(self.shared_memory, address_next_to(config.shared_workers))
             self.dataplane.regions.peers = self._regions
+            # ... and statistics count every front end's requests
+            self._regions.statistics = self.dataplane.model_statistics
+            self.dataplane.statistics_peers = self._regions
         self.dataplane.readiness = config.readiness
         tracing = Tracing(config.trace_level, config.trace_rate, config.trace_count,
                           config.trace_exporter, tracer_provider)  # fmt: skip

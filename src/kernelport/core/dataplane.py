@@ -22,6 +22,7 @@ from kernelport.core.options import request_options
 from kernelport.core.shm import SharedMemoryRegistry, write_outputs
 from kernelport.core.shm_sync import SharedRegions
 from kernelport.core.stats import ModelStatsSnapshot, describe_residency, failure_code
+from kernelport.core.stats_merge import StatisticsPeers, merge_statistics
 from kernelport.core.streaming import Decoupled
 from kernelport.core.validation import requested_outputs, validate_inputs
 from kernelport.errors import ErrorCode, ServerError, invalid
@@ -66,6 +67,8 @@ class DataPlane:
         self.shared_memory = shared_memory if shared_memory is not None else SharedMemoryRegistry()
         # register/unregister go through here: on every front end of a node when it has peers
         self.regions = SharedRegions(self.shared_memory)
+        # --frontends N: the other front ends, whose statistics node_statistics() adds
+        self.statistics_peers: StatisticsPeers | None = None
         self.accepting = True
         self.readiness = "all"  # "any": ready once at least one model is (Config.readiness)
         self.extra_extensions: tuple[str, ...] = ()  # wired in by the server (trace, logging)
@@ -161,6 +164,15 @@ class DataPlane:
             return [model.snapshot()]
         entry = next(e for e in self._manager.entries() if e.name == name)
         return [entry.versions[v].snapshot() for v in sorted(entry.versions)]
+
+    async def node_statistics(self, name: str = "", version: str = "") -> list[ModelStatsSnapshot]:
+        """``model_statistics`` counting every request the node served: with peers (the
+        other front ends of ``--frontends N``), theirs merged in (``core/stats_merge.py``).
+        An unknown model or version is this front end's error, before anyone is asked."""
+        local = self.model_statistics(name, version)
+        if self.statistics_peers is None:
+            return local
+        return merge_statistics(local, await self.statistics_peers.gather(name, version))
 
     def _versions(self, name: str) -> list[int]:
         entry = next((e for e in self._manager.entries() if e.name == name), None)

@@ -12,6 +12,13 @@ preceded by its length (4 bytes, big-endian); a CUDA handle travels as base64:
   every other live front end answered. ``ack {id, error}`` answers an ``apply``.
 - supervisor -> front end: ``apply {id, change}``, a change another front end published.
 
+The same connection carries the node's statistics (:mod:`kernelport.core.stats_merge`): a
+front end asked for statistics sends ``gather {id, model, version}``; the supervisor sends
+``collect {id, model, version}`` to every other live front end, each answers ``stats {id,
+snapshots}``, and the origin gets ``gathered {id, answers, missing}`` once all answered or
+``GATHER_TIMEOUT_S`` passed (a front end that did not answer is left out and named in
+``missing``). Gathers run beside the region changes, never queued behind one.
+
 A register that any front end fails to apply is unregistered from those that applied it
 before the origin gets its ``done`` with the errors (the origin then unregisters it too, so
 the node stays consistent and the client gets an error naming who failed). A front end whose
@@ -36,6 +43,7 @@ from kernelport.protocols.region_link import SOCKET_NAME, check_change, frame, r
 log = logging.getLogger("kernelport.frontends")
 
 ACK_TIMEOUT_S = 60.0  # a CUDA handle's first open initialises CUDA in that front end
+GATHER_TIMEOUT_S = 1.0  # statistics are read on a client's request path: never wait long
 
 
 class _Peer:
@@ -44,10 +52,15 @@ class _Peer:
         self.pid = 0
         self.gone = False
         self.acks: dict[int, Any] = {}  # apply id -> its error (None: applied)
+        self.stats: dict[int, Any] = {}  # gather id -> its snapshots (JSON)
+        self.late = False  # it missed a gather: logged once
+        self._sending = threading.Lock()  # gathers and changes send from different threads
 
     def send(self, message: dict[str, Any]) -> None:
+        data = frame(message)
         try:
-            self.conn.sendall(frame(message))
+            with self._sending:
+                self.conn.sendall(data)
         except OSError:
             self.gone = True
 
@@ -59,10 +72,17 @@ class _Peer:
 class RegionHub:
     """The supervisor's side: the table, and one thread that makes each change in turn."""
 
-    def __init__(self, directory: Path, ack_timeout: float = ACK_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        ack_timeout: float = ACK_TIMEOUT_S,
+        gather_timeout: float = GATHER_TIMEOUT_S,
+    ) -> None:
         self.address = directory / SOCKET_NAME
         self.table: dict[str, dict[str, Any]] = {}  # name -> its register change
         self._ack_timeout = ack_timeout
+        self._gather_timeout = gather_timeout
+        self._gathering: set[int] = set()  # gathers waiting for answers
         self._cond = threading.Condition()
         self._peers: list[_Peer] = []  # those that said hello, in order
         self._all: list[_Peer] = []
@@ -94,10 +114,19 @@ class RegionHub:
         """Route one front end's messages; it never waits, so acks always get through."""
         try:
             while (message := receive(peer.conn)) is not None:
-                if message.get("op") == "ack":
+                op = message.get("op")
+                if op == "ack":
                     with self._cond:
                         peer.acks[int(message["id"])] = message.get("error")
                         self._cond.notify_all()
+                elif op == "stats":
+                    with self._cond:
+                        if int(message["id"]) in self._gathering:  # else: too late, dropped
+                            peer.stats[int(message["id"])] = message["snapshots"]
+                            self._cond.notify_all()
+                elif op == "gather":
+                    threading.Thread(target=self._gather, args=(peer, message),
+                                     name="regions-gather", daemon=True).start()  # fmt: skip
                 else:
                     self._jobs.put((peer, message))
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -151,6 +180,39 @@ class RegionHub:
         else:
             self.table[name] = change
         return [_error(p, e.get("code", "INTERNAL"), e["message"]) for p, e in failed.items()]
+
+    def _gather(self, origin: _Peer, message: dict[str, Any]) -> None:
+        """Collect the other live front ends' snapshots for ``origin``'s selection."""
+        ident = next(self._ids)
+        ask = {"op": "collect", "id": ident, "model": str(message.get("model", "")),
+               "version": str(message.get("version", ""))}  # fmt: skip
+        with self._cond:
+            others = [p for p in self._peers if p is not origin and not p.gone]
+            self._gathering.add(ident)
+        for peer in others:
+            peer.send(ask)
+        deadline = time.monotonic() + self._gather_timeout
+        answers, missing = [], []
+        with self._cond:
+            for peer in others:
+                while ident not in peer.stats and not peer.gone:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if ident in peer.stats:
+                    answers.append(peer.stats.pop(ident))
+                elif not peer.gone:
+                    missing.append(peer.label)
+                    if not peer.late:
+                        peer.late = True
+                        log.warning("statistics: %s did not answer in %g s; left out (logged "
+                                    "once)", peer.label, self._gather_timeout)  # fmt: skip
+            self._gathering.discard(ident)
+            for peer in others:  # one that answered after its turn was counted missing
+                peer.stats.pop(ident, None)
+        origin.send({"op": "gathered", "id": message.get("id"), "answers": answers,
+                     "missing": missing})  # fmt: skip
 
     def _broadcast(self, peers: list[_Peer], change: dict[str, Any]) -> dict[_Peer, Any]:
         """Send ``change`` to ``peers``; their errors, once each answered or is gone."""

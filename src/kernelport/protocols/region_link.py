@@ -1,6 +1,6 @@
-"""A front end's side of the node's shared-memory regions (:mod:`kernelport.hosting.regions`,
-where the protocol is described): one connection to the supervisor, on this front end's
-event loop, and the messages' framing both sides use."""
+"""A front end's side of the node's shared-memory regions and statistics
+(:mod:`kernelport.hosting.regions`, where the protocol is described): one connection to the
+supervisor, on this front end's event loop, and the messages' framing both sides use."""
 
 from __future__ import annotations
 
@@ -13,18 +13,26 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kernelport.core.shm import SharedMemoryRegistry
 from kernelport.core.shm_sync import RegionChange, apply, undo
+from kernelport.core.stats import ModelStatsSnapshot
 from kernelport.errors import ErrorCode, ServerError
+from kernelport.protocols.stats_wire import decode_snapshot, encode_snapshot
 
 log = logging.getLogger("kernelport.server")
 
 
 SOCKET_NAME = "regions.sock"
 MAX_MESSAGE = 1 << 24
+#: how long a statistics request waits for the supervisor's ``gathered`` (which itself
+#: gives up on a silent front end after ``hosting.regions.GATHER_TIMEOUT_S``)
+GATHER_WAIT_S = 2.0
+
+Statistics = Callable[[str, str], list[ModelStatsSnapshot]]
 _LENGTH = struct.Struct(">I")
 
 
@@ -95,13 +103,25 @@ def address_next_to(workers: Path) -> Path:
 
 
 class RegionLink:
-    """``RegionPeers`` over the supervisor: ``connect()`` before listening, ``close()``."""
+    """``RegionPeers`` and ``StatisticsPeers`` over the supervisor: ``connect()`` before
+    listening, ``close()``. ``statistics`` answers the other front ends' gathers (this front
+    end's own snapshots of a selection; none when unset)."""
 
-    def __init__(self, registry: SharedMemoryRegistry, address: Path) -> None:
+    def __init__(
+        self,
+        registry: SharedMemoryRegistry,
+        address: Path,
+        statistics: Statistics | None = None,
+        gather_wait: float = GATHER_WAIT_S,
+    ) -> None:
         self._registry = registry
         self._address = address
+        self.statistics = statistics
+        self._gather_wait = gather_wait
+        self._gather_late = False  # the supervisor missed a gather: logged once
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[RegionChange, asyncio.Future[None]]] = {}
+        self._gathers: dict[int, asyncio.Future[list[list[ModelStatsSnapshot]]]] = {}
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
@@ -137,6 +157,48 @@ class RegionLink:
         self._writer.write(frame({"op": "publish", "id": ident, "change": encode(change)}))
         await done
 
+    async def gather(self, name: str, version: str) -> list[list[ModelStatsSnapshot]]:
+        """The other live front ends' snapshots of the selection, one list each; those that
+        do not answer in time (or all of them, if the supervisor is gone) are left out."""
+        if self._writer is None or self._task is None or self._task.done():
+            return []
+        ident = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._gathers[ident] = future
+        self._writer.write(frame({"op": "gather", "id": ident, "model": name,
+                                  "version": version}))  # fmt: skip
+        try:
+            return await asyncio.wait_for(future, self._gather_wait)
+        except TimeoutError:
+            if not self._gather_late:
+                self._gather_late = True
+                log.warning("statistics: the supervisor did not answer in %g s; this front "
+                            "end's alone (logged once)", self._gather_wait)  # fmt: skip
+            return []
+        finally:
+            self._gathers.pop(ident, None)
+
+    def _collect(self, message: dict[str, Any]) -> dict[str, Any]:
+        """This front end's answer to another's gather."""
+        snapshots: list[ModelStatsSnapshot] = []
+        if self.statistics is not None:
+            with contextlib.suppress(ServerError):  # not loaded here (any more): nothing
+                snapshots = self.statistics(str(message["model"]), str(message["version"]))
+        return {"op": "stats", "id": message["id"],
+                "snapshots": [encode_snapshot(s) for s in snapshots]}  # fmt: skip
+
+    def _gathered(self, message: dict[str, Any]) -> None:
+        future = self._gathers.get(int(message["id"]))
+        if future is None or future.done():  # the request gave up waiting
+            return
+        answers = []
+        for snapshots in message["answers"]:
+            try:
+                answers.append([decode_snapshot(s) for s in snapshots])
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("statistics: a front end's answer is malformed: %s", exc)
+        future.set_result(answers)
+
     async def _receive(self) -> dict[str, Any] | None:
         assert self._reader is not None
         try:
@@ -157,6 +219,10 @@ class RegionLink:
                     self._writer.write(frame({"op": "ack", "id": message["id"], "error": error}))
                 elif message["op"] == "done":
                     self._done(message["id"], message["errors"])
+                elif message["op"] == "collect":
+                    self._writer.write(frame(self._collect(message)))
+                elif message["op"] == "gathered":
+                    self._gathered(message)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.error("shared-memory regions: the link to the supervisor failed: %s", exc)
         finally:
@@ -167,6 +233,9 @@ class RegionLink:
                         ServerError(ErrorCode.UNAVAILABLE, "the front ends' supervisor is gone")
                     )
             self._pending.clear()
+            for gathered in self._gathers.values():
+                if not gathered.done():
+                    gathered.set_result([])  # this front end's statistics alone
 
     def _apply(self, change: RegionChange) -> dict[str, str] | None:
         try:
