@@ -3,19 +3,17 @@ DataPlane.node_statistics over fake peers."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
 import pytest
 import yaml
+from stats_snapshots import histogram, snap
 
 from kernelport.backends.registry import BackendRegistry
 from kernelport.core.dataplane import DataPlane
 from kernelport.core.manager import ManagerSettings, ModelManager
 from kernelport.core.stats import (
-    LATENCY_BOUNDS_NS,
     BatchSnapshot,
     HistogramSnapshot,
     ModelStatsSnapshot,
@@ -24,25 +22,6 @@ from kernelport.core.stats import (
 )
 from kernelport.core.stats_merge import merge_pair, merge_statistics
 from kernelport.errors import ErrorCode, ServerError
-
-
-def _histogram(*counts: int, total: int = 0) -> HistogramSnapshot:
-    padded = (*counts, *([0] * (len(LATENCY_BOUNDS_NS) + 1 - len(counts))))
-    return HistogramSnapshot(LATENCY_BOUNDS_NS, padded, total)
-
-
-def snap(name: str = "m", version: str = "1", n: int = 1, **fields: Any) -> ModelStatsSnapshot:
-    """``n`` requests of batch size 1, each 10 ns of everything."""
-    t = Total(n, 10 * n)
-    base = ModelStatsSnapshot(
-        name=name, version=version, last_inference_ms=100 * n, inference_count=n,
-        execution_count=n, success=t, fail=Total(), queue=t, compute_input=t, compute_infer=t,
-        compute_output=t, batches=(BatchSnapshot(1, t, t, t),) if n else (),
-        failures=MappingProxyType({}), request_latency=_histogram(n, total=10 * n),
-        queue_latency=_histogram(n, total=10 * n), queue_depth=0, load_seconds=1.0,
-        device_memory_bytes=None,
-    )  # fmt: skip
-    return dataclasses.replace(base, **fields)
 
 
 def test_counters_durations_and_histograms_are_summed() -> None:
@@ -55,7 +34,7 @@ def test_counters_durations_and_histograms_are_summed() -> None:
     assert m.fail == Total(4, 12)
     assert dict(m.failures) == {"INTERNAL": 3, "CANCELLED": 1}
     assert m.request_latency.counts[0] == 5 and m.request_latency.total == 50
-    assert m.queue_latency == _histogram(5, total=50)
+    assert m.queue_latency == histogram(5, total=50)
     assert m.last_inference_ms == 300  # the latest
     assert dict(a.failures) == {"INTERNAL": 1}  # the inputs are left alone
 
