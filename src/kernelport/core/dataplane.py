@@ -17,6 +17,7 @@ from kernelport.core.fill import Announcement
 from kernelport.core.manager import ModelManager, ModelVersion
 from kernelport.core.memory import Compaction, OnDemandPool
 from kernelport.core.model_config import ModelConfig
+from kernelport.core.model_sync import ModelChange, ModelPeers, loaded
 from kernelport.core.names import shown
 from kernelport.core.options import request_options
 from kernelport.core.shm import SharedMemoryRegistry, write_outputs
@@ -69,6 +70,8 @@ class DataPlane:
         self.regions = SharedRegions(self.shared_memory)
         # --frontends N: the other front ends, whose statistics node_statistics() adds
         self.statistics_peers: StatisticsPeers | None = None
+        # ... and those that repository loads and unloads reach too
+        self.model_peers: ModelPeers | None = None
         self.accepting = True
         self.readiness = "all"  # "any": ready once at least one model is (Config.readiness)
         self.extra_extensions: tuple[str, ...] = ()  # wired in by the server (trace, logging)
@@ -202,7 +205,13 @@ class DataPlane:
         """Load or reload ``name`` (explicit control mode only); ``config`` is a JSON config
         override and ``files`` (``file:<version>/<path>`` -> bytes) a model directory."""
         self._manager.require_explicit("load", name)
+        if self.model_peers is None:
+            await self._manager.load(name, config, files)
+            return
+        change = ModelChange("load", name, config, dict(files or {}))
+        self.model_peers.check_model(change)
         await self._manager.load(name, config, files)
+        await self.model_peers.publish_model(change)
 
     async def compact(self) -> list[Compaction]:
         """Evict the idle on-demand and lazy models that are resident and load them again,
@@ -211,7 +220,15 @@ class DataPlane:
 
     async def unload_model(self, name: str, unload_dependents: bool = False) -> None:
         self._manager.require_explicit("unload", name)
+        if self.model_peers is None:
+            await self._manager.unload(name, unload_dependents)
+            return
+        before = loaded(self._manager)
         await self._manager.unload(name, unload_dependents)
+        also = tuple(sorted(before - loaded(self._manager) - {name}))
+        await self.model_peers.publish_model(
+            ModelChange("unload", name, unload_dependents=unload_dependents, also=also)
+        )
 
     # --- inference -----------------------------------------------------------------------
 

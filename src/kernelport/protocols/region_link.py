@@ -13,10 +13,11 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from kernelport.core.model_sync import ModelChange
 from kernelport.core.shm import SharedMemoryRegistry
 from kernelport.core.shm_sync import RegionChange, apply, undo
 from kernelport.core.stats import ModelStatsSnapshot
@@ -33,6 +34,8 @@ MAX_MESSAGE = 1 << 24
 GATHER_WAIT_S = 2.0
 
 Statistics = Callable[[str, str], list[ModelStatsSnapshot]]
+Models = Callable[[ModelChange], Awaitable[None]]
+_GONE = "the front ends' supervisor is gone"
 _LENGTH = struct.Struct(">I")
 
 
@@ -97,6 +100,30 @@ def decode(obj: dict[str, Any]) -> RegionChange:
     )  # fmt: skip
 
 
+def encode_model(change: ModelChange) -> dict[str, Any]:
+    return {
+        "op": change.op, "name": change.name, "config": change.config,
+        "files": {k: base64.b64encode(v).decode() for k, v in change.files.items()},
+        "unload_dependents": change.unload_dependents, "also": list(change.also),
+    }  # fmt: skip
+
+
+def check_model_change(obj: dict[str, Any]) -> None:
+    """Raise ValueError unless ``obj`` names a model change: op and a string name."""
+    if obj.get("op") not in ("load", "unload") or not isinstance(obj.get("name"), str):
+        raise ValueError(f"not a model change: {obj!r}")
+
+
+def decode_model(obj: dict[str, Any]) -> ModelChange:
+    check_model_change(obj)
+    config = obj.get("config")
+    return ModelChange(
+        obj["op"], obj["name"], None if config is None else str(config),
+        {str(k): base64.b64decode(v) for k, v in (obj.get("files") or {}).items()},
+        bool(obj.get("unload_dependents", False)), tuple(map(str, obj.get("also", ()))),
+    )  # fmt: skip
+
+
 def address_next_to(workers: Path) -> Path:
     """The supervisor's regions socket: in the private directory of its workers' socket."""
     return workers.parent / SOCKET_NAME
@@ -113,10 +140,14 @@ class RegionLink:
         address: Path,
         statistics: Statistics | None = None,
         gather_wait: float = GATHER_WAIT_S,
+        models: Models | None = None,
     ) -> None:
         self._registry = registry
         self._address = address
         self.statistics = statistics
+        self.models = models  # makes another front end's load/unload here
+        self._model_pending: dict[int, asyncio.Future[None]] = {}
+        self._applying: set[asyncio.Task[None]] = set()
         self._gather_wait = gather_wait
         self._gather_late = False  # the supervisor missed a gather: logged once
         self._ids = itertools.count(1)
@@ -142,6 +173,14 @@ class RegionLink:
                 log.warning("shared memory region '%s' registered on the other front ends "
                             "cannot be opened here: %s", change.name, exc)  # fmt: skip
                 failed.append(change)
+        for _ in range(int(table.get("models", 0))):  # what the node loaded and unloaded
+            message = await self._receive()
+            if message is None or message.get("op") != "model":
+                raise RuntimeError(f"models: no model change from {self._address}")
+            model = decode_model(message["change"])
+            if await self._apply_model(model) is not None:
+                log.warning("model '%s' is not as on the other front ends (%s failed here)",
+                            model.name, model.op)  # fmt: skip
         self._task = asyncio.create_task(self._listen())
         for change in failed:  # nowhere rather than only on some front ends
             with contextlib.suppress(ServerError):
@@ -150,12 +189,52 @@ class RegionLink:
     async def publish(self, change: RegionChange) -> None:
         if self._writer is None or self._task is None or self._task.done():
             undo(self._registry, change)
-            raise ServerError(ErrorCode.UNAVAILABLE, "the front ends' supervisor is gone")
+            raise ServerError(ErrorCode.UNAVAILABLE, _GONE)
         ident = next(self._ids)
         done = asyncio.get_running_loop().create_future()
         self._pending[ident] = (change, done)
         self._writer.write(frame({"op": "publish", "id": ident, "change": encode(change)}))
         await done
+
+    def check_model(self, change: ModelChange) -> None:
+        size = len(frame({"op": "publish_model", "id": 0, "change": encode_model(change)}))
+        if size > MAX_MESSAGE:
+            raise ServerError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"model '{change.name}': the load request's files are too large to share with "
+                f"the other front ends of --frontends ({size} bytes encoded, at most "
+                f"{MAX_MESSAGE}); put the model in the repository instead",
+            )
+
+    async def publish_model(self, change: ModelChange) -> None:
+        what = f"model '{change.name}' was {change.op}ed here but"
+        if self._writer is None or self._task is None or self._task.done():
+            raise ServerError(ErrorCode.UNAVAILABLE, f"{what} not on the other front ends: {_GONE}")
+        ident = next(self._ids)
+        done = asyncio.get_running_loop().create_future()
+        self._model_pending[ident] = done
+        self._writer.write(frame({"op": "publish_model", "id": ident,
+                                  "change": encode_model(change)}))  # fmt: skip
+        try:
+            await done
+        except ServerError as exc:
+            raise ServerError(exc.code, f"{what} {exc}") from None
+
+    async def _apply_model(self, change: ModelChange) -> dict[str, str] | None:
+        if self.models is None:
+            return {"code": "UNAVAILABLE", "message": "models are not shared here"}
+        try:
+            await self.models(change)
+        except ServerError as exc:
+            log.warning("model '%s' (%s on another front end) failed here: %s",
+                        change.name, change.op, exc)  # fmt: skip
+            return {"code": exc.code.value, "message": str(exc)}
+        return None
+
+    async def _apply_and_ack(self, message: dict[str, Any]) -> None:
+        error = await self._apply_model(decode_model(message["change"]))
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(frame({"op": "ack", "id": message["id"], "error": error}))
 
     async def gather(self, name: str, version: str) -> list[list[ModelStatsSnapshot]]:
         """The other live front ends' snapshots of the selection, one list each; those that
@@ -217,6 +296,13 @@ class RegionLink:
                 if message["op"] == "apply":
                     error = self._apply(decode(message["change"]))
                     self._writer.write(frame({"op": "ack", "id": message["id"], "error": error}))
+                elif message["op"] == "apply_model":
+                    decode_model(message["change"])  # a malformed one ends the link here
+                    task = asyncio.create_task(self._apply_and_ack(message))
+                    self._applying.add(task)
+                    task.add_done_callback(self._applying.discard)
+                elif message["op"] == "done" and message["id"] in self._model_pending:
+                    self._model_done(message["id"], message["errors"])
                 elif message["op"] == "done":
                     self._done(message["id"], message["errors"])
                 elif message["op"] == "collect":
@@ -229,10 +315,13 @@ class RegionLink:
             for change, future in self._pending.values():
                 undo(self._registry, change)
                 if not future.done():
-                    future.set_exception(
-                        ServerError(ErrorCode.UNAVAILABLE, "the front ends' supervisor is gone")
-                    )
+                    future.set_exception(ServerError(ErrorCode.UNAVAILABLE, _GONE))
             self._pending.clear()
+            for pending in self._model_pending.values():
+                if not pending.done():
+                    pending.set_exception(ServerError(ErrorCode.UNAVAILABLE, f"not on the "
+                                                      f"other front ends: {_GONE}"))  # fmt: skip
+            self._model_pending.clear()
             for gathered in self._gathers.values():
                 if not gathered.done():
                     gathered.set_result([])  # this front end's statistics alone
@@ -247,6 +336,20 @@ class RegionLink:
                         change.name, change.op, exc)  # fmt: skip
             return {"code": exc.code.value, "message": str(exc)}
         return None
+
+    def _model_done(self, ident: int, errors: list[dict[str, str]]) -> None:
+        future = self._model_pending.pop(ident)
+        if future.done():  # the caller went away
+            return
+        if not errors:
+            future.set_result(None)
+            return
+        detail = "; ".join(f"{e['where']}: {e['message']}" for e in errors)
+        try:
+            code = ErrorCode(errors[0]["code"])
+        except ValueError:
+            code = ErrorCode.INTERNAL
+        future.set_exception(ServerError(code, f"failed on other front ends ({detail})"))
 
     def _done(self, ident: int, errors: list[dict[str, str]]) -> None:
         change, future = self._pending.pop(ident)
@@ -268,6 +371,8 @@ class RegionLink:
             future.set_result(None)
 
     async def close(self) -> None:
+        for applying in list(self._applying):
+            applying.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
