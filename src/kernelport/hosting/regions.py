@@ -173,8 +173,8 @@ class RegionHub:
                     peer.pid = int(message.get("pid", 0))
                     with self._cond:  # no model change between its table and its joining
                         models = list(self.models.values())
-                        peer.send({"op": "table", "changes": list(self.table.values()),
-                                   "models": len(models)})  # fmt: skip
+                        table = {"op": "table", "changes": list(self.table.values())}
+                        peer.send({**table, "models": len(models)} if models else table)
                         for change in models:
                             peer.send({"op": "model", "change": change})
                         self._peers.append(peer)
