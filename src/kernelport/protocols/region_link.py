@@ -1,6 +1,7 @@
-"""A front end's side of the node's shared-memory regions and statistics
-(:mod:`kernelport.hosting.regions`, where the protocol is described): one connection to the
-supervisor, on this front end's event loop, and the messages' framing both sides use."""
+"""A front end's side of the node's shared-memory regions, repository loads/unloads and
+statistics (:mod:`kernelport.hosting.regions`, where the protocol is described): one
+connection to the supervisor, on this front end's event loop, and the messages' framing
+both sides use."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ GATHER_WAIT_S = 2.0
 Statistics = Callable[[str, str], list[ModelStatsSnapshot]]
 Models = Callable[[ModelChange], Awaitable[None]]
 _GONE = "the front ends' supervisor is gone"
+_OVERHEAD = 1024  # a model change message's JSON around its name, config and files
 _LENGTH = struct.Struct(">I")
 
 
@@ -197,7 +199,9 @@ class RegionLink:
         await done
 
     def check_model(self, change: ModelChange) -> None:
-        size = len(frame({"op": "publish_model", "id": 0, "change": encode_model(change)}))
+        # base64's length, without encoding what may be hundreds of MiB only to refuse it
+        files = sum(4 * ((len(data) + 2) // 3) + len(key) + 8 for key, data in change.files.items())
+        size = files + len(json.dumps([change.config, change.name])) + _OVERHEAD
         if size > MAX_MESSAGE:
             raise ServerError(
                 ErrorCode.INVALID_ARGUMENT,
