@@ -18,6 +18,7 @@ from kernelport.config import Config, write_ports
 from kernelport.core.dataplane import DataPlane
 from kernelport.core.manager import ManagerSettings, ModelManager
 from kernelport.core.memory_probe import available_host_memory
+from kernelport.core.model_sync import ModelChange, apply_model
 from kernelport.core.shm import SharedMemoryRegistry
 from kernelport.lifecycle.poller import RepositoryPoller
 from kernelport.limits import Limits
@@ -89,6 +90,12 @@ class Server:
         if config.shared_workers is not None:
             self._regions = RegionLink(self.shared_memory, address_next_to(config.shared_workers))
             self.dataplane.regions.peers = self._regions
+            # ... and statistics count every front end's requests
+            self._regions.statistics = self.dataplane.model_statistics
+            self.dataplane.statistics_peers = self._regions
+            # ... and a repository load or unload is made on every front end
+            self._regions.models = self._apply_model
+            self.dataplane.model_peers = self._regions
         self.dataplane.readiness = config.readiness
         tracing = Tracing(config.trace_level, config.trace_rate, config.trace_count,
                           config.trace_exporter, tracer_provider)  # fmt: skip
@@ -120,6 +127,9 @@ class Server:
         self.grpc_port = 0
         self.metrics_port = 0
 
+    async def _apply_model(self, change: ModelChange) -> None:
+        await apply_model(self.manager, change)
+
     def _uvicorn(self, app: Any, port: int) -> QuietUvicorn:
         config = uvicorn.Config(
             app,
@@ -146,12 +156,14 @@ class Server:
         # Probing CUDA (importing its bindings, asking the driver) once, off the loop, so the
         # first server-metadata request does not pay for it.
         await asyncio.to_thread(self.shared_memory.cuda_unavailable)
-        if self._regions is not None:  # before listening: the node's regions are known here
-            await self._regions.connect()
         if self._poller is not None:
             await self._poller.start()  # loads the repository, then watches it
         else:
             await self.manager.load_initial()
+        if self._regions is not None:
+            # before listening, so the node's regions are known here; after the startup
+            # models, so the loads and unloads the other front ends made since are made last
+            await self._regions.connect()
         if self._grpc is not None:
             self.grpc_port = await self._grpc.start(self.config.host, self.config.grpc_port)
         metrics: Any = MetricsApp(

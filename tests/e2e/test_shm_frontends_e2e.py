@@ -165,11 +165,6 @@ def _up(metrics_port: int) -> bool:
     return True
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="intermittent: perf_analyzer exits 99 'failed to find the requested model version' "
-    "against --frontends 2 (passed alone and in the first runs; not diagnosed yet)",
-)
 def test_perf_analyzer_with_system_shared_memory_over_http(server: RunningServer) -> None:
     pa = perf_analyzer_path()
     before = set(os.listdir("/dev/shm"))

@@ -17,11 +17,13 @@ from kernelport.core.fill import Announcement
 from kernelport.core.manager import ModelManager, ModelVersion
 from kernelport.core.memory import Compaction, OnDemandPool
 from kernelport.core.model_config import ModelConfig
+from kernelport.core.model_sync import ModelChange, ModelPeers, loaded
 from kernelport.core.names import shown
 from kernelport.core.options import request_options
 from kernelport.core.shm import SharedMemoryRegistry, write_outputs
 from kernelport.core.shm_sync import SharedRegions
 from kernelport.core.stats import ModelStatsSnapshot, describe_residency, failure_code
+from kernelport.core.stats_merge import StatisticsPeers, merge_statistics
 from kernelport.core.streaming import Decoupled
 from kernelport.core.validation import requested_outputs, validate_inputs
 from kernelport.errors import ErrorCode, ServerError, invalid
@@ -66,6 +68,10 @@ class DataPlane:
         self.shared_memory = shared_memory if shared_memory is not None else SharedMemoryRegistry()
         # register/unregister go through here: on every front end of a node when it has peers
         self.regions = SharedRegions(self.shared_memory)
+        # --frontends N: the other front ends, whose statistics node_statistics() adds
+        self.statistics_peers: StatisticsPeers | None = None
+        # ... and those that repository loads and unloads reach too
+        self.model_peers: ModelPeers | None = None
         self.accepting = True
         self.readiness = "all"  # "any": ready once at least one model is (Config.readiness)
         self.extra_extensions: tuple[str, ...] = ()  # wired in by the server (trace, logging)
@@ -162,6 +168,15 @@ class DataPlane:
         entry = next(e for e in self._manager.entries() if e.name == name)
         return [entry.versions[v].snapshot() for v in sorted(entry.versions)]
 
+    async def node_statistics(self, name: str = "", version: str = "") -> list[ModelStatsSnapshot]:
+        """``model_statistics`` counting every request the node served: with peers (the
+        other front ends of ``--frontends N``), theirs merged in (``core/stats_merge.py``).
+        An unknown model or version is this front end's error, before anyone is asked."""
+        local = self.model_statistics(name, version)
+        if self.statistics_peers is None:
+            return local
+        return merge_statistics(local, await self.statistics_peers.gather(name, version))
+
     def _versions(self, name: str) -> list[int]:
         entry = next((e for e in self._manager.entries() if e.name == name), None)
         return sorted(entry.versions) if entry else []
@@ -190,7 +205,13 @@ class DataPlane:
         """Load or reload ``name`` (explicit control mode only); ``config`` is a JSON config
         override and ``files`` (``file:<version>/<path>`` -> bytes) a model directory."""
         self._manager.require_explicit("load", name)
+        if self.model_peers is None:
+            await self._manager.load(name, config, files)
+            return
+        change = ModelChange("load", name, config, dict(files or {}))
+        self.model_peers.check_model(change)
         await self._manager.load(name, config, files)
+        await self.model_peers.publish_model(change)
 
     async def compact(self) -> list[Compaction]:
         """Evict the idle on-demand and lazy models that are resident and load them again,
@@ -199,7 +220,15 @@ class DataPlane:
 
     async def unload_model(self, name: str, unload_dependents: bool = False) -> None:
         self._manager.require_explicit("unload", name)
+        if self.model_peers is None:
+            await self._manager.unload(name, unload_dependents)
+            return
+        before = loaded(self._manager)
         await self._manager.unload(name, unload_dependents)
+        also = tuple(sorted(before - loaded(self._manager) - {name}))
+        await self.model_peers.publish_model(
+            ModelChange("unload", name, unload_dependents=unload_dependents, also=also)
+        )
 
     # --- inference -----------------------------------------------------------------------
 

@@ -8,7 +8,9 @@ settings to a private file, and starts N ``kernelport serve`` processes with
 and has its own metrics port. Worker-mode models are the exception: their worker processes
 are started once, by this process, and every front end sends its batches to them
 (:mod:`kernelport.hosting.shared_workers`). Client shared-memory regions are registered on
-every front end through this process (:mod:`kernelport.hosting.regions`). The ports file lists
+every front end through this process (:mod:`kernelport.hosting.regions`), which also carries
+repository loads/unloads to every front end and gathers their statistics, so the node answers
+as one server. The ports file lists
 them all once every front end listens.
 SIGINT/SIGTERM are passed on (each front end drains; a second signal cuts the drain short);
 a front end that dies is started again with backoff.

@@ -12,6 +12,22 @@ preceded by its length (4 bytes, big-endian); a CUDA handle travels as base64:
   every other live front end answered. ``ack {id, error}`` answers an ``apply``.
 - supervisor -> front end: ``apply {id, change}``, a change another front end published.
 
+Repository loads and unloads (``core/model_sync.py``) take the same shape on their own
+thread (a load may take minutes; region changes never wait behind one): ``publish_model {id,
+change}`` after the change was made locally, ``apply_model {id, change}`` to every other live
+front end, each answering ``ack``, then ``done {id, errors}`` to the origin (a front end that
+does not answer in ``MODEL_ACK_TIMEOUT_S`` counts as failed; nothing is rolled back). The
+supervisor keeps each model's last change, in the order made, and sends them to a front end
+that says hello (after its ``table``, announced by its ``models`` count, one ``model
+{change}`` message each), so a front end started later loads and unloads what the others did.
+
+The same connection carries the node's statistics (:mod:`kernelport.core.stats_merge`): a
+front end asked for statistics sends ``gather {id, model, version}``; the supervisor sends
+``collect {id, model, version}`` to every other live front end, each answers ``stats {id,
+snapshots}``, and the origin gets ``gathered {id, answers, missing}`` once all answered or
+``GATHER_TIMEOUT_S`` passed (a front end that did not answer is left out and named in
+``missing``). Gathers run beside the region changes, never queued behind one.
+
 A register that any front end fails to apply is unregistered from those that applied it
 before the origin gets its ``done`` with the errors (the origin then unregisters it too, so
 the node stays consistent and the client gets an error naming who failed). A front end whose
@@ -31,11 +47,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kernelport.protocols.region_link import SOCKET_NAME, check_change, frame, receive
+from kernelport.protocols.region_link import (
+    SOCKET_NAME,
+    check_change,
+    check_model_change,
+    frame,
+    receive,
+)
 
 log = logging.getLogger("kernelport.frontends")
 
 ACK_TIMEOUT_S = 60.0  # a CUDA handle's first open initialises CUDA in that front end
+MODEL_ACK_TIMEOUT_S = 600.0  # a load: as long as a front end's start may take, and then some
+GATHER_TIMEOUT_S = 1.0  # statistics are read on a client's request path: never wait long
 
 
 class _Peer:
@@ -44,10 +68,15 @@ class _Peer:
         self.pid = 0
         self.gone = False
         self.acks: dict[int, Any] = {}  # apply id -> its error (None: applied)
+        self.stats: dict[int, Any] = {}  # gather id -> its snapshots (JSON)
+        self.late = False  # it missed a gather: logged once
+        self._sending = threading.Lock()  # gathers and changes send from different threads
 
     def send(self, message: dict[str, Any]) -> None:
+        data = frame(message)
         try:
-            self.conn.sendall(frame(message))
+            with self._sending:
+                self.conn.sendall(data)
         except OSError:
             self.gone = True
 
@@ -59,10 +88,24 @@ class _Peer:
 class RegionHub:
     """The supervisor's side: the table, and one thread that makes each change in turn."""
 
-    def __init__(self, directory: Path, ack_timeout: float = ACK_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        ack_timeout: float = ACK_TIMEOUT_S,
+        gather_timeout: float = GATHER_TIMEOUT_S,
+        model_ack_timeout: float = MODEL_ACK_TIMEOUT_S,
+    ) -> None:
         self.address = directory / SOCKET_NAME
         self.table: dict[str, dict[str, Any]] = {}  # name -> its register change
         self._ack_timeout = ack_timeout
+        self._gather_timeout = gather_timeout
+        self._gathering: set[int] = set()  # gathers waiting for answers
+        self._model_ack_timeout = model_ack_timeout
+        #: name -> its last load/unload change, least recent first (replayed in this order)
+        self.models: dict[str, dict[str, Any]] = {}
+        self._model_jobs: queue.SimpleQueue[tuple[_Peer, dict[str, Any]] | None] = (
+            queue.SimpleQueue()
+        )
         self._cond = threading.Condition()
         self._peers: list[_Peer] = []  # those that said hello, in order
         self._all: list[_Peer] = []
@@ -74,6 +117,7 @@ class RegionHub:
         self._threads = [
             threading.Thread(target=self._accept, name="regions-accept", daemon=True),
             threading.Thread(target=self._work, name="regions", daemon=True),
+            threading.Thread(target=self._work_models, name="regions-models", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
@@ -94,10 +138,21 @@ class RegionHub:
         """Route one front end's messages; it never waits, so acks always get through."""
         try:
             while (message := receive(peer.conn)) is not None:
-                if message.get("op") == "ack":
+                op = message.get("op")
+                if op == "ack":
                     with self._cond:
                         peer.acks[int(message["id"])] = message.get("error")
                         self._cond.notify_all()
+                elif op == "stats":
+                    with self._cond:
+                        if int(message["id"]) in self._gathering:  # else: too late, dropped
+                            peer.stats[int(message["id"])] = message["snapshots"]
+                            self._cond.notify_all()
+                elif op == "publish_model":
+                    self._model_jobs.put((peer, message))
+                elif op == "gather":
+                    threading.Thread(target=self._gather, args=(peer, message),
+                                     name="regions-gather", daemon=True).start()  # fmt: skip
                 else:
                     self._jobs.put((peer, message))
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -116,8 +171,12 @@ class RegionHub:
             try:
                 if message.get("op") == "hello":
                     peer.pid = int(message.get("pid", 0))
-                    peer.send({"op": "table", "changes": list(self.table.values())})
-                    with self._cond:
+                    with self._cond:  # no model change between its table and its joining
+                        models = list(self.models.values())
+                        table = {"op": "table", "changes": list(self.table.values())}
+                        peer.send({**table, "models": len(models)} if models else table)
+                        for change in models:
+                            peer.send({"op": "model", "change": change})
                         self._peers.append(peer)
                 elif message.get("op") == "publish":
                     errors = self._publish(peer, message["change"])
@@ -128,6 +187,31 @@ class RegionHub:
                 log.warning("shared-memory regions: %s sent %r: %s", peer.label, message, exc)
                 peer.send({"op": "done", "id": message.get("id"),
                            "errors": [_error(peer, "INVALID_ARGUMENT", str(exc))]})  # fmt: skip
+
+    def _work_models(self) -> None:
+        while (job := self._model_jobs.get()) is not None:
+            peer, message = job
+            try:
+                errors = self._publish_model(peer, message["change"])
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("models: %s sent %r: %s", peer.label, message, exc)
+                errors = [_error(peer, "INVALID_ARGUMENT", str(exc))]
+            peer.send({"op": "done", "id": message.get("id"), "errors": errors})
+
+    def _publish_model(self, origin: _Peer, change: dict[str, Any]) -> list[dict[str, str]]:
+        check_model_change(change)
+        with self._cond:  # recorded first: a front end saying hello now gets it either way
+            others = [p for p in self._peers if p is not origin and not p.gone]
+            for name in (change["name"], *change.get("also", ())):
+                self.models.pop(name, None)
+                self.models[name] = change if name == change["name"] else {
+                    "op": "unload", "name": name}  # fmt: skip
+        failed = self._broadcast(others, change, "apply_model", self._model_ack_timeout)
+        if failed:
+            why = "; ".join(f"{p.label}: {e['message']}" for p, e in failed.items())
+            log.warning("model '%s': %s failed on other front ends: %s", change["name"],
+                        change["op"], why)  # fmt: skip
+        return [_error(p, e.get("code", "INTERNAL"), e["message"]) for p, e in failed.items()]
 
     def _publish(self, origin: _Peer, change: dict[str, Any]) -> list[dict[str, str]]:
         check_change(change)
@@ -152,12 +236,49 @@ class RegionHub:
             self.table[name] = change
         return [_error(p, e.get("code", "INTERNAL"), e["message"]) for p, e in failed.items()]
 
-    def _broadcast(self, peers: list[_Peer], change: dict[str, Any]) -> dict[_Peer, Any]:
+    def _gather(self, origin: _Peer, message: dict[str, Any]) -> None:
+        """Collect the other live front ends' snapshots for ``origin``'s selection."""
+        ident = next(self._ids)
+        ask = {"op": "collect", "id": ident, "model": str(message.get("model", "")),
+               "version": str(message.get("version", ""))}  # fmt: skip
+        with self._cond:
+            others = [p for p in self._peers if p is not origin and not p.gone]
+            self._gathering.add(ident)
+        for peer in others:
+            peer.send(ask)
+        deadline = time.monotonic() + self._gather_timeout
+        answers, missing = [], []
+        with self._cond:
+            for peer in others:
+                while ident not in peer.stats and not peer.gone:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if ident in peer.stats:
+                    answers.append(peer.stats.pop(ident))
+                elif not peer.gone:
+                    missing.append(peer.label)
+                    if not peer.late:
+                        peer.late = True
+                        log.warning("statistics: %s did not answer in %g s; left out (logged "
+                                    "once)", peer.label, self._gather_timeout)  # fmt: skip
+            self._gathering.discard(ident)
+            for peer in others:  # one that answered after its turn was counted missing
+                peer.stats.pop(ident, None)
+        origin.send({"op": "gathered", "id": message.get("id"), "answers": answers,
+                     "missing": missing})  # fmt: skip
+
+    def _broadcast(
+        self, peers: list[_Peer], change: dict[str, Any], op: str = "apply",
+        timeout: float | None = None,
+    ) -> dict[_Peer, Any]:  # fmt: skip
         """Send ``change`` to ``peers``; their errors, once each answered or is gone."""
         ident = next(self._ids)
         for peer in peers:
-            peer.send({"op": "apply", "id": ident, "change": change})
-        deadline = time.monotonic() + self._ack_timeout
+            peer.send({"op": op, "id": ident, "change": change})
+        timeout = self._ack_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         failed: dict[_Peer, Any] = {}
         with self._cond:
             for peer in peers:
@@ -172,7 +293,7 @@ class RegionHub:
                         failed[peer] = error
                 elif not peer.gone:
                     failed[peer] = {"code": "UNAVAILABLE",
-                                    "message": f"no answer in {self._ack_timeout:g} s"}  # fmt: skip
+                                    "message": f"no answer in {timeout:g} s"}  # fmt: skip
         return failed
 
     def stop(self) -> None:
@@ -180,6 +301,7 @@ class RegionHub:
             self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept()
         self._listener.close()
         self._jobs.put(None)
+        self._model_jobs.put(None)
         self._threads[1].join(5.0)
         with self._cond:
             peers = list(self._all)

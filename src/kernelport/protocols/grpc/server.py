@@ -91,7 +91,7 @@ class InferenceServicer:
         return response
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
-        return statistics_response(self._dp.model_statistics(request.name, request.version))
+        return statistics_response(await self._dp.node_statistics(request.name, request.version))
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         return await self._infer(request, context, codec.encode_response)

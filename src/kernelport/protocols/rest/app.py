@@ -184,7 +184,9 @@ class RestApp:
                 return json_response(self._telemetry.logs.update(_settings_object(body)))
             return _only(method, "GET") or json_response(self._telemetry.logs.get())
         if path == "/v2/models/stats":
-            return _only(method, "GET") or json_response(statistics_json(dp.model_statistics()))
+            return _only(method, "GET") or json_response(
+                statistics_json(await dp.node_statistics())
+            )
         match = _MODEL.match(path)
         if match:
             return await self._model(
@@ -243,7 +245,7 @@ class RestApp:
             )
         if verb == "config":
             return json_response(triton_config(dp.model_config(model, version)))
-        return json_response(statistics_json(dp.model_statistics(model, version)))
+        return json_response(statistics_json(await dp.node_statistics(model, version)))
 
     async def _infer(
         self,
