@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -19,7 +20,7 @@ from kernelport.config import Config, write_ports
 from kernelport.core.dataplane import DataPlane
 from kernelport.core.manager import ManagerSettings, ModelManager
 from kernelport.core.memory_probe import available_host_memory
-from kernelport.core.model_sync import ModelChange, apply_model
+from kernelport.core.model_sync import apply_model
 from kernelport.core.shm import SharedMemoryRegistry
 from kernelport.lifecycle.poller import RepositoryPoller
 from kernelport.limits import Limits
@@ -98,7 +99,7 @@ class Server:
             self._regions.statistics = self.dataplane.model_statistics
             self.dataplane.statistics_peers = self._regions
             # ... and a repository load or unload is made on every front end
-            self._regions.models = self._apply_model
+            self._regions.models = functools.partial(apply_model, self.manager)
             self.dataplane.model_peers = self._regions
         self.dataplane.readiness = config.readiness
         tracing = Tracing(config.trace_level, config.trace_rate, config.trace_count,
@@ -131,9 +132,6 @@ class Server:
         self.http_port = 0
         self.grpc_port = 0
         self.metrics_port = 0
-
-    async def _apply_model(self, change: ModelChange) -> None:
-        await apply_model(self.manager, change)
 
     def _uvicorn(self, app: Any, port: int) -> QuietUvicorn:
         config = uvicorn.Config(

@@ -205,13 +205,13 @@ class DataPlane:
         """Load or reload ``name`` (explicit control mode only); ``config`` is a JSON config
         override and ``files`` (``file:<version>/<path>`` -> bytes) a model directory."""
         self._manager.require_explicit("load", name)
-        if self.model_peers is None:
-            await self._manager.load(name, config, files)
-            return
+        peers = self.model_peers
         change = ModelChange("load", name, config, dict(files or {}))
-        self.model_peers.check_model(change)
+        if peers is not None:
+            peers.check_model(change)  # before it is made here
         await self._manager.load(name, config, files)
-        await self.model_peers.publish_model(change)
+        if peers is not None:
+            await peers.publish_model(change)
 
     async def compact(self) -> list[Compaction]:
         """Evict the idle on-demand and lazy models that are resident and load them again,

@@ -208,10 +208,9 @@ class RegionHub:
                     "op": "unload", "name": name}  # fmt: skip
         failed = self._broadcast(others, change, "apply_model", self._model_ack_timeout)
         if failed:
-            why = "; ".join(f"{p.label}: {e['message']}" for p, e in failed.items())
             log.warning("model '%s': %s failed on other front ends: %s", change["name"],
-                        change["op"], why)  # fmt: skip
-        return [_error(p, e.get("code", "INTERNAL"), e["message"]) for p, e in failed.items()]
+                        change["op"], _why(failed))  # fmt: skip
+        return _errors(failed)
 
     def _publish(self, origin: _Peer, change: dict[str, Any]) -> list[dict[str, str]]:
         check_change(change)
@@ -230,11 +229,10 @@ class RegionHub:
             applied = [p for p in others if p not in failed and not p.gone]
             undo = {"op": "unregister", "kind": kind, "name": name}
             self._broadcast(applied, undo)
-            why = "; ".join(f"{p.label}: {e['message']}" for p, e in failed.items())
-            log.warning("shared-memory region '%s' not registered: %s", name, why)
+            log.warning("shared-memory region '%s' not registered: %s", name, _why(failed))
         else:
             self.table[name] = change
-        return [_error(p, e.get("code", "INTERNAL"), e["message"]) for p, e in failed.items()]
+        return _errors(failed)
 
     def _gather(self, origin: _Peer, message: dict[str, Any]) -> None:
         """Collect the other live front ends' snapshots for ``origin``'s selection."""
@@ -250,12 +248,7 @@ class RegionHub:
         answers, missing = [], []
         with self._cond:
             for peer in others:
-                while ident not in peer.stats and not peer.gone:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                if ident in peer.stats:
+                if self._answered(peer, peer.stats, ident, deadline):
                     answers.append(peer.stats.pop(ident))
                 elif not peer.gone:
                     missing.append(peer.label)
@@ -282,12 +275,7 @@ class RegionHub:
         failed: dict[_Peer, Any] = {}
         with self._cond:
             for peer in peers:
-                while ident not in peer.acks and not peer.gone:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                if ident in peer.acks:
+                if self._answered(peer, peer.acks, ident, deadline):
                     error = peer.acks.pop(ident)
                     if error:
                         failed[peer] = error
@@ -295,6 +283,16 @@ class RegionHub:
                     failed[peer] = {"code": "UNAVAILABLE",
                                     "message": f"no answer in {timeout:g} s"}  # fmt: skip
         return failed
+
+    def _answered(self, peer: _Peer, box: dict[int, Any], ident: int, deadline: float) -> bool:
+        """Under ``self._cond``: wait until ``peer``'s answer ``ident`` is in ``box`` (its
+        acks or its statistics), the peer is gone, or ``deadline`` passes; whether it is."""
+        while ident not in box and not peer.gone:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._cond.wait(left)
+        return ident in box
 
     def stop(self) -> None:
         with contextlib.suppress(OSError):
@@ -314,3 +312,12 @@ class RegionHub:
 def _error(peer: _Peer | None, code: str, message: str) -> dict[str, str]:
     return {"where": peer.label if peer is not None else "supervisor", "code": code,
             "message": message}  # fmt: skip
+
+
+def _why(failed: dict[_Peer, Any]) -> str:
+    return "; ".join(f"{p.label}: {e['message']}" for p, e in failed.items())
+
+
+def _errors(failed: dict[_Peer, Any]) -> list[dict[str, str]]:
+    """The failed front ends' errors, as the origin's ``done`` carries them."""
+    return [_error(p, e.get("code", "INTERNAL"), e["message"]) for p, e in failed.items()]

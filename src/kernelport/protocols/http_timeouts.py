@@ -101,8 +101,8 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def _unset_keepalive_if_required(self) -> None:
+        # uvicorn arms its own timer only in on_response_complete, which this replaces
         self._idle_deadline = 0.0
-        super()._unset_keepalive_if_required()  # a timer uvicorn armed itself, if any
 
     def on_response_complete(self) -> None:
         # uvicorn's, with the keep-alive deadline in place of its timer

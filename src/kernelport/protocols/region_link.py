@@ -188,14 +188,18 @@ class RegionLink:
             with contextlib.suppress(ServerError):
                 await self.publish(RegionChange("unregister", change.kind, change.name))
 
+    def _link(self) -> asyncio.StreamWriter | None:
+        """The connection to the supervisor; None before ``connect()`` or once it is gone."""
+        return None if self._task is None or self._task.done() else self._writer
+
     async def publish(self, change: RegionChange) -> None:
-        if self._writer is None or self._task is None or self._task.done():
+        if (writer := self._link()) is None:
             undo(self._registry, change)
             raise ServerError(ErrorCode.UNAVAILABLE, _GONE)
         ident = next(self._ids)
         done = asyncio.get_running_loop().create_future()
         self._pending[ident] = (change, done)
-        self._writer.write(frame({"op": "publish", "id": ident, "change": encode(change)}))
+        writer.write(frame({"op": "publish", "id": ident, "change": encode(change)}))
         await done
 
     def check_model(self, change: ModelChange) -> None:
@@ -212,13 +216,12 @@ class RegionLink:
 
     async def publish_model(self, change: ModelChange) -> None:
         what = f"model '{change.name}' was {change.op}ed here but"
-        if self._writer is None or self._task is None or self._task.done():
+        if (writer := self._link()) is None:
             raise ServerError(ErrorCode.UNAVAILABLE, f"{what} not on the other front ends: {_GONE}")
         ident = next(self._ids)
         done = asyncio.get_running_loop().create_future()
         self._model_pending[ident] = done
-        self._writer.write(frame({"op": "publish_model", "id": ident,
-                                  "change": encode_model(change)}))  # fmt: skip
+        writer.write(frame({"op": "publish_model", "id": ident, "change": encode_model(change)}))
         try:
             await done
         except ServerError as exc:
@@ -243,13 +246,12 @@ class RegionLink:
     async def gather(self, name: str, version: str) -> list[list[ModelStatsSnapshot]]:
         """The other live front ends' snapshots of the selection, one list each; those that
         do not answer in time (or all of them, if the supervisor is gone) are left out."""
-        if self._writer is None or self._task is None or self._task.done():
+        if (writer := self._link()) is None:
             return []
         ident = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._gathers[ident] = future
-        self._writer.write(frame({"op": "gather", "id": ident, "model": name,
-                                  "version": version}))  # fmt: skip
+        writer.write(frame({"op": "gather", "id": ident, "model": name, "version": version}))
         try:
             return await asyncio.wait_for(future, self._gather_wait)
         except TimeoutError:
@@ -285,8 +287,7 @@ class RegionLink:
     async def _receive(self) -> dict[str, Any] | None:
         assert self._reader is not None
         try:
-            head = await self._reader.readexactly(4)
-            size = int.from_bytes(head, "big")
+            (size,) = _LENGTH.unpack(await self._reader.readexactly(_LENGTH.size))
             if size > MAX_MESSAGE:
                 raise ValueError(f"a message of {size} bytes")
             return unframe(await self._reader.readexactly(size))
@@ -348,22 +349,14 @@ class RegionLink:
         if not errors:
             future.set_result(None)
             return
-        detail = "; ".join(f"{e['where']}: {e['message']}" for e in errors)
-        try:
-            code = ErrorCode(errors[0]["code"])
-        except ValueError:
-            code = ErrorCode.INTERNAL
+        code, detail = _failure(errors)
         future.set_exception(ServerError(code, f"failed on other front ends ({detail})"))
 
     def _done(self, ident: int, errors: list[dict[str, str]]) -> None:
         change, future = self._pending.pop(ident)
         if errors:
             undo(self._registry, change)  # now, before any later change is read
-            detail = "; ".join(f"{e['where']}: {e['message']}" for e in errors)
-            try:
-                code = ErrorCode(errors[0]["code"])
-            except ValueError:
-                code = ErrorCode.INTERNAL
+            code, detail = _failure(errors)
             what = "registered" if change.op == "register" else "unregistered"
             if future.done():  # the caller went away; the undo above still holds
                 return
@@ -385,3 +378,12 @@ class RegionLink:
             self._writer.close()
             with contextlib.suppress(OSError):
                 await self._writer.wait_closed()
+
+
+def _failure(errors: list[dict[str, str]]) -> tuple[ErrorCode, str]:
+    """The code (the first failed front end's) and the details of a ``done`` with errors."""
+    detail = "; ".join(f"{e['where']}: {e['message']}" for e in errors)
+    try:
+        return ErrorCode(errors[0]["code"]), detail
+    except ValueError:
+        return ErrorCode.INTERNAL, detail
