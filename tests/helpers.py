@@ -266,11 +266,9 @@ def ray_temp_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="kpray-", dir="/tmp"))
 
 
-def worker_pids(pid: int) -> set[int]:
-    """The worker processes below ``pid``: its children, or its grandchildren when the
-    server runs inside Envoy (the launcher's child is Envoy, whose children are workers)."""
-    parents: dict[int, int] = {}
-    workers = set()
+def processes() -> dict[int, tuple[int, bytes]]:
+    """Every process now: its pid -> (its parent's pid, its command line)."""
+    table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -279,12 +277,21 @@ def worker_pids(pid: int) -> set[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        parents[int(entry)] = int(stat.rpartition(")")[2].split()[1])
-        if b"kernelport.worker" in cmdline:
-            workers.add(int(entry))
-    found = set()
-    for worker in workers:
-        parent = parents.get(worker, 0)
-        if parent == pid or parents.get(parent) == pid:
-            found.add(worker)
-    return found
+        table[int(entry)] = (int(stat.rpartition(")")[2].split()[1]), cmdline)
+    return table
+
+
+def children(parent: int, marker: bytes) -> list[int]:
+    """The child processes of ``parent`` whose command line holds ``marker``, by pid."""
+    return sorted(pid for pid, (ppid, cmd) in processes().items()
+                  if ppid == parent and marker in cmd)  # fmt: skip
+
+
+def worker_pids(pid: int) -> set[int]:
+    """The worker processes below ``pid``: its children, or its grandchildren when the
+    server runs inside Envoy (the launcher's child is Envoy, whose children are workers)."""
+    table = processes()
+    return {
+        worker for worker, (parent, cmd) in table.items()
+        if b"kernelport.worker" in cmd and (parent == pid or table.get(parent, (0, b""))[0] == pid)
+    }  # fmt: skip

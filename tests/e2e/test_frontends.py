@@ -16,22 +16,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from conftest import RunningServer, running_server
-from helpers import process_alive
+from helpers import children, process_alive
 
 
 def _frontends(supervisor: int) -> set[int]:
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rpartition(")")[2].split()[1]) == supervisor and b"--reuse-port" in cmdline:
-            found.add(int(entry))
-    return found
+    return set(children(supervisor, b"--reuse-port"))
 
 
 def _metrics_ports(server: RunningServer) -> list[int]:

@@ -23,7 +23,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from conftest import RunningServer, running_server
-from helpers import process_alive, write_model
+from helpers import children, process_alive, write_model
+from test_frontends import _frontends
 from tritonclient.utils import InferenceServerException
 
 MODEL = """
@@ -103,21 +104,6 @@ def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
-def _frontends(supervisor: int) -> set[int]:
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rpartition(")")[2].split()[1]) == supervisor and b"--reuse-port" in cmdline:
-            found.add(int(entry))
-    return found
-
-
 class _Load:
     """Requests from a few threads over both protocols until stopped; every outcome kept."""
 
@@ -155,23 +141,8 @@ def test_both_front_ends_send_their_batches_to_one_worker(server: RunningServer)
     served = [_metric(port, "nv_inference_request_success") or 0 for port in metrics]
     assert sum(served) == 60 and all(n > 0 for n in served), served  # both front ends answered
     assert [_metric(port, "kernelport_worker_pid") for port in metrics] == [pid, pid]
-    workers = _children_named(server.process.pid, b"kernelport.worker")
+    workers = children(server.process.pid, b"kernelport.worker")
     assert workers == [pid]  # started by the supervisor, once
-
-
-def _children_named(parent: int, marker: bytes) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rpartition(")")[2].split()[1]) == parent and marker in cmdline:
-            found.append(int(entry))
-    return found
 
 
 def test_a_killed_worker_fails_its_batches_and_is_restarted_once(
@@ -229,6 +200,6 @@ def test_a_killed_front_end_leaves_the_worker_serving(server: RunningServer) -> 
     _wait_for(lambda: server.log().count("kernelport.server: listening:") >= 3, 60,
               "the front end listening again")  # fmt: skip
     assert {_ask(server, "http") for _ in range(20)} | {_ask(server, "grpc")} == {pid}
-    assert _children_named(supervisor, b"kernelport.worker") == [pid]
+    assert children(supervisor, b"kernelport.worker") == [pid]
     assert server.stop() == 0
     assert not process_alive(pid)

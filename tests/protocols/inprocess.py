@@ -72,3 +72,8 @@ async def dataplane(
         yield DataPlane(manager, "0.0-test", limits)
     finally:
         await manager.close()
+
+
+def announced(dp: DataPlane, model: str) -> int:
+    """The requests announced to ``model``'s queue and not yet submitted (core/fill.py)."""
+    return int(dp._manager.get(model).queue.announced)

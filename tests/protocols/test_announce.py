@@ -23,7 +23,7 @@ from grpc_driver import (
     wait_until,
 )
 from grpc_driver import scope as grpc_scope
-from inprocess import dataplane
+from inprocess import announced, dataplane
 
 from kernelport.core.dataplane import DataPlane
 from kernelport.limits import Limits
@@ -41,10 +41,6 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 async def dp(tmp_path: Path) -> AsyncIterator[DataPlane]:
     async with dataplane(tmp_path) as plane:
         yield plane
-
-
-def announced(dp: DataPlane, model: str) -> int:
-    return int(dp._manager.get(model).queue.announced)
 
 
 # --- the API -----------------------------------------------------------------------------

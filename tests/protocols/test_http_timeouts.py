@@ -5,12 +5,10 @@ timeout, answered requests are not, and the one sweep per loop stops with its co
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from typing import Any
 
-import uvicorn
-from uvicorn.server import ServerState
+from rest_client import listen
 
 from kernelport.protocols import http_timeouts
 from kernelport.protocols.http_timeouts import header_timeout_protocol
@@ -24,18 +22,8 @@ async def ok(scope: Any, receive: Any, send: Any) -> None:
 
 
 async def _serve(header_timeout: float, keep_alive: float) -> tuple[asyncio.Server, int]:
-    config = uvicorn.Config(
-        ok, http=header_timeout_protocol(header_timeout), lifespan="off", log_config=None,
-        proxy_headers=False, timeout_keep_alive=keep_alive,  # type: ignore[arg-type]
-    )  # fmt: skip
-    config.load()
-    state = ServerState()
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = await asyncio.get_running_loop().create_server(
-        lambda: config.http_protocol_class(config=config, server_state=state, app_state={}),
-        sock=sock,
-    )
-    return server, sock.getsockname()[1]
+    protocol = header_timeout_protocol(header_timeout)
+    return await listen(ok, protocol, timeout_keep_alive=keep_alive)
 
 
 async def _until_closed(reader: asyncio.StreamReader) -> float:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,9 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-import uvicorn
-from inprocess import dataplane
-from rest_client import echo
-from uvicorn.server import ServerState
+from grpc_driver import wait_until
+from inprocess import announced, dataplane
+from rest_client import echo, listen
 
 from kernelport.core.dataplane import DataPlane
 from kernelport.limits import Limits
@@ -56,19 +54,9 @@ class Server:
 
 
 async def _serve(app: Any) -> Server:
-    config = uvicorn.Config(
-        app, http=direct_protocol(5.0), lifespan="off", log_config=None, proxy_headers=False
-    )
-    config.load()
-    assert issubclass(config.http_protocol_class, DirectProtocol)
-    state = ServerState()
-    loop = asyncio.get_running_loop()
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = await loop.create_server(
-        lambda: config.http_protocol_class(config=config, server_state=state, app_state={}),
-        sock=sock,
-    )
-    return Server(server, sock.getsockname()[1])
+    protocol = direct_protocol(5.0)
+    assert issubclass(protocol, DirectProtocol)
+    return Server(*await listen(app, protocol))
 
 
 @pytest.fixture
@@ -88,10 +76,6 @@ async def server(app: CountingApp) -> AsyncIterator[Server]:
     yield served
     served.server.close()
     await served.server.wait_closed()
-
-
-def announced(dp: DataPlane, model: str) -> int:
-    return int(dp._manager.get(model).queue.announced)
 
 
 def binary_request(values: list[float], request_id: str = "") -> tuple[bytes, dict[str, str]]:
@@ -240,17 +224,11 @@ async def test_a_client_gone_mid_body_leaves_nothing_announced(
     writer.write(message[:-3])  # headers and most of the body
     await writer.drain()
     # The announcement is taken once the headers are parsed; wait for it, then leave.
-    for _ in range(1000):
-        if announced(dp, "echo") == 1:
-            break
-        await asyncio.sleep(0.001)
+    await wait_until(lambda: announced(dp, "echo") == 1, "announced from the headers")
     assert announced(dp, "echo") == 1
     writer.close()
     await writer.wait_closed()
-    for _ in range(1000):
-        if announced(dp, "echo") == 0:
-            break
-        await asyncio.sleep(0.001)
+    await wait_until(lambda: announced(dp, "echo") == 0, "released when the client left")
     assert announced(dp, "echo") == 0
 
 
@@ -266,10 +244,7 @@ async def test_a_client_gone_while_queued_drops_its_work(dp: DataPlane, server: 
     writer_b.write(http_request("/v2/models/slow/infer", body))
     await writer_b.drain()
     queue = dp._manager.get("slow").queue
-    for _ in range(2000):  # both in: one running, one queued
-        if queue.running == 1 and queue.queued == 1:
-            break
-        await asyncio.sleep(0.001)
+    await wait_until(lambda: queue.running == 1 and queue.queued == 1, "one running, one queued")
     writer_b.close()
     await writer_b.wait_closed()
     status, _, _ = await read_response(reader_a)

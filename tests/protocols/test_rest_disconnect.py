@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,8 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import uvicorn
 from inprocess import dataplane
-from rest_client import echo, plain_client
-from uvicorn.server import ServerState
+from rest_client import echo, listen, plain_client
 
 from kernelport.core.dataplane import DataPlane
 from kernelport.protocols.http_timeouts import DISCONNECT_EXTENSION, header_timeout_protocol
@@ -60,16 +57,7 @@ class Probe:
 
 
 async def _serve(app: Any) -> tuple[asyncio.Server, int]:
-    config = uvicorn.Config(app, http=header_timeout_protocol(5.0), lifespan="off", log_config=None)
-    config.load()
-    state = ServerState()
-    loop = asyncio.get_running_loop()
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = await loop.create_server(
-        lambda: config.http_protocol_class(config=config, server_state=state, app_state={}),
-        sock=sock,
-    )
-    return server, sock.getsockname()[1]
+    return await listen(app, header_timeout_protocol(5.0))
 
 
 @pytest.mark.parametrize("register_after_loss", [False, True])
