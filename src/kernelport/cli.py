@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
         log_setup.configure(config.log_level, config.log_format)
         return frontends.run(config)
-    if config.grpc_transport != "grpcio":
+    if config.grpc_transport in ("auto", "envoy"):
         from kernelport.hosting import envoy  # the server itself starts inside Envoy
         from kernelport.observability import logging as log_setup
 

@@ -151,11 +151,12 @@ class Config(Settings):
     http_port: Port = Field(8000, description="KServe V2 HTTP port (0: any free port)")
     grpc_port: Port = Field(8001, description="KServe V2 gRPC port (0: any free port)")
     metrics_port: Port = Field(8002, description="Prometheus metrics port (0: any free port)")
-    grpc_transport: Literal["auto", "grpcio", "envoy"] = Field(
+    grpc_transport: Literal["auto", "asyncio", "grpcio", "envoy"] = Field(
         "auto",
-        description="what serves gRPC: grpcio (grpcio's asyncio server), envoy (the server "
-        "runs inside Envoy, a native HTTP/2 server: about half grpcio's core time per call; "
-        "Linux and macOS), or auto: envoy where pyvoy is installed, else grpcio",
+        description="what serves gRPC: asyncio (KernelPort's HTTP/2 server on the event "
+        "loop), grpcio (grpcio's asyncio server), envoy (the server runs inside Envoy, a "
+        "native HTTP/2 server; Linux and macOS), or auto: envoy where pyvoy is installed, "
+        "else grpcio",
     )
     envoy_threads: int = Field(
         1, ge=1, le=64, description="Envoy worker threads for --grpc-transport envoy"

@@ -34,6 +34,7 @@ from kernelport.pbtxt import TritonConfigReader
 from kernelport.protocols.auth import Auth, RequireKey, exposure_warning
 from kernelport.protocols.grpc.announce import ConnectionModels
 from kernelport.protocols.grpc.asgi import GrpcAsgiApp
+from kernelport.protocols.grpc.http2 import Http2Server
 from kernelport.protocols.grpc.server import GrpcFrontEnd, InferenceServicer, KernelPortServicer
 from kernelport.protocols.grpc.standard import DEFAULT_POOL, StandardServices
 from kernelport.protocols.listen import QuietUvicorn, bind
@@ -114,13 +115,18 @@ class Server:
         # Server built in-process has no Envoy around it, so "auto" means grpcio here.
         # grpc.health.v1 and reflection, on whichever transport serves gRPC
         self.standard = StandardServices(self.dataplane.ready)
-        self._grpc = (
-            GrpcFrontEnd(self.dataplane, config, self.telemetry, self.standard)
-            if config.grpc_transport != "envoy"
-            else None
-        )
         self._auth = Auth(config.api_keys, config.auth_scope)
         self._tls = TlsFiles.from_config(config)
+        self._grpc: GrpcFrontEnd | Http2Server | None = None
+        if config.grpc_transport == "asyncio":
+            self._grpc = Http2Server(
+                self.grpc_app(),
+                tls=self._tls,
+                idle_timeout=config.http_idle_timeout,
+                handshake_timeout=config.http_header_timeout,
+            )
+        elif config.grpc_transport != "envoy":
+            self._grpc = GrpcFrontEnd(self.dataplane, config, self.telemetry, self.standard)
         self._force = asyncio.Event()
         self.drained = True  # False once a shutdown gave up on requests still in flight
         self.stuck: list[str] = []  # models whose execution outlived the drain and the unload
@@ -168,7 +174,9 @@ class Server:
             # models, so the loads and unloads the other front ends made since are made last
             await self._regions.connect()
         if self._grpc is not None:
-            self.grpc_port = await self._grpc.start(self.config.host, self.config.grpc_port)
+            self.grpc_port = await self._grpc.start(
+                self.config.host, self.config.grpc_port, self.config.reuse_port
+            )
         metrics: Any = MetricsApp(
             self.registry, self.dataplane.live, self.dataplane.ready, self._gpu.refresh
         )

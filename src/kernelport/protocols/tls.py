@@ -61,6 +61,17 @@ class TlsFiles:
             "ssl_cert_reqs": ssl.CERT_REQUIRED if self.ca is not None else ssl.CERT_NONE,
         }
 
+    def server_context(self, alpn: list[str]) -> ssl.SSLContext:
+        """A server-side context offering ``alpn`` (HTTP/2 listeners need ``["h2"]``)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert, self.key)
+        if self.ca is not None:
+            context.load_verify_locations(cafile=self.ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        context.set_alpn_protocols(alpn)
+        return context
+
     def grpc_credentials(self) -> grpc.ServerCredentials:
         ca = self.ca.read_bytes() if self.ca is not None else None
         return grpc.ssl_server_credentials(

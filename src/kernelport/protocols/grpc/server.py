@@ -407,8 +407,10 @@ class GrpcFrontEnd:
         self._server: grpc.aio.Server | None = None
         self._reuse_port = config.reuse_port  # one of several front ends (--frontends)
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, reuse_port: bool | None = None) -> int:
         """Listen on ``port`` (0: any free port); returns the port bound."""
+        if reuse_port is not None:
+            self._reuse_port = reuse_port
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", self._limit),
