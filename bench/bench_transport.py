@@ -5,10 +5,11 @@ pinned to --cpus (default core 1), perf_analyzer (closed loop, binary tensors, t
 input as bench_server.py) pinned to --load-cpus at c=1 and c=32:
 
 - the V2 echo servers of ../shared/tools/transport-echo (no model work; they answer
-  metadata and config and echo INPUT0 back): grpcio aio, grpcio sync (4 threads), pyvoy
-  (Envoy) gRPC over ASGI, and over HTTP uvicorn (KernelPort's HTTP server, with the same
-  uvloop + httptools), granian and pyvoy; a server whose command is not installed is
-  recorded as skipped;
+  metadata and config and echo INPUT0 back): grpcio aio, grpcio sync (4 threads), the same
+  ASGI gRPC echo on KernelPort's HTTP/2 server (the default transport) and on the ``h2``
+  package (bench/echo_grpc_asyncio.py), pyvoy (Envoy) gRPC over ASGI, and over HTTP
+  uvicorn (KernelPort's HTTP server, with the same uvloop + httptools), granian and pyvoy;
+  a server whose command is not installed is recorded as skipped;
 - KernelPort itself on the mlp model: ``bench_server.py --batching on --concurrency 1 32``.
 
 At c=32 the server core is saturated (the "server CPU" column checks it), so 1e6 / (infer/s)
@@ -58,6 +59,10 @@ def echo_servers(port: int) -> list[tuple[str, str, list[str]]]:
     return [
         ("grpcio aio (echo)", "grpc", [py, "grpcio_echo.py", "aio", p]),
         ("grpcio sync, 4 threads (echo)", "grpc", [py, "grpcio_echo.py", "sync", p, "4"]),
+        ("KernelPort's HTTP/2 server, asyncio (echo)", "grpc",
+         [py, str(ROOT / "bench" / "echo_grpc_asyncio.py"), "kernelport", p]),
+        ("h2 (sans-IO) on asyncio (echo)", "grpc",
+         [py, str(ROOT / "bench" / "echo_grpc_asyncio.py"), "h2", p]),
         ("pyvoy gRPC (echo)", "grpc",
          [str(BIN / "pyvoy"), "--port", p, "--worker-threads", "1", "asgi_grpc_echo:app"]),
         ("uvicorn uvloop+httptools (echo)", "http",

@@ -198,14 +198,12 @@ def main(argv: list[str] | None = None) -> int:
 
         log_setup.configure(config.log_level, config.log_format)
         return frontends.run(config)
-    if config.grpc_transport in ("auto", "envoy"):
+    if config.grpc_transport == "envoy":
         from kernelport.hosting import envoy  # the server itself starts inside Envoy
         from kernelport.observability import logging as log_setup
 
-        if config.grpc_transport == "envoy" or envoy.available():
-            log_setup.configure(config.log_level, config.log_format)
-            return envoy.run(config.model_copy(update={"grpc_transport": "envoy"}))
-        print("kernelport: gRPC served by grpcio: pyvoy is not installed", file=sys.stderr)
+        log_setup.configure(config.log_level, config.log_format)
+        return envoy.run(config)
     from kernelport.server import Server  # heavy imports only once we know we serve
 
     async def run() -> int:

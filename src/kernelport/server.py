@@ -111,14 +111,13 @@ class Server:
         self._gpu = GpuCollector()
         self.registry.register(KernelPortCollector(self.manager, lambda: self.dataplane.in_flight))
         self.registry.register(self._gpu)
-        # With --grpc-transport envoy, Envoy owns the gRPC listener and calls grpc_app(); a
-        # Server built in-process has no Envoy around it, so "auto" means grpcio here.
+        # With --grpc-transport envoy, Envoy owns the gRPC listener and calls grpc_app().
         # grpc.health.v1 and reflection, on whichever transport serves gRPC
         self.standard = StandardServices(self.dataplane.ready)
         self._auth = Auth(config.api_keys, config.auth_scope)
         self._tls = TlsFiles.from_config(config)
         self._grpc: GrpcFrontEnd | Http2Server | None = None
-        if config.grpc_transport == "asyncio":
+        if config.grpc_transport in ("auto", "asyncio"):
             self._grpc = Http2Server(
                 self.grpc_app(),
                 tls=self._tls,

