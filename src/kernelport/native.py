@@ -32,6 +32,8 @@ MODULES = (
     "kernelport.core.validation",
     "kernelport.observability.telemetry",
     "kernelport.protocols.rest.codec",
+    "kernelport.protocols.grpc.h2wire",
+    "kernelport.protocols.grpc.http2",
 )
 
 

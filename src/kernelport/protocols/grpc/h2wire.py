@@ -9,39 +9,60 @@ Written from RFC 9113 (HTTP/2) and RFC 7541 (HPACK).
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Final
 
 from hpack import Decoder
 from hpack.exceptions import HPACKError
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # frame types (RFC 9113 section 6)
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
-WINDOW_UPDATE, CONTINUATION = 8, 9
+DATA: Final = 0
+HEADERS: Final = 1
+PRIORITY: Final = 2
+RST_STREAM: Final = 3
+SETTINGS: Final = 4
+PUSH_PROMISE: Final = 5
+PING: Final = 6
+GOAWAY: Final = 7
+WINDOW_UPDATE: Final = 8
+CONTINUATION: Final = 9
 # flags
-END_STREAM = ACK = 0x1
-END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
+END_STREAM: Final = 0x1
+ACK: Final = 0x1
+END_HEADERS: Final = 0x4
+PADDED: Final = 0x8
+PRIORITY_FLAG: Final = 0x20
 # error codes (section 7)
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
-STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 0x5, 0x6, 0x7, 0x8
-COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x9, 0xB
-# settings identifiers
-HEADER_TABLE_SIZE, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE = 0x1, 0x3, 0x4
-MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE = 0x5, 0x6
+NO_ERROR: Final = 0
+PROTOCOL_ERROR: Final = 1
+INTERNAL_ERROR: Final = 2
+FLOW_CONTROL_ERROR: Final = 3
+STREAM_CLOSED: Final = 5
+FRAME_SIZE_ERROR: Final = 6
+REFUSED_STREAM: Final = 7
+CANCEL: Final = 8
+COMPRESSION_ERROR: Final = 9
+ENHANCE_YOUR_CALM: Final = 11
+# settings identifiers (section 6.5.2)
+HEADER_TABLE_SIZE: Final = 1
+MAX_CONCURRENT_STREAMS: Final = 3
+INITIAL_WINDOW_SIZE: Final = 4
+MAX_FRAME_SIZE: Final = 5
+MAX_HEADER_LIST_SIZE: Final = 6
 
-MAX_WINDOW = 2**31 - 1
-DEFAULT_WINDOW = 65_535
-DEFAULT_FRAME = 16_384
+MAX_WINDOW: Final = 2**31 - 1
+DEFAULT_WINDOW: Final = 65_535
+DEFAULT_FRAME: Final = 16_384
 
-MAX_STREAMS = 256  # concurrent streams per connection
-FRAME_LIMIT = 1 << 20  # the largest frame a client may send
-HEADER_LIST_LIMIT = 64 * 1024  # decoded header list, as RFC 9113 counts it
-STREAM_WINDOW = 4 << 20  # bytes a stream may have in flight that the app has not taken
-CONNECTION_WINDOW = 16 << 20
+MAX_STREAMS: Final = 256  # concurrent streams per connection
+FRAME_LIMIT: Final = 1 << 20  # the largest frame a client may send
+HEADER_LIST_LIMIT: Final = 64 * 1024  # decoded header list, as RFC 9113 counts it
+STREAM_WINDOW: Final = 4 << 20  # bytes a stream may have in flight that the app has not taken
+CONNECTION_WINDOW: Final = 16 << 20
 #: client resets (RST_STREAM) per connection within one ``RESET_SPAN_S`` before it is told to
 #: go away: a rapid-reset flood (CVE-2023-44487) costs a task per stream
-RESET_BUDGET = 200
-RESET_SPAN_S = 1.0
+RESET_BUDGET: Final = 200
+RESET_SPAN_S: Final = 1.0
 
 SERVER_SETTINGS = {
     MAX_CONCURRENT_STREAMS: MAX_STREAMS,
