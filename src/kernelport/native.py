@@ -11,9 +11,10 @@ Python.
 
 A module qualifies when it is on the hot path, passes ``mypy --strict`` (all of KernelPort
 does) and uses nothing mypyc does not compile (async generators, for example, keep
-``core/dataplane.py`` out). Compiled code checks declared types at run time: a value of the
-wrong type passed across a compiled function's boundary raises ``TypeError`` where Python
-would have carried on.
+``core/dataplane.py`` out, and the gRPC calls that stream live in
+``protocols/grpc/streams.py`` so that the unary path in ``asgi.py`` compiles). Compiled
+code checks declared types at run time: a value of the wrong type passed across a compiled
+function's boundary raises ``TypeError`` where Python would have carried on.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ MODULES = (
     "kernelport.core.validation",
     "kernelport.observability.telemetry",
     "kernelport.protocols.rest.codec",
+    "kernelport.protocols.grpc.asgi",
+    "kernelport.protocols.grpc.errors",
     "kernelport.protocols.grpc.h2wire",
     "kernelport.protocols.grpc.http2",
 )

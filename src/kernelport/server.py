@@ -119,7 +119,7 @@ class Server:
         self._grpc: GrpcFrontEnd | Http2Server | None = None
         if config.grpc_transport in ("auto", "asyncio"):
             self._grpc = Http2Server(
-                self.grpc_app(),
+                self.grpc_app(watch=False),  # it cancels a call whose client goes away
                 tls=self._tls,
                 idle_timeout=config.http_idle_timeout,
                 handshake_timeout=config.http_header_timeout,
@@ -231,8 +231,9 @@ class Server:
             else:
                 log.error("model NOT ready: %s (%s)", entry.name, entry.reason)
 
-    def grpc_app(self) -> GrpcAsgiApp:
-        """The gRPC services as an ASGI application, for an HTTP/2 server outside Python."""
+    def grpc_app(self, watch: bool = True) -> GrpcAsgiApp:
+        """The gRPC services as an ASGI application, for an HTTP/2 server (``watch``: see
+        ``GrpcAsgiApp``)."""
         servicers = {
             pb.INFERENCE_SERVICE: InferenceServicer(self.dataplane, self.telemetry),
             pb.KERNELPORT_SERVICE: KernelPortServicer(self.dataplane, self.telemetry),
@@ -244,6 +245,7 @@ class Server:
             self.standard.handlers(),
             DEFAULT_POOL,
             ConnectionModels(self.dataplane.announce),
+            watch,
         )
 
     def ports(self) -> dict[str, int]:

@@ -275,6 +275,36 @@ def test_cancelled_request_is_dropped_before_execution(batching_server: RunningS
     assert int(after["execution_count"]) - int(before["execution_count"]) == 1
 
 
+def test_a_request_its_client_cancels_is_dropped_before_execution(
+    batching_server: RunningServer,
+) -> None:
+    # No deadline: the client resets the stream (RST_STREAM), and the queued request goes.
+    before = _stats(batching_server, "slow")
+
+    async def scenario() -> Any:
+        client = grpc_aio.InferenceServerClient(batching_server.grpc_url)
+        try:
+            blocker = asyncio.create_task(
+                client.infer("slow", [_input("INPUT0", _delays([1000])[0])])
+            )
+            await _executing(batching_server, 1)  # the blocker holds the only instance
+            gone = asyncio.create_task(client.infer("slow", [_input("INPUT0", _delays([1])[0])]))
+            await _executing(batching_server, 2)  # queued behind it
+            gone.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await gone
+            await asyncio.to_thread(
+                wait_for, lambda: _in_flight(batching_server) == 1, "the cancelled one gone"
+            )
+            return await blocker
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
+    after = _stats(batching_server, "slow")
+    assert int(after["execution_count"]) - int(before["execution_count"]) == 1
+
+
 def test_edf_sheds_requests_that_cannot_meet_their_deadline(tmp_path: Path) -> None:
     repo = tmp_path / "edf"
     write_model(

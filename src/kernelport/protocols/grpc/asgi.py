@@ -23,17 +23,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pool
 
-from kernelport.errors import ErrorCode, ServerError
 from kernelport.protocols.auth import UNAUTHENTICATED_MESSAGE, Auth
 from kernelport.protocols.grpc import rpc, wire
 from kernelport.protocols.grpc.announce import MODEL_INFER, ConnectionModels
-from kernelport.protocols.grpc.errors import GRPC_STATUS
+from kernelport.protocols.grpc.errors import Abort, Disconnected, status_of, trailers
+from kernelport.protocols.grpc.streams import serve_stream
 from kernelport.protocols.inflate import OFF_LOOP_BYTES
 from kernelport.schema.pb import POOL
 
@@ -54,16 +54,6 @@ _NOT_METADATA = frozenset(
 )
 _START_HEADERS = [(b"content-type", b"application/grpc")]
 _OK_TRAILERS = [(b"grpc-status", b"0")]
-
-
-class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code, self.details = code, details
-
-
-class _Disconnected(Exception):
-    """The client went away; nothing more is sent."""
 
 
 class CallContext:
@@ -97,7 +87,7 @@ class CallContext:
         self.trailing = tuple(metadata)
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
-        raise _Abort(code, details)
+        raise Abort(code, details)
 
     async def write(self, message: Any) -> None:
         if self.written is None:
@@ -105,7 +95,7 @@ class CallContext:
         await self.written.put(message)
 
 
-class _Route:
+class Route:
     __slots__ = ("announced", "guarded", "handler", "method", "name", "serialized")
 
     def __init__(self, name: str, handler: Any, method: rpc.Method, guarded: bool) -> None:
@@ -122,6 +112,8 @@ class GrpcAsgiApp:
     ``models``: announces ModelInfer calls while they are received (``announce.py``).
     A servicer's ``serialized()``, if it has one, gives unary RPCs a behaviour that answers
     the serialized response (``{rpc: behaviour}``), used in place of the message one.
+    ``watch``: False for a server that cancels a call's task itself when its client goes
+    away (``http2.py``), so calls need no watch of their own.
     """
 
     def __init__(
@@ -132,11 +124,13 @@ class GrpcAsgiApp:
         handlers: Mapping[str, Mapping[str, Any]] | None = None,
         pool: descriptor_pool.DescriptorPool = POOL,
         models: ConnectionModels | None = None,
+        watch: bool = True,
     ) -> None:
-        self._limit = max_message_bytes
+        self.limit = max_message_bytes
+        self._watching = watch
         self._auth = auth
         self._models = models
-        self._routes: dict[str, _Route] = {}
+        self._routes: dict[str, Route] = {}
         services: list[tuple[str, Mapping[str, Any], descriptor_pool.DescriptorPool]] = [
             (service, _behaviours(servicer), POOL) for service, servicer in servicers.items()
         ]
@@ -146,7 +140,7 @@ class GrpcAsgiApp:
                 handler = impl.get(name)
                 if handler is not None:  # the rest answer UNIMPLEMENTED, as grpcio does
                     guarded = auth.enabled and auth.protects_rpc(name)
-                    self._routes[f"/{service}/{name}"] = _Route(name, handler, method, guarded)
+                    self._routes[f"/{service}/{name}"] = Route(name, handler, method, guarded)
         for service, servicer in servicers.items():
             faster = getattr(servicer, "serialized", None)
             for name, handler in (faster() if faster is not None else {}).items():
@@ -180,42 +174,42 @@ class GrpcAsgiApp:
         try:
             route = self._routes.get(scope["path"])
             if route is None:
-                raise _Abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+                raise Abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
             if encoding is not None and encoding not in wire.ENCODINGS:
-                raise _Abort(
+                raise Abort(
                     grpc.StatusCode.UNIMPLEMENTED,
                     f"message encoding {encoding[:32].decode('latin-1')!r} is not supported",
                 )
             if route.guarded and not self._auth.allows(authorization):
-                raise _Abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+                raise Abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
             deadline = None
             if timeout is not None:
                 try:
                     deadline = asyncio.get_running_loop().time() + wire.parse_timeout(timeout)
                 except ValueError as exc:
-                    raise _Abort(grpc.StatusCode.INTERNAL, str(exc)) from None
+                    raise Abort(grpc.StatusCode.INTERNAL, str(exc)) from None
             if route.method.client_streaming or route.method.server_streaming:
-                await self._stream(route, context, deadline, encoding, receive, send)
+                await serve_stream(self, route, context, deadline, encoding, receive, send)
             else:
                 connection = scope.get("client") if route.announced else None
                 await self._unary(route, context, deadline, encoding, receive, send, connection)
-        except _Disconnected:
+        except Disconnected:
             pass
         except Exception as exc:
-            code, message = _status(exc, scope["path"])
+            code, message = status_of(exc, scope["path"])
             await _finish_error(send, code, message, context.trailing)
 
     async def _unary(
-        self, route: _Route, context: CallContext, deadline: float | None,
+        self, route: Route, context: CallContext, deadline: float | None,
         encoding: bytes | None, receive: Receive, send: Send, connection: Any = None,
     ) -> None:  # fmt: skip
         models = self._models if route.announced else None
         if models is None:
-            request = await self._read_one(route, encoding, receive)
+            request = await self.read_one(route, encoding, receive)
         else:
             announced = models.begin(connection)
             try:
-                request = await self._read_one(route, encoding, receive)
+                request = await self.read_one(route, encoding, receive)
             finally:
                 # Parsed (or failed): the handler decodes and queues it without yielding.
                 if announced is not None:
@@ -223,7 +217,7 @@ class GrpcAsgiApp:
             models.parsed(connection, request)
         task = asyncio.current_task()
         assert task is not None
-        watch = self._watch(task, receive)
+        watch = self.watch(task, receive)
         try:
             if deadline is None:  # most calls: no timeout machinery at all
                 response = await route.handler(request, context)
@@ -231,19 +225,20 @@ class GrpcAsgiApp:
                 async with asyncio.timeout_at(deadline):
                     response = await route.handler(request, context)
         except asyncio.CancelledError:
-            if watch.gone and task.uncancel() == 0:
-                raise _Disconnected from None
+            if watch is not None and watch.gone and task.uncancel() == 0:
+                raise Disconnected from None
             raise
         except TimeoutError:
-            raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+            raise Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         finally:
-            watch.stop()
+            if watch is not None:
+                watch.stop()
         if route.serialized:
             payload = response
         else:
             payload = route.method.response.SerializeToString(response)
-        if len(payload) > self._limit:
-            raise wire.too_large("Sent", len(payload), self._limit)
+        if len(payload) > self.limit:
+            raise wire.too_large("Sent", len(payload), self.limit)
         await send({"type": "http.response.start", "status": 200, "headers": _START_HEADERS,
                     "trailers": True})  # fmt: skip
         # The last body message ends the body: servers need not confirm it (pyvoy returns
@@ -258,7 +253,9 @@ class GrpcAsgiApp:
             await send({"type": "http.response.body", "body": payload})
         await send({"type": "http.response.trailers", "headers": _OK_TRAILERS})
 
-    def _watch(self, task: asyncio.Task[Any], receive: Receive) -> _Watch:
+    def watch(self, task: asyncio.Task[Any], receive: Receive) -> _Watch | None:
+        if not self._watching:
+            return None
         loop = task.get_loop()
         watches = self._watches.get(loop)
         if watches is None:
@@ -266,21 +263,21 @@ class GrpcAsgiApp:
             watches = self._watches[loop] = _Watches(loop)
         return watches.add(task, receive)
 
-    async def _read_one(self, route: _Route, encoding: bytes | None, receive: Receive) -> Any:
+    async def read_one(self, route: Route, encoding: bytes | None, receive: Receive) -> Any:
         """The request message of a call whose client sends one (unary, server streaming)."""
         event = await receive()
         if event["type"] == "http.disconnect":
-            raise _Disconnected
+            raise Disconnected
         body = event.get("body", b"")
         size = len(body) - wire.HEADER_BYTES
         if (
             not event.get("more_body")
-            and 0 <= size <= self._limit
+            and 0 <= size <= self.limit
             and body[0] == 0
             and int.from_bytes(body[1 : wire.HEADER_BYTES], "big") == size
         ):  # most calls: one uncompressed message in one piece
             return route.method.request.FromString(memoryview(body)[wire.HEADER_BYTES :])
-        deframer = wire.Deframer(self._limit)
+        deframer = wire.Deframer(self.limit)
         messages: list[tuple[bool, memoryview]] = []
         while True:
             if body:
@@ -289,117 +286,29 @@ class GrpcAsgiApp:
                 break
             event = await receive()
             if event["type"] == "http.disconnect":
-                raise _Disconnected
+                raise Disconnected
             body = event.get("body", b"")
         if len(messages) != 1 or deframer.pending:
-            raise _Abort(
+            raise Abort(
                 grpc.StatusCode.INTERNAL,
                 f"a unary call takes one request message, got {len(messages)}"
                 + (" and part of another" if deframer.pending else ""),
             )
         compressed, data = messages[0]
         if compressed:
-            data = memoryview(await self._inflate(data, encoding))
+            data = memoryview(await self.inflate(data, encoding))
         return route.method.request.FromString(data)
 
-    async def _stream(
-        self, route: _Route, context: CallContext, deadline: float | None,
-        encoding: bytes | None, receive: Receive, send: Send,
-    ) -> None:  # fmt: skip
-        task = asyncio.current_task()
-        assert task is not None
-        gone = False
-        watch: _Watch | None = None
-
-        async def requests() -> AsyncIterator[Any]:
-            nonlocal gone, watch
-            deframer = wire.Deframer(self._limit)
-            while True:
-                event = await receive()
-                if event["type"] == "http.disconnect":
-                    gone = True
-                    task.cancel()  # the handler's queued work is dropped with it
-                    return
-                for compressed, data in deframer.feed(event.get("body", b"")):
-                    if compressed:
-                        data = memoryview(await self._inflate(data, encoding))
-                    yield route.method.request.FromString(data)
-                if not event.get("more_body"):
-                    if deframer.pending:
-                        raise _Abort(grpc.StatusCode.INTERNAL, "the stream ended inside a message")
-                    # Half-closed: nothing more to read, so watch the client as a unary call does.
-                    watch = self._watch(task, receive)
-                    return
-
-        if route.method.client_streaming:
-            call = route.handler(requests(), context)
-        else:  # server streaming: one request, read before the response starts
-            call = route.handler(await self._read_one(route, encoding, receive), context)
-            watch = self._watch(task, receive)
-        responses = call if hasattr(call, "__anext__") else _written(call, context)
-        await send({"type": "http.response.start", "status": 200, "headers": _START_HEADERS,
-                    "trailers": True})  # fmt: skip
-        serialize = route.method.response.SerializeToString
-        try:
-            async with asyncio.timeout_at(deadline):
-                async for response in responses:
-                    payload = serialize(response)
-                    if len(payload) > self._limit:
-                        raise wire.too_large("Sent", len(payload), self._limit)
-                    await send({"type": "http.response.body", "more_body": True,
-                                "body": wire.frame_header(len(payload)) + payload})  # fmt: skip
-        except asyncio.CancelledError:
-            if (gone or (watch is not None and watch.gone)) and task.uncancel() == 0:
-                raise _Disconnected from None
-            raise
-        except Exception as exc:
-            # The response has started: a passed deadline, like any error, goes in the trailers.
-            if isinstance(exc, TimeoutError):
-                code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"
-            else:
-                code, message = _status(exc, route.name)
-            await send({"type": "http.response.body", "body": b""})
-            await send({"type": "http.response.trailers",
-                        "headers": _trailers(code, message, context.trailing)})  # fmt: skip
-            return
-        finally:
-            if watch is not None:
-                watch.stop()
-            await responses.aclose()
-        await send({"type": "http.response.body", "body": b""})
-        await send({"type": "http.response.trailers", "headers": _OK_TRAILERS})
-
-    async def _inflate(self, data: memoryview, encoding: bytes | None) -> bytes:
+    async def inflate(self, data: memoryview, encoding: bytes | None) -> bytes:
         if encoding is None or encoding == b"identity":
-            raise _Abort(grpc.StatusCode.INTERNAL, "a compressed message without grpc-encoding")
+            raise Abort(grpc.StatusCode.INTERNAL, "a compressed message without grpc-encoding")
         if len(data) <= OFF_LOOP_BYTES:
-            return wire.inflate(data, encoding, self._limit)
-        return await asyncio.to_thread(wire.inflate, data, encoding, self._limit)
+            return wire.inflate(data, encoding, self.limit)
+        return await asyncio.to_thread(wire.inflate, data, encoding, self.limit)
 
 
 def _behaviours(servicer: object) -> dict[str, Any]:
     return {name: getattr(servicer, name) for name in dir(servicer) if name[:1].isupper()}
-
-
-async def _written(call: Awaitable[None], context: CallContext) -> AsyncGenerator[Any, None]:
-    """The messages a handler writes with ``context.write``, until it returns."""
-    written: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)  # a write waits for the last send
-    context.written = written
-    task = asyncio.ensure_future(call)
-    try:
-        while True:
-            get = asyncio.ensure_future(written.get())
-            await asyncio.wait((get, task), return_when=asyncio.FIRST_COMPLETED)
-            if get.done():
-                yield get.result()
-                continue
-            get.cancel()
-            while not written.empty():
-                yield written.get_nowait()
-            await task  # its result, or its error for the trailers
-            return
-    finally:
-        task.cancel()
 
 
 class _Watches:
@@ -477,28 +386,11 @@ class _Watch:
             self._handle.cancel()
 
 
-def _status(exc: Exception, where: str) -> tuple[grpc.StatusCode, str]:
-    if isinstance(exc, ServerError):
-        return GRPC_STATUS[exc.code], exc.message
-    if isinstance(exc, _Abort):
-        return exc.code, exc.details
-    log.error("unhandled error in %s", where, exc_info=exc)
-    return GRPC_STATUS[ErrorCode.INTERNAL], "internal server error"
-
-
-def _trailers(
-    code: grpc.StatusCode, message: str, metadata: Iterable[tuple[str, str]]
-) -> list[tuple[bytes, bytes]]:
-    out = [(b"grpc-status", b"%d" % code.value[0]), (b"grpc-message", wire.encode_message(message))]
-    out += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in metadata]
-    return out
-
-
 async def _finish_error(
     send: Send, code: grpc.StatusCode, message: str, metadata: Iterable[tuple[str, str]]
 ) -> None:
     """A Trailers-Only response: the status in the headers, no body."""
-    headers = [*_START_HEADERS, *_trailers(code, message, metadata)]
+    headers = [*_START_HEADERS, *trailers(code, message, metadata)]
     try:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
