@@ -25,6 +25,7 @@ import sys
 MODULES = (
     "kernelport.types",
     "kernelport.core.batcher",
+    "kernelport.core.dataplane",
     "kernelport.core.fill",
     "kernelport.core.options",
     "kernelport.core.pending",

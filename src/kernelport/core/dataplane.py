@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
+import functools
 import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import numpy as np
 
+from kernelport.core import dataplane_streams
 from kernelport.core.backend import Arrays, RequestArrays
 from kernelport.core.batcher import ModelQueue
 from kernelport.core.fill import Announcement
@@ -24,9 +25,8 @@ from kernelport.core.shm import SharedMemoryRegistry, write_outputs
 from kernelport.core.shm_sync import SharedRegions
 from kernelport.core.stats import ModelStatsSnapshot, describe_residency, failure_code
 from kernelport.core.stats_merge import StatisticsPeers, merge_statistics
-from kernelport.core.streaming import Decoupled
 from kernelport.core.validation import requested_outputs, validate_inputs
-from kernelport.errors import ErrorCode, ServerError, invalid
+from kernelport.errors import ErrorCode, ServerError
 from kernelport.limits import Limits
 from kernelport.types import (
     InferRequest,
@@ -80,7 +80,7 @@ class DataPlane:
         # An ensemble's steps and a meta model's calls: admitted with their caller, and
         # allowed to reach hidden models.
         manager.compose = self._composed
-        manager.compose_stream = self._stream_composed
+        manager.compose_stream = functools.partial(dataplane_streams.stream_composed, self)
 
     # --- health and metadata ----------------------------------------------------------------
 
@@ -127,7 +127,7 @@ class DataPlane:
             raise _hidden(name)
         return found.pool.available  # False while its worker process restarts
 
-    def _visible(self, name: str, version: str) -> ModelVersion:
+    def visible(self, name: str, version: str) -> ModelVersion:
         """``ModelManager.get`` as clients see it: a hidden model is not found."""
         model = self._manager.get(name, version)
         if model.config.hidden:
@@ -135,7 +135,7 @@ class DataPlane:
         return model
 
     def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
-        model = self._visible(name, version)
+        model = self.visible(name, version)
         config = model.config
         if version:
             versions: tuple[str, ...] = (str(model.version),)
@@ -154,7 +154,7 @@ class DataPlane:
         )
 
     def model_config(self, name: str, version: str = "") -> ModelConfig:
-        return self._visible(name, version).config
+        return self.visible(name, version).config
 
     def model_statistics(self, name: str = "", version: str = "") -> list[ModelStatsSnapshot]:
         """Statistics of the loaded versions asked for: all models, all versions of ``name``,
@@ -162,7 +162,7 @@ class DataPlane:
         if not name:
             hidden = {e.name for e in self._manager.entries() if e.config and e.config.hidden}
             return [s for s in self._manager.statistics() if s.name not in hidden]
-        model = self._visible(name, version)
+        model = self.visible(name, version)
         if version:
             return [model.snapshot()]
         entry = next(e for e in self._manager.entries() if e.name == name)
@@ -230,6 +230,10 @@ class DataPlane:
             ModelChange("unload", name, unload_dependents=unload_dependents, also=also)
         )
 
+    @property
+    def manager(self) -> ModelManager:
+        return self._manager
+
     # --- inference -----------------------------------------------------------------------
 
     def announce(self, name: str, version: str = "") -> Announcement | None:
@@ -254,76 +258,20 @@ class DataPlane:
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Validate, run (batched when the model batches) and return the requested outputs."""
-        self._admit()
+        self.admit()
         self.in_flight += 1
         try:
-            return await self._run(request)
+            return await self.run(request)
         finally:
-            self._left()
+            self.left()
 
-    async def stream(self, request: InferRequest) -> AsyncGenerator[InferResponse, None]:
+    def stream(self, request: InferRequest) -> AsyncGenerator[InferResponse, None]:
         """Every response to ``request``: any number from a decoupled model, as the model
         produces them; exactly one from any other model. Close it (``aclose``) to stop
         early: the model's generator is closed too."""
-        model = self._visible(request.model_name, request.model_version)
-        if not isinstance(model.queue, Decoupled):
-            yield await self.infer(request)
-            return
-        self._admit()
-        self.in_flight += 1
-        try:
-            async with contextlib.aclosing(self._stream_run(model, request)) as responses:
-                async for response in responses:
-                    yield response
-        finally:
-            self._left()
+        return dataplane_streams.stream(self, request)
 
-    async def _stream_composed(self, request: InferRequest) -> AsyncGenerator[InferResponse, None]:
-        """:meth:`stream` for a meta model's call: admitted with its caller."""
-        model = self._manager.get(request.model_name, request.model_version)
-        if not isinstance(model.queue, Decoupled):
-            yield await self._run(request, internal=True)
-            return
-        async with contextlib.aclosing(self._stream_run(model, request)) as responses:
-            async for response in responses:
-                yield response
-
-    async def _stream_run(
-        self, model: ModelVersion, request: InferRequest
-    ) -> AsyncGenerator[InferResponse, None]:
-        streams = model.queue
-        assert isinstance(streams, Decoupled)
-        started = time.perf_counter_ns()
-        config = model.config
-        model.acquire()
-        rows = 0
-        try:
-            if request.shm_outputs:  # every response would overwrite the one region
-                raise invalid(
-                    f"model '{config.name}' is decoupled: its outputs cannot go to shared memory"
-                )
-            inputs, rows = validate_inputs(config, request)
-            if config.backend == "python":
-                inputs = RequestArrays(inputs, request.id, request.parameters)
-            names = requested_outputs(config, request)
-            version = str(model.version)
-            async with contextlib.aclosing(streams.stream(inputs)) as produced:
-                async for arrays in produced:
-                    outputs = [self._output(config, name, arrays) for name in names]
-                    yield InferResponse(config.name, version, request.id, outputs)
-        except GeneratorExit:  # the consumer stopped listening: the client went away
-            model.stats.record_failure(time.perf_counter_ns() - started, "CANCELLED")
-            raise
-        except BaseException as exc:
-            model.stats.record_failure(time.perf_counter_ns() - started, failure_code(exc))
-            raise
-        else:
-            elapsed = time.perf_counter_ns() - started
-            model.stats.record_success(rows, elapsed, 0, 0, elapsed, 0)
-        finally:
-            model.release()
-
-    def _admit(self) -> None:
+    def admit(self) -> None:
         if not self.accepting:
             raise ServerError(ErrorCode.UNAVAILABLE, "server is shutting down: request refused")
         if self.in_flight >= self.limits.max_in_flight:
@@ -334,15 +282,15 @@ class DataPlane:
                 "flight (--max-in-flight); retry later",
             )
 
-    def _left(self) -> None:
+    def left(self) -> None:
         self.in_flight -= 1
         if self._drained is not None and not self.in_flight:
             self._drained.set()
 
     async def _composed(self, request: InferRequest) -> InferResponse:
-        return await self._run(request, internal=True)
+        return await self.run(request, internal=True)
 
-    async def _run(self, request: InferRequest, internal: bool = False) -> InferResponse:
+    async def run(self, request: InferRequest, internal: bool = False) -> InferResponse:
         """One admitted request on its model (also each step of an ensemble, each call of a
         meta model: ``internal``, which may reach hidden models)."""
         started = time.perf_counter_ns()
@@ -378,7 +326,7 @@ class DataPlane:
                 timings = dataclasses.replace(timings, queue_ns=timings.queue_ns + waited)
             if hooks is not None and hooks.postprocess is not None:
                 arrays = await _hook(config.name, "postprocess", hooks.postprocess, arrays)
-            outputs = [self._output(config, name, arrays) for name in names]
+            outputs = [self.output(config, name, arrays) for name in names]
             if writers is not None:
                 write_outputs(outputs, writers)
         except BaseException as exc:
@@ -409,7 +357,7 @@ class DataPlane:
         )
 
     @staticmethod
-    def _output(config: ModelConfig, name: str, arrays: dict[str, np.ndarray[Any, Any]]) -> Tensor:
+    def output(config: ModelConfig, name: str, arrays: dict[str, np.ndarray[Any, Any]]) -> Tensor:
         if name not in arrays:
             raise ServerError(
                 ErrorCode.INTERNAL, f"model '{config.name}' did not produce output '{name}'"

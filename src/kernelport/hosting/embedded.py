@@ -24,7 +24,8 @@ if PYTHON_ENV in os.environ:  # before any library reads it (see envoy.envoy_env
 
 from kernelport.config import Config
 from kernelport.observability import logging as log_setup
-from kernelport.protocols.grpc.asgi import GrpcAsgiApp, Receive, Scope, Send
+from kernelport.protocols.grpc.asgi import GrpcAsgiApp, Scope
+from kernelport.protocols.grpc.streams import Receive, Send
 from kernelport.server import Server
 
 log = logging.getLogger("kernelport.envoy")

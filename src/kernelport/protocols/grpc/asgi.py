@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -33,15 +33,13 @@ from kernelport.protocols.auth import UNAUTHENTICATED_MESSAGE, Auth
 from kernelport.protocols.grpc import rpc, wire
 from kernelport.protocols.grpc.announce import MODEL_INFER, ConnectionModels
 from kernelport.protocols.grpc.errors import Abort, Disconnected, status_of, trailers
-from kernelport.protocols.grpc.streams import serve_stream
+from kernelport.protocols.grpc.streams import Receive, Send, serve_stream
 from kernelport.protocols.inflate import OFF_LOOP_BYTES
 from kernelport.schema.pb import POOL
 
 log = logging.getLogger("kernelport.grpc")
 
 Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 POLL_S = 0.05  # how often a running request asks whether its client is still there
 #: the longest gap between two asks: a call's gaps double from POLL_S up to this, so a long

@@ -8,36 +8,51 @@ compile: the unary path (``asgi.py``) is compiled with the rest of the request p
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
 
 import grpc
 
 from kernelport.protocols.grpc import wire
 from kernelport.protocols.grpc.errors import Abort, Disconnected, status_of, trailers
 
-if TYPE_CHECKING:
-    from kernelport.protocols.grpc.asgi import (
-        CallContext,
-        GrpcAsgiApp,
-        Receive,
-        Route,
-        Send,
-        _Watch,
-    )
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class Watching(Protocol):
+    """What ``GrpcAsgiApp.watch`` hands back: whether the client went away, and a stop."""
+
+    gone: bool
+
+    def stop(self) -> None: ...
+
+
+class App(Protocol):
+    """The parts of ``GrpcAsgiApp`` a streaming call uses (``asgi.py`` imports this module,
+    so it is described here rather than imported)."""
+
+    limit: int
+
+    async def read_one(self, route: Any, encoding: bytes | None, receive: Receive) -> Any: ...
+
+    def watch(self, task: asyncio.Task[Any], receive: Receive) -> Watching | None: ...
+
+    async def inflate(self, data: memoryview, encoding: bytes | None) -> bytes: ...
+
 
 _START_HEADERS = [(b"content-type", b"application/grpc")]
 _OK_TRAILERS = [(b"grpc-status", b"0")]
 
 
 async def serve_stream(
-    app: GrpcAsgiApp, route: Route, context: CallContext, deadline: float | None,
+    app: App, route: Any, context: Any, deadline: float | None,
     encoding: bytes | None, receive: Receive, send: Send,
 ) -> None:  # fmt: skip
     task = asyncio.current_task()
     assert task is not None
     gone = False
-    watch: _Watch | None = None
+    watch: Watching | None = None
 
     async def requests() -> AsyncIterator[Any]:
         nonlocal gone, watch
@@ -98,7 +113,7 @@ async def serve_stream(
     await send({"type": "http.response.trailers", "headers": _OK_TRAILERS})
 
 
-async def _written(call: Awaitable[None], context: CallContext) -> AsyncGenerator[Any, None]:
+async def _written(call: Awaitable[None], context: Any) -> AsyncGenerator[Any, None]:
     """The messages a handler writes with ``context.write``, until it returns."""
     written: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)  # a write waits for the last send
     context.written = written
