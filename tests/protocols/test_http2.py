@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -402,6 +403,30 @@ async def test_protocol_violations_end_the_connection_with_goaway(
     client = await Client.open(port)  # the server serves on
     assert (await client.call("/echo", b"ok"))["data"] == b"ok"
     await client.close()
+
+
+async def test_a_client_that_asks_without_reading_is_cut_off(served: Any) -> None:
+    # PINGs answered while the answers back up unread: small socket buffers on both ends so
+    # the server's writes back up after a few thousand answers, then CONTROL_BUDGET more.
+    server, _, port = served
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    raw = Raw(*await asyncio.open_connection(sock=sock))
+    raw.write(h2wire.PREFACE, SettingsFrame(0), PingFrame(0, opaque_data=b"12345678"))
+    await raw.until(PingFrame)  # the server has the connection by now
+    (conn,) = server.connections
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ping = PingFrame(0, opaque_data=b"12345678").serialize()
+    for _ in range(200):  # writing on while the loop lets the server read and answer
+        raw.writer.write(ping * 1000)
+        await raw.writer.drain()
+        await asyncio.sleep(0)
+        if not server.connections:
+            break
+    assert not server.connections
+    assert await _closed(raw)
 
 
 async def test_not_http2_is_closed(served: Any) -> None:

@@ -63,6 +63,9 @@ CONNECTION_WINDOW: Final = 16 << 20
 #: go away: a rapid-reset flood (CVE-2023-44487) costs a task per stream
 RESET_BUDGET: Final = 200
 RESET_SPAN_S: Final = 1.0
+#: PING and SETTINGS frames answered while the connection's writes are backed up (the client
+#: asks and does not read) before it is told to go away
+CONTROL_BUDGET: Final = 1000
 
 SERVER_SETTINGS = {
     MAX_CONCURRENT_STREAMS: MAX_STREAMS,

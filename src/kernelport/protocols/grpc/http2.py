@@ -147,6 +147,7 @@ class Connection(asyncio.Protocol):
         self._window_waiters: list[asyncio.Future[None]] = []
         self._drained: asyncio.Future[None] | None = None
         self._paused = False
+        self._owed = 0  # control answers queued while paused
         self._closing = False  # h2.GOAWAY sent: no new streams
         self._resets: list[float] = []
         self._scope: dict[str, Any] = {}
@@ -188,6 +189,7 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused = False
+        self._owed = 0
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -355,7 +357,7 @@ class Connection(asyncio.Protocol):
             for at in range(0, len(payload), 6):
                 key, value = struct.unpack_from(">HI", payload, at)
                 self._setting(key, value)
-            self._out.append(h2.frame(h2.SETTINGS, h2.ACK, 0))
+            self._owe(h2.frame(h2.SETTINGS, h2.ACK, 0))
         elif kind == h2.WINDOW_UPDATE:
             if len(payload) != 4:
                 raise h2.ConnectionError_(h2.FRAME_SIZE_ERROR, "WINDOW_UPDATE of a bad length")
@@ -380,7 +382,7 @@ class Connection(asyncio.Protocol):
             if len(payload) != 8 or stream_id != 0:
                 raise h2.ConnectionError_(h2.FRAME_SIZE_ERROR, "a bad PING")
             if not flags & h2.ACK:
-                self._out.append(h2.frame(h2.PING, h2.ACK, 0, bytes(payload)))
+                self._owe(h2.frame(h2.PING, h2.ACK, 0, bytes(payload)))
         elif kind == h2.RST_STREAM:
             if len(payload) != 4 or stream_id == 0:
                 raise h2.ConnectionError_(h2.PROTOCOL_ERROR, "a bad RST_STREAM")
@@ -401,6 +403,14 @@ class Connection(asyncio.Protocol):
         elif kind == h2.PRIORITY and len(payload) != 5:
             raise h2.ConnectionError_(h2.FRAME_SIZE_ERROR, "PRIORITY of a bad length")
         # unknown h2.frame types are ignored (RFC 9113 4.1)
+
+    def _owe(self, reply: bytes) -> None:
+        """An answer the client asked for; one that keeps asking without reading is cut off."""
+        if self._paused:
+            self._owed += 1
+            if self._owed > h2.CONTROL_BUDGET:
+                raise h2.ConnectionError_(h2.ENHANCE_YOUR_CALM, "control frames not read")
+        self._out.append(reply)
 
     def _setting(self, key: int, value: int) -> None:
         if key == h2.INITIAL_WINDOW_SIZE:
@@ -538,6 +548,9 @@ class Connection(asyncio.Protocol):
 
     def fail(self, code: int, message: str) -> None:
         log.debug("HTTP/2 connection error %d: %s", code, message)
+        if self._paused:  # a client that does not read would hold the close open forever
+            self.abort()
+            return
         self.go_away(code, message)
         self.close()
 
