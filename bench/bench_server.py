@@ -43,6 +43,7 @@ PERF_ANALYZER = ROOT / "scripts" / "perf_analyzer"
 PEERS_TOOLS = ROOT.parent / "shared" / "tools" / "peers"
 OUT_DIR = ROOT / "bench" / "out"
 MODEL = "mlp"
+PA_TIMEOUT_S = 240.0  # one perf_analyzer point (--pa-timeout)
 
 
 def pinned(cmd: list[str], cpus: str) -> list[str]:
@@ -201,9 +202,17 @@ def run_perf_analyzer(
         "batching": args.current_batching,
         "command": shlex.join(cmd),
     }
+    timeout = getattr(args, "pa_timeout", PA_TIMEOUT_S)
     for attempt in (1, 2):  # retry once on rc 2: "Failed to obtain stable measurement"
         row["attempts"] = attempt
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # perf_analyzer's passes slow down as it accumulates records on a window that
+            # never stabilizes (it once grew to 11 GB): the point is recorded as timed out
+            row["error"] = f"timed out after {timeout:g} s"
+            print(f"  FAILED {row['error']}", flush=True)
+            return row
         if proc.returncode != 2:
             break
     if proc.returncode != 0 or not csv_path.exists():
@@ -379,6 +388,8 @@ def parse_args() -> argparse.Namespace:
     add("--measurement-ms", type=int, default=3000, help="perf_analyzer -p (window length)")
     add("--stability", type=float, default=10, help="perf_analyzer -s (percent)")
     add("--max-trials", type=int, default=5, help="perf_analyzer -r")
+    add("--pa-timeout", type=float, default=PA_TIMEOUT_S,
+        help="seconds one perf_analyzer point may take")  # fmt: skip
     add("--extra-server-args", default="", help="appended to `kernelport serve` (shlex-split)")
     add(
         "--model-yaml",
