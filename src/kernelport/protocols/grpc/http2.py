@@ -112,13 +112,13 @@ class _Stream:
             if end:
                 self.finished = True
         elif kind == "http.response.start":
-            self.head = conn.encode(message["status"], message.get("headers", ()))
+            self.head = conn.server.encode(message["status"], message.get("headers", ()))
             self.trailers = bool(message.get("trailers", False))
         elif kind == "http.response.trailers":
             if self.head is not None:
                 conn.send_headers(self.id, self.head, False)
                 self.head = None
-            conn.send_headers(self.id, conn.encode(None, message.get("headers", ())), True)
+            conn.send_headers(self.id, conn.server.encode(None, message.get("headers", ())), True)
             self.finished = True
 
 
@@ -220,9 +220,6 @@ class Connection(asyncio.Protocol):
             return
         if self._out:
             self.flush()
-
-    def eof_received(self) -> bool | None:
-        return None  # close
 
     # ------------------------------------------------------------------------ frames in
     def _frames(self, data: bytes) -> None:
@@ -429,9 +426,6 @@ class Connection(asyncio.Protocol):
             self.peer_frame = value
 
     # ------------------------------------------------------------------------ frames out
-    def encode(self, status: int | None, headers: Any) -> bytes:
-        return self.server.encode(status, headers)
-
     def send_headers(self, stream_id: int, block: bytes, end: bool) -> None:
         flags = h2.END_STREAM if end else 0
         limit = self.peer_frame
