@@ -27,4 +27,11 @@ for package in "${PACKAGES[@]}"; do
         --implementation cp "${PLATFORMS[@]}" -d .whl "$spec" 2>&1 | grep -v "is ignored" || true
     ls .whl | grep -qi "^${package//[-.]/_}-" || { echo "missing wheel: $spec" >&2; exit 1; }
 done
+# Older Helion releases, tried in turn on the GPU machine when the pinned one does not import
+# against its torch (Helion uses torch's private APIs; the image's torch may be older).
+mkdir -p .whl/helion
+for version in 1.5.0 1.4.0; do
+    .venv/bin/python -m pip download -q --no-deps --only-binary=:all: -d .whl/helion \
+        "helion==$version" 2>&1 | grep -v "is ignored" || true
+done
 du -sh .whl

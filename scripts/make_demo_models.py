@@ -17,10 +17,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = [helper.make_opsetid("", 17)]
+# The lowest IR version that carries opset 17: onnx's helper writes its newest, which older
+# onnxruntime builds refuse (1.30 reads at most IR 13; onnx 1.23 writes 14).
+IR_VERSION = 8
 ROOT = Path(__file__).resolve().parents[1] / "src" / "kernelport" / "demo_repository"
 
 
 def save(model: onnx.ModelProto, name: str, yaml_text: str) -> None:
+    model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
     version = ROOT / name / "1"
     version.mkdir(parents=True, exist_ok=True)
