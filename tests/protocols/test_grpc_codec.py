@@ -379,3 +379,83 @@ def test_v1_encode_carries_data_and_timings() -> None:
     ]
     assert out.outputs[0].data == y.tobytes()
     assert out.outputs[1].data == _bytes_elements(b"\xfe")
+
+
+# --- large requests: raw tensors stay where they arrived ------------------------------------
+
+
+def _large(**fields: Any) -> tuple[Any, list[np.ndarray[Any, Any]]]:
+    a = np.arange(40_000, dtype=np.float32).reshape(2, 20_000)
+    b = np.array([b"x", b"\xff\x00"], dtype=np.object_)
+    msg = _request(id="big", **fields)
+    msg.inputs.add(name="a", datatype="FP32", shape=[2, 20_000])
+    msg.inputs.add(name="b", datatype="BYTES", shape=[2])
+    msg.outputs.add(name="y").parameters["binary_data"].bool_param = True
+    msg.parameters["priority"].int64_param = 2
+    msg.raw_input_contents.extend([a.tobytes(), _bytes_elements(b"x", b"\xff\x00")])
+    return msg, [a, b]
+
+
+def test_a_large_request_is_parsed_with_its_raw_tensors_as_views() -> None:
+    msg, (a, b) = _large()
+    data = msg.SerializeToString()
+    assert len(data) >= codec.SPLIT_AT
+    parsed = codec.parse_infer_request(data)
+    assert isinstance(parsed, codec.RawInputs)
+    assert all(view.obj is data for view in parsed.raw_input_contents)  # nothing copied
+    assert [bytes(v) for v in parsed.raw_input_contents] == list(msg.raw_input_contents)
+    assert (parsed.model_name, parsed.id, len(parsed.inputs)) == ("m", "big", 2)
+    request = codec.decode_request(parsed)
+    plain = codec.decode_request(msgs.ModelInferRequest.FromString(data))
+    assert (request.id, request.outputs, request.parameters) == (
+        plain.id, plain.outputs, plain.parameters)  # fmt: skip
+    assert request.inputs[0].data.tolist() == a.tolist()
+    assert request.inputs[1].data.tolist() == b.tolist()
+    assert not request.inputs[0].data.flags.writeable  # views of what was received
+
+
+def test_raw_fields_anywhere_in_the_message_are_split_out() -> None:
+    # Protobuf allows fields in any order: raw contents first, then the rest.
+    msg, _ = _large()
+    raw = msgs.ModelInferRequest(raw_input_contents=msg.raw_input_contents)
+    rest = msgs.ModelInferRequest()
+    rest.CopyFrom(msg)
+    del rest.raw_input_contents[:]
+    data = bytearray(raw.SerializeToString() + rest.SerializeToString())
+    parsed = codec.parse_infer_request(memoryview(data))
+    assert [bytes(v) for v in parsed.raw_input_contents] == list(msg.raw_input_contents)
+    assert parsed.parameters["priority"].int64_param == 2
+    request = codec.decode_request(parsed)
+    assert not request.inputs[0].data.flags.writeable  # even over a writable buffer
+    assert request.inputs[0].data.shape == (2, 20_000)
+
+
+def test_a_small_request_is_a_plain_message() -> None:
+    msg = _request(raw_input_contents=[b"\x00" * 8])
+    parsed = codec.parse_infer_request(msg.SerializeToString())
+    assert type(parsed) is msgs.ModelInferRequest
+    assert parsed == msg
+
+
+@pytest.mark.parametrize("cut", [1, 3, 80_000])
+def test_a_truncated_large_request_gets_protobufs_own_error(cut: int) -> None:
+    data = _large()[0].SerializeToString()[:-cut]
+    with pytest.raises(Exception) as split:
+        codec.parse_infer_request(data)
+    with pytest.raises(Exception) as whole:
+        msgs.ModelInferRequest.FromString(data)
+    assert (type(split.value), str(split.value)) == (type(whole.value), str(whole.value))
+
+
+def test_malformed_field_kinds_are_left_to_protobuf() -> None:
+    data = _large()[0].SerializeToString()
+    for bad in (b"\x3b", b"\x3f", b"\x38" + b"\xff" * 11):  # group start, kind 7, long varint
+        with pytest.raises(Exception) as split:
+            codec.parse_infer_request(bad + data)
+        with pytest.raises(Exception) as whole:
+            msgs.ModelInferRequest.FromString(bad + data)
+        assert type(split.value) is type(whole.value)
+    # fixed-width fields are walked over (unknown to the schema, kept for protobuf)
+    unknown = b"\x49" + b"\x00" * 8 + b"\x55" + b"\x00" * 4  # field 9 fixed64, 10 fixed32
+    parsed = codec.parse_infer_request(unknown + data)
+    assert len(parsed.raw_input_contents) == 2

@@ -228,3 +228,15 @@ def test_inflate_refuses_what_it_cannot_decode(data: bytes, encoding: bytes, why
         ErrorCode.INTERNAL,
         f"cannot decompress the message: {why}",
     )
+
+
+def test_deframer_joins_a_message_that_spans_chunks_once_into_bytes() -> None:
+    message = bytes(range(256)) * 40
+    stream = wire.frame_header(len(message)) + message + wire.frame_header(2) + b"ok"
+    deframer = wire.Deframer(limit=1 << 20)
+    assert deframer.feed(stream[:3]) == []  # part of the header
+    assert deframer.feed(stream[3:4000]) == []
+    assert deframer.pending == 4000  # the header and the part of the message
+    (first, second) = deframer.feed(memoryview(bytearray(stream[4000:])))
+    assert first == (False, message) and type(first[1]) is bytes  # protobuf parses it as is
+    assert (second[0], bytes(second[1]), deframer.pending) == (False, b"ok", 0)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -94,12 +94,14 @@ class CallContext:
 
 
 class Route:
-    __slots__ = ("announced", "guarded", "handler", "method", "name", "serialized")
+    __slots__ = ("announced", "guarded", "handler", "method", "name", "parse", "serialized")
 
     def __init__(self, name: str, handler: Any, method: rpc.Method, guarded: bool) -> None:
         self.name, self.handler, self.method, self.guarded = name, handler, method, guarded
         self.announced = False  # calls are announced to their model while being received
         self.serialized = False  # the handler answers the response message's bytes
+        #: request bytes -> the message the handler takes
+        self.parse: Callable[[Any], Any] = method.request.FromString
 
 
 class GrpcAsgiApp:
@@ -109,7 +111,8 @@ class GrpcAsgiApp:
     in ``pool`` (the standard health and reflection services, in protobuf's default pool).
     ``models``: announces ModelInfer calls while they are received (``announce.py``).
     A servicer's ``serialized()``, if it has one, gives unary RPCs a behaviour that answers
-    the serialized response (``{rpc: behaviour}``), used in place of the message one.
+    the serialized response (``{rpc: behaviour}``), used in place of the message one; its
+    ``parsers()``, if it has one, parses requests of the RPCs it names (``{rpc: parse}``).
     ``watch``: False for a server that cancels a call's task itself when its client goes
     away (``http2.py``), so calls need no watch of their own.
     """
@@ -145,6 +148,11 @@ class GrpcAsgiApp:
                 route = self._routes.get(f"/{service}/{name}")
                 if route is not None:
                     route.handler, route.serialized = handler, True
+            parsers = getattr(servicer, "parsers", None)
+            for name, parse in (parsers() if parsers is not None else {}).items():
+                route = self._routes.get(f"/{service}/{name}")
+                if route is not None:
+                    route.parse = parse
         if models is not None and (infer := self._routes.get(MODEL_INFER)) is not None:
             infer.announced = True
         self._watches: dict[asyncio.AbstractEventLoop, _Watches] = {}
@@ -274,9 +282,9 @@ class GrpcAsgiApp:
             and body[0] == 0
             and int.from_bytes(body[1 : wire.HEADER_BYTES], "big") == size
         ):  # most calls: one uncompressed message in one piece
-            return route.method.request.FromString(memoryview(body)[wire.HEADER_BYTES :])
+            return route.parse(memoryview(body)[wire.HEADER_BYTES :])
         deframer = wire.Deframer(self.limit)
-        messages: list[tuple[bool, memoryview]] = []
+        messages: list[tuple[bool, bytes | memoryview]] = []
         while True:
             if body:
                 messages += deframer.feed(body)
@@ -294,10 +302,10 @@ class GrpcAsgiApp:
             )
         compressed, data = messages[0]
         if compressed:
-            data = memoryview(await self.inflate(data, encoding))
-        return route.method.request.FromString(data)
+            data = await self.inflate(data, encoding)
+        return route.parse(data)
 
-    async def inflate(self, data: memoryview, encoding: bytes | None) -> bytes:
+    async def inflate(self, data: bytes | memoryview, encoding: bytes | None) -> bytes:
         if encoding is None or encoding == b"identity":
             raise Abort(grpc.StatusCode.INTERNAL, "a compressed message without grpc-encoding")
         if len(data) <= OFF_LOOP_BYTES:

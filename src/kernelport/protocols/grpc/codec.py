@@ -77,6 +77,85 @@ def _typed(name: str, dtype_name: str, shape: tuple[int, ...], contents: Any, co
     return Tensor(name, dt.name, shape, array.reshape(shape))
 
 
+#: a ModelInferRequest this large has its raw tensors kept as views of the received bytes
+SPLIT_AT = 64 * 1024
+_RAW_INPUT_CONTENTS = 7  # ModelInferRequest's field number (grpc_service.proto)
+_PARSE = pb.inference.ModelInferRequest.FromString
+
+
+class RawInputs:
+    """A ModelInferRequest whose ``raw_input_contents`` are read-only views of the message
+    as received: protobuf would copy each of them twice (into its arena when parsing, then
+    into a ``bytes`` object when read). Every other field is the parsed message's."""
+
+    __slots__ = ("_message", "raw_input_contents")
+
+    def __init__(self, message: Any, raw: list[memoryview]) -> None:
+        self._message = message
+        self.raw_input_contents = raw
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._message, name)
+
+
+def parse_infer_request(data: bytes | memoryview) -> Any:
+    """``ModelInferRequest.FromString``, with the raw tensors of a large request left where
+    they are (``RawInputs``). A message the top-level scan cannot walk is handed to protobuf
+    whole, which raises its own error."""
+    if len(data) >= SPLIT_AT:
+        split = _split_raw(memoryview(data).toreadonly())
+        if split is not None:
+            rest, raw = split
+            return RawInputs(_PARSE(rest), raw)
+    return _PARSE(data)
+
+
+def _split_raw(view: memoryview) -> tuple[bytes, list[memoryview]] | None:
+    """The message's bytes less its raw_input_contents fields, and views of those fields."""
+    kept: list[memoryview] = []
+    raw: list[memoryview] = []
+    pos, end, run = 0, len(view), 0  # run: where the current stretch of kept fields began
+    try:
+        while pos < end:
+            field = pos
+            tag, pos = _read_varint(view, pos)
+            kind = tag & 7
+            if kind == 2:  # length-delimited: every field of ModelInferRequest
+                size, pos = _read_varint(view, pos)
+                if size > end - pos:
+                    return None
+                if tag >> 3 == _RAW_INPUT_CONTENTS:
+                    kept.append(view[run:field])
+                    raw.append(view[pos : pos + size])
+                    run = pos + size
+                pos += size
+            elif kind == 0:
+                _, pos = _read_varint(view, pos)
+            elif kind in (1, 5):
+                pos += 8 if kind == 1 else 4
+            else:
+                return None
+    except IndexError:
+        return None
+    if pos != end:
+        return None
+    kept.append(view[run:end])
+    return b"".join(kept), raw
+
+
+def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = view[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint too long")
+
+
 def decode_request(
     msg: Any,
     limits: Limits = _DEFAULT_LIMITS,

@@ -72,14 +72,14 @@ class _Stream:
 
     async def receive(self) -> dict[str, Any]:
         while True:
-            if self.body:
-                chunks, self.body = self.body, []
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                self.buffered = 0
-                self.given_end = self.ended
+            if self.body:  # one DATA payload at a time: the app joins (once) what it must
+                data = self.body.pop(0)
+                self.buffered -= len(data)
+                more = not self.ended or len(self.body) > 0
+                self.given_end = not more
                 if not self.ended:
                     self.conn.grant(self)
-                return {"type": "http.request", "body": data, "more_body": not self.ended}
+                return {"type": "http.request", "body": data, "more_body": more}
             if self.ended and not self.given_end:
                 self.given_end = True
                 return {"type": "http.request", "body": b"", "more_body": False}
@@ -193,14 +193,14 @@ class Connection(asyncio.Protocol):
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | bytearray) -> None:
         self.last_active = self.loop.time()
         if self._tail:
             self._tail += data
             if len(self._tail) < self._need:
                 return
-            data = bytes(self._tail)
-            self._tail = bytearray()
+            # Parsed where it lies: payload views keep it alive, and it is never resized again
+            data, self._tail = self._tail, bytearray()
         try:
             if not self._preface:
                 if len(data) < len(h2.PREFACE):
@@ -222,7 +222,7 @@ class Connection(asyncio.Protocol):
             self.flush()
 
     # ------------------------------------------------------------------------ frames in
-    def _frames(self, data: bytes) -> None:
+    def _frames(self, data: bytes | bytearray) -> None:
         view = memoryview(data)
         pos, end = 0, len(data)
         touched: list[_Stream] = []

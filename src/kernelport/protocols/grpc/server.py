@@ -104,6 +104,11 @@ class InferenceServicer:
         """RPCs with a behaviour that answers the response already serialized."""
         return {"ModelInfer": self.model_infer_bytes}
 
+    def parsers(self) -> dict[str, Callable[[Any], Any]]:
+        """RPCs whose requests keep large raw tensors as views of the received bytes."""
+        return {"ModelInfer": codec.parse_infer_request,
+                "ModelStreamInfer": codec.parse_infer_request}  # fmt: skip
+
     async def _infer(self, request: Any, context: Any, encode: Callable[[Any, Any], Any]) -> Any:
         call = self._telemetry.request(
             "grpc", request.model_name, request.model_version, where="ModelInfer", log=log,

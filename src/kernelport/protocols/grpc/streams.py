@@ -38,7 +38,7 @@ class App(Protocol):
 
     def watch(self, task: asyncio.Task[Any], receive: Receive) -> Watching | None: ...
 
-    async def inflate(self, data: memoryview, encoding: bytes | None) -> bytes: ...
+    async def inflate(self, data: bytes | memoryview, encoding: bytes | None) -> bytes: ...
 
 
 _START_HEADERS = [(b"content-type", b"application/grpc")]
@@ -65,8 +65,8 @@ async def serve_stream(
                 return
             for compressed, data in deframer.feed(event.get("body", b"")):
                 if compressed:
-                    data = memoryview(await app.inflate(data, encoding))
-                yield route.method.request.FromString(data)
+                    data = await app.inflate(data, encoding)
+                yield route.parse(data)
             if not event.get("more_body"):
                 if deframer.pending:
                     raise Abort(grpc.StatusCode.INTERNAL, "the stream ended inside a message")

@@ -69,44 +69,62 @@ def inflate(data: bytes | memoryview, encoding: bytes, limit: int) -> bytes:
 class Deframer:
     """Cuts a byte stream into messages, checking each declared length against ``limit``.
 
-    ``feed`` takes a chunk and returns the messages it completed as ``(compressed, bytes)``.
-    A message that arrives in one chunk is sliced out without joining buffers.
+    ``feed`` takes a chunk and returns the messages it completed as ``(compressed, data)``.
+    A message that arrives in one chunk is a view sliced out of it (nothing copied); one that
+    spans chunks is kept as views of its pieces and joined once, into ``bytes``, when its last
+    byte comes (so a protobuf parser reads it without copying it again). Nothing is allocated
+    from a declared length: what is held is what arrived.
     """
 
-    __slots__ = ("_buffer", "_limit")
+    __slots__ = ("_compressed", "_have", "_head", "_limit", "_parts", "_size")
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._buffer = bytearray()
+        self._head = b""  # an incomplete 5-byte message header
+        self._parts: list[memoryview] = []  # the pieces of the message being received
+        self._size = -1  # its declared length; -1: between messages
+        self._have = 0
+        self._compressed = False
 
     @property
     def pending(self) -> int:
         """Bytes of an incomplete message held back."""
-        return len(self._buffer)
+        return len(self._head) + (self._have + HEADER_BYTES if self._size >= 0 else 0)
 
-    def feed(self, chunk: bytes) -> list[tuple[bool, memoryview]]:
-        data: bytes | bytearray = chunk
-        if self._buffer:
-            self._buffer += chunk
-            data = self._buffer
-        out: list[tuple[bool, memoryview]] = []
-        view = memoryview(data)
-        pos, end = 0, len(data)
-        while end - pos >= HEADER_BYTES:
-            flag = data[pos]
-            size = int.from_bytes(data[pos + 1 : pos + HEADER_BYTES], "big")
-            if flag > 1:
-                raise ServerError(ErrorCode.INTERNAL, f"bad gRPC frame flag {flag}")
-            if size > self._limit:
-                raise too_large("Received", size, self._limit)
-            if end - pos - HEADER_BYTES < size:
-                break
-            start = pos + HEADER_BYTES
-            out.append((flag == 1, view[start : start + size]))
-            pos = start + size
-        view.release()  # the messages' views keep what they need alive
-        if data is not self._buffer or pos:
-            # Keep the unfinished tail. Messages handed out may be views into the old buffer:
-            # start a new one rather than resize it under them.
-            self._buffer = bytearray(data[pos:])
+    def feed(self, chunk: bytes | bytearray | memoryview) -> list[tuple[bool, bytes | memoryview]]:
+        out: list[tuple[bool, bytes | memoryview]] = []
+        view = memoryview(chunk)
+        pos, end = 0, len(view)
+        while pos < end:
+            if self._size < 0:  # a header first
+                if self._head or end - pos < HEADER_BYTES:
+                    take = min(HEADER_BYTES - len(self._head), end - pos)
+                    self._head += view[pos : pos + take]
+                    pos += take
+                    if len(self._head) < HEADER_BYTES:
+                        break
+                    head: bytes | memoryview = self._head
+                    self._head = b""
+                else:
+                    head = view[pos : pos + HEADER_BYTES]
+                    pos += HEADER_BYTES
+                flag = head[0]
+                size = int.from_bytes(head[1:HEADER_BYTES], "big")
+                if flag > 1:
+                    raise ServerError(ErrorCode.INTERNAL, f"bad gRPC frame flag {flag}")
+                if size > self._limit:
+                    raise too_large("Received", size, self._limit)
+                if end - pos >= size:  # all of it here
+                    out.append((flag == 1, view[pos : pos + size]))
+                    pos += size
+                    continue
+                self._size, self._have, self._compressed = size, 0, flag == 1
+            take = min(self._size - self._have, end - pos)
+            self._parts.append(view[pos : pos + take])
+            self._have += take
+            pos += take
+            if self._have == self._size:
+                parts, self._parts = self._parts, []
+                out.append((self._compressed, b"".join(parts)))
+                self._size = -1
         return out
