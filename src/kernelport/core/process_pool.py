@@ -39,8 +39,9 @@ def execution_plan(
     config: ModelConfig, server_default: ExecutionMode, needs_own_process: bool = False
 ) -> ExecutionPlan:
     """The model's ``execution`` block, or its ``KP_EXECUTION_*`` parameters (config.pbtxt),
-    over the server's default. ``auto`` is in-process for now, on every device; a GPU
-    default of ``worker`` belongs here once GPU workers are measured.
+    over the server's default. ``auto`` is in-process on every device: on the one GPU run
+    so far (docs/processes.md) a worker won only where the server's interpreter was the
+    bottleneck, so a GPU default of ``worker`` waits for a run that says otherwise.
 
     ``needs_own_process``: the backend's runtime cannot share the server's process (it
     runs embedded in Envoy): ``auto`` means worker, and in_process is refused."""
