@@ -35,6 +35,7 @@ MODULES = (
     "kernelport.observability.telemetry",
     "kernelport.protocols.rest.codec",
     "kernelport.protocols.grpc.asgi",
+    "kernelport.protocols.grpc.codec",
     "kernelport.protocols.grpc.errors",
     "kernelport.protocols.grpc.h2wire",
     "kernelport.protocols.grpc.http2",
