@@ -30,6 +30,7 @@ from kernelport.limits import Limits
 from kernelport.protocols.auth import Auth
 from kernelport.protocols.grpc.announce import MODEL_INFER, ConnectionModels
 from kernelport.protocols.grpc.asgi import GrpcAsgiApp
+from kernelport.protocols.grpc.http2 import EARLY
 from kernelport.protocols.grpc.server import InferenceServicer, KernelPortServicer
 from kernelport.protocols.rest.app import RestApp
 from kernelport.schema import pb
@@ -240,6 +241,31 @@ async def test_grpc_announces_a_call_to_the_model_its_connection_last_named(
     assert announced(dp, "echo") == 0  # released before the request was queued
     out, seen = await _grpc_call(app, request, two, dp, "echo")
     assert seen == [0, 0]  # another connection has its own memory
+
+
+async def test_grpc_a_transport_announces_a_call_before_its_task_runs(dp: DataPlane) -> None:
+    app = _announcing_app(dp)
+    client = ("10.0.0.9", 9000)
+    request = frame(infer_request([1.0, 2.0]))
+    await _grpc_call(app, request, client, dp, "echo")  # the connection names echo
+    call_scope = grpc_scope(MODEL_INFER, [])
+    call_scope["client"] = client
+    early = app.call_started(call_scope)  # as http2.py does when the call's headers arrive
+    assert early is not None and announced(dp, "echo") == 1
+    call_scope[EARLY] = early
+    driver = _Watching(chunks(request), dp, "echo")
+    await app(call_scope, driver.receive, driver.send)
+    await driver.close()
+    assert reply(driver.sent).code == 0
+    assert driver.seen == [1, 1]  # the call took it over: counted once, not twice
+    assert announced(dp, "echo") == 0
+    early.release()  # the transport's release at the call's end: already done, a no-op
+    assert announced(dp, "echo") == 0
+    other = grpc_scope("/inference.GRPCInferenceService/ServerLive", [])
+    other["client"] = client
+    assert app.call_started(other) is None
+    plain = GrpcAsgiApp({pb.INFERENCE_SERVICE: InferenceServicer(dp)}, LIMIT, Auth((), "all"))
+    assert plain.call_started(call_scope) is None  # an app without models announces nothing
 
 
 async def test_grpc_a_call_for_another_model_moves_the_connections_guess(dp: DataPlane) -> None:

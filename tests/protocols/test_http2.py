@@ -33,7 +33,7 @@ from hyperframe.frame import (
 )
 
 from kernelport.protocols.grpc import h2wire
-from kernelport.protocols.grpc.http2 import Http2Server
+from kernelport.protocols.grpc.http2 import EARLY, Http2Server
 
 OK = [(b"grpc-status", b"0")]
 _WRITERS: list[asyncio.StreamWriter] = []  # every test connection, closed after its test
@@ -59,6 +59,15 @@ class App:
         self.release = asyncio.Event()
         self.started = 0
         self._moved: asyncio.Future[None] | None = None
+        self.tokens: list[Token] = []  # one per call, from call_started
+        self.ran_after: list[bool] = []  # per call run: its token was made before it ran
+
+    def call_started(self, scope: dict[str, Any]) -> Token | None:
+        if scope["path"] == "/quiet":
+            return None
+        self.tokens.append(Token(self._move))
+        self._move()
+        return self.tokens[-1]
 
     async def until(self, condition: Any, what: str) -> None:
         """Wait (at most 10 s) until ``condition()`` holds after the app's counts moved."""
@@ -79,6 +88,8 @@ class App:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         path = scope["path"]
+        early = scope.get(EARLY)
+        self.ran_after.append(early is not None and early is self.tokens[-1] and not early.released)
         if path == "/stall":  # reads nothing until released
             await self.release.wait()
         body = b""
@@ -112,6 +123,18 @@ class App:
                     "trailers": True})  # fmt: skip
         await send({"type": "http.response.body", "body": body})
         await send({"type": "http.response.trailers", "headers": OK})
+
+
+class Token:
+    """What App.call_started hands the server: counts its releases (and wakes App.until)."""
+
+    def __init__(self, moved: Any) -> None:
+        self.released = 0
+        self._moved = moved
+
+    def release(self) -> None:
+        self.released += 1
+        self._moved()
 
 
 class Client:
@@ -533,3 +556,29 @@ async def _closed(raw: Raw) -> bool:
             return True
         if frame is None:
             return True
+
+
+async def test_call_started_runs_before_the_call_and_is_released_when_it_ends(
+    served: Any,
+) -> None:
+    _, app, port = served
+    client = await Client.open(port)
+    assert (await client.call("/echo", b"a"))["data"] == b"a"
+    assert app.ran_after == [True] and app.tokens[0].released == 1  # the server released it
+    sid = client.send("/hang", b"x")
+    await app.until(lambda: app.started == 1, "app.started == 1")
+    client.conn.reset_stream(sid)
+    client.flush()
+    await app.until(lambda: app.cancelled == 1, "app.cancelled == 1")
+    await app.until(lambda: app.tokens[1].released == 1, "the cancelled call's token released")
+    # headers and a reset in one write: the task may be cancelled before it ever runs
+    sid = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"),
+                                   (b":path", b"/hang"), (b":authority", b"t")])  # fmt: skip
+    client.conn.reset_stream(sid)
+    client.writer.write(client.conn.data_to_send())
+    await app.until(lambda: len(app.tokens) == 3, "call_started for the third call")
+    await app.until(lambda: app.tokens[2].released == 1, "the never-run call's token released")
+    assert (await client.call("/quiet", b"q"))["data"] == b"q"  # None: nothing in the scope
+    assert app.ran_after[-1] is False and len(app.tokens) == 3
+    await client.close()

@@ -29,10 +29,12 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor_pool
 
+from kernelport.core.fill import Announcement
 from kernelport.protocols.auth import UNAUTHENTICATED_MESSAGE, Auth
 from kernelport.protocols.grpc import rpc, wire
 from kernelport.protocols.grpc.announce import MODEL_INFER, ConnectionModels
 from kernelport.protocols.grpc.errors import Abort, Disconnected, status_of, trailers
+from kernelport.protocols.grpc.http2 import EARLY
 from kernelport.protocols.grpc.streams import Receive, Send, serve_stream
 from kernelport.protocols.inflate import OFF_LOOP_BYTES
 from kernelport.schema.pb import POOL
@@ -153,9 +155,20 @@ class GrpcAsgiApp:
                 route = self._routes.get(f"/{service}/{name}")
                 if route is not None:
                     route.parse = parse
+        self._announcing = False  # ModelInfer calls are announced (call_started)
         if models is not None and (infer := self._routes.get(MODEL_INFER)) is not None:
-            infer.announced = True
+            infer.announced = self._announcing = True
         self._watches: dict[asyncio.AbstractEventLoop, _Watches] = {}
+
+    def call_started(self, scope: Scope) -> Announcement | None:
+        """A call's headers have arrived (a transport calls this before the call's task first
+        runs): a ModelInfer call is announced to its connection's last model from now on, so
+        a batch cut made before its task runs waits for it. ``__call__`` takes it over from
+        ``scope[EARLY]``; the transport releases it again when the call ends (idempotent)."""
+        models = self._models
+        if models is None or scope["path"] != MODEL_INFER or not self._announcing:
+            return None
+        return models.begin(scope.get("client"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -198,7 +211,10 @@ class GrpcAsgiApp:
                 await serve_stream(self, route, context, deadline, encoding, receive, send)
             else:
                 connection = scope.get("client") if route.announced else None
-                await self._unary(route, context, deadline, encoding, receive, send, connection)
+                early = scope.get(EARLY)
+                await self._unary(
+                    route, context, deadline, encoding, receive, send, connection, early
+                )
         except Disconnected:
             pass
         except Exception as exc:
@@ -208,12 +224,13 @@ class GrpcAsgiApp:
     async def _unary(
         self, route: Route, context: CallContext, deadline: float | None,
         encoding: bytes | None, receive: Receive, send: Send, connection: Any = None,
+        early: Announcement | None = None,
     ) -> None:  # fmt: skip
         models = self._models if route.announced else None
         if models is None:
             request = await self.read_one(route, encoding, receive)
         else:
-            announced = models.begin(connection)
+            announced = early if early is not None else models.begin(connection)
             try:
                 request = await self.read_one(route, encoding, receive)
             finally:

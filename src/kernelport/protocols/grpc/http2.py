@@ -26,7 +26,7 @@ import functools
 import logging
 import struct
 from collections.abc import Callable, Coroutine
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from kernelport.protocols.grpc import h2wire as h2
 from kernelport.protocols.listen import bind
@@ -39,14 +39,16 @@ _ASGI = {"version": "3.0", "spec_version": "2.4"}
 _EXTENSIONS: dict[str, Any] = {"http.response.trailers": {}}
 
 App = Callable[[dict[str, Any], Any, Any], Coroutine[Any, Any, None]]
+#: the scope key of what the app's ``call_started`` returned for the call
+EARLY: Final = "kernelport.early"
 
 
 class _Stream:
     """One request and its response, as the ASGI app sees them (``receive``, ``send``)."""
 
     __slots__ = (
-        "body", "buffered", "conn", "ended", "finished", "given_end", "gone", "head", "id",
-        "recv_window", "send_window", "task", "trailers", "waiter",
+        "body", "buffered", "conn", "early", "ended", "finished", "given_end", "gone", "head",
+        "id", "recv_window", "send_window", "task", "trailers", "waiter",
     )  # fmt: skip
 
     def __init__(self, conn: Connection, stream_id: int) -> None:
@@ -56,6 +58,7 @@ class _Stream:
         self.buffered = 0  # bytes received the app has not taken yet
         self.ended = False  # the client's h2.END_STREAM has arrived
         self.given_end = False  # ... and the app has been told
+        self.early: Any = None  # what the app's call_started gave for this call (released)
         self.gone = False  # reset by either side, or the connection is lost
         self.finished = False  # the response has ended
         self.head: bytes | None = None  # the response's header block, until it is sent
@@ -339,6 +342,10 @@ class Connection(asyncio.Protocol):
         scope["method"], scope["path"], scope["raw_path"], scope["headers"] = (
             method, path.decode("latin-1"), path, headers,
         )  # fmt: skip
+        started = self.server.call_started
+        if started is not None and (early := started(scope)) is not None:
+            # Known before the task first runs: a batch cut in between sees this call coming
+            scope[EARLY] = stream.early = early
         task = self.loop.create_task(self.app(scope, stream.receive, stream.send))
         stream.task = task
         task.add_done_callback(functools.partial(self._done, stream))
@@ -503,6 +510,8 @@ class Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------------------ streams
     def _done(self, stream: _Stream, task: asyncio.Task[None]) -> None:
+        if stream.early is not None:  # a call cancelled before it ran has not released it
+            stream.early.release()
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
         if not task.cancelled() and (exc := task.exception()) is not None:
@@ -574,6 +583,12 @@ class Http2Server:
         handshake_timeout: float = 10.0,
     ) -> None:
         self.app = app
+        #: the app's ``call_started(scope)``, if it has one: called as a call's headers
+        #: arrive, before its task first runs; what it returns (with ``release()``) is in
+        #: the scope under ``EARLY`` and released when the call ends
+        self.call_started: Callable[[dict[str, Any]], Any] | None = getattr(
+            app, "call_started", None
+        )
         self.loop: asyncio.AbstractEventLoop  # the running loop, from start()
         self.connections: set[Connection] = set()
         self._tls = tls
