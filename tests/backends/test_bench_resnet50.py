@@ -49,5 +49,5 @@ def test_cpu_dry_run(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "best server / best bare throughput" in done.stdout
+    assert "best server (in_process) / best bare throughput" in done.stdout
     assert "p50 at concurrency 1" in done.stdout
