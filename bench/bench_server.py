@@ -354,6 +354,67 @@ def report(bare: list[dict[str, float]], runs: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def median(values: list[float]) -> float | None:
+    """The median (the mean of the middle two for an even count); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def side_by_side(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per protocol and concurrency: KernelPort's (batching "on") and Triton's medians over the
+    rounds, and their ratios (throughput KernelPort/Triton, p50 KernelPort/Triton)."""
+    points = sorted({(r["protocol"], r["concurrency"]) for r in runs})
+    rows = []
+    for protocol, conc in points:
+        row: dict[str, Any] = {"protocol": protocol, "concurrency": conc}
+        for name, mode in (("kernelport", "on"), ("triton", "triton")):
+            ok = [
+                r for r in runs
+                if (r["protocol"], r["concurrency"], r["batching"]) == (protocol, conc, mode)
+                and "error" not in r
+            ]  # fmt: skip
+            row[name] = {
+                "infer_per_s": [round(r["infer_per_s"]) for r in ok],
+                "median_infer_per_s": median([r["infer_per_s"] for r in ok]),
+                "median_p50_ms": median([r["p50_ms"] for r in ok]),
+                "median_batch": median([r["mean_batch"] for r in ok if r.get("mean_batch")]),
+            }
+        kp, tr = row["kernelport"], row["triton"]
+        if kp["median_infer_per_s"] and tr["median_infer_per_s"]:
+            row["throughput_ratio"] = kp["median_infer_per_s"] / tr["median_infer_per_s"]
+            row["p50_ratio"] = kp["median_p50_ms"] / tr["median_p50_ms"]
+        rows.append(row)
+    return rows
+
+
+def side_by_side_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: medians over the rounds, the rounds' throughputs, and the ratios."""
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    out = [
+        md_row("protocol", "c", "KernelPort infer/s (rounds)", "Triton infer/s (rounds)",
+               "ratio", "KernelPort p50 ms", "Triton p50 ms", "p50 ratio",
+               "mean batch KP / Triton"),
+        md_row("---", *["---:"] * 8),
+    ]  # fmt: skip
+    for r in rows:
+        kp, tr = r["kernelport"], r["triton"]
+        out.append(md_row(
+            r["protocol"], r["concurrency"],
+            f"{fmt(kp['median_infer_per_s'], '.0f')} ({', '.join(map(str, kp['infer_per_s']))})",
+            f"{fmt(tr['median_infer_per_s'], '.0f')} ({', '.join(map(str, tr['infer_per_s']))})",
+            fmt(r.get("throughput_ratio"), ".2f"), fmt(kp["median_p50_ms"], ".3f"),
+            fmt(tr["median_p50_ms"], ".3f"), fmt(r.get("p50_ratio"), ".2f"),
+            f"{fmt(kp['median_batch'], '.1f')} / {fmt(tr['median_batch'], '.1f')}",
+        ))  # fmt: skip
+    return "\n".join(out)
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -383,6 +444,13 @@ def parse_args() -> argparse.Namespace:
         "../shared/tools/peers/install_peer.sh pytriton nvidia-pytriton onnxruntime==1.23.2)",
     )
     add("--protocols", nargs="+", choices=["grpc", "http"], default=["grpc", "http"])
+    add(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every server this many times, alternating (KernelPort, Triton, KernelPort, "
+        "...); with --triton-venv a table of medians and ratios follows",
+    )
     add("--server-cpus", default="1", help='taskset -c list for the server ("all": no pinning)')
     add("--load-cpus", default="0", help='taskset -c list for perf_analyzer ("all": no pinning)')
     add("--measurement-ms", type=int, default=3000, help="perf_analyzer -p (window length)")
@@ -429,15 +497,23 @@ def main() -> None:
         print(f"bare onnxruntime {ort.__version__} on cpus {args.server_cpus} ...", flush=True)
         bare = bench_bare(repo / MODEL / "1" / "model.onnx", args)
         modes = [] if args.bare_only else args.batching + (["triton"] if args.triton_venv else [])
-        for mode in modes:
-            args.current_batching = mode
-            delay = args.delay_us if mode != "off" else None
-            extra = args.model_yaml.replace("\\n", "\n") if mode != "triton" else ""
-            repo = build_repository(Path(tmp) / f"repo-{mode}", args.model, delay, extra_yaml=extra)
-            log = OUT_DIR / f"{stamp}.{mode}.server.log"
-            servers.append(bench_server(repo, Path(tmp), log, args))
+        for round_no in range(1, args.rounds + 1):  # each round runs every mode once, in turn
+            for mode in modes:
+                args.current_batching = mode
+                delay = args.delay_us if mode != "off" else None
+                extra = args.model_yaml.replace("\\n", "\n") if mode != "triton" else ""
+                repo = build_repository(
+                    Path(tmp) / f"repo-{mode}", args.model, delay, extra_yaml=extra
+                )
+                log = OUT_DIR / f"{stamp}.{mode}.r{round_no}.server.log"
+                servers.append(bench_server(repo, Path(tmp), log, args))
+                for row in servers[-1]["runs"]:
+                    row["round"] = round_no
     server = {"runs": [r for s in servers for r in s["runs"]], "servers": servers}
     table = report(bare, server["runs"])
+    if args.triton_venv and not args.bare_only:
+        server["side_by_side"] = side_by_side(server["runs"])
+        table += "\n\n" + side_by_side_table(server["side_by_side"])
     print(table)
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     cpu = next((ln.split(":")[1].strip() for ln in cpuinfo.splitlines() if "model name" in ln), "")
