@@ -269,6 +269,14 @@ class Config(Settings):
         "in_process (threads of the server), worker (a process per model version, restarted "
         "when it dies), auto (in_process for now)",
     )
+    model_thread_nice: int = Field(
+        5,
+        ge=0,
+        le=19,
+        description="niceness added to the threads that run in-process model instances "
+        "(Linux): where one shares a core with the event loop, protocol work runs first and "
+        "batches fill while a batch runs; 0: the loop's priority",
+    )
     frontends: int = Field(
         1,
         ge=1,

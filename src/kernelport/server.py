@@ -73,6 +73,7 @@ class Server:
                 config.model_execution,
                 embedded=config.grpc_transport == "envoy",
                 shared_workers=config.shared_workers,
+                thread_nice=config.model_thread_nice,
                 memory_budgets={
                     "cpu": config.host_memory_budget,
                     "cuda": config.device_memory_budget,

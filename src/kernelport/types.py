@@ -81,15 +81,36 @@ def datatype_of_dtype(dtype: Any) -> DataType | None:
     return _BY_NUMPY.get(np.dtype(dtype))
 
 
-@dataclass(frozen=True, slots=True)
+# The values made for every request (Tensor, InferRequest, InferResponse) spell out their
+# __init__: compiled by mypyc it is a native constructor (~80 ns), where the one dataclasses
+# generates stays interpreted (~250 ns; ~700 ns for a frozen class, which assigns through
+# object.__setattr__). ``Final`` fields keep a Tensor read-only: mypy checks it everywhere, and
+# the compiled class refuses the assignment at run time.
+
+
+@dataclass(slots=True, init=False)
 class Tensor:
     """A named tensor. ``data`` has exactly ``shape`` and the numpy dtype of ``datatype``."""
 
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    data: np.ndarray[Any, Any]
-    parameters: Parameters = field(default_factory=dict)
+    name: Final[str]
+    datatype: Final[str]
+    shape: Final[tuple[int, ...]]
+    data: Final[np.ndarray[Any, Any]]
+    parameters: Final[Parameters]
+
+    def __init__(
+        self,
+        name: str,
+        datatype: str,
+        shape: tuple[int, ...],
+        data: np.ndarray[Any, Any],
+        parameters: Parameters | None = None,
+    ) -> None:
+        self.name = name
+        self.datatype = datatype
+        self.shape = shape
+        self.data = data
+        self.parameters = {} if parameters is None else parameters
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,22 +130,40 @@ class SharedMemoryRef:
     offset: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class InferRequest:
     """A decoded inference request, independent of the wire it came from."""
 
     model_name: str
-    model_version: str = ""
-    id: str = ""
-    inputs: list[Tensor] = field(default_factory=list)
-    outputs: list[RequestedOutput] = field(default_factory=list)
-    parameters: Parameters = field(default_factory=dict)
+    model_version: str
+    id: str
+    inputs: list[Tensor]
+    outputs: list[RequestedOutput]
+    parameters: Parameters
     # Requested outputs to write into shared memory, by name; None (not an empty dict) when
     # there are none, so the hot path pays one identity check per request.
-    shm_outputs: dict[str, SharedMemoryRef] | None = None
+    shm_outputs: dict[str, SharedMemoryRef] | None
+
+    def __init__(
+        self,
+        model_name: str,
+        model_version: str = "",
+        id: str = "",
+        inputs: list[Tensor] | None = None,
+        outputs: list[RequestedOutput] | None = None,
+        parameters: Parameters | None = None,
+        shm_outputs: dict[str, SharedMemoryRef] | None = None,
+    ) -> None:
+        self.model_name = model_name
+        self.model_version = model_version
+        self.id = id
+        self.inputs = [] if inputs is None else inputs
+        self.outputs = [] if outputs is None else outputs
+        self.parameters = {} if parameters is None else parameters
+        self.shm_outputs = shm_outputs
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class InferResponse:
     """The result of one request: outputs in the order the client asked for (or model order)."""
 
@@ -132,12 +171,36 @@ class InferResponse:
     model_version: str
     id: str
     outputs: list[Tensor]
-    parameters: Parameters = field(default_factory=dict)
-    queue_ns: int = 0  # time spent waiting in the scheduler
-    compute_ns: int = 0  # time the backend spent executing the batch this request was in
-    compute_input_ns: int = 0  # preparing the batch's inputs (concatenation, copies)
-    compute_output_ns: int = 0  # splitting the batch's outputs back per request
-    batch_size: int = 0  # rows in the batch this request ran in (0: not reported)
+    parameters: Parameters
+    queue_ns: int  # time spent waiting in the scheduler
+    compute_ns: int  # time the backend spent executing the batch this request was in
+    compute_input_ns: int  # preparing the batch's inputs (concatenation, copies)
+    compute_output_ns: int  # splitting the batch's outputs back per request
+    batch_size: int  # rows in the batch this request ran in (0: not reported)
+
+    def __init__(
+        self,
+        model_name: str,
+        model_version: str,
+        id: str,
+        outputs: list[Tensor],
+        parameters: Parameters | None = None,
+        queue_ns: int = 0,
+        compute_ns: int = 0,
+        compute_input_ns: int = 0,
+        compute_output_ns: int = 0,
+        batch_size: int = 0,
+    ) -> None:
+        self.model_name = model_name
+        self.model_version = model_version
+        self.id = id
+        self.outputs = outputs
+        self.parameters = {} if parameters is None else parameters
+        self.queue_ns = queue_ns
+        self.compute_ns = compute_ns
+        self.compute_input_ns = compute_input_ns
+        self.compute_output_ns = compute_output_ns
+        self.batch_size = batch_size
 
 
 @dataclass(frozen=True, slots=True)

@@ -259,13 +259,13 @@ def _checked(
     return out
 
 
-def make_workers(instance: Any, name: str, config: ModelConfig) -> list[Worker]:
+def make_workers(instance: Any, name: str, config: ModelConfig, nice: int = 0) -> list[Worker]:
     """The workers for one instance: ``Worker`` unless the instance runs as a coroutine or
-    takes a batch as its requests."""
+    takes a batch as its requests; ``nice``: their threads' (``Worker.nice``)."""
     if getattr(instance, "is_async", False):
         concurrency = int(config.parameters.get("concurrency", DEFAULT_CONCURRENCY))
         worker = AsyncWorker(instance, name)
         return [worker] * max(1, concurrency)  # type: ignore[list-item]
     if callable(getattr(instance, "execute_parts", None)):
-        return [PartsWorker(instance, name)]
-    return [Worker(instance, name)]
+        return [PartsWorker(instance, name, nice)]
+    return [Worker(instance, name, nice)]

@@ -16,7 +16,11 @@ GroupKey = tuple[int, tuple[tuple[str, tuple[int, ...]], ...]]  # (priority leve
 Result = tuple[Arrays, Timings]
 
 
-@dataclass(eq=False, slots=True)
+# Both are made for every request or batch: their __init__ is spelled out so that mypyc
+# compiles it (see ``kernelport.types.Tensor``).
+
+
+@dataclass(eq=False, slots=True, init=False)
 class Pending:
     """One queued request and the future its caller awaits."""
 
@@ -27,14 +31,39 @@ class Pending:
     enqueued_ns: int
     deadline_ns: float  # clock ns by which it must start executing; inf = none
     future: asyncio.Future[Result]
-    timer: Cancellable | None = None
+    timer: Cancellable | None
+
+    def __init__(
+        self,
+        inputs: Arrays,
+        rows: int,
+        key: GroupKey,
+        seq: int,
+        enqueued_ns: int,
+        deadline_ns: float,
+        future: asyncio.Future[Result],
+        timer: Cancellable | None = None,
+    ) -> None:
+        self.inputs = inputs
+        self.rows = rows
+        self.key = key
+        self.seq = seq
+        self.enqueued_ns = enqueued_ns
+        self.deadline_ns = deadline_ns
+        self.future = future
+        self.timer = timer
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Batch:
     requests: list[Pending]
     rows: int
     started_ns: int
+
+    def __init__(self, requests: list[Pending], rows: int, started_ns: int) -> None:
+        self.requests = requests
+        self.rows = rows
+        self.started_ns = started_ns
 
 
 def shape_key(inputs: Arrays, batching: bool) -> tuple[tuple[str, tuple[int, ...]], ...]:

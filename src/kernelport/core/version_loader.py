@@ -188,9 +188,10 @@ class VersionLoader:
                     config, version, path, plan, self._settings.shared_workers
                 )
             else:
+                nice = self._settings.thread_nice
                 built = await load_in_process(
                     backend, config, version, path, self._models_handle(config),
-                    lambda instance, name: make_workers(instance, name, config), host,
+                    lambda instance, name: make_workers(instance, name, config, nice), host,
                 )  # fmt: skip
             await held.built(built)
             return built

@@ -139,6 +139,8 @@ class ManagerSettings:
     #: the front-end supervisor's socket (``--frontends N``): worker-mode models run in
     #: workers it starts once for every front end
     shared_workers: Path | None = None
+    #: added to the niceness of in-process instance threads (``execution.lower_priority``)
+    thread_nice: int = 0
 
 
 def _residency(config: ModelConfig, pool: WorkerPool, pinned: int) -> Residency | None:
