@@ -39,6 +39,7 @@ MODULES = (
     "kernelport.protocols.grpc.errors",
     "kernelport.protocols.grpc.h2wire",
     "kernelport.protocols.grpc.http2",
+    "kernelport.protocols.grpc.request_reader",
 )
 
 

@@ -9,6 +9,7 @@ import numpy as np
 from kernelport.core import shm
 from kernelport.errors import invalid
 from kernelport.limits import Limits
+from kernelport.protocols.grpc.request_reader import PlainInferRequest, read_plain
 from kernelport.schema import pb
 from kernelport.types import (
     InferRequest,
@@ -100,14 +101,17 @@ class RawInputs:
 
 def parse_infer_request(data: bytes | memoryview) -> Any:
     """``ModelInferRequest.FromString``, with the raw tensors of a large request left where
-    they are (``RawInputs``). A message the top-level scan cannot walk is handed to protobuf
-    whole, which raises its own error."""
+    they are (``RawInputs``), and a small plain one read without protobuf
+    (``request_reader``). A message neither can read is handed to protobuf whole, which
+    decodes it or raises its own error."""
     if len(data) >= SPLIT_AT:
         split = _split_raw(memoryview(data).toreadonly())
         if split is not None:
             rest, raw = split
             return RawInputs(_PARSE(rest), raw)
-    return _PARSE(data)
+        return _PARSE(data)
+    plain = read_plain(data if type(data) is bytes else bytes(data))
+    return plain if plain is not None else _PARSE(data)
 
 
 def _split_raw(view: memoryview) -> tuple[bytes, list[memoryview]] | None:
@@ -162,6 +166,8 @@ def decode_request(
     regions: shm.SharedMemoryRegistry | None = None,
 ) -> InferRequest:
     """Raw inputs are views of the message's bytes; shared-memory ones of the regions named."""
+    if type(msg) is PlainInferRequest:
+        return _decode_plain(msg, limits)
     raw = msg.raw_input_contents
     inputs: list[Tensor] = []
     next_raw = 0
@@ -223,6 +229,28 @@ def decode_request(
         parameters(msg.parameters),
         shm_outputs,
     )
+
+
+def _decode_plain(msg: PlainInferRequest, limits: Limits) -> InferRequest:
+    """``decode_request`` of a plain request: the same checks in the same order, so the same
+    answers and errors, without protobuf's message objects."""
+    raw = msg.raw_input_contents
+    inputs: list[Tensor] = []
+    next_raw = 0
+    for name, dtype_name, shape in msg.inputs:
+        element_count(name, shape, limits.max_tensor_elements)  # before any allocation
+        if next_raw >= len(raw):
+            raise invalid(f"unable to find data for input tensor '{name}'")
+        inputs.append(
+            tensor_from_buffer(name, dtype_name, shape, raw[next_raw], limits.max_tensor_elements)
+        )
+        next_raw += 1
+    if next_raw != len(raw):
+        raise invalid(
+            f"raw_input_contents has {len(raw)} entries but only {next_raw} inputs use it"
+        )
+    outputs = [RequestedOutput(name, {}) for name in msg.outputs]
+    return InferRequest(msg.model_name, msg.model_version, msg.id, inputs, outputs, {}, None)
 
 
 def encode_response(
