@@ -199,18 +199,9 @@ def decode_request(
                 )
             inputs.append(_typed(name, tensor.datatype, shape, tensor.contents, count))
             continue
-        if next_raw >= len(raw):
-            raise invalid(f"unable to find data for input tensor '{name}'")
-        inputs.append(
-            tensor_from_buffer(
-                name, tensor.datatype, shape, raw[next_raw], limits.max_tensor_elements
-            )
-        )
+        inputs.append(_raw_tensor(name, tensor.datatype, shape, raw, next_raw, limits))
         next_raw += 1
-    if next_raw != len(raw):
-        raise invalid(
-            f"raw_input_contents has {len(raw)} entries but only {next_raw} inputs use it"
-        )
+    _all_raw_used(raw, next_raw)
     outputs = []
     shm_outputs: dict[str, SharedMemoryRef] | None = None
     for o in msg.outputs:
@@ -236,21 +227,31 @@ def _decode_plain(msg: PlainInferRequest, limits: Limits) -> InferRequest:
     answers and errors, without protobuf's message objects."""
     raw = msg.raw_input_contents
     inputs: list[Tensor] = []
-    next_raw = 0
     for name, dtype_name, shape in msg.inputs:
         element_count(name, shape, limits.max_tensor_elements)  # before any allocation
-        if next_raw >= len(raw):
-            raise invalid(f"unable to find data for input tensor '{name}'")
-        inputs.append(
-            tensor_from_buffer(name, dtype_name, shape, raw[next_raw], limits.max_tensor_elements)
-        )
-        next_raw += 1
-    if next_raw != len(raw):
-        raise invalid(
-            f"raw_input_contents has {len(raw)} entries but only {next_raw} inputs use it"
-        )
+        inputs.append(_raw_tensor(name, dtype_name, shape, raw, len(inputs), limits))
+    _all_raw_used(raw, len(inputs))
     outputs = [RequestedOutput(name, {}) for name in msg.outputs]
     return InferRequest(msg.model_name, msg.model_version, msg.id, inputs, outputs, {}, None)
+
+
+def _raw_tensor(
+    name: str,
+    dtype_name: str,
+    shape: tuple[int, ...],
+    raw: Any,
+    index: int,
+    limits: Limits,
+) -> Tensor:
+    """Input ``name`` viewing ``raw[index]`` (its shape already checked by the caller)."""
+    if index >= len(raw):
+        raise invalid(f"unable to find data for input tensor '{name}'")
+    return tensor_from_buffer(name, dtype_name, shape, raw[index], limits.max_tensor_elements)
+
+
+def _all_raw_used(raw: Any, used: int) -> None:
+    if used != len(raw):
+        raise invalid(f"raw_input_contents has {len(raw)} entries but only {used} inputs use it")
 
 
 def encode_response(

@@ -60,10 +60,7 @@ def read_plain(data: bytes) -> PlainInferRequest | None:
             tag = data[pos]
             if tag & 7 != 2:  # every field of ModelInferRequest is length-delimited
                 return None
-            size, start = _varint(data, pos + 1)
-            pos = start + size
-            if pos > end:
-                return None
+            start, pos = _span(data, pos + 1, end)
             field = tag >> 3
             if field == 7:
                 raw.append(view[start:pos])
@@ -91,7 +88,8 @@ def read_plain(data: bytes) -> PlainInferRequest | None:
 
 
 def _input(data: bytes, pos: int, end: int) -> tuple[str, str, tuple[int, ...]] | None:
-    """InferInputTensor: name (1), datatype (2), shape (3, packed or not); nothing else."""
+    """InferInputTensor: name (1), datatype (2), shape (3, packed or not); nothing else.
+    (IndexError for a field that runs past ``end``.)"""
     name = datatype = ""
     dims: list[int] = []
     while pos < end:
@@ -102,10 +100,7 @@ def _input(data: bytes, pos: int, end: int) -> tuple[str, str, tuple[int, ...]] 
             continue
         if tag & 7 != 2:
             return None
-        size, start = _varint(data, pos + 1)
-        pos = start + size
-        if pos > end:
-            return None
+        start, pos = _span(data, pos + 1, end)
         field = tag >> 3
         if field == 1:
             name = data[start:pos].decode()
@@ -131,14 +126,19 @@ def _output(data: bytes, pos: int, end: int) -> str | None:
     while pos < end:
         if data[pos] != 0x0A:
             return None
-        size, start = _varint(data, pos + 1)
-        pos = start + size
-        if pos > end:
-            return None
+        start, pos = _span(data, pos + 1, end)
         name = data[start:pos].decode()
-    if pos != end:
-        return None
     return name
+
+
+def _span(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    """Where the bytes of the length-delimited field whose size is at ``pos`` start and
+    stop (IndexError when they would run past ``end``, the enclosing message's end)."""
+    size, start = _varint(data, pos)
+    stop = start + size
+    if stop > end:
+        raise IndexError("a field longer than its message")
+    return start, stop
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
