@@ -41,8 +41,10 @@ def http_request(model: str, rows: int) -> tuple[bytes, int, list[tuple[bytes, b
 
 
 def grpc_request(model: str, rows: int) -> bytes:
-    """The serialized ModelInferRequest perf_analyzer sends (raw_input_contents)."""
+    """The serialized ModelInferRequest perf_analyzer 2.51 sends (raw_input_contents, and
+    a request parameter it sets on every request)."""
     msg = pb.inference.ModelInferRequest(model_name=model)
+    msg.parameters["triton_enable_empty_final_response"].bool_param = True
     msg.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, WIDTH])
     msg.outputs.add(name="OUTPUT0")
     data = np.random.default_rng(0).standard_normal((rows, WIDTH)).astype(np.float32)

@@ -430,9 +430,9 @@ def test_raw_fields_anywhere_in_the_message_are_split_out() -> None:
     assert request.inputs[0].data.shape == (2, 20_000)
 
 
-def test_a_small_request_with_parameters_is_protobufs_message() -> None:
+def test_a_small_request_with_tensor_parameters_is_protobufs_message() -> None:
     msg = _request(raw_input_contents=[b"\x00" * 8])
-    msg.parameters["priority"].int64_param = 1
+    msg.outputs.add(name="y").parameters["binary_data"].bool_param = True
     parsed = codec.parse_infer_request(msg.SerializeToString())
     assert type(parsed) is msgs.ModelInferRequest
     assert parsed == msg

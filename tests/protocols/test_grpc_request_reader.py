@@ -62,8 +62,19 @@ def requests(draw: st.DrawFn) -> bytes:
         if draw(st.integers(0, 5)) == 0:
             out.parameters["binary_data"].bool_param = True
     msg.raw_input_contents.extend(draw(st.lists(st.binary(max_size=48), max_size=3)))
-    if draw(st.integers(0, 9)) == 0:
-        msg.parameters["sequence_id"].int64_param = 7
+    for _ in range(draw(st.integers(0, 3))):
+        value = msg.parameters[draw(st.sampled_from(["a", "sequence_id", "", "é"]))]
+        kind = draw(st.sampled_from(["bool", "int64", "string", "double", "uint64", "none"]))
+        if kind == "bool":
+            value.bool_param = draw(st.booleans())
+        elif kind == "int64":
+            value.int64_param = draw(st.integers(-(2**63), 2**63 - 1))
+        elif kind == "string":
+            value.string_param = draw(names)
+        elif kind == "double":
+            value.double_param = draw(st.floats(allow_nan=False))
+        elif kind == "uint64":
+            value.uint64_param = draw(st.integers(0, 2**64 - 1))
     return bytes(msg.SerializeToString())
 
 
@@ -103,6 +114,42 @@ def test_a_plain_request_is_read_without_protobuf_and_its_tensors_view_the_bytes
     assert _same_as_protobuf(data)[3][0][2] == (2, 3)
     # a memoryview (as the transport hands it over) reads the same
     assert codec.parse_infer_request(memoryview(data)).inputs == parsed.inputs
+
+
+def test_request_parameters_as_perf_analyzer_sends_them_are_read_without_protobuf() -> None:
+    msg = msgs.ModelInferRequest(model_name="mlp")
+    msg.parameters["triton_enable_empty_final_response"].bool_param = True
+    msg.parameters["priority"].uint64_param = 2**64 - 1
+    msg.parameters["timeout"].int64_param = -5
+    msg.parameters["tag"].string_param = "x"
+    msg.parameters["scale"].double_param = 0.5
+    msg.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 2])
+    msg.outputs.add(name="OUTPUT0")
+    msg.raw_input_contents.append(bytes(8))
+    data = msg.SerializeToString()
+    parsed = read_plain(data)
+    assert parsed is not None
+    expected = {"triton_enable_empty_final_response": True, "priority": 2**64 - 1,
+                "timeout": -5, "tag": "x", "scale": 0.5}  # fmt: skip
+    assert parsed.parameters == expected
+    assert _same_as_protobuf(data)[5] == expected
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        b"",  # an empty entry: key "" and no value
+        b"\x0a\x01k",  # a key without a value
+        b"\x12\x02\x08\x01",  # a value without a key
+        b"\x0a\x01k\x12\x00",  # a value with no choice set: not in the map
+        b"\x0a\x01k\x12\x04\x08\x01\x10\x02",  # two choices: the last wins
+        b"\x12\x02\x08\x01\x0a\x01k",  # the value before the key
+    ],
+)
+def test_unusual_parameter_entries_are_left_to_protobuf(entry: bytes) -> None:
+    data = b"\x0a\x01m" + b"\x22" + bytes([len(entry)]) + entry
+    assert read_plain(data) is None
+    _same_as_protobuf(data)
 
 
 def test_unpacked_and_negative_dimensions() -> None:

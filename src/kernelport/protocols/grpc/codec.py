@@ -232,7 +232,9 @@ def _decode_plain(msg: PlainInferRequest, limits: Limits) -> InferRequest:
         inputs.append(_raw_tensor(name, dtype_name, shape, raw, len(inputs), limits))
     _all_raw_used(raw, len(inputs))
     outputs = [RequestedOutput(name, {}) for name in msg.outputs]
-    return InferRequest(msg.model_name, msg.model_version, msg.id, inputs, outputs, {}, None)
+    return InferRequest(
+        msg.model_name, msg.model_version, msg.id, inputs, outputs, msg.parameters, None
+    )
 
 
 def _raw_tensor(

@@ -7,16 +7,21 @@ perf_analyzer request took to parse and decode). A *plain* request is read here 
 walk over its bytes (compiled by mypyc):
 
 - its fields are the model name, version and id, the inputs (name, datatype, shape), the
-  requested outputs (by name) and ``raw_input_contents``;
-- no parameters anywhere, no typed ``contents``, no field this reader does not know.
+  requested outputs (by name), ``raw_input_contents`` and request parameters, each entry a
+  key and one value (perf_analyzer sends ``triton_enable_empty_final_response`` with every
+  request);
+- no parameters on inputs or outputs, no typed ``contents``, no field this reader does not
+  know.
 
-Anything else (parameters, typed contents, shared memory, unknown fields, a malformed or
+Anything else (tensor parameters, typed contents, shared memory, unknown fields, a malformed or
 non-UTF-8 message) makes ``read_plain`` answer None, and the caller hands the message to
 protobuf, which decodes it or raises its own error; so a request reaches the same
 ``InferRequest`` (or the same error) by either path.
 """
 
 from __future__ import annotations
+
+import struct
 
 _INT64_WRAP = 1 << 64
 _INT64_SIGN = 1 << 63
@@ -25,7 +30,10 @@ _INT64_SIGN = 1 << 63
 class PlainInferRequest:
     """The fields of a plain ModelInferRequest (the attribute names are protobuf's)."""
 
-    __slots__ = ("id", "inputs", "model_name", "model_version", "outputs", "raw_input_contents")
+    __slots__ = (
+        "id", "inputs", "model_name", "model_version", "outputs", "parameters",
+        "raw_input_contents",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -35,6 +43,7 @@ class PlainInferRequest:
         inputs: list[tuple[str, str, tuple[int, ...]]],
         outputs: list[str],
         raw_input_contents: list[memoryview],
+        parameters: dict[str, bool | int | str | float],
     ) -> None:
         self.model_name = model_name
         self.model_version = model_version
@@ -45,6 +54,8 @@ class PlainInferRequest:
         self.outputs = outputs
         #: read-only views of the message's bytes
         self.raw_input_contents = raw_input_contents
+        #: the request's parameters as plain values (``codec.parameters`` of protobuf's map)
+        self.parameters = parameters
 
 
 def read_plain(data: bytes) -> PlainInferRequest | None:
@@ -54,6 +65,7 @@ def read_plain(data: bytes) -> PlainInferRequest | None:
     inputs: list[tuple[str, str, tuple[int, ...]]] = []
     outputs: list[str] = []
     raw: list[memoryview] = []
+    parameters: dict[str, bool | int | str | float] = {}
     pos, end = 0, len(data)
     try:
         while pos < end:
@@ -80,11 +92,56 @@ def read_plain(data: bytes) -> PlainInferRequest | None:
                 model_version = data[start:pos].decode()
             elif field == 3:
                 request_id = data[start:pos].decode()
-            else:  # 4: parameters; or a field this reader does not know (tags >= 0x80 too)
+            elif field == 4:
+                if not _parameter(data, start, pos, parameters):
+                    return None
+            else:  # a field this reader does not know (tags >= 0x80 too)
                 return None
     except (IndexError, UnicodeDecodeError):
         return None
-    return PlainInferRequest(model_name, model_version, request_id, inputs, outputs, raw)
+    return PlainInferRequest(
+        model_name, model_version, request_id, inputs, outputs, raw, parameters
+    )
+
+
+def _parameter(data: bytes, pos: int, end: int, into: dict[str, bool | int | str | float]) -> bool:
+    """One entry of the parameters map: its key (1), then its value (2) with one of its
+    choices set; False for any other shape of entry (a later entry of a key replaces an
+    earlier one, as in protobuf's map)."""
+    if pos >= end or data[pos] != 0x0A:
+        return False
+    start, pos = _span(data, pos + 1, end)
+    key = data[start:pos].decode()
+    if pos >= end or data[pos] != 0x12:
+        return False
+    start, pos = _span(data, pos + 1, end)
+    if pos != end or start == pos:
+        return False
+    tag = data[start]
+    value: bool | int | str | float
+    if tag == 0x21:  # double_param: fixed64
+        if start + 9 != end:
+            return False
+        value = struct.unpack_from("<d", data, start + 1)[0]
+    elif tag == 0x1A:  # string_param
+        at, stop = _span(data, start + 1, end)
+        if stop != end:
+            return False
+        value = data[at:stop].decode()
+    elif tag == 0x08 or tag == 0x10 or tag == 0x28:  # bool_param, int64_param, uint64_param
+        number, stop = _varint(data, start + 1)
+        if stop != end:
+            return False
+        if tag == 0x08:
+            value = number != 0
+        elif tag == 0x10:
+            value = number - _INT64_WRAP if number >= _INT64_SIGN else number
+        else:
+            value = number
+    else:
+        return False
+    into[key] = value
+    return True
 
 
 def _input(data: bytes, pos: int, end: int) -> tuple[str, str, tuple[int, ...]] | None:
