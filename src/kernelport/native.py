@@ -34,11 +34,13 @@ MODULES = (
     "kernelport.core.validation",
     "kernelport.observability.telemetry",
     "kernelport.protocols.rest.codec",
+    "kernelport.protocols.rest.inference",
     "kernelport.protocols.grpc.asgi",
     "kernelport.protocols.grpc.codec",
     "kernelport.protocols.grpc.errors",
     "kernelport.protocols.grpc.h2wire",
     "kernelport.protocols.grpc.http2",
+    "kernelport.protocols.grpc.model_infer",
     "kernelport.protocols.grpc.request_reader",
 )
 

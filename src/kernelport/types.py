@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 import ml_dtypes
@@ -113,12 +113,16 @@ class Tensor:
         self.parameters = {} if parameters is None else parameters
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False)
 class RequestedOutput:
     """An output the client asked for, with its per-output parameters (e.g. ``binary_data``)."""
 
-    name: str
-    parameters: Parameters = field(default_factory=dict)
+    name: Final[str]
+    parameters: Final[Parameters]
+
+    def __init__(self, name: str, parameters: Parameters | None = None) -> None:
+        self.name = name
+        self.parameters = {} if parameters is None else parameters
 
 
 @dataclass(frozen=True, slots=True)

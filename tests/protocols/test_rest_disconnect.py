@@ -18,7 +18,8 @@ from rest_client import echo, listen, plain_client
 
 from kernelport.core.dataplane import DataPlane
 from kernelport.protocols.http_timeouts import DISCONNECT_EXTENSION, header_timeout_protocol
-from kernelport.protocols.rest.app import _MODEL, RestApp, _infer_target
+from kernelport.protocols.rest.app import _MODEL, RestApp
+from kernelport.protocols.rest.inference import infer_target
 
 HangUp = Callable[[], None]
 
@@ -201,7 +202,7 @@ def test_the_fast_match_agrees_with_the_route_table() -> None:
     for count in range(6):
         for parts in itertools.product(segments, repeat=count):
             path = "/v2/models/" + "/".join(parts)
-            match, target = _MODEL.match(path), _infer_target(path)
+            match, target = _MODEL.match(path), infer_target(path)
             if target is not None:
                 assert match is not None and match["verb"] == "infer", path
                 assert target == (match["model"], match["version"] or ""), path

@@ -17,10 +17,11 @@ from kernelport.config import Config
 from kernelport.core.dataplane import DataPlane
 from kernelport.core.model_config import triton_config
 from kernelport.errors import ServerError
-from kernelport.observability.telemetry import Telemetry, header_value
+from kernelport.observability.telemetry import Telemetry
 from kernelport.protocols.auth import UNAUTHENTICATED_MESSAGE, Auth
 from kernelport.protocols.grpc import codec, kernelport_v1, rpc
 from kernelport.protocols.grpc.errors import GRPC_STATUS
+from kernelport.protocols.grpc.model_infer import ModelInfer, header_id, request_id_metadata
 from kernelport.protocols.grpc.standard import DEFAULT_POOL, StandardServices
 from kernelport.protocols.grpc.stats import statistics_response
 from kernelport.protocols.tls import TlsFiles
@@ -57,6 +58,7 @@ class InferenceServicer:
     def __init__(self, dataplane: DataPlane, telemetry: Telemetry | None = None) -> None:
         self._dp = dataplane
         self._telemetry = telemetry if telemetry is not None else Telemetry()
+        self._model_infer = ModelInfer(dataplane, self._telemetry)
 
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return msgs.ServerLiveResponse(live=self._dp.live())
@@ -94,43 +96,16 @@ class InferenceServicer:
         return statistics_response(await self._dp.node_statistics(request.name, request.version))
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        return await self._infer(request, context, codec.encode_response)
-
-    async def model_infer_bytes(self, request: Any, context: Any) -> bytes:
-        """ModelInfer answering the serialized response (for a transport that frames bytes)."""
-        return await self._infer(request, context, codec.response_bytes)  # type: ignore[no-any-return]
+        return await self._model_infer.message(request, context)
 
     def serialized(self) -> dict[str, Handler]:
         """RPCs with a behaviour that answers the response already serialized."""
-        return {"ModelInfer": self.model_infer_bytes}
+        return {"ModelInfer": self._model_infer.serialized}
 
     def parsers(self) -> dict[str, Callable[[Any], Any]]:
         """RPCs whose requests keep large raw tensors as views of the received bytes."""
         return {"ModelInfer": codec.parse_infer_request,
                 "ModelStreamInfer": codec.parse_infer_request}  # fmt: skip
-
-    async def _infer(self, request: Any, context: Any, encode: Callable[[Any, Any], Any]) -> Any:
-        call = self._telemetry.request(
-            "grpc", request.model_name, request.model_version, where="ModelInfer", log=log,
-            header_id=_header_id(context), traced=True,
-        )  # fmt: skip
-        call.identify(request.id)
-        trace = call.trace
-        try:
-            decoded = codec.decode_request(request, self._dp.limits, self._dp.shared_memory)
-            if trace is not None:
-                trace.carrier = _metadata(context)  # a client's W3C traceparent
-                trace.decoded()
-            response = await self._dp.infer(decoded)
-            if trace is not None:
-                trace.inferred(response)
-            out = encode(response, decoded.shm_outputs)
-        except Exception as exc:
-            error = call.failed(exc)
-            context.set_trailing_metadata(_request_id_metadata(call.request_id))
-            raise error from None
-        call.succeeded(response)
-        return out
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[Any], context: Any
@@ -164,7 +139,7 @@ class InferenceServicer:
                 # exception would leave the client waiting for an answer that never comes.
                 call = self._telemetry.request(
                     "grpc stream", message.model_name, message.model_version,
-                    where="ModelStreamInfer", log=log, header_id=_header_id(context),
+                    where="ModelStreamInfer", log=log, header_id=header_id(context),
                 )  # fmt: skip
                 call.identify(message.id)
                 error = call.failed(exc)
@@ -309,25 +284,11 @@ class KernelPortServicer:
             # The message has no id field: the metadata's, else a new one.
             call = self._telemetry.request(
                 "kernelport.v1", request.model, where="kernelport.v1 Infer", log=log,
-                header_id=_header_id(context),
+                header_id=header_id(context),
             )  # fmt: skip
             error = call.failed(exc)
-            context.set_trailing_metadata(_request_id_metadata(call.request_id))
+            context.set_trailing_metadata(request_id_metadata(call.request_id))
             raise error from None
-
-
-def _metadata(context: Any) -> dict[str, str]:
-    return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-
-
-def _header_id(context: Any) -> Callable[[], str]:
-    """The client's ``x-request-id`` metadata, read only if the request's id is needed."""
-    return lambda: _metadata(context).get("x-request-id", "")
-
-
-def _request_id_metadata(request_id: str) -> tuple[tuple[str, str], ...]:
-    # Metadata values must be printable ASCII; a client's id may hold anything.
-    return (("x-request-id", header_value(request_id).decode()),)
 
 
 def _authorization(context: Any) -> str | None:

@@ -7,30 +7,35 @@ import base64
 import binascii
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
 import orjson
 
 from kernelport.core.dataplane import DataPlane
-from kernelport.core.fill import Announcement
 from kernelport.core.model_config import triton_config
 from kernelport.core.shm import Kind
 from kernelport.core.shm_sync import SharedRegions
 from kernelport.errors import ErrorCode, ServerError, invalid
 from kernelport.limits import Limits
-from kernelport.observability.telemetry import Telemetry, header_value
+from kernelport.observability.telemetry import Telemetry
 from kernelport.protocols.http_timeouts import DISCONNECT_EXTENSION
 from kernelport.protocols.rest import codec, generate
 from kernelport.protocols.rest.bodies import (
-    accepted_encoding,
-    ascii_number,
-    compress,
     decompress,
     read_body,
 )
 from kernelport.protocols.rest.errors import HTTP_STATUS
+from kernelport.protocols.rest.inference import (
+    RawHeaders,
+    Response,
+    RestInference,
+    error_response,
+    infer_target,
+    json_response,
+    until_hung_up,
+)
 from kernelport.protocols.rest.stats import statistics_json
 
 log = logging.getLogger("kernelport.http")
@@ -38,14 +43,9 @@ log = logging.getLogger("kernelport.http")
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-Headers = list[tuple[bytes, bytes]]
-Watch = Callable[[Callable[[], None] | None], None]
-RawHeaders = Mapping[bytes, bytes]  # as the ASGI scope gives them: lower-case names
 
-_HEADER_LENGTH = codec.HEADER_LENGTH.encode()
-_INFER_PREFIX, _INFER_SUFFIX = "/v2/models/", "/infer"
+_INFER_SUFFIX = "/infer"
 
-_JSON = [(b"content-type", b"application/json")]
 _MODEL = re.compile(
     r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
     r"(?:/(?P<verb>infer|ready|config|stats|trace/setting))?$"
@@ -56,23 +56,6 @@ _REPO = re.compile(
 _SHM = re.compile(
     r"^/v2/(?P<kind>system|cuda)sharedmemory(?:/region/(?P<region>[^/]+))?/(?P<verb>status|register|unregister)$"
 )
-
-
-class Response:
-    __slots__ = ("body", "headers", "status")
-
-    def __init__(self, status: int, body: bytes = b"", headers: Headers | None = None) -> None:
-        self.status = status
-        self.body = body
-        self.headers = headers if headers is not None else []
-
-
-def json_response(obj: Any, status: int = 200) -> Response:
-    return Response(status, orjson.dumps(obj), list(_JSON))
-
-
-def error_response(status: int, message: str) -> Response:
-    return json_response({"error": message}, status)
 
 
 class RestApp:
@@ -87,6 +70,8 @@ class RestApp:
         self._dp = dataplane
         self._telemetry = telemetry if telemetry is not None else Telemetry()
         self._limits = limits if limits is not None else dataplane.limits
+        #: the inference route's work (compiled), also for servers that skip the ASGI cycle
+        self.inference = RestInference(dataplane, self._telemetry, self._limits)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -95,7 +80,7 @@ class RestApp:
         headers: dict[bytes, bytes] = dict(scope["headers"])
         method, path = scope["method"], scope["path"]
         # Inference skips the route table: the hot path's only route, matched by hand.
-        target = _infer_target(path) if method == "POST" else None
+        target = infer_target(path) if method == "POST" else None
         # Its model's queue counts it from now until it is submitted: a batch cut may wait
         # for it while its body is read and decoded (core/fill.py).
         announced = self._dp.announce(*target) if target is not None else None
@@ -107,7 +92,7 @@ class RestApp:
                 if encoding not in ("", "identity"):
                     body = await decompress(body, encoding, self._limits.max_inflated_bytes)
             if target is not None:
-                work = self._infer(target[0], target[1], headers, body, announced)
+                work = self.inference.infer(target[0], target[1], headers, body, announced)
                 response = await _unless_disconnected(work, receive, scope)
             elif method == "POST" and (found := generate.ROUTE.match(path)) is not None:
                 # answered as it streams: no Response to send here
@@ -136,30 +121,6 @@ class RestApp:
     @property
     def max_request_bytes(self) -> int:
         return self._limits.max_request_bytes
-
-    def announce(self, model: str, version: str) -> Announcement | None:
-        """Count a coming request in its model's queue (``DataPlane.announce``)."""
-        return self._dp.announce(model, version)
-
-    async def infer_response(
-        self,
-        model: str,
-        version: str,
-        headers: RawHeaders,
-        body: bytes,
-        announced: Announcement | None,
-        watch: Watch,
-    ) -> Response:
-        """The response to an inference whose body is read and not compressed: what the
-        ASGI path answers, for a server that serves the route without the ASGI cycle
-        (``protocols/rest/direct.py``). Releases ``announced`` whatever happens."""
-        try:
-            return await until_hung_up(self._infer(model, version, headers, body, announced), watch)
-        except ServerError as exc:  # the client left
-            return error_response(HTTP_STATUS[exc.code], exc.message)
-        finally:
-            if announced is not None:
-                announced.release()
 
     async def _route(self, method: str, path: str, headers: RawHeaders, body: bytes) -> Response:
         dp = self._dp
@@ -225,7 +186,8 @@ class RestApp:
     ) -> Response:
         dp = self._dp
         if verb == "infer":
-            return _only(method, "POST") or await self._infer(model, version, headers, body)
+            refused = _only(method, "POST")
+            return refused or await self.inference.infer(model, version, headers, body)
         if verb == "trace/setting":
             if version:
                 return error_response(400, "trace settings are per model, not per version")
@@ -246,65 +208,6 @@ class RestApp:
         if verb == "config":
             return json_response(triton_config(dp.model_config(model, version)))
         return json_response(statistics_json(await dp.node_statistics(model, version)))
-
-    async def _infer(
-        self,
-        model: str,
-        version: str,
-        headers: RawHeaders,
-        body: bytes,
-        announced: Announcement | None = None,
-    ) -> Response:
-        context = self._telemetry.request(
-            "http", model, version, where="inference", log=log, traced=True,
-            header_id=lambda: headers.get(b"x-request-id", b"").decode("latin-1"),
-        )  # fmt: skip
-        trace = context.trace
-        if trace is not None:
-            # a client's W3C traceparent becomes the parent span
-            trace.carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()}
-        try:
-            header_length = None
-            if (raw := headers.get(_HEADER_LENGTH)) is not None:
-                raw_length = raw.decode("latin-1")
-                header_length = ascii_number(raw_length)
-                if header_length is None:
-                    raise invalid(f"Inference-Header-Content-Length '{raw_length}' is not a number")
-            request = codec.decode_request(
-                body, header_length, model, version, self._limits, self._dp.shared_memory
-            )
-            # The body's id wins; the response body echoes only that one (Triton's semantics).
-            context.identify(request.id)
-            if trace is not None:
-                trace.decoded()
-            if announced is not None:
-                announced.release()  # infer() queues it before it yields: in flight there
-            response = await self._dp.infer(request)
-            if trace is not None:
-                trace.inferred(response)
-            payload, json_length = codec.encode_response(request, response)
-        except Exception as exc:
-            error = context.failed(exc)
-            failed = error_response(HTTP_STATUS[error.code], error.message)
-            failed.headers.append((b"x-request-id", header_value(context.request_id)))
-            return failed
-        out_headers: Headers
-        if json_length is None:
-            out_headers = list(_JSON)
-        else:
-            out_headers = [
-                (b"content-type", b"application/octet-stream"),
-                (b"inference-header-content-length", str(json_length).encode()),
-            ]
-        out_headers.append((b"x-request-id", header_value(context.request_id)))
-        accept = headers.get(b"accept-encoding")
-        if accept:
-            encoding = accepted_encoding(accept.decode("latin-1"))
-            if encoding:
-                payload = await compress(payload, encoding)
-                out_headers.append((b"content-encoding", encoding.encode()))
-        context.succeeded(response)
-        return Response(200, payload, out_headers)
 
     def _trace_setting(self, method: str, model: str, body: bytes) -> Response:
         tracing = self._telemetry.tracing
@@ -399,19 +302,6 @@ async def _shared_memory(
     return Response(200)
 
 
-def _infer_target(path: str) -> tuple[str, str] | None:
-    """(model, version) when ``path`` is /v2/models/{model}[/versions/{version}]/infer, as
-    the route table would match it; None sends every other shape through the table."""
-    if not (path.startswith(_INFER_PREFIX) and path.endswith(_INFER_SUFFIX)):
-        return None
-    parts = path[len(_INFER_PREFIX) : -len(_INFER_SUFFIX)].split("/")
-    if len(parts) == 1:
-        return (parts[0], "") if parts[0] else None
-    if len(parts) == 3 and parts[1] == "versions" and parts[0] and parts[2]:
-        return parts[0], parts[2]
-    return None
-
-
 # Without the server's disconnect callback, a client's departure is read from receive(), but
 # only for requests still unanswered after this long: a task per request costs more than the
 # whole front end otherwise, and only a request that waits has queued work worth dropping.
@@ -430,32 +320,6 @@ async def _unless_disconnected(
     """
     watch = scope.get("extensions", {}).get(DISCONNECT_EXTENSION) if scope else None
     return await until_hung_up(work, watch if watch is not None else _ReceiveWatch(receive).watch)
-
-
-async def until_hung_up(work: Awaitable[Response], watch: Watch) -> Response:
-    """Run ``work``; ``watch(hang_up)`` cancels it if the client leaves first (400, "client
-    disconnected"), ``watch(None)`` stops watching once it is answered."""
-    current = asyncio.current_task()
-    assert current is not None
-    gone = finished = False
-
-    def hang_up() -> None:
-        nonlocal gone
-        if not finished and not gone:
-            gone = True
-            current.cancel()
-
-    watch(hang_up)
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if gone:
-            current.uncancel()
-            raise ServerError(ErrorCode.CANCELLED, "client disconnected") from None
-        raise
-    finally:
-        finished = True
-        watch(None)
 
 
 class _ReceiveWatch:

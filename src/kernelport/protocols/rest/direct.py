@@ -6,7 +6,7 @@ it), ``send()`` messages whose headers are checked against regexes, and a second
 write for the body. For ``POST /v2/models/{m}[/versions/{v}]/infer`` that was a third of
 the front end's cost per request. ``DirectProtocol`` keeps uvicorn for everything else and
 for every request it does not recognise as a plain inference; a plain one is collected from
-the parser's callbacks, run by ``RestApp.infer_response`` (the same code, the same answers
+the parser's callbacks, run by ``RestInference.response`` (the same code, the same answers
 as the ASGI path) once its body is complete, and answered with one write.
 
 A plain inference: HTTP/1.1 POST to the infer route (no percent-escapes, the route table's
@@ -32,8 +32,8 @@ import httptools
 
 from kernelport.core.fill import Announcement
 from kernelport.protocols.http_timeouts import HeaderTimeoutProtocol
-from kernelport.protocols.rest.app import RestApp, _infer_target, error_response
-from kernelport.protocols.rest.bodies import ascii_number
+from kernelport.protocols.rest.app import RestApp
+from kernelport.protocols.rest.inference import RestInference, error_response, plain_request
 
 log = logging.getLogger("kernelport.http")
 
@@ -80,12 +80,13 @@ class Inference:
 class DirectProtocol(HeaderTimeoutProtocol):
     """KernelPort's uvicorn protocol, serving plain inference requests itself."""
 
-    _rest: RestApp | None = None
+    _rest: RestInference | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         app = self.app
-        self._rest = app if isinstance(app, RestApp) and self.limit_concurrency is None else None
+        plain = isinstance(app, RestApp) and self.limit_concurrency is None
+        self._rest = app.inference if plain else None
 
     def on_headers_complete(self) -> None:
         inference = self._plain_inference() if self._rest is not None else None
@@ -128,20 +129,13 @@ class DirectProtocol(HeaderTimeoutProtocol):
             return None
         if self.cycle is not None and not self.cycle.response_complete:
             return None  # pipelined behind a request still being answered: uvicorn queues it
-        path = httptools.parse_url(self.url).path
-        if b"%" in path or not path.isascii():
-            return None
-        target = _infer_target(path.decode("ascii"))
-        if target is None:
-            return None
-        headers = dict(self.headers)  # lower-case names; the last of a repeated one wins
-        if b"content-encoding" in headers or b"transfer-encoding" in headers:
-            return None
-        length = ascii_number(headers.get(b"content-length", b"").decode("latin-1"))
         rest = self._rest
         assert rest is not None
-        if length is None or length > rest.max_request_bytes:
-            return None  # the ASGI path answers 413 or reads a body without a length
+        path = httptools.parse_url(self.url).path
+        plain = plain_request(path, self.headers, rest.max_request_bytes)
+        if plain is None:
+            return None
+        target, headers = plain
         keep_alive = bool(parser.should_keep_alive())
         return Inference(target, headers, keep_alive, rest.announce(*target))
 
@@ -153,7 +147,7 @@ class DirectProtocol(HeaderTimeoutProtocol):
         cycle.chunks = []
         model, version = cycle.target
         try:
-            response = await rest.infer_response(
+            response = await rest.response(
                 model, version, cycle.headers, body, cycle.announced, self._watch
             )
         except Exception:
