@@ -118,10 +118,6 @@ class RestApp:
         )
         await send({"type": "http.response.body", "body": response.body})
 
-    @property
-    def max_request_bytes(self) -> int:
-        return self._limits.max_request_bytes
-
     async def _route(self, method: str, path: str, headers: RawHeaders, body: bytes) -> Response:
         dp = self._dp
         if path.endswith("/") and len(path) > 1:
