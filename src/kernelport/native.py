@@ -34,6 +34,7 @@ MODULES = (
     "kernelport.core.validation",
     "kernelport.observability.telemetry",
     "kernelport.protocols.rest.codec",
+    "kernelport.protocols.rest.http1",
     "kernelport.protocols.rest.inference",
     "kernelport.protocols.grpc.asgi",
     "kernelport.protocols.grpc.codec",

@@ -6,7 +6,7 @@ uvicorn's ASGI cycle."""
 from __future__ import annotations
 
 import asyncio
-import itertools
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -189,19 +189,90 @@ async def test_pipelined_requests_are_answered_in_order(app: CountingApp, server
     writer.close()
 
 
-async def test_a_body_that_arrives_in_pieces(dp: DataPlane, server: Server) -> None:
+class ParserCounting(DirectProtocol):
+    """Counts the requests the reader hands to uvicorn's callbacks (plain ones never reach
+    them), and keeps its connections."""
+
+    header_timeout = 5.0
+    begun = 0
+    connections_made: list[DirectProtocol] = []
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        type(self).connections_made.append(self)
+
+    def on_message_begin(self) -> None:
+        type(self).begun += 1
+        super().on_message_begin()
+
+
+@pytest.fixture
+async def counted(app: CountingApp) -> AsyncIterator[Server]:
+    ParserCounting.begun = 0
+    ParserCounting.connections_made = []
+    served = Server(*await listen(app, ParserCounting))
+    yield served
+    served.server.close()
+    await served.server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "cuts",
+    [
+        lambda head: (10, head, head + 7),  # the head in pieces, then the body in pieces
+        lambda head: (head, head + 7),  # a whole head, then the body in pieces
+        lambda head: (head + 3,),  # a whole head and part of the body, then the rest
+    ],
+)
+async def test_a_request_that_arrives_in_pieces(
+    dp: DataPlane, app: CountingApp, counted: Server, cuts: Any
+) -> None:
+    """The request is sent in pieces (cut where ``cuts`` says), each once the server has
+    read the piece before it."""
     body, extra = binary_request([5.0, 6.0])
     message = http_request("/v2/models/echo/infer", body, extra)
-    split = message.index(b"\r\n\r\n") + 4
-    reader, writer = await server.connect()
-    cuts = (0, 10, split, split + 7, len(message))
-    for start, end in itertools.pairwise(cuts):
-        piece = message[start:end]
-        writer.write(piece)
+    head = message.index(b"\r\n\r\n") + 4
+    reader, writer = await counted.connect()
+    start = 0
+    for end in cuts(head):
+        writer.write(message[start:end])
         await writer.drain()
+        if end < head:
+            await wait_until(
+                lambda: ParserCounting.connections_made[0]._reader.in_head, "the head began"
+            )
+        elif start < head:
+            await wait_until(lambda: announced(dp, "echo") == 1, "the head was read")
+        start = end
+    writer.write(message[start:])
     status, headers, answer = await read_response(reader)
     assert status == 200 and output(headers, answer)[1].tolist() == [5.0, 6.0]
     assert announced(dp, "echo") == 0
+    writer.write(message)  # and the next, whole
+    status, headers, answer = await read_response(reader)
+    assert status == 200 and output(headers, answer)[1].tolist() == [5.0, 6.0]
+    assert ParserCounting.begun == 0 and app.asgi_calls == 0  # uvicorn saw neither
+    writer.close()
+
+
+async def test_pipelined_requests_queue_in_uvicorn_behind_a_plain_one(
+    app: CountingApp, counted: Server
+) -> None:
+    """The second and third requests arrive with the first: uvicorn queues them behind it
+    (over ASGI), and the fourth, sent once all are answered, is plain again."""
+    reader, writer = await counted.connect()
+    requests = [binary_request([float(i), 0.0], f"r{i}") for i in range(4)]
+    writer.write(b"".join(http_request("/v2/models/echo/infer", *r) for r in requests[:3]))
+    ids = []
+    for _ in range(3):
+        status, headers, answer = await read_response(reader)
+        assert status == 200
+        ids.append(output(headers, answer)[0]["id"])
+    assert ids == ["r0", "r1", "r2"] and ParserCounting.begun == app.asgi_calls == 2
+    writer.write(http_request("/v2/models/echo/infer", *requests[3]))
+    status, headers, answer = await read_response(reader)
+    assert status == 200 and output(headers, answer)[0]["id"] == "r3"
+    assert ParserCounting.begun == app.asgi_calls == 2
     writer.close()
 
 
@@ -326,6 +397,44 @@ async def test_an_unexpected_error_is_a_500_and_the_server_keeps_serving(dp: Dat
         assert status == 500 and orjson.loads(answer) == {"error": "internal server error"}
         writer.write(http_request("/v2/health/live", method="GET"))
         assert (await read_response(reader))[0] == 200
+        writer.close()
+    finally:
+        served.server.close()
+        await served.server.wait_closed()
+
+
+async def test_http_1_0_and_malformed_requests_are_uvicorns(
+    app: CountingApp, server: Server
+) -> None:
+    reader, writer = await server.connect()
+    body = orjson.dumps(echo([1.0, 2.0]))
+    request = http_request("/v2/models/echo/infer", body).replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    writer.write(request)
+    status, _, answer = await read_response(reader)
+    assert status == 200 and orjson.loads(answer)["outputs"][0]["data"] == [1.0, 2.0]
+    assert app.asgi_calls == 1 and await reader.read() == b""  # HTTP/1.0: closed after
+    writer.close()
+    reader, writer = await server.connect()
+    writer.write(b"POST /v2/models/echo/infer HTTP/1.1\r\nBad Header: x\r\n\r\n")
+    status, _, answer = await read_response(reader)
+    assert status == 400 and b"Invalid HTTP request" in answer
+    writer.close()
+
+
+async def test_a_stalled_head_after_a_plain_request_is_closed_at_the_header_timeout(
+    dp: DataPlane, app: CountingApp
+) -> None:
+    served = Server(*await listen(app, direct_protocol(0.3)))
+    try:
+        reader, writer = await served.connect()
+        body, extra = binary_request([1.0, 2.0])
+        writer.write(http_request("/v2/models/echo/infer", body, extra))
+        assert (await read_response(reader))[0] == 200
+        writer.write(b"POST /v2/models/echo/infer HTTP/1.1\r\nHo")  # then nothing
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 30) == b""  # closed by the server
+        assert time.monotonic() - started >= 0.25  # not before the deadline (less a tick)
+        assert announced(dp, "echo") == 0
         writer.close()
     finally:
         served.server.close()

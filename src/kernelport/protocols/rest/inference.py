@@ -68,23 +68,35 @@ def infer_target(path: str) -> tuple[str, str] | None:
     return None
 
 
-def plain_request(
-    path: bytes, raw_headers: list[tuple[bytes, bytes]], max_request_bytes: int
-) -> tuple[tuple[str, str], dict[bytes, bytes]] | None:
-    """The target and headers of a POST whose URL path is ``path``, if it is a plain
-    inference (``direct.py``): an infer route with no percent-escapes, a Content-Length
-    within ``max_request_bytes``, no Content-Encoding or Transfer-Encoding."""
+def plain_target(path: bytes) -> tuple[str, str] | None:
+    """(model, version) if ``path`` is an infer route with no percent-escapes."""
     if b"%" in path or not path.isascii():
         return None
-    target = infer_target(path.decode("ascii"))
-    if target is None:
-        return None
-    headers = dict(raw_headers)  # lower-case names; the last of a repeated one wins
+    return infer_target(path.decode("ascii"))
+
+
+def plain_length(headers: RawHeaders, max_request_bytes: int) -> int | None:
+    """The body's length if it is a Content-Length within ``max_request_bytes`` and the body
+    has no Content-Encoding or Transfer-Encoding."""
     if b"content-encoding" in headers or b"transfer-encoding" in headers:
         return None
     length = ascii_number(headers.get(b"content-length", b"").decode("latin-1"))
     if length is None or length > max_request_bytes:
         return None  # the ASGI path answers 413 or reads a body without a length
+    return length
+
+
+def plain_request(
+    path: bytes, raw_headers: list[tuple[bytes, bytes]], max_request_bytes: int
+) -> tuple[tuple[str, str], dict[bytes, bytes]] | None:
+    """The target and headers of a POST whose URL path is ``path``, if it is a plain
+    inference (``direct.py``): :func:`plain_target` and :func:`plain_length` hold."""
+    target = plain_target(path)
+    if target is None:
+        return None
+    headers = dict(raw_headers)  # lower-case names; the last of a repeated one wins
+    if plain_length(headers, max_request_bytes) is None:
+        return None
     return target, headers
 
 
