@@ -73,6 +73,7 @@ class ModelQueue:
         self._clock: Clock = clock if clock is not None else LoopClock()
         policy = config.dynamic_batching
         self._policy = policy
+        self._default_options = request_options(None, policy)  # for requests that ask nothing
         self._batching = policy is not None
         self._max_rows = config.max_batch_size if policy is not None else 0
         self._delay_ns = (policy.max_queue_delay_us * 1000) if policy is not None else 0
@@ -123,7 +124,10 @@ class ModelQueue:
         are joined back.
         """
         self._admit()  # refusing the request comes before judging its parameters
-        options = request_options(parameters, self._policy)
+        if parameters is None or ("timeout" not in parameters and "priority" not in parameters):
+            options = self._default_options  # what request_options() would say, made once
+        else:
+            options = request_options(parameters, self._policy)
         if self._arrivals is not None:
             self._arrivals.arrived(self._clock.now_ns(), self._in_flight + self.announced)
         self._in_flight += 1
