@@ -25,7 +25,7 @@ from kernelport.core.shm import SharedMemoryRegistry, write_outputs
 from kernelport.core.shm_sync import SharedRegions
 from kernelport.core.stats import ModelStatsSnapshot, describe_residency, failure_code
 from kernelport.core.stats_merge import StatisticsPeers, merge_statistics
-from kernelport.core.validation import requested_outputs, validate_inputs
+from kernelport.core.validation import requested_outputs, signature, validate_inputs
 from kernelport.errors import ErrorCode, ServerError
 from kernelport.limits import Limits
 from kernelport.types import (
@@ -36,7 +36,6 @@ from kernelport.types import (
     ServerMetadata,
     Tensor,
     TensorMetadata,
-    datatype,
 )
 
 SERVER_NAME = "kernelport"
@@ -362,10 +361,8 @@ class DataPlane:
             raise ServerError(
                 ErrorCode.INTERNAL, f"model '{config.name}' did not produce output '{name}'"
             )
-        spec = config.output(name)
-        assert spec is not None  # requested_outputs checked the name
+        dt = signature(config).outputs[name]  # requested_outputs checked the name
         array = arrays[name]
-        dt = datatype(spec.datatype)
         if dt.name != "BYTES" and array.dtype != dt.numpy:
             array = array.astype(dt.numpy)
         return Tensor(name, dt.name, array.shape, array)  # numpy's shape: a tuple of ints
