@@ -11,7 +11,7 @@ from typing import Any
 from rest_client import listen
 
 from kernelport.protocols import http_timeouts
-from kernelport.protocols.http_timeouts import header_timeout_protocol
+from kernelport.protocols.http_timeouts import MAX_HEAD_BYTES, header_timeout_protocol
 
 
 async def ok(scope: Any, receive: Any, send: Any) -> None:
@@ -39,6 +39,31 @@ async def test_stalled_headers_are_closed_after_the_header_timeout() -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /x HTTP/1.1\r\nHo")
         assert await _until_closed(reader) >= 0.25  # never before the deadline (less a tick)
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_head_over_the_limit_is_answered_431_and_closed() -> None:
+    server, port = await _serve(header_timeout=30, keep_alive=30)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        # Past the limit only with the last header: the server has read every byte when it
+        # closes (unread bytes would make the close a reset, which can lose the answer).
+        filler = b"x-filler: " + b"a" * 1000 + b"\r\n"
+        writer.write(b"GET /x HTTP/1.1\r\nHost: t\r\n")
+        for _ in range((MAX_HEAD_BYTES - 2000) // 1008):
+            writer.write(filler)
+        writer.write(b"x-last: " + b"a" * 3000 + b"\r\n\r\n")
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 431 ") and b"connection: close" in head
+        assert str(MAX_HEAD_BYTES).encode() in await reader.read()  # the message, then closed
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")  # others are still served
+        assert (await reader.readuntil(b"\r\n\r\nok")).startswith(b"HTTP/1.1 200")
         writer.close()
     finally:
         server.close()

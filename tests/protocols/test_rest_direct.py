@@ -20,6 +20,7 @@ from rest_client import echo, listen
 
 from kernelport.core.dataplane import DataPlane
 from kernelport.limits import Limits
+from kernelport.protocols.http_timeouts import MAX_HEAD_BYTES
 from kernelport.protocols.rest.app import RestApp
 from kernelport.protocols.rest.direct import DirectProtocol, direct_protocol
 
@@ -435,6 +436,46 @@ async def test_a_stalled_head_after_a_plain_request_is_closed_at_the_header_time
         assert await asyncio.wait_for(reader.read(), 30) == b""  # closed by the server
         assert time.monotonic() - started >= 0.25  # not before the deadline (less a tick)
         assert announced(dp, "echo") == 0
+        writer.close()
+    finally:
+        served.server.close()
+        await served.server.wait_closed()
+
+
+def over_the_limit(start: bytes) -> list[bytes]:
+    """A head whose URL, names and values pass MAX_HEAD_BYTES only with its last header:
+    the server has read every byte when it answers and closes (unread bytes would make the
+    close a reset, which can discard the answer before the client reads it)."""
+    filler = b"x-filler: " + b"a" * 1000 + b"\r\n"  # 1008 bytes counted
+    pieces = [start] + [filler] * ((MAX_HEAD_BYTES - 2000) // 1008)
+    return [*pieces, b"x-last: " + b"a" * 3000 + b"\r\n\r\n"]
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+async def test_a_head_over_the_limit_is_answered_431_and_closed(
+    dp: DataPlane, wrapped: bool
+) -> None:
+    """A head over MAX_HEAD_BYTES (httptools sets no limit) is refused, for plain
+    requests and for an app the reader hands every request to uvicorn."""
+    inner = CountingApp(dp)
+    served = await _serve(Wrapped(inner) if wrapped else inner)
+    try:
+        reader, writer = await served.connect()
+        for piece in over_the_limit(b"POST /v2/models/echo/infer HTTP/1.1\r\nhost: x\r\n"):
+            writer.write(piece)
+        await writer.drain()
+        status, _, answer = await read_response(reader)
+        assert status == 431 and str(MAX_HEAD_BYTES).encode() in answer
+        assert await reader.read() == b""  # and closed
+        assert inner.asgi_calls == 0 and announced(dp, "echo") == 0
+        writer.close()
+        # A head just under the limit is served.
+        reader, writer = await served.connect()
+        body, extra = binary_request([1.0, 2.0])
+        extra["x-filler"] = "a" * (MAX_HEAD_BYTES - 1000)
+        writer.write(http_request("/v2/models/echo/infer", body, extra))
+        status, headers, answer = await read_response(reader)
+        assert status == 200 and output(headers, answer)[1].tolist() == [1.0, 2.0]
         writer.close()
     finally:
         served.server.close()

@@ -40,10 +40,11 @@ class DirectProtocol(HeaderTimeoutProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         app = self.app
-        if isinstance(app, RestApp) and self.limit_concurrency is None:
-            # the parser calls the reader, which hands uvicorn every request not plain
-            self._reader = Http1Reader(self, app.inference)
-            self.parser = self._reader.parser
+        plain = isinstance(app, RestApp) and self.limit_concurrency is None
+        # the parser calls the reader, which hands uvicorn every request not plain (all of
+        # them for an app that is not a bare RestApp: an API-key server wraps it)
+        self._reader = Http1Reader(self, app.inference if plain else None)
+        self.parser = self._reader.parser
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)

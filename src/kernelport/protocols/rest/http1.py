@@ -25,6 +25,7 @@ from typing import Any
 import httptools
 
 from kernelport.core.fill import Announcement
+from kernelport.protocols.http_timeouts import MAX_HEAD_BYTES, HeadTooLarge
 from kernelport.protocols.rest.inference import RestInference, error_response, plain_request
 
 log = logging.getLogger("kernelport.http")
@@ -67,11 +68,12 @@ class Inference:
 class Http1Reader:
     """httptools' callbacks for one connection of ``protocol`` (a ``DirectProtocol``)."""
 
-    def __init__(self, protocol: Any, rest: RestInference) -> None:
+    def __init__(self, protocol: Any, rest: RestInference | None) -> None:
         self.protocol = protocol
-        self.rest = rest
+        self.rest = rest  # None: every request is uvicorn's (an app that is not a RestApp)
         self.parser = httptools.HttpRequestParser(self)
         self.in_head = False  # a request has begun and its headers are not complete
+        self.head_bytes = 0
         self.url = b""
         self.raw: list[tuple[bytes, bytes]] = []
         self.current: Inference | None = None  # None: the request is uvicorn's
@@ -80,15 +82,24 @@ class Http1Reader:
 
     def on_message_begin(self) -> None:
         self.in_head = True
+        self.head_bytes = 0
         self.url = b""
         self.raw = []
         self.current = None
 
     def on_url(self, url: bytes) -> None:
+        self._count(len(url))
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value))
         self.raw.append((name, value))
+
+    def _count(self, size: int) -> None:
+        self.head_bytes += size
+        if self.head_bytes > MAX_HEAD_BYTES:
+            self.protocol.head_too_large = True  # uvicorn's 400 for the error becomes 431
+            raise HeadTooLarge
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -131,9 +142,11 @@ class Http1Reader:
         POST to the infer route with no Expect or Upgrade, a Content-Length within the limit,
         no content or transfer coding (``plain_request``), and no request on this
         connection still being answered (a pipelined one queues in uvicorn)."""
+        rest = self.rest
         parser = self.parser
         if (
-            parser.get_method() != b"POST"
+            rest is None
+            or parser.get_method() != b"POST"
             or parser.get_http_version() != "1.1"
             or parser.should_upgrade()
         ):
@@ -145,7 +158,6 @@ class Http1Reader:
         for name, _ in headers:
             if name == b"expect":
                 return None  # uvicorn answers 100 Continue
-        rest = self.rest
         path = httptools.parse_url(self.url).path
         plain = plain_request(path, headers, rest.max_request_bytes)
         if plain is None:
@@ -161,8 +173,10 @@ class Http1Reader:
         cycle.chunks = []
         model, version = cycle.target
         protocol = self.protocol
+        rest = self.rest
+        assert rest is not None  # only _plain() makes an Inference, and only with a RestApp
         try:
-            response = await self.rest.response(
+            response = await rest.response(
                 model, version, cycle.headers, body, cycle.announced, protocol._watch
             )
         except Exception:
