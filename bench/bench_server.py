@@ -187,9 +187,13 @@ def run_perf_analyzer(
     protocol: str, port: int, conc: int, args: argparse.Namespace, work: Path
 ) -> dict[str, Any]:
     csv_path = work / f"pa_{protocol}_c{conc}.csv"
+    window = args.measurement_ms
+    short = getattr(args, "window_from", "")
+    if short and conc >= int(short.split(":")[0]):
+        window = int(short.split(":")[1])
     cmd = pinned([
         str(PERF_ANALYZER), "-m", MODEL, "-i", protocol, "-u", f"127.0.0.1:{port}",
-        "--concurrency-range", f"{conc}:{conc}", "-p", str(args.measurement_ms),
+        "--concurrency-range", f"{conc}:{conc}", "-p", str(window),
         "-s", str(args.stability), "-r", str(args.max_trials),
         "-b", str(getattr(args, "client_batch", 1)),
         "--shared-memory", getattr(args, "shared_memory", "none"),
@@ -454,6 +458,15 @@ def parse_args() -> argparse.Namespace:
     add("--server-cpus", default="1", help='taskset -c list for the server ("all": no pinning)')
     add("--load-cpus", default="0", help='taskset -c list for perf_analyzer ("all": no pinning)')
     add("--measurement-ms", type=int, default=3000, help="perf_analyzer -p (window length)")
+    add(
+        "--window-from",
+        default="",
+        metavar="C:MS",
+        help="perf_analyzer -p MS at concurrency C and above. perf_analyzer's sync HTTP "
+        "client stalls after its first window at ~13k infer/s and c=64 with 3 s windows (its "
+        "main thread, on the load core with the 64 request threads, never finishes sorting "
+        "out a window's records; bench/RESULTS.md, issue 11); 1 s windows complete",
+    )
     add("--stability", type=float, default=10, help="perf_analyzer -s (percent)")
     add("--max-trials", type=int, default=5, help="perf_analyzer -r")
     add("--pa-timeout", type=float, default=PA_TIMEOUT_S,
