@@ -1,6 +1,6 @@
 """In-process vs worker-process execution of the tiny `mlp`, one server core, A/B rounds.
 
-    PA_VENV=/work/main/.venv-pa .venv/bin/python bench/bench_workers.py [--rounds 2]
+    PA_VENV=/work/main/.venv-pa .venv/bin/python bench/bench_workers.py [--rounds 2] [--compiled]
 
 Each round starts the server twice under `taskset -c <server-cpus>` (the worker process
 inherits the pinning, so both modes get the same single core), `--model-execution
@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_server import OUT_DIR, bench_server  # bench/ is sys.path[0] when run as a script
+from bench_server import OUT_DIR, ROOT, bench_server  # bench/ is sys.path[0] when run as a script
 from make_models import PRESETS, build_repository
 
 MODES = ("in_process", "worker")
@@ -34,13 +36,21 @@ def main() -> None:
     ap.add_argument("--measurement-ms", type=int, default=2000)
     ap.add_argument("--protocols", nargs="+", default=["http"])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--compiled", action="store_true", help="serve the compiled request path")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     cli = ap.parse_args()
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        compiled_dir = ""
+        if cli.compiled:  # scripts/compile.sh into the run's directory; workers inherit it
+            compiled_dir = str(work / "compiled")
+            env = dict(os.environ, PYTHON=sys.executable)
+            compile_sh = str(ROOT / "scripts" / "compile.sh")
+            subprocess.run([compile_sh, compiled_dir], check=True, env=env)
         repo = build_repository(work / "repo", "mlp", batching_delay_us=0)
         for round_ in range(cli.rounds):
-            for mode in MODES:
+            for mode in cli.modes:
                 args = argparse.Namespace(
                     python=sys.executable,
                     current_batching="on",
@@ -53,11 +63,12 @@ def main() -> None:
                     measurement_ms=cli.measurement_ms,
                     stability=10,
                     max_trials=5,
+                    compiled_dir=compiled_dir,
                 )
                 print(f"round {round_ + 1}: {mode}", flush=True)
                 log = work / f"server-{mode}-{round_}.log"
                 results[mode].extend(bench_server(repo, work, log, args)["runs"])
-    print(report(results, cli.concurrency, cli.protocols))
+    print(report(results, cli.concurrency, cli.protocols, cli.modes))
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     out = OUT_DIR / f"workers-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(results, indent=1, default=str))
@@ -65,7 +76,10 @@ def main() -> None:
 
 
 def report(
-    results: dict[str, list[dict[str, Any]]], concurrency: list[int], protocols: list[str]
+    results: dict[str, list[dict[str, Any]]],
+    concurrency: list[int],
+    protocols: list[str],
+    modes: list[str],
 ) -> str:
     lines = [
         "| protocol | c | mode | infer/s median (range) | p50 ms median (range) | rounds |",
@@ -73,7 +87,7 @@ def report(
     ]
     for protocol in protocols:
         for conc in concurrency:
-            for mode in MODES:
+            for mode in modes:
                 rows = [
                     r
                     for r in results[mode]

@@ -20,6 +20,7 @@ function's boundary raises ``TypeError`` where Python would have carried on.
 from __future__ import annotations
 
 import importlib.machinery
+import importlib.util
 import sys
 
 MODULES = (
@@ -29,9 +30,11 @@ MODULES = (
     "kernelport.core.fill",
     "kernelport.core.options",
     "kernelport.core.pending",
+    "kernelport.core.placement",
     "kernelport.core.scheduler",
     "kernelport.core.stats",
     "kernelport.core.validation",
+    "kernelport.core.wire",
     "kernelport.observability.telemetry",
     "kernelport.protocols.rest.codec",
     "kernelport.protocols.rest.http1",
@@ -43,15 +46,21 @@ MODULES = (
     "kernelport.protocols.grpc.http2",
     "kernelport.protocols.grpc.model_infer",
     "kernelport.protocols.grpc.request_reader",
+    "kernelport.worker.main",
 )
 
 
 def compiled() -> list[str]:
-    """The modules of ``MODULES`` imported from compiled extension files."""
+    """The modules of ``MODULES`` that run compiled: imported from compiled extension files,
+    or, not imported here, that an import would find as one (the worker's loop runs in
+    worker processes, which inherit the server's ``sys.path``)."""
     suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
-    return [
-        name
-        for name in MODULES
-        if (module := sys.modules.get(name)) is not None
-        and str(getattr(module, "__file__", "")).endswith(suffixes)
-    ]
+    return [name for name in MODULES if _origin(name).endswith(suffixes)]
+
+
+def _origin(name: str) -> str:
+    module = sys.modules.get(name)
+    if module is not None:
+        return str(getattr(module, "__file__", ""))
+    spec = importlib.util.find_spec(name)
+    return str(spec.origin) if spec is not None and spec.origin else ""

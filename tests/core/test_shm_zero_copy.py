@@ -20,7 +20,6 @@ from helpers import load_repository, write_model
 from kernelport.core import shm
 from kernelport.core.execution import BatchResult
 from kernelport.core.manager import ModelManager
-from kernelport.core.placement import WorkerRegions
 from kernelport.core.process_pool import ProcessPool
 from kernelport.core.shm import SharedMemoryRegistry
 from kernelport.core.wire import (
@@ -33,6 +32,7 @@ from kernelport.core.wire import (
     read_arrays,
     unpack_refs,
 )
+from kernelport.core.worker_regions import WorkerRegions
 from kernelport.errors import ServerError
 from kernelport.types import SharedMemoryRef, tensor_from_buffer
 

@@ -4,6 +4,7 @@ is right; real ``python -m kernelport.worker`` children, driven from this proces
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -81,3 +82,13 @@ async def test_every_request_through_the_queue_is_answered(tmp_path: Path) -> No
             np.testing.assert_array_equal(response.outputs[0].data, x * 2)
     finally:
         await manager.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+async def test_a_worker_does_not_preempt_its_front_end(pool: ProcessPool) -> None:
+    # SCHED_BATCH: a batch arriving waits for the front end to yield a shared core
+    # (worker.main.yield_to_front_ends); threads it starts later inherit the policy.
+    pid = pool.worker_pid
+    assert pid is not None and pid != os.getpid()
+    assert os.sched_getscheduler(pid) == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the server's own policy is untouched

@@ -128,6 +128,8 @@ async def test_both_front_ends_use_one_worker(node: _Node) -> None:
     assert await _pid(two) == pid == echo.pids[-1]
     stats = [dp.model_statistics("echo")[0] for dp in node.planes]
     assert [s.worker_pid for s in stats] == [pid, pid]
+    if hasattr(os, "SCHED_BATCH"):  # it yields a shared core to its front ends
+        assert os.sched_getscheduler(pid) == os.SCHED_BATCH
     # concurrent batches from both front ends, each caller gets its own rows back
     rows = [np.full((1, 4), i, np.float32) for i in range(24)]
     answers = await asyncio.gather(

@@ -31,9 +31,9 @@ from typing import Any
 from kernelport.core import shm
 from kernelport.core.arena import Allocator, Arena, ArenaLayout
 from kernelport.core.backend import Arrays
-from kernelport.core.execution import BatchResult, split_rows
+from kernelport.core.execution import BatchResult
 from kernelport.core.model_config import ModelConfig
-from kernelport.core.placement import WorkerRegions, place_inputs
+from kernelport.core.placement import place_inputs, read_outputs
 from kernelport.core.wire import (
     Frame,
     FrameReader,
@@ -42,10 +42,8 @@ from kernelport.core.wire import (
     frame_bytes,
     json_body,
     pack_refs,
-    read_arrays,
-    unpack_refs,
-    unpack_timing,
 )
+from kernelport.core.worker_regions import WorkerRegions
 from kernelport.errors import ErrorCode, ServerError, unavailable
 
 log = logging.getLogger("kernelport.workers")
@@ -382,15 +380,11 @@ class ProcessHost:
 
     def _resolve(self, job: _InFlight, body: memoryview) -> None:
         t0 = time.perf_counter_ns()
+        assert self._arena is not None
+        config = self.config
         try:
-            infer_ns, pos = unpack_timing(body)
-            refs, pos = unpack_refs(body, pos)
-            assert self._arena is not None
-            outputs = read_arrays(refs, self._arena.view, body[pos:], copy=True)
-            split = (
-                split_rows(outputs, job.counts, self.config.name)
-                if self.config.batching
-                else [outputs]
+            split, infer_ns = read_outputs(
+                body, self._arena.view, job.counts, config.batching, config.name
             )
         except ServerError as exc:
             job.future.set_exception(exc)

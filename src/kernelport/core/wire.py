@@ -69,11 +69,16 @@ class TensorRef(NamedTuple):
     region: int = 0
 
 
-class Frame(NamedTuple):
-    kind: Kind
-    batch: int
-    instance: int
-    body: memoryview
+class Frame:
+    """One message: its kind, the batch and instance it is about, and its body."""
+
+    __slots__ = ("batch", "body", "instance", "kind")
+
+    def __init__(self, kind: Kind, batch: int, instance: int, body: memoryview) -> None:
+        self.kind = kind
+        self.batch = batch
+        self.instance = instance
+        self.body = body
 
 
 def frame(kind: Kind, batch: int, instance: int, *body: bytes | memoryview) -> list[bytes]:

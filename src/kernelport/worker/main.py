@@ -60,6 +60,7 @@ def main(argv: list[str]) -> int:
     sock_fd, arena_fd, parent = (int(a) for a in argv[:3])
     configure_logging()
     die_with(parent)
+    yield_to_front_ends()
     channel = Channel(socket.socket(fileno=sock_fd))
     init_frame = channel.next()
     if init_frame is None or init_frame.kind is not Kind.INIT:
@@ -133,6 +134,23 @@ def die_with(parent: int) -> None:
         os._exit(1)
 
 
+def yield_to_front_ends() -> None:
+    """Run under ``SCHED_BATCH`` (Linux): a batch arriving does not preempt the front end.
+
+    Where a worker shares a core with its front end, a worker that preempts the front end
+    the moment a batch arrives (what the scheduler does for a task that sleeps often) runs
+    it while requests wait undecoded, so the next batch is cut from the few decoded since:
+    on one core at c=32 the `mlp`'s batches averaged ~9 rows against ~14 in process, and
+    throughput was 10-15% lower. Under ``SCHED_BATCH`` the batch waits until the front end
+    yields the core, and the next cut takes what it decoded meanwhile (bench/RESULTS.md,
+    issue 12). The worker still gets its fair share of the core, and a free core runs it at
+    once, so nothing changes where it has a core of its own."""
+    policy = getattr(os, "SCHED_BATCH", None)
+    if policy is not None:
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, policy, os.sched_param(0))
+
+
 def load_instances(config: ModelConfig, path: Path, devices: list[str]) -> list[ModelInstance]:
     backend = get_backend(config.backend)
     reshaped = has_reshape(config)
@@ -189,20 +207,20 @@ class Channel:
             self._sock.sendall(data)
 
 
-@dataclass
 class Link:
     """One server process's connection and its arena (several with ``--frontends``)."""
 
-    channel: Channel
-    view: memoryview
-    layout: ArenaLayout  # its input area and output slots (two per instance, used in turn)
-    closed: bool = False  # its server went away: its queued batches are dropped
-    #: batches run so far per instance: which of its slots the next one writes
-    turns: dict[int, int] = field(default_factory=dict)
-    #: client regions mapped (REGION) by id. Replaced, never changed in place: a queued
-    #: batch holds the one current when it arrived, so a FORGET after it cannot unmap what
-    #: it will read (a mapping is unmapped when its last holder lets go of it).
-    regions: dict[int, mmap.mmap] = field(default_factory=dict)
+    def __init__(self, channel: Channel, view: memoryview, layout: ArenaLayout) -> None:
+        self.channel = channel
+        self.view = view
+        self.layout = layout  # its input area and output slots (two per instance, in turn)
+        self.closed = False  # its server went away: its queued batches are dropped
+        #: batches run so far per instance: which of its slots the next one writes
+        self.turns: dict[int, int] = {}
+        #: client regions mapped (REGION) by id. Replaced, never changed in place: a queued
+        #: batch holds the one current when it arrived, so a FORGET after it cannot unmap
+        #: what it will read (a mapping is unmapped when its last holder lets go of it).
+        self.regions: dict[int, mmap.mmap] = {}
 
     def control(self, message: Frame) -> None:
         """REGION and FORGET (on the thread that reads the socket)."""
@@ -245,6 +263,8 @@ class Runner:
     config: ModelConfig
     instance: ModelInstance
     index: int
+    jobs: queue.SimpleQueue[Job | None] = field(init=False)
+    thread: threading.Thread = field(init=False)
 
     def __post_init__(self) -> None:
         self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()

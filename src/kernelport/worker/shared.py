@@ -38,6 +38,7 @@ from kernelport.worker.main import (
     die_with,
     load_instances,
     stop_runners,
+    yield_to_front_ends,
 )
 
 log = logging.getLogger("kernelport.worker")
@@ -47,6 +48,7 @@ def serve_shared(argv: list[str]) -> int:
     listen_fd, stop_fd, parent = (int(a) for a in argv[:3])
     configure_logging()
     die_with(parent)
+    yield_to_front_ends()
     listener = socket.socket(fileno=listen_fd)
     stop = socket.socket(fileno=stop_fd)
     worker = _Shared()
