@@ -70,7 +70,9 @@ class TensorRef(NamedTuple):
 
 
 class Frame:
-    """One message: its kind, the batch and instance it is about, and its body."""
+    """One message: its kind, the batch and instance it is about, and its body.
+
+    A class with slots, not a NamedTuple: mypyc cannot build one with a memoryview field."""
 
     __slots__ = ("batch", "body", "instance", "kind")
 

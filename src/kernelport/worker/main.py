@@ -208,7 +208,9 @@ class Channel:
 
 
 class Link:
-    """One server process's connection and its arena (several with ``--frontends``)."""
+    """One server process's connection and its arena (several with ``--frontends``).
+
+    A plain class, not a dataclass: mypyc cannot build a dataclass with a memoryview field."""
 
     def __init__(self, channel: Channel, view: memoryview, layout: ArenaLayout) -> None:
         self.channel = channel
@@ -267,7 +269,7 @@ class Runner:
     thread: threading.Thread = field(init=False)
 
     def __post_init__(self) -> None:
-        self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.jobs = queue.SimpleQueue()
         name = f"{self.config.name}_{self.index}"
         self.thread = threading.Thread(target=self._serve, name=name, daemon=True)
 
