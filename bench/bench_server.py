@@ -188,9 +188,9 @@ def run_perf_analyzer(
 ) -> dict[str, Any]:
     csv_path = work / f"pa_{protocol}_c{conc}.csv"
     window = args.measurement_ms
-    short = getattr(args, "window_from", "")
-    if short and conc >= int(short.split(":")[0]):
-        window = int(short.split(":")[1])
+    if short := getattr(args, "window_from", ""):
+        from_conc, short_ms = (int(v) for v in short.split(":"))
+        window = short_ms if conc >= from_conc else window
     cmd = pinned([
         str(PERF_ANALYZER), "-m", MODEL, "-i", protocol, "-u", f"127.0.0.1:{port}",
         "--concurrency-range", f"{conc}:{conc}", "-p", str(window),
@@ -233,6 +233,14 @@ def run_perf_analyzer(
         csv=pa,
     )
     return row
+
+
+def compile_request_path(target: Path) -> str:
+    """``scripts/compile.sh`` into ``target`` with this interpreter; the directory to put on
+    the server's PYTHONPATH (its worker processes inherit it)."""
+    env = dict(os.environ, PYTHON=sys.executable)
+    subprocess.run([str(ROOT / "scripts" / "compile.sh"), str(target)], check=True, env=env)
+    return str(target)
 
 
 def triton_command(
@@ -502,10 +510,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kp-bench-") as tmp:
         args.compiled_dir = ""
         if args.compiled:
-            args.compiled_dir = str(Path(tmp) / "compiled")
-            compile_sh = str(ROOT / "scripts" / "compile.sh")
-            env = dict(os.environ, PYTHON=sys.executable)
-            subprocess.run([compile_sh, args.compiled_dir], check=True, env=env)
+            args.compiled_dir = compile_request_path(Path(tmp) / "compiled")
         repo = build_repository(Path(tmp) / "repo", args.model)
         print(f"bare onnxruntime {ort.__version__} on cpus {args.server_cpus} ...", flush=True)
         bare = bench_bare(repo / MODEL / "1" / "model.onnx", args)

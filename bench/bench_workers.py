@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_server import OUT_DIR, ROOT, bench_server  # bench/ is sys.path[0] when run as a script
+from bench_server import (  # bench/ is sys.path[0] when run as a script
+    OUT_DIR,
+    bench_server,
+    compile_request_path,
+)
 from make_models import PRESETS, build_repository
 
 MODES = ("in_process", "worker")
@@ -42,12 +44,7 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        compiled_dir = ""
-        if cli.compiled:  # scripts/compile.sh into the run's directory; workers inherit it
-            compiled_dir = str(work / "compiled")
-            env = dict(os.environ, PYTHON=sys.executable)
-            compile_sh = str(ROOT / "scripts" / "compile.sh")
-            subprocess.run([compile_sh, compiled_dir], check=True, env=env)
+        compiled_dir = compile_request_path(work / "compiled") if cli.compiled else ""
         repo = build_repository(work / "repo", "mlp", batching_delay_us=0)
         for round_ in range(cli.rounds):
             for mode in cli.modes:
