@@ -1,7 +1,7 @@
 """One batch's round trip at batch 1: inline, instance thread, worker process (no network).
 
     taskset -c 1 .venv/bin/python bench/bench_worker_roundtrip.py [--calls 2000] [--rounds 2]
-        [--width 512 --layers 3]
+        [--width 512 --layers 3] [--loop uvloop|asyncio]
 
 The `mlp` (make_models.py) loaded three ways in one process; each call awaits one batch.
 Medians of ``--calls`` calls; ``infer`` is ONNX
@@ -66,5 +66,16 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the event loop (the server runs uvloop)",
+    )
     args = ap.parse_args()
-    asyncio.run(main(args.calls, args.rounds, args.width, args.layers))
+    run = asyncio.run
+    if args.loop == "uvloop":
+        import uvloop
+
+        run = uvloop.run
+    run(main(args.calls, args.rounds, args.width, args.layers))
