@@ -17,6 +17,7 @@ import pytest
 from helpers import identity_config, process_alive, write_model
 
 from kernelport.backends.registry import BackendRegistry
+from kernelport.core.batcher import ModelQueue
 from kernelport.core.dataplane import DataPlane
 from kernelport.core.manager import ManagerSettings, ModelManager
 from kernelport.errors import ErrorCode, ServerError
@@ -122,10 +123,78 @@ async def test_a_worker_that_dies_fails_its_batch_and_comes_back(dp: DataPlane) 
         await dp.infer(_request("echo", np.full((1, 4), -1, np.float32)))
     assert info.value.code is ErrorCode.UNAVAILABLE
     assert "worker died (signal SIGABRT)" in info.value.message
+    # Down until the new process has loaded (it starts after a backoff, from a timer that
+    # cannot run before this task resumes): health says so.
+    assert not dp.model_ready("echo")
+    assert not dp.ready()
     await _wait(lambda: dp.model_ready("echo"), 10, "echo ready again")
+    assert dp.ready()
     response = await dp.infer(_request("echo", np.ones((1, 4), np.float32)))
     np.testing.assert_array_equal(response.outputs[0].data, np.full((1, 4), 2, np.float32))
     assert dp.model_statistics("echo")[0].worker_restarts == 1
+
+
+GATE = """
+import os
+import time
+from pathlib import Path
+
+GO = Path({go!r})
+
+
+class Model:
+    def execute(self, inputs):
+        x = inputs["INPUT0"]
+        if x.flat[0] == -4:  # held until the test says go, then the process dies
+            while not GO.exists():
+                time.sleep(0.005)
+            os.abort()
+        return {{"OUTPUT0": x * 2}}
+"""
+
+
+async def test_requests_not_yet_handed_to_a_dead_worker_are_served_by_the_next(
+    tmp_path: Path,
+) -> None:
+    repo, go = tmp_path / "repo", tmp_path / "go"
+    config = {
+        "backend": "python",
+        "max_batch_size": 0,  # one request per batch
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [4]}],
+        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [4]}],
+        "execution": {"mode": "worker"},
+    }
+    write_model(repo, "gate", config, {"model.py": GATE.format(go=str(go)).encode()})
+    settings = ManagerSettings((repo,), control_mode="explicit", startup_models=("*",))
+    manager = ModelManager(settings, BackendRegistry())
+    await manager.load_initial()
+    dp = DataPlane(manager, "test")
+    queue = manager.get("gate").queue
+    assert isinstance(queue, ModelQueue)
+
+    def send(value: float) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(dp.infer(_request("gate", np.full(4, value, np.float32))))
+
+    try:
+        # The worker holds two batches (the running one and one behind it); two more wait
+        # in the server's queue.
+        held = [send(-4), send(1)]
+        await _wait(lambda: queue.running == 2, 10, "two batches handed to the worker")
+        waiting = [send(2), send(3)]
+        await _wait(lambda: queue.queued == 2, 10, "two requests queued in the server")
+        assert queue.running == 2
+        go.touch()
+        for future in held:
+            with pytest.raises(ServerError) as info:
+                await future
+            assert info.value.code is ErrorCode.UNAVAILABLE
+            assert "worker died (signal SIGABRT)" in info.value.message
+        answers = await asyncio.wait_for(asyncio.gather(*waiting), 30)
+        for value, answer in zip((2, 3), answers, strict=True):
+            np.testing.assert_array_equal(answer.outputs[0].data, np.full(4, value * 2))
+        assert dp.model_statistics("gate")[0].worker_restarts == 1
+    finally:
+        await manager.close()
 
 
 async def test_a_killed_worker_is_replaced(dp: DataPlane) -> None:

@@ -26,9 +26,10 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from conftest import RunningServer, running_server
+from helpers import write_model
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
-from kernelport.config import Config
+from kernelport.config import Config, demo_repository
 from kernelport.server import Server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,10 +40,37 @@ CLIENTS = {"http": httpclient, "grpc": grpcclient}
 _names = itertools.count()
 
 
+#: what perf_analyzer is given for the `check` model, which fails any other input
+CHECKED = np.arange(16, dtype=np.float32) * 0.5
+CHECK_MODEL = f"""
+import numpy as np
+
+EXPECTED = np.array({CHECKED.tolist()!r}, np.float32)
+
+
+class Model:
+    def execute(self, inputs):
+        x = inputs["INPUT0"]
+        if x.shape[1:] != EXPECTED.shape or not (x == EXPECTED).all():
+            raise ValueError(f"INPUT0 is not what the client wrote: {{x.ravel()[:4].tolist()}}")
+        return {{"OUTPUT0": x * 2}}
+"""
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    # Its own server: the module checks the mappings of its process.
-    with running_server(tmp_path_factory.mktemp("shm"), None, wait_for="ready") as running:
+    # Its own server: the module checks the mappings of its process. The demo models and
+    # `check`.
+    extra = tmp_path_factory.mktemp("shm_models")
+    config = {
+        "backend": "python",
+        "max_batch_size": 8,
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "dims": [16]}],
+        "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [16]}],
+    }
+    write_model(extra, "check", config, {"model.py": CHECK_MODEL.encode()})
+    repos = ("--model-repository", str(demo_repository()), "--model-repository", str(extra))
+    with running_server(tmp_path_factory.mktemp("shm"), None, *repos, wait_for="ready") as running:
         yield running
 
 
@@ -339,6 +367,89 @@ async def test_shutdown_closes_every_mapping(tmp_path: Path) -> None:
 # --- perf_analyzer --------------------------------------------------------------------------
 
 
+def _perf_analyzer(
+    server: RunningServer, protocol: str, model: str, *args: str
+) -> subprocess.Popen[str]:
+    if not (PA_VENV / "bin" / "perf_analyzer").exists():
+        if os.environ.get("KERNELPORT_REQUIRE_PERF_ANALYZER") == "1":
+            pytest.fail("perf_analyzer is not installed: run scripts/setup_perf_analyzer.sh")
+        pytest.skip("perf_analyzer not installed (scripts/setup_perf_analyzer.sh)")
+    url = server.http_url if protocol == "http" else server.grpc_url
+    # count_windows, never --request-count (a perf_analyzer race there can hang).
+    return subprocess.Popen(
+        [
+            str(PERF_ANALYZER), "-m", model, "-i", protocol, "-u", url,
+            "--measurement-mode", "count_windows", "--measurement-request-count", "100",
+            "--stability-percentage", "999", *args,
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def _input_data(path: Path, x: np.ndarray[Any, Any], expected: Any = None) -> str:
+    data: dict[str, Any] = {"data": [{"INPUT0": {"content": x.tolist(), "shape": [x.size]}}]}
+    if expected is not None:
+        data["validation_data"] = [{"OUTPUT0": {"content": expected.ravel().tolist(),
+                                                "shape": [expected.size]}}]  # fmt: skip
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_perf_analyzer_gives_the_same_answers_with_system_shared_memory(
+    server: RunningServer, protocol: str, tmp_path: Path
+) -> None:
+    """Its inputs: `check` fails any request whose INPUT0 is not the data perf_analyzer was
+    given, so a run over shared memory with no error shows the server read what it wrote.
+    Its outputs: perf_analyzer validates outputs only when they come in the response (over
+    shared memory it reports "Output size doesn't match expected size" against Triton as
+    well), so the answers tritonclient got through regions are checked by a run without."""
+    good = _input_data(tmp_path / "good.json", CHECKED)
+    process = _perf_analyzer(server, protocol, "check", "--shared-memory", "system",
+                             "--input-data", good)  # fmt: skip
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, out
+    assert "error" not in out.lower().replace("std error", ""), out
+    # The check can fail: other data is refused, with the model's message.
+    wrong = _input_data(tmp_path / "wrong.json", CHECKED + 1)
+    process = _perf_analyzer(server, protocol, "check", "--shared-memory", "system",
+                             "--input-data", wrong)  # fmt: skip
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode != 0 and "INPUT0 is not what the client wrote" in out, out
+
+    # The answer through client regions (tritonclient's utilities) ...
+    module = CLIENTS[protocol]
+    client = module.InferenceServerClient(
+        server.http_url if protocol == "http" else server.grpc_url
+    )
+    name = f"kp_{os.getpid()}_{next(_names)}"
+    handle = shm.create_shared_memory_region(name, "/" + name, 2 * CHECKED.nbytes)
+    try:
+        shm.set_shared_memory_region(handle, [CHECKED.reshape(1, 16)])
+        client.register_system_shared_memory(name, "/" + name, 2 * CHECKED.nbytes)
+        infer_input = module.InferInput("INPUT0", [1, 16], "FP32")
+        infer_input.set_shared_memory(name, CHECKED.nbytes)
+        output = module.InferRequestedOutput("OUTPUT0")
+        output.set_shared_memory(name, CHECKED.nbytes, offset=CHECKED.nbytes)
+        client.infer("check", [infer_input], outputs=[output])
+        through_regions = shm.get_contents_as_numpy(handle, np.float32, [1, 16], CHECKED.nbytes)
+        through_regions = through_regions.copy()
+    finally:
+        client.unregister_system_shared_memory(name)
+        shm.destroy_shared_memory_region(handle)
+        client.close()
+    # ... is the one perf_analyzer validates without them.
+    validated = _input_data(tmp_path / "validated.json", CHECKED, through_regions)
+    process = _perf_analyzer(server, protocol, "check", "--input-data", validated)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, out
+    wrong = _input_data(tmp_path / "wrong_answer.json", CHECKED, through_regions + 1)
+    process = _perf_analyzer(server, protocol, "check", "--input-data", wrong)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode != 0 and "Output doesn't match expected output" in out, out
+
+
 def _regions(server: RunningServer) -> list[Any]:
     url = f"http://{server.http_url}/v2/systemsharedmemory/status"
     with urllib.request.urlopen(url) as response:
@@ -348,21 +459,8 @@ def _regions(server: RunningServer) -> list[Any]:
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_perf_analyzer_with_system_shared_memory(server: RunningServer, protocol: str) -> None:
-    if not (PA_VENV / "bin" / "perf_analyzer").exists():
-        if os.environ.get("KERNELPORT_REQUIRE_PERF_ANALYZER") == "1":
-            pytest.fail("perf_analyzer is not installed: run scripts/setup_perf_analyzer.sh")
-        pytest.skip("perf_analyzer not installed (scripts/setup_perf_analyzer.sh)")
-    url = server.http_url if protocol == "http" else server.grpc_url
     before = set(os.listdir("/dev/shm"))
-    # count_windows, never --request-count (a perf_analyzer race there can hang).
-    process = subprocess.Popen(
-        [
-            str(PERF_ANALYZER), "-m", "mlp", "-i", protocol, "-u", url,
-            "--shared-memory", "system", "--measurement-mode", "count_windows",
-            "--measurement-request-count", "100", "--stability-percentage", "999",
-        ],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    process = _perf_analyzer(server, protocol, "mlp", "--shared-memory", "system")
     # perf_analyzer's regions appear on the server while it runs (it used shared memory).
     seen: list[Any] = []
     deadline = time.monotonic() + 60
