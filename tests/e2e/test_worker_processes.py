@@ -106,6 +106,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     worker = {"mode": "worker"}
     _python_model(repo, "echo", ECHO.format(poison="os.abort()"), worker)
     _python_model(repo, "steady", ECHO.format(poison="pass"), {"mode": "in_process"})
+    _python_model(repo, "steady_worker", ECHO.format(poison="pass"), worker)
     forever = "threading.Event().wait()"
     _python_model(repo, "hang", ECHO.format(poison=forever), {"mode": "worker", "timeout_s": 1})
     _python_model(repo, "hooked", HOOKED, worker)
@@ -183,34 +184,42 @@ def test_a_crashing_worker_fails_only_its_request_and_comes_back(
 ) -> None:
     stop = threading.Event()
     counts = {"ok": 0, "failed": 0}
+    served = {"steady": 0, "steady_worker": 0}
     errors: list[str] = []
     lock = threading.Lock()
 
-    def load() -> None:  # the other model, hammered throughout the crash
+    def load(model: str) -> None:  # another model, hammered throughout the crash
         client = httpclient.InferenceServerClient(server.http_url)
         x = np.ones((1, 4), np.float32)
         while not stop.is_set():
             try:
-                ok = np.array_equal(_infer(client, "http", "steady", x), x * 2)
+                ok = np.array_equal(_infer(client, "http", model, x), x * 2)
             except InferenceServerException as exc:
                 ok = False
                 errors.append(str(exc))
             with lock:
                 counts["ok" if ok else "failed"] += 1
+                served[model] += ok
         client.close()
 
-    threads = [threading.Thread(target=load) for _ in range(4)]
+    # two threads on a model in process, two on one in a worker process of its own
+    models = ["steady", "steady_worker"] * 2
+    threads = [threading.Thread(target=load, args=(m,)) for m in models]
     for t in threads:
         t.start()
     try:
-        _wait_for(lambda: counts["ok"] >= 20, 30, "load on the other model")
+        _wait_for(lambda: min(served.values()) >= 10, 30, "load on both other models")
         client = httpclient.InferenceServerClient(server.http_url)
         poison = np.full((1, 4), -1, np.float32)
         with pytest.raises(InferenceServerException, match=r"worker died \(signal SIGABRT\)"):
             _infer(client, "http", "echo", poison)
         back = _wait_for(lambda: _answers(server, "echo"), 5, "echo serving again")
-        before = counts["ok"]
-        _wait_for(lambda: counts["ok"] >= before + 20, 30, "more load after the restart")
+        before = dict(served)
+        _wait_for(
+            lambda: all(served[m] >= before[m] + 10 for m in served),
+            30,
+            "more load on both after the restart",
+        )
     finally:
         stop.set()
         for t in threads:
