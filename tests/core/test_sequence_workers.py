@@ -109,7 +109,7 @@ async def test_interleaved_sequences_in_a_worker_match_each_alone(
 
 
 def _worker_pid(dp: DataPlane, model: str) -> int:
-    proc = dp._manager.get(model).pool.host._proc  # type: ignore[attr-defined]
+    proc = dp._manager.get(model).pool.hosts[0]._proc  # type: ignore[attr-defined]
     assert proc is not None
     return int(proc.pid)
 

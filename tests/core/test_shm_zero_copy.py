@@ -94,7 +94,7 @@ def _input(regions: SharedMemoryRegistry, name: str, offset: int = 0) -> np.ndar
 def _submit(pool: ProcessPool, *xs: np.ndarray[Any, Any]) -> asyncio.Future[BatchResult]:
     parts = [{"INPUT0": x} for x in xs]
     worker = pool.workers[0]
-    return worker.submit_batch(parts, [ROWS] * len(xs), pool.host.config)  # type: ignore[attr-defined,no-any-return]
+    return worker.submit_batch(parts, [ROWS] * len(xs), pool.hosts[0].config)  # type: ignore[attr-defined,no-any-return]
 
 
 def _expected(offset: int = 0) -> np.ndarray[Any, Any]:
@@ -103,7 +103,7 @@ def _expected(offset: int = 0) -> np.ndarray[Any, Any]:
 
 
 def _worker_maps(pool: ProcessPool, key: str) -> bool:
-    return f"/dev/shm/{key}" in Path(f"/proc/{pool.host.pid}/maps").read_text()
+    return f"/dev/shm/{key}" in Path(f"/proc/{pool.hosts[0].pid}/maps").read_text()
 
 
 def _fds() -> int:
@@ -120,7 +120,7 @@ async def _wait(condition: Callable[[], bool], what: str) -> None:
 async def test_an_input_in_a_region_reaches_the_worker_without_a_copy(
     pool: ProcessPool, key: str
 ) -> None:
-    host = pool.host
+    host = pool.hosts[0]
     regions = SharedMemoryRegistry()
     regions.register_system("r", key, 0, 2 * NBYTES)
     try:
@@ -156,10 +156,10 @@ async def test_a_key_recreated_after_registration_is_copied_not_reopened(
         other.write_bytes(bytes(2 * NBYTES))  # zeros
         other.rename(SHM / key)  # same key, another inode; the old one lives in our mapping
         future = _submit(pool, _input(regions, "r"))
-        assert pool.host._inputs.used_bytes > 0  # copied into the arena
+        assert pool.hosts[0]._inputs.used_bytes > 0  # copied into the arena
         [result] = (await future).outputs
         np.testing.assert_array_equal(result["OUTPUT0"], _expected())
-        assert not pool.host._regions.mapped
+        assert not pool.hosts[0]._regions.mapped
     finally:
         regions.close()
 
@@ -167,7 +167,7 @@ async def test_a_key_recreated_after_registration_is_copied_not_reopened(
 async def test_unregister_forgets_and_a_restarted_worker_is_sent_the_region_again(
     pool: ProcessPool, key: str
 ) -> None:
-    host = pool.host
+    host = pool.hosts[0]
     regions = SharedMemoryRegistry()
     before = _fds()
     regions.register_system("r", key, 0, 2 * NBYTES)

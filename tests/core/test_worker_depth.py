@@ -43,7 +43,7 @@ async def _slow(tmp_path: Path, **execution: Any) -> ModelManager:
 
 def _send(pool: ProcessPool, x: np.ndarray[Any, Any]) -> asyncio.Future[BatchResult]:
     worker = pool.workers[0]
-    return worker.submit_batch([{"INPUT0": x}], [1], pool.host.config)  # type: ignore[attr-defined,no-any-return]
+    return worker.submit_batch([{"INPUT0": x}], [1], pool.hosts[0].config)  # type: ignore[attr-defined,no-any-return]
 
 
 async def test_two_batches_held_at_once_answer_from_slots_of_their_own(tmp_path: Path) -> None:
@@ -51,7 +51,7 @@ async def test_two_batches_held_at_once_answer_from_slots_of_their_own(tmp_path:
     try:
         pool = manager.get("slow").pool
         assert isinstance(pool, ProcessPool) and pool.depth == 2
-        host = pool.host
+        host = pool.hosts[0]
         offsets: list[int] = []
         resolve = host._resolve
 

@@ -54,13 +54,13 @@ async def pool(tmp_path: Path) -> AsyncIterator[ProcessPool]:
 
 def _run(pool: ProcessPool, x: np.ndarray[Any, Any]) -> asyncio.Future[BatchResult]:
     worker = pool.workers[0]
-    return worker.submit_batch([{"INPUT0": x}], [1], pool.host.config)  # type: ignore[attr-defined,no-any-return]
+    return worker.submit_batch([{"INPUT0": x}], [1], pool.hosts[0].config)  # type: ignore[attr-defined,no-any-return]
 
 
 async def test_small_batches_travel_in_the_frame_and_large_ones_in_the_arena(
     pool: ProcessPool,
 ) -> None:
-    host = pool.host
+    host = pool.hosts[0]
     for count, in_arena in ((4, False), (INLINE_MAX // 4, False), (INLINE_MAX // 4 + 1, True)):
         x = np.arange(count, dtype=np.float32)
         future = _run(pool, x)

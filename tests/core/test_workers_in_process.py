@@ -84,10 +84,10 @@ async def _wait(condition: Callable[[], bool], timeout: float, what: str) -> Non
 
 
 def _workers(dp: DataPlane, model: str) -> list[int]:
-    """The pid of the model's worker process (one per model version), if it is running."""
-    host = dp._manager.get(model).pool.host  # type: ignore[attr-defined]
-    proc = host._proc
-    return [proc.pid] if proc is not None and proc.poll() is None else []
+    """The pids of the model's worker processes that are running."""
+    hosts = dp._manager.get(model).pool.hosts  # type: ignore[attr-defined]
+    procs = [host._proc for host in hosts]
+    return [p.pid for p in procs if p is not None and p.poll() is None]
 
 
 async def test_batches_run_in_the_worker_and_come_back(dp: DataPlane) -> None:
@@ -119,19 +119,41 @@ async def test_a_model_error_comes_back_with_its_message(dp: DataPlane) -> None:
 
 
 async def test_a_worker_that_dies_fails_its_batch_and_comes_back(dp: DataPlane) -> None:
-    with pytest.raises(ServerError) as info:
-        await dp.infer(_request("echo", np.full((1, 4), -1, np.float32)))
+    with pytest.raises(ServerError) as info:  # `small`: its one instance, its one process
+        await dp.infer(_request("small", np.full((1, 4), -1, np.float32)))
     assert info.value.code is ErrorCode.UNAVAILABLE
     assert "worker died (signal SIGABRT)" in info.value.message
     # Down until the new process has loaded (it starts after a backoff, from a timer that
     # cannot run before this task resumes): health says so.
-    assert not dp.model_ready("echo")
+    assert not dp.model_ready("small")
     assert not dp.ready()
-    await _wait(lambda: dp.model_ready("echo"), 10, "echo ready again")
+    await _wait(lambda: dp.model_ready("small"), 10, "small ready again")
     assert dp.ready()
+    response = await dp.infer(_request("small", np.ones((1, 4), np.float32)))
+    np.testing.assert_array_equal(response.outputs[0].data, np.full((1, 4), 2, np.float32))
+    assert dp.model_statistics("small")[0].worker_restarts == 1
+
+
+async def test_python_instances_run_in_processes_of_their_own(dp: DataPlane) -> None:
+    # `echo`: two instances of a python model, so two processes (``processes: auto``)
+    first = _workers(dp, "echo")
+    assert len(set(first)) == 2
+    with pytest.raises(ServerError) as info:
+        await dp.infer(_request("echo", np.full((1, 4), -1, np.float32)))
+    assert info.value.code is ErrorCode.UNAVAILABLE
+    assert "worker died (signal SIGABRT)" in info.value.message
+    # The other process serves on: the model stays ready and answers at once.
+    assert dp.model_ready("echo")
     response = await dp.infer(_request("echo", np.ones((1, 4), np.float32)))
     np.testing.assert_array_equal(response.outputs[0].data, np.full((1, 4), 2, np.float32))
+    await _wait(lambda: len(_workers(dp, "echo")) == 2, 10, "both processes again")
+    now = _workers(dp, "echo")
+    assert len(set(now) & set(first)) == 1  # one survivor, one new
     assert dp.model_statistics("echo")[0].worker_restarts == 1
+    rows = [np.full((1, 4), i, np.float32) for i in range(16)]
+    answers = await asyncio.gather(*(dp.infer(_request("echo", r)) for r in rows))
+    for r, answer in zip(rows, answers, strict=True):
+        np.testing.assert_array_equal(answer.outputs[0].data, r * 2)
 
 
 GATE = """

@@ -73,8 +73,9 @@ class _Node:
 async def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[_Node]:
     monkeypatch.setenv("KP_TEST_MARK", str(tmp_path / "mark"))
     repo = tmp_path / "repo"
-    _python(repo, "echo", {"mode": "worker"}, count=2)
+    _python(repo, "echo", {"mode": "worker", "processes": "model"}, count=2)
     _python(repo, "stuck", {"mode": "worker", "timeout_s": 1})
+    _python(repo, "pair", {"mode": "worker"}, count=2)  # a process per instance
     broker = WorkerBroker(tmp_path)
     watching = True
 
@@ -120,10 +121,24 @@ async def _wait(condition: Callable[[], bool], timeout: float, what: str) -> Non
         await asyncio.sleep(0.02)
 
 
+async def test_a_process_per_instance_is_shared_too(node: _Node) -> None:
+    pair = [w for w in node.broker.workers if w.model == "pair"]
+    assert len(pair) == 2 and len({w.key for w in pair}) == 2
+    pids = {w.pids[-1] for w in pair}
+    assert len(pids) == 2
+    # Both front ends send to both processes (each front end's two instances are the two).
+    rows = [np.full((1, 4), i, np.float32) for i in range(32)]
+    answers = await asyncio.gather(
+        *(node.planes[i % 2].infer(_request("pair", r)) for i, r in enumerate(rows))
+    )
+    for r, answer in zip(rows, answers, strict=True):
+        np.testing.assert_array_equal(answer.outputs[0].data, r * 2)
+        assert int(answer.outputs[1].data[0, 0]) in pids
+
+
 async def test_both_front_ends_use_one_worker(node: _Node) -> None:
     one, two = node.planes
-    [echo, stuck] = sorted(node.broker.workers, key=lambda w: w.model)
-    assert (echo.model, stuck.model) == ("echo", "stuck")
+    [echo] = [w for w in node.broker.workers if w.model == "echo"]
     pid = await _pid(one)
     assert await _pid(two) == pid == echo.pids[-1]
     stats = [dp.model_statistics("echo")[0] for dp in node.planes]

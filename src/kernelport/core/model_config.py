@@ -106,16 +106,23 @@ class InstanceGroup(Strict):
 
 
 ExecutionMode = Literal["auto", "in_process", "worker"]
+#: worker mode: how a model version's instances are spread over processes
+ProcessSplit = Literal["auto", "model", "device", "instance"]
 
 
 class Execution(Strict):
     """Where the model's instances run (KernelPort's own block; in a Triton config.pbtxt
-    the parameters ``KP_EXECUTION_MODE``, ``KP_EXECUTION_TIMEOUT_S`` and
-    ``KP_EXECUTION_ARENA_MB`` say the same)."""
+    the parameters ``KP_EXECUTION_MODE``, ``KP_EXECUTION_PROCESSES``,
+    ``KP_EXECUTION_TIMEOUT_S`` and ``KP_EXECUTION_ARENA_MB`` say the same)."""
 
-    #: in_process: threads of the server; worker: a process of its own per model version,
-    #: restarted when it dies; auto: the server's ``--model-execution``
+    #: in_process: threads of the server; worker: processes of their own, restarted when
+    #: they die; auto: the server's ``--model-execution``
     mode: ExecutionMode = "auto"
+    #: worker mode: one process for all the instances (``model``), one per device they use
+    #: (``device``: one per GPU), or one per instance (``instance``: as Triton's Python
+    #: stubs, so GIL-bound Python models use several cores); auto: ``instance`` for the
+    #: python backend, else ``device``
+    processes: ProcessSplit = "auto"
     #: worker mode: a batch running longer is declared stuck and its worker replaced
     timeout_s: float | None = Field(default=None, gt=0)
     #: worker mode: the shared memory between server and worker (half inputs, half outputs)

@@ -1,15 +1,17 @@
-"""Model instances in a worker process: the pool the model queue sees, and its settings.
+"""Model instances in worker processes: the pool the model queue sees, and its settings.
 
 The batcher stays in the server: it forms batches exactly as for in-process instances and
-hands each to a :class:`ProcessWorker`, which only moves execution into the worker process
-(:mod:`kernelport.core.process_host`). While the process is down (crashed, being
-restarted) the pool reports no idle worker, so queued requests wait in the queue for the
-restarted process instead of failing.
+hands each to a :class:`ProcessWorker`, which only moves execution into its worker process
+(:mod:`kernelport.core.process_host`). A version's instances live in one process, one per
+device, or one per instance (``execution.processes``). While a process is down (crashed,
+being restarted) its instances are not offered as idle, so queued requests wait in the
+queue for it, or go to the version's other processes, instead of failing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import sys
 from dataclasses import dataclass
@@ -18,12 +20,13 @@ from typing import Any
 
 from kernelport.core.backend import Arrays, ModelInstance
 from kernelport.core.execution import BatchResult, WorkerPool
-from kernelport.core.model_config import ExecutionMode, ModelConfig
+from kernelport.core.model_config import ExecutionMode, ModelConfig, ProcessSplit
 from kernelport.core.process_host import DEPTH, ProcessHost
 from kernelport.core.shared_host import SharedHost
 from kernelport.errors import ErrorCode, ServerError, invalid
 
 MODES = ("auto", "in_process", "worker")
+SPLITS = ("auto", "model", "device", "instance")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +35,8 @@ class ExecutionPlan:
 
     mode: ExecutionMode  # never "auto"
     timeout_s: float | None
-    arena_bytes: int
+    arena_bytes: int  # per worker process
+    processes: ProcessSplit = "model"  # never "auto"
 
 
 def execution_plan(
@@ -66,7 +70,26 @@ def execution_plan(
     timeout = _number(config, "KP_EXECUTION_TIMEOUT_S", execution.timeout_s)
     arena_mb = _number(config, "KP_EXECUTION_ARENA_MB", execution.arena_mb)
     assert arena_mb is not None
-    return ExecutionPlan(mode, timeout, int(arena_mb * 2**20))  # type: ignore[arg-type]
+    split = str(params.get("KP_EXECUTION_PROCESSES", execution.processes)).strip().lower()
+    if split not in SPLITS:
+        raise invalid(
+            f"model '{config.name}': execution processes '{split}': expected one of {SPLITS}"
+        )
+    if split == "auto":  # user Python holds the GIL: each instance gets a process, as Triton's
+        split = "instance" if config.backend == "python" else "device"
+    return ExecutionPlan(mode, timeout, int(arena_mb * 2**20), split)  # type: ignore[arg-type]
+
+
+def split_instances(devices: list[str], split: ProcessSplit) -> list[list[int]]:
+    """Which instances (indices into ``devices``, one per instance) share a process."""
+    if split == "instance":
+        return [[i] for i in range(len(devices))]
+    if split == "device":
+        groups: dict[str, list[int]] = {}
+        for index, device in enumerate(devices):
+            groups.setdefault(device, []).append(index)
+        return list(groups.values())
+    return [list(range(len(devices)))]
 
 
 def _number(config: ModelConfig, key: str, default: float | None) -> float | None:
@@ -97,61 +120,87 @@ class RemoteInstance:
 
 
 class ProcessWorker:
-    """One instance of the worker process, with :class:`Worker`'s surface."""
+    """One instance in a worker process, with :class:`Worker`'s surface."""
 
     def __init__(self, host: ProcessHost, index: int, name: str) -> None:
         self.instance: ModelInstance = RemoteInstance()
         self.name = name
-        self._host = host
-        self._index = index
+        self.host = host
+        self._index = index  # the instance's index within its process
 
     def submit_batch(
         self, parts: list[Arrays], counts: list[int], config: ModelConfig
     ) -> asyncio.Future[BatchResult]:
         """Place the inputs in the arena and send the batch; resolved on the loop."""
-        return self._host.submit(self._index, parts, counts, config)
+        return self.host.submit(self._index, parts, counts, config)
 
     run_now = submit_batch  # never inline: the work is in another process anyway
 
     def close(self) -> None:
-        """The pool stops the process once, for all its instances."""
+        """The pool stops each process once, for all its instances."""
 
 
 class ProcessPool(WorkerPool):
-    """A model version's instances, all in one worker process."""
+    """A model version's instances, in one or more worker processes (``hosts``)."""
 
     depth = DEPTH
 
-    def __init__(self, host: ProcessHost, workers: list[ProcessWorker]) -> None:
+    def __init__(self, hosts: list[ProcessHost], workers: list[ProcessWorker]) -> None:
         super().__init__(workers, inline=False)
-        self.host = host
-        host.on_up = self._up
+        self.hosts = hosts
+        for host in hosts:
+            host.on_up = self._up
 
     @property
     def idle_count(self) -> int:
-        return super().idle_count if self.host.up else 0
+        return sum(1 for w in self._idle if _serving(w))
 
     @property
     def ahead_count(self) -> int:
-        return super().ahead_count if self.host.up else 0
+        return sum(1 for w in self._ahead if _serving(w))
+
+    def take_idle(self) -> ProcessWorker:
+        return self._take(self._idle, self.depth > 1)
+
+    def take_ahead(self) -> ProcessWorker:
+        return self._take(self._ahead, False)
+
+    def _take(self, line: collections.deque[Any], ahead: bool) -> ProcessWorker:
+        """The first worker in ``line`` whose process is up (callers counted one)."""
+        for _ in range(len(line)):
+            worker: ProcessWorker = line.popleft()
+            if _serving(worker):
+                if ahead:
+                    self._ahead.append(worker)
+                return worker
+            line.append(worker)  # down: it waits its turn for when its process is back
+        raise AssertionError("no worker of an up process: callers check the count first")
 
     @property
     def available(self) -> bool:
-        return self.host.up
+        """Some process can run batches (the others' instances wait until they are back)."""
+        return any(host.up for host in self.hosts)
 
     @property
     def restarts(self) -> int:
-        return self.host.restarts
+        return sum(host.restarts for host in self.hosts)
 
     @property
     def worker_pid(self) -> int | None:
-        return self.host.pid or None
+        """The first process that is up (``hosts`` has them all)."""
+        return next((host.pid for host in self.hosts if host.up and host.pid), None)
 
     def _up(self) -> None:
         self.on_available()
 
     def close(self) -> None:
-        self.host.stop()
+        for host in self.hosts:
+            host.stop()
+
+
+def _serving(worker: Any) -> bool:
+    r"""The worker's process is up (the pool's queues hold only ``ProcessWorker``\s)."""
+    return bool(worker.host.up)
 
 
 async def start_process_pool(
@@ -161,26 +210,43 @@ async def start_process_pool(
     plan: ExecutionPlan,
     shared_workers: Path | None = None,
 ) -> ProcessPool:
-    """Start the worker process, load every instance in it, and wrap it as a pool.
+    """Start the worker processes, load every instance in them, and wrap them as a pool.
 
-    ``shared_workers``: the front-end supervisor's socket (``--frontends N``): the worker
-    is the one every front end shares, started by the supervisor."""
+    ``shared_workers``: the front-end supervisor's socket (``--frontends N``): each process
+    is one every front end shares, started by the supervisor."""
     devices = [g.device for g in config.instance_group for _ in range(g.count)]
-    host = (
-        ProcessHost(config, path, devices, plan.timeout_s, plan.arena_bytes)
-        if shared_workers is None
-        else SharedHost(config, path, devices, plan.timeout_s, plan.arena_bytes, shared_workers)
-    )
-    hooks = await host.start()
-    if any(hooks):
-        await asyncio.to_thread(host.stop)
+    groups = split_instances(devices, plan.processes)
+    hosts: list[ProcessHost] = []
+    for part, group in enumerate(groups):
+        mine = [devices[i] for i in group]
+        hosts.append(
+            ProcessHost(config, path, mine, plan.timeout_s, plan.arena_bytes)
+            if shared_workers is None
+            else SharedHost(
+                config, path, mine, plan.timeout_s, plan.arena_bytes, shared_workers, part
+            )
+        )
+    # Together: each loads its instances while the others do. One that fails has stopped
+    # itself (ProcessHost.start); the others are stopped before the load fails.
+    started = await asyncio.gather(*(host.start() for host in hosts), return_exceptions=True)
+    up = [h for h, r in zip(hosts, started, strict=True) if not isinstance(r, BaseException)]
+    failed = next((r for r in started if isinstance(r, BaseException)), None)
+    hooks = {h for r in started if not isinstance(r, BaseException) for i in r for h in i}
+    if failed is not None or hooks:
+        await asyncio.gather(*(asyncio.to_thread(h.stop) for h in up))
+    if failed is not None:
+        raise failed
+    if hooks:
         raise invalid(
-            f"model '{config.name}': {', '.join(sorted(set(hooks[0])))} hooks run in the "
+            f"model '{config.name}': {', '.join(sorted(hooks))} hooks run in the "
             "server process and are not supported with execution mode 'worker' yet; "
             "use execution mode 'in_process' for this model"
         )
-    workers = [ProcessWorker(host, i, f"{config.name}_{version}_{i}") for i in range(len(devices))]
-    return ProcessPool(host, workers)
+    workers: list[ProcessWorker] = [None] * len(devices)  # type: ignore[list-item]
+    for host, group in zip(hosts, groups, strict=True):
+        for local, index in enumerate(group):
+            workers[index] = ProcessWorker(host, local, f"{config.name}_{version}_{index}")
+    return ProcessPool(hosts, workers)
 
 
 #: how long reading a model in a subprocess may take (large models are parsed whole)

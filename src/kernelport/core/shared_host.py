@@ -44,7 +44,9 @@ class SharedHost(ProcessHost):
         timeout_s: float | None,
         arena_bytes: int,
         broker: Path,
+        part: int = 0,
     ) -> None:
+        """``part``: which of the version's processes this is (``execution.processes``)."""
         super().__init__(config, path, devices, timeout_s, arena_bytes)
         self._broker = broker
         self._address = ""
@@ -53,6 +55,7 @@ class SharedHost(ProcessHost):
             "path": str(path),
             "devices": devices,
             "timeout_s": timeout_s,
+            "part": part,
         }
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
         self.key = f"{config.name}/{digest[:24]}"
