@@ -19,7 +19,7 @@ from asgi_grpc_echo import app  # type: ignore[import-not-found]
 
 
 async def kernelport(port: int) -> None:
-    from kernelport.protocols.grpc.h2server import Http2Server
+    from kernelport.protocols.grpc.http2 import Http2Server
 
     await Http2Server(app).start("127.0.0.1", port)
     await asyncio.Event().wait()

@@ -42,8 +42,6 @@ MODULES = (
     "kernelport.protocols.grpc.asgi",
     "kernelport.protocols.grpc.codec",
     "kernelport.protocols.grpc.errors",
-    "kernelport.protocols.grpc.h2server",
-    "kernelport.protocols.grpc.h2stream",
     "kernelport.protocols.grpc.h2wire",
     "kernelport.protocols.grpc.http2",
     "kernelport.protocols.grpc.model_infer",

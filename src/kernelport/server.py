@@ -34,7 +34,7 @@ from kernelport.pbtxt import TritonConfigReader
 from kernelport.protocols.auth import Auth, RequireKey, exposure_warning
 from kernelport.protocols.grpc.announce import ConnectionModels
 from kernelport.protocols.grpc.asgi import GrpcAsgiApp
-from kernelport.protocols.grpc.h2server import Http2Server
+from kernelport.protocols.grpc.http2 import Http2Server
 from kernelport.protocols.grpc.server import GrpcFrontEnd, InferenceServicer, KernelPortServicer
 from kernelport.protocols.grpc.standard import DEFAULT_POOL, StandardServices
 from kernelport.protocols.listen import QuietUvicorn, bind

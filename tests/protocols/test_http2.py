@@ -33,8 +33,7 @@ from hyperframe.frame import (
 )
 
 from kernelport.protocols.grpc import h2wire
-from kernelport.protocols.grpc.h2server import Http2Server
-from kernelport.protocols.grpc.http2 import EARLY
+from kernelport.protocols.grpc.http2 import EARLY, Http2Server
 
 OK = [(b"grpc-status", b"0")]
 _WRITERS: list[asyncio.StreamWriter] = []  # every test connection, closed after its test

@@ -1,4 +1,4 @@
-"""An HTTP/2 connection on the event loop, for the gRPC front end (``--grpc-transport asyncio``).
+"""An HTTP/2 server on the event loop, for the gRPC front end (``--grpc-transport asyncio``).
 
 Why not a library: grpcio's asyncio server costs ~270 us of the core per call, Envoy through
 pyvoy ~70 us plus four thread hand-offs per call, and the sans-IO ``h2`` package ~160 us
@@ -16,34 +16,113 @@ a lost connection cancels the stream's task, which drops its queued work.
 
 Written from RFC 9113 (HTTP/2) and RFC 7541 (HPACK). Limits: ``SERVER_SETTINGS``; flow
 control windows bound what a client can make the server buffer.
-
-This module holds a connection (frames in, frames out); ``h2stream`` one stream as the app
-sees it, ``h2server`` the listening side (``Http2Server``), ``h2wire`` the frames themselves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import struct
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import Any, Final, cast
 
 from kernelport.protocols.grpc import h2wire as h2
-from kernelport.protocols.grpc.h2stream import Stream
-
-if TYPE_CHECKING:
-    from kernelport.protocols.grpc.h2server import Http2Server
+from kernelport.protocols.listen import bind
+from kernelport.protocols.tls import TlsFiles
 
 log = logging.getLogger("kernelport.grpc")
 
+_DISCONNECT = {"type": "http.disconnect"}
 _ASGI = {"version": "3.0", "spec_version": "2.4"}
 _EXTENSIONS: dict[str, Any] = {"http.response.trailers": {}}
 
 App = Callable[[dict[str, Any], Any, Any], Coroutine[Any, Any, None]]
 #: the scope key of what the app's ``call_started`` returned for the call
 EARLY: Final = "kernelport.early"
+
+
+class _Stream:
+    """One request and its response, as the ASGI app sees them (``receive``, ``send``)."""
+
+    __slots__ = (
+        "body", "buffered", "conn", "early", "ended", "finished", "given_end", "gone", "head",
+        "id", "recv_window", "send_window", "task", "trailers", "waiter",
+    )  # fmt: skip
+
+    def __init__(self, conn: Connection, stream_id: int) -> None:
+        self.conn = conn
+        self.id = stream_id
+        self.body: list[bytes | memoryview] = []
+        self.buffered = 0  # bytes received the app has not taken yet
+        self.ended = False  # the client's h2.END_STREAM has arrived
+        self.given_end = False  # ... and the app has been told
+        self.early: Any = None  # what the app's call_started gave for this call (released)
+        self.gone = False  # reset by either side, or the connection is lost
+        self.finished = False  # the response has ended
+        self.head: bytes | None = None  # the response's header block, until it is sent
+        self.trailers = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.recv_window = h2.STREAM_WINDOW
+        self.send_window = conn.peer_window
+        self.task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def receive(self) -> dict[str, Any]:
+        while True:
+            if self.body:  # one DATA payload at a time: the app joins (once) what it must
+                data = self.body.pop(0)
+                self.buffered -= len(data)
+                more = not self.ended or len(self.body) > 0
+                self.given_end = not more
+                if not self.ended:
+                    self.conn.grant(self)
+                return {"type": "http.request", "body": data, "more_body": more}
+            if self.ended and not self.given_end:
+                self.given_end = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            if self.gone:
+                return _DISCONNECT
+            self.waiter = self.conn.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self.gone or self.finished:
+            return  # the client went away: what would have been sent goes nowhere
+        kind = message["type"]
+        conn = self.conn
+        if kind == "http.response.body":
+            body = message.get("body", b"")
+            end = not message.get("more_body", False) and not self.trailers
+            head = self.head
+            if head is not None:
+                self.head = None
+                if end and not body:  # a Trailers-Only response: the status is in the headers
+                    conn.send_headers(self.id, head, True)
+                    self.finished = True
+                    return
+                conn.send_headers(self.id, head, False)
+            if body or end:
+                await conn.send_data(self, body, end)
+            if end:
+                self.finished = True
+        elif kind == "http.response.start":
+            self.head = conn.server.encode(message["status"], message.get("headers", ()))
+            self.trailers = bool(message.get("trailers", False))
+        elif kind == "http.response.trailers":
+            if self.head is not None:
+                conn.send_headers(self.id, self.head, False)
+                self.head = None
+            conn.send_headers(self.id, conn.server.encode(None, message.get("headers", ())), True)
+            self.finished = True
 
 
 class Connection(asyncio.Protocol):
@@ -54,7 +133,7 @@ class Connection(asyncio.Protocol):
         self.loop = server.loop
         self.app = server.app
         self.transport: asyncio.Transport | None = None
-        self.streams: dict[int, Stream] = {}
+        self.streams: dict[int, _Stream] = {}
         self.last_stream = 0  # the highest stream id the client opened
         self.peer_window = h2.DEFAULT_WINDOW  # the client's SETTINGS_INITIAL_WINDOW_SIZE
         self.peer_frame = h2.DEFAULT_FRAME
@@ -149,7 +228,7 @@ class Connection(asyncio.Protocol):
     def _frames(self, data: bytes | bytearray) -> None:
         view = memoryview(data)
         pos, end = 0, len(data)
-        touched: list[Stream] = []
+        touched: list[_Stream] = []
         while end - pos >= 9:
             size = (data[pos] << 16) | (data[pos + 1] << 8) | data[pos + 2]
             if size > h2.FRAME_LIMIT:
@@ -188,7 +267,7 @@ class Connection(asyncio.Protocol):
             self.recv_window = h2.CONNECTION_WINDOW
             self._out.append(h2.frame(h2.WINDOW_UPDATE, 0, 0, increment.to_bytes(4, "big")))
 
-    def _data(self, stream_id: int, flags: int, payload: memoryview, size: int) -> Stream | None:
+    def _data(self, stream_id: int, flags: int, payload: memoryview, size: int) -> _Stream | None:
         if stream_id == 0:
             raise h2.ConnectionError_(h2.PROTOCOL_ERROR, "DATA on stream 0")
         self.recv_window -= size
@@ -256,7 +335,7 @@ class Connection(asyncio.Protocol):
                 h2.frame(h2.RST_STREAM, 0, stream_id, h2.REFUSED_STREAM.to_bytes(4, "big"))
             )
             return
-        stream = Stream(self, stream_id)
+        stream = _Stream(self, stream_id)
         stream.ended = bool(flags & h2.END_STREAM)
         self.streams[stream_id] = stream
         scope = self._scope.copy()
@@ -368,7 +447,7 @@ class Connection(asyncio.Protocol):
             self._queue(h2.frame(h2.CONTINUATION, 0, stream_id, piece))
         self._queue(h2.frame(h2.CONTINUATION, h2.END_HEADERS, stream_id, pieces[-1]))
 
-    async def send_data(self, stream: Stream, body: bytes | memoryview, end: bool) -> None:
+    async def send_data(self, stream: _Stream, body: bytes | memoryview, end: bool) -> None:
         size = len(body)
         if size <= stream.send_window and size <= self.send_window and size <= self.peer_frame:
             stream.send_window -= size
@@ -410,7 +489,7 @@ class Connection(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(None)
 
-    def grant(self, stream: Stream) -> None:
+    def grant(self, stream: _Stream) -> None:
         """More room for a stream the app keeps up with (its bytes not taken are few)."""
         if stream.buffered < h2.STREAM_WINDOW // 2 and stream.recv_window < h2.STREAM_WINDOW // 2:
             increment = h2.STREAM_WINDOW - stream.recv_window
@@ -430,7 +509,7 @@ class Connection(asyncio.Protocol):
             self.transport.writelines(out)
 
     # ------------------------------------------------------------------------ streams
-    def _done(self, stream: Stream, task: asyncio.Task[None]) -> None:
+    def _done(self, stream: _Stream, task: asyncio.Task[None]) -> None:
         if stream.early is not None:  # a call cancelled before it ran has not released it
             stream.early.release()
         if self.streams.get(stream.id) is stream:
@@ -445,13 +524,13 @@ class Connection(asyncio.Protocol):
         if self._closing and not self.streams:
             self.close()
 
-    def _reset(self, stream: Stream, code: int) -> None:
+    def _reset(self, stream: _Stream, code: int) -> None:
         self._queue(h2.frame(h2.RST_STREAM, 0, stream.id, code.to_bytes(4, "big")))
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
         self._lose(stream)
 
-    def _lose(self, stream: Stream) -> None:
+    def _lose(self, stream: _Stream) -> None:
         """The stream is gone: its app task's work is dropped."""
         if stream.gone:
             return
@@ -488,3 +567,93 @@ class Connection(asyncio.Protocol):
             self._lose(stream)
         if self.transport is not None:
             self.transport.abort()
+
+
+class Http2Server:
+    """Listens for HTTP/2 (cleartext with prior knowledge, or TLS with ALPN ``h2``) and
+    serves ``app``. Connections idle for ``idle_timeout`` seconds, or that have not sent the
+    connection preface within ``handshake_timeout``, are closed."""
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        tls: TlsFiles | None = None,
+        idle_timeout: float = 300.0,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        self.app = app
+        #: the app's ``call_started(scope)``, if it has one: called as a call's headers
+        #: arrive, before its task first runs; what it returns (with ``release()``) is in
+        #: the scope under ``EARLY`` and released when the call ends
+        self.call_started: Callable[[dict[str, Any]], Any] | None = getattr(
+            app, "call_started", None
+        )
+        self.loop: asyncio.AbstractEventLoop  # the running loop, from start()
+        self.connections: set[Connection] = set()
+        self._tls = tls
+        self._idle = idle_timeout
+        self._handshake = handshake_timeout
+        self._servers: list[asyncio.Server] = []
+        self._sweep: asyncio.TimerHandle | None = None
+        self._all_closed: asyncio.Event | None = None
+        self._encoded: dict[Any, bytes] = {}
+
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
+        """Listen on ``host:port`` (0: any free port); returns the port bound."""
+        self.loop = asyncio.get_running_loop()
+        context = self._tls.server_context(["h2"]) if self._tls is not None else None
+        sock = bind(host, port, reuse_port)
+        server = await self.loop.create_server(
+            lambda: Connection(self), sock=sock, ssl=context, backlog=2048
+        )
+        self._servers.append(server)
+        if self._sweep is None:
+            self._sweep = self.loop.call_later(self._tick(), self._on_sweep)
+        return int(sock.getsockname()[1])
+
+    def encode(self, status: int | None, headers: Any) -> bytes:
+        """A header block, reused for the answers that share their headers (most do)."""
+        key = (status, tuple(headers))
+        block = self._encoded.get(key)
+        if block is None:
+            block = h2.encode_headers(status, headers)
+            if len(self._encoded) >= 256:
+                self._encoded.clear()
+            self._encoded[key] = block
+        return block
+
+    def _tick(self) -> float:
+        return max(0.05, min(self._idle, self._handshake) / 4)
+
+    def _on_sweep(self) -> None:
+        now = self.loop.time()
+        for conn in list(self.connections):
+            quiet = now - conn.last_active
+            if not conn._preface and quiet > self._handshake:
+                conn.abort()
+            elif not conn.streams and quiet > self._idle:
+                conn.go_away(h2.NO_ERROR, "idle")
+        self._sweep = self.loop.call_later(self._tick(), self._on_sweep)
+
+    def closed(self) -> None:
+        if self._all_closed is not None and not self.connections:
+            self._all_closed.set()
+
+    async def stop(self, grace: float) -> None:
+        """Stop listening, tell every client to go away, wait up to ``grace`` seconds for the
+        streams in flight, then cut what is left."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+        for server in self._servers:
+            server.close()
+        self._all_closed = asyncio.Event()
+        for conn in list(self.connections):
+            conn.go_away(h2.NO_ERROR, "server shutting down")
+        if self.connections and grace > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), grace)
+        for conn in list(self.connections):
+            conn.abort()
+        for server in self._servers:
+            await server.wait_closed()
