@@ -42,6 +42,7 @@ MODULES = (
     "kernelport.protocols.grpc.asgi",
     "kernelport.protocols.grpc.codec",
     "kernelport.protocols.grpc.errors",
+    "kernelport.protocols.grpc.h2stream",
     "kernelport.protocols.grpc.h2wire",
     "kernelport.protocols.grpc.http2",
     "kernelport.protocols.grpc.model_infer",

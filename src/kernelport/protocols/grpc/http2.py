@@ -16,6 +16,10 @@ a lost connection cancels the stream's task, which drops its queued work.
 
 Written from RFC 9113 (HTTP/2) and RFC 7541 (HPACK). Limits: ``SERVER_SETTINGS``; flow
 control windows bound what a client can make the server buffer.
+
+Here: the connection's reading side (frames in, streams opened, reset and lost) and the
+listening server. ``h2stream``: a stream as the app sees it and the connection's write side
+(windows, queued frames, back-pressure); ``h2wire``: frames, settings and header blocks.
 """
 
 from __future__ import annotations
@@ -29,100 +33,18 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Final, cast
 
 from kernelport.protocols.grpc import h2wire as h2
+from kernelport.protocols.grpc.h2stream import Outbox, ResponseHeaders, Stream
 from kernelport.protocols.listen import bind
 from kernelport.protocols.tls import TlsFiles
 
 log = logging.getLogger("kernelport.grpc")
 
-_DISCONNECT = {"type": "http.disconnect"}
 _ASGI = {"version": "3.0", "spec_version": "2.4"}
 _EXTENSIONS: dict[str, Any] = {"http.response.trailers": {}}
 
 App = Callable[[dict[str, Any], Any, Any], Coroutine[Any, Any, None]]
 #: the scope key of what the app's ``call_started`` returned for the call
 EARLY: Final = "kernelport.early"
-
-
-class _Stream:
-    """One request and its response, as the ASGI app sees them (``receive``, ``send``)."""
-
-    __slots__ = (
-        "body", "buffered", "conn", "early", "ended", "finished", "given_end", "gone", "head",
-        "id", "recv_window", "send_window", "task", "trailers", "waiter",
-    )  # fmt: skip
-
-    def __init__(self, conn: Connection, stream_id: int) -> None:
-        self.conn = conn
-        self.id = stream_id
-        self.body: list[bytes | memoryview] = []
-        self.buffered = 0  # bytes received the app has not taken yet
-        self.ended = False  # the client's h2.END_STREAM has arrived
-        self.given_end = False  # ... and the app has been told
-        self.early: Any = None  # what the app's call_started gave for this call (released)
-        self.gone = False  # reset by either side, or the connection is lost
-        self.finished = False  # the response has ended
-        self.head: bytes | None = None  # the response's header block, until it is sent
-        self.trailers = False
-        self.waiter: asyncio.Future[None] | None = None
-        self.recv_window = h2.STREAM_WINDOW
-        self.send_window = conn.peer_window
-        self.task: asyncio.Task[None] | None = None
-
-    def wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def receive(self) -> dict[str, Any]:
-        while True:
-            if self.body:  # one DATA payload at a time: the app joins (once) what it must
-                data = self.body.pop(0)
-                self.buffered -= len(data)
-                more = not self.ended or len(self.body) > 0
-                self.given_end = not more
-                if not self.ended:
-                    self.conn.grant(self)
-                return {"type": "http.request", "body": data, "more_body": more}
-            if self.ended and not self.given_end:
-                self.given_end = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            if self.gone:
-                return _DISCONNECT
-            self.waiter = self.conn.loop.create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
-
-    async def send(self, message: dict[str, Any]) -> None:
-        if self.gone or self.finished:
-            return  # the client went away: what would have been sent goes nowhere
-        kind = message["type"]
-        conn = self.conn
-        if kind == "http.response.body":
-            body = message.get("body", b"")
-            end = not message.get("more_body", False) and not self.trailers
-            head = self.head
-            if head is not None:
-                self.head = None
-                if end and not body:  # a Trailers-Only response: the status is in the headers
-                    conn.send_headers(self.id, head, True)
-                    self.finished = True
-                    return
-                conn.send_headers(self.id, head, False)
-            if body or end:
-                await conn.send_data(self, body, end)
-            if end:
-                self.finished = True
-        elif kind == "http.response.start":
-            self.head = conn.server.encode(message["status"], message.get("headers", ()))
-            self.trailers = bool(message.get("trailers", False))
-        elif kind == "http.response.trailers":
-            if self.head is not None:
-                conn.send_headers(self.id, self.head, False)
-                self.head = None
-            conn.send_headers(self.id, conn.server.encode(None, message.get("headers", ())), True)
-            self.finished = True
 
 
 class Connection(asyncio.Protocol):
@@ -133,11 +55,9 @@ class Connection(asyncio.Protocol):
         self.loop = server.loop
         self.app = server.app
         self.transport: asyncio.Transport | None = None
-        self.streams: dict[int, _Stream] = {}
+        self.streams: dict[int, Stream] = {}
+        self.out = Outbox(self.loop, server.headers)
         self.last_stream = 0  # the highest stream id the client opened
-        self.peer_window = h2.DEFAULT_WINDOW  # the client's SETTINGS_INITIAL_WINDOW_SIZE
-        self.peer_frame = h2.DEFAULT_FRAME
-        self.send_window = h2.DEFAULT_WINDOW  # the connection's, towards the client
         self.recv_window = h2.CONNECTION_WINDOW
         self.last_active = self.loop.time()
         self._blocks = h2.HeaderBlocks()
@@ -145,11 +65,6 @@ class Connection(asyncio.Protocol):
         self._tail = bytearray()  # the start of a h2.frame not yet whole
         self._need = 0  # bytes _tail must hold before it is worth parsing again
         self._header_block: tuple[int, int, bytearray] | None = None  # h2.CONTINUATION pending
-        self._out: list[bytes | memoryview] = []
-        self._flush_handle: asyncio.Handle | None = None
-        self._window_waiters: list[asyncio.Future[None]] = []
-        self._drained: asyncio.Future[None] | None = None
-        self._paused = False
         self._owed = 0  # control answers queued while paused
         self._closing = False  # h2.GOAWAY sent: no new streams
         self._resets: list[float] = []
@@ -158,6 +73,7 @@ class Connection(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self.out.transport = transport
         self._scope = {
             "type": "http", "asgi": _ASGI, "http_version": "2", "scheme":
             "https" if transport.get_extra_info("sslcontext") is not None else "http",
@@ -178,23 +94,15 @@ class Connection(asyncio.Protocol):
         for stream in list(self.streams.values()):
             self._lose(stream)
         self.streams.clear()
-        for waiter in self._window_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
+        self.out.lost()
         self.server.closed()
 
     def pause_writing(self) -> None:
-        self._paused = True
+        self.out.paused = True
 
     def resume_writing(self) -> None:
-        self._paused = False
         self._owed = 0
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
+        self.out.drained()
 
     def data_received(self, data: bytes | bytearray) -> None:
         self.last_active = self.loop.time()
@@ -221,14 +129,14 @@ class Connection(asyncio.Protocol):
         except h2.ConnectionError_ as exc:
             self.fail(exc.code, str(exc))
             return
-        if self._out:
-            self.flush()
+        if self.out.frames:
+            self.out.flush()
 
     # ------------------------------------------------------------------------ frames in
     def _frames(self, data: bytes | bytearray) -> None:
         view = memoryview(data)
         pos, end = 0, len(data)
-        touched: list[_Stream] = []
+        touched: list[Stream] = []
         while end - pos >= 9:
             size = (data[pos] << 16) | (data[pos + 1] << 8) | data[pos + 2]
             if size > h2.FRAME_LIMIT:
@@ -261,13 +169,13 @@ class Connection(asyncio.Protocol):
                 else 9 + ((data[pos] << 16) | (data[pos + 1] << 8) | data[pos + 2])
             )
         for stream in touched:
-            self.grant(stream)
+            self.out.grant(stream)
         if self.recv_window < h2.CONNECTION_WINDOW // 2:
             increment = h2.CONNECTION_WINDOW - self.recv_window
             self.recv_window = h2.CONNECTION_WINDOW
-            self._out.append(h2.frame(h2.WINDOW_UPDATE, 0, 0, increment.to_bytes(4, "big")))
+            self.out.frames.append(h2.frame(h2.WINDOW_UPDATE, 0, 0, increment.to_bytes(4, "big")))
 
-    def _data(self, stream_id: int, flags: int, payload: memoryview, size: int) -> _Stream | None:
+    def _data(self, stream_id: int, flags: int, payload: memoryview, size: int) -> Stream | None:
         if stream_id == 0:
             raise h2.ConnectionError_(h2.PROTOCOL_ERROR, "DATA on stream 0")
         self.recv_window -= size
@@ -331,11 +239,11 @@ class Connection(asyncio.Protocol):
             return
         self.last_stream = stream_id
         if self._closing or len(self.streams) >= h2.MAX_STREAMS:
-            self._out.append(
+            self.out.frames.append(
                 h2.frame(h2.RST_STREAM, 0, stream_id, h2.REFUSED_STREAM.to_bytes(4, "big"))
             )
             return
-        stream = _Stream(self, stream_id)
+        stream = Stream(self.out, stream_id)
         stream.ended = bool(flags & h2.END_STREAM)
         self.streams[stream_id] = stream
         scope = self._scope.copy()
@@ -369,8 +277,8 @@ class Connection(asyncio.Protocol):
             if stream_id == 0:
                 if increment == 0:
                     raise h2.ConnectionError_(h2.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
-                self.send_window += increment
-                if self.send_window > h2.MAX_WINDOW:
+                self.out.send_window += increment
+                if self.out.send_window > h2.MAX_WINDOW:
                     raise h2.ConnectionError_(h2.FLOW_CONTROL_ERROR, "connection window overflow")
             else:
                 stream = self.streams.get(stream_id)
@@ -381,7 +289,7 @@ class Connection(asyncio.Protocol):
                     self._reset(
                         stream, h2.PROTOCOL_ERROR if increment == 0 else h2.FLOW_CONTROL_ERROR
                     )
-            self._windows_opened()
+            self.out.windows_opened()
         elif kind == h2.PING:
             if len(payload) != 8 or stream_id != 0:
                 raise h2.ConnectionError_(h2.FRAME_SIZE_ERROR, "a bad PING")
@@ -410,11 +318,11 @@ class Connection(asyncio.Protocol):
 
     def _owe(self, reply: bytes) -> None:
         """An answer the client asked for; one that keeps asking without reading is cut off."""
-        if self._paused:
+        if self.out.paused:
             self._owed += 1
             if self._owed > h2.CONTROL_BUDGET:
                 raise h2.ConnectionError_(h2.ENHANCE_YOUR_CALM, "control frames not read")
-        self._out.append(reply)
+        self.out.frames.append(reply)
 
     def _setting(self, key: int, value: int) -> None:
         if key == h2.INITIAL_WINDOW_SIZE:
@@ -422,94 +330,18 @@ class Connection(asyncio.Protocol):
                 raise h2.ConnectionError_(
                     h2.FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE too large"
                 )
-            delta = value - self.peer_window
-            self.peer_window = value
+            delta = value - self.out.peer_window
+            self.out.peer_window = value
             for stream in self.streams.values():
                 stream.send_window += delta
-            self._windows_opened()
+            self.out.windows_opened()
         elif key == h2.MAX_FRAME_SIZE:
             if not h2.DEFAULT_FRAME <= value <= 16_777_215:
                 raise h2.ConnectionError_(h2.PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE out of range")
-            self.peer_frame = value
-
-    # ------------------------------------------------------------------------ frames out
-    def send_headers(self, stream_id: int, block: bytes, end: bool) -> None:
-        flags = h2.END_STREAM if end else 0
-        limit = self.peer_frame
-        if len(block) <= limit:
-            self._queue(
-                h2.frame_header(h2.HEADERS, flags | h2.END_HEADERS, stream_id, len(block)), block
-            )
-            return
-        pieces = [block[at : at + limit] for at in range(0, len(block), limit)]
-        self._queue(h2.frame(h2.HEADERS, flags, stream_id, pieces[0]))
-        for piece in pieces[1:-1]:
-            self._queue(h2.frame(h2.CONTINUATION, 0, stream_id, piece))
-        self._queue(h2.frame(h2.CONTINUATION, h2.END_HEADERS, stream_id, pieces[-1]))
-
-    async def send_data(self, stream: _Stream, body: bytes | memoryview, end: bool) -> None:
-        size = len(body)
-        if size <= stream.send_window and size <= self.send_window and size <= self.peer_frame:
-            stream.send_window -= size
-            self.send_window -= size
-            self._queue(
-                h2.frame_header(h2.DATA, h2.END_STREAM if end else 0, stream.id, size), body
-            )
-        else:
-            view = memoryview(body)
-            at = 0
-            while at < size:
-                room = min(stream.send_window, self.send_window, self.peer_frame, size - at)
-                if room <= 0:
-                    await self._window()
-                    if stream.gone:
-                        return
-                    continue
-                flags = h2.END_STREAM if end and at + room == size else 0
-                self._queue(h2.frame_header(h2.DATA, flags, stream.id, room), view[at : at + room])
-                stream.send_window -= room
-                self.send_window -= room
-                at += room
-            if size == 0:
-                self._queue(h2.frame_header(h2.DATA, h2.END_STREAM if end else 0, stream.id, 0))
-        if self._paused and not stream.gone:  # the socket's buffer is full: wait for it
-            if self._drained is None or self._drained.done():
-                self._drained = self.loop.create_future()
-            await self._drained
-
-    async def _window(self) -> None:
-        self.flush()
-        waiter = self.loop.create_future()
-        self._window_waiters.append(waiter)
-        await waiter
-
-    def _windows_opened(self) -> None:
-        waiters, self._window_waiters = self._window_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def grant(self, stream: _Stream) -> None:
-        """More room for a stream the app keeps up with (its bytes not taken are few)."""
-        if stream.buffered < h2.STREAM_WINDOW // 2 and stream.recv_window < h2.STREAM_WINDOW // 2:
-            increment = h2.STREAM_WINDOW - stream.recv_window
-            stream.recv_window = h2.STREAM_WINDOW
-            self._queue(h2.frame(h2.WINDOW_UPDATE, 0, stream.id, increment.to_bytes(4, "big")))
-
-    def _queue(self, *frames: bytes | memoryview) -> None:
-        self._out.extend(frames)
-        if self._flush_handle is None:
-            self._flush_handle = self.loop.call_soon(self.flush)
-
-    def flush(self) -> None:
-        self._flush_handle = None
-        out = self._out
-        if out and self.transport is not None:
-            self._out = []
-            self.transport.writelines(out)
+            self.out.peer_frame = value
 
     # ------------------------------------------------------------------------ streams
-    def _done(self, stream: _Stream, task: asyncio.Task[None]) -> None:
+    def _done(self, stream: Stream, task: asyncio.Task[None]) -> None:
         if stream.early is not None:  # a call cancelled before it ran has not released it
             stream.early.release()
         if self.streams.get(stream.id) is stream:
@@ -524,13 +356,13 @@ class Connection(asyncio.Protocol):
         if self._closing and not self.streams:
             self.close()
 
-    def _reset(self, stream: _Stream, code: int) -> None:
-        self._queue(h2.frame(h2.RST_STREAM, 0, stream.id, code.to_bytes(4, "big")))
+    def _reset(self, stream: Stream, code: int) -> None:
+        self.out.queue(h2.frame(h2.RST_STREAM, 0, stream.id, code.to_bytes(4, "big")))
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
         self._lose(stream)
 
-    def _lose(self, stream: _Stream) -> None:
+    def _lose(self, stream: Stream) -> None:
         """The stream is gone: its app task's work is dropped."""
         if stream.gone:
             return
@@ -545,20 +377,20 @@ class Connection(asyncio.Protocol):
             return
         self._closing = True
         payload = struct.pack(">II", self.last_stream, code) + message.encode()[:256]
-        self._queue(h2.frame(h2.GOAWAY, 0, 0, payload))
+        self.out.queue(h2.frame(h2.GOAWAY, 0, 0, payload))
         if not self.streams:
             self.close()
 
     def fail(self, code: int, message: str) -> None:
         log.debug("HTTP/2 connection error %d: %s", code, message)
-        if self._paused:  # a client that does not read would hold the close open forever
+        if self.out.paused:  # a client that does not read would hold the close open forever
             self.abort()
             return
         self.go_away(code, message)
         self.close()
 
     def close(self) -> None:
-        self.flush()
+        self.out.flush()
         if self.transport is not None:
             self.transport.close()
 
@@ -597,7 +429,7 @@ class Http2Server:
         self._servers: list[asyncio.Server] = []
         self._sweep: asyncio.TimerHandle | None = None
         self._all_closed: asyncio.Event | None = None
-        self._encoded: dict[Any, bytes] = {}
+        self.headers = ResponseHeaders()
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         """Listen on ``host:port`` (0: any free port); returns the port bound."""
@@ -611,17 +443,6 @@ class Http2Server:
         if self._sweep is None:
             self._sweep = self.loop.call_later(self._tick(), self._on_sweep)
         return int(sock.getsockname()[1])
-
-    def encode(self, status: int | None, headers: Any) -> bytes:
-        """A header block, reused for the answers that share their headers (most do)."""
-        key = (status, tuple(headers))
-        block = self._encoded.get(key)
-        if block is None:
-            block = h2.encode_headers(status, headers)
-            if len(self._encoded) >= 256:
-                self._encoded.clear()
-            self._encoded[key] = block
-        return block
 
     def _tick(self) -> float:
         return max(0.05, min(self._idle, self._handshake) / 4)
