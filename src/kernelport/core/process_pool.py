@@ -153,11 +153,19 @@ class ProcessPool(WorkerPool):
 
     @property
     def idle_count(self) -> int:
-        return sum(1 for w in self._idle if _serving(w))
+        return self._serving_in(self._idle)
 
     @property
     def ahead_count(self) -> int:
-        return sum(1 for w in self._ahead if _serving(w))
+        return self._serving_in(self._ahead)
+
+    def _serving_in(self, line: collections.deque[Any]) -> int:
+        """How many of ``line`` have their process up (asked per request: every process up,
+        the usual case, costs one look at each process)."""
+        for host in self.hosts:
+            if not host.up:
+                return sum(1 for w in line if _serving(w))
+        return len(line)
 
     def take_idle(self) -> ProcessWorker:
         return self._take(self._idle, self.depth > 1)
@@ -242,11 +250,12 @@ async def start_process_pool(
             "server process and are not supported with execution mode 'worker' yet; "
             "use execution mode 'in_process' for this model"
         )
-    workers: list[ProcessWorker] = [None] * len(devices)  # type: ignore[list-item]
-    for host, group in zip(hosts, groups, strict=True):
-        for local, index in enumerate(group):
-            workers[index] = ProcessWorker(host, local, f"{config.name}_{version}_{index}")
-    return ProcessPool(hosts, workers)
+    placed = {
+        index: ProcessWorker(host, local, f"{config.name}_{version}_{index}")
+        for host, group in zip(hosts, groups, strict=True)
+        for local, index in enumerate(group)
+    }
+    return ProcessPool(hosts, [placed[index] for index in range(len(devices))])
 
 
 #: how long reading a model in a subprocess may take (large models are parsed whole)
